@@ -1,0 +1,410 @@
+"""A real one-node Slurm cluster for tests (a helper, not a test module).
+
+    with slurm_cluster(install=False) as cluster:
+        cluster.run(["sbatch", "--wait", ...], timeout=90)
+
+What it does (see "A real one-node Slurm for tests" in the shared ENVIRONMENT.md):
+
+* needs root and the binaries slurmctld, slurmd, sbatch, srun, scontrol, sinfo, squeue, scancel,
+  munged and munge; with ``install=True`` missing ones are installed with
+  ``apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge``;
+* makes sure the short hostname resolves (adds ``127.0.0.1 <host>`` to /etc/hosts for the duration
+  if ``getent hosts`` does not know it: it becomes MASTER_ADDR through SLURM_JOB_NODELIST);
+* writes slurm.conf into a temporary directory (state, spool, pid and log files there too; free
+  ports for slurmctld/slurmd) and passes it to daemons and clients through SLURM_CONF;
+* reuses a running munged, otherwise creates /etc/munge/munge.key if missing and starts munged as
+  user munge;
+* starts ``slurmctld -D -i`` and ``slurmd -D`` and waits until ``sinfo`` shows the node idle;
+* on exit, even after a failure: cancels the jobs, SIGTERMs slurmd and slurmctld (SIGKILL after a
+  grace period), kills every process still carrying this cluster's SLURM_CONF in its environment
+  (slurmstepd and job processes outlive slurmd otherwise), stops munged if it started it, and
+  undoes the /etc/hosts change.
+
+Failures to start raise :class:`SlurmUnavailable` whose message says why (tests skip with it).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping, Optional, Sequence
+
+BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel", "munged",
+            "munge")
+APT_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
+APT_COMMAND = ("apt-get", "install", "-y", "--no-install-recommends", *APT_PACKAGES)
+# Daemons live in /usr/sbin, which is not always on a test runner's PATH.
+SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
+MUNGE_KEY = Path("/etc/munge/munge.key")
+MUNGE_RUN_DIR = Path("/run/munge")
+ETC_HOSTS = Path("/etc/hosts")
+HOSTS_MARK = "# added by fedpft-dist tests/slurm_cluster.py"
+PARTITION = "debug"
+
+
+class SlurmUnavailable(RuntimeError):
+    """The cluster cannot be had here; the message says why."""
+
+
+def which(name: str) -> Optional[str]:
+    return shutil.which(name, path=SEARCH_PATH)
+
+
+def missing_binaries() -> list[str]:
+    return [b for b in BINARIES if which(b) is None]
+
+
+def install_slurm(timeout: float = 300) -> None:
+    """apt-get install the Slurm and munge packages (root only). Raises SlurmUnavailable on failure."""
+    if shutil.which("apt-get") is None:
+        raise SlurmUnavailable("Slurm not installed and apt-get is not available to install it")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    proc = subprocess.run(list(APT_COMMAND), env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:  # no package lists yet on a fresh machine: update once and retry
+        subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=timeout)
+        proc = subprocess.run(list(APT_COMMAND), env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise SlurmUnavailable(f"`{' '.join(APT_COMMAND)}` failed ({proc.returncode}): "
+                               f"{(proc.stdout + proc.stderr)[-1000:]}")
+
+
+def short_hostname() -> str:
+    return socket.gethostname().split(".")[0]
+
+
+def _resolves(host: str) -> bool:
+    return subprocess.run(["getent", "hosts", host], capture_output=True).returncode == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, chars: int = 1500) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+def _pids_with_env(key: str, value: str) -> list[int]:
+    """Processes whose environment has key=value (how this cluster's leftovers are recognised)."""
+    needle = f"{key}={value}".encode()
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            env = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in env.split(b"\0"):
+            out.append(int(entry.name))
+    return out
+
+
+def _pids_named(comm: str) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() == comm:
+                out.append(int(entry.name))
+        except OSError:
+            continue
+    return out
+
+
+def _children_of(parents: set[int]) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid in parents:
+            out.append(int(entry.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _terminate(proc: subprocess.Popen, grace: float) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+@dataclass
+class SlurmCluster:
+    """A running one-node cluster. ``env`` carries SLURM_CONF: use it for every Slurm client."""
+
+    root: Path
+    conf: Path
+    hostname: str
+    cpus: int
+    env: dict[str, str]
+    partition: str = PARTITION
+    _procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    _munged: Optional[subprocess.Popen] = None
+    _hosts_added: Optional[str] = None
+    _stepd_before: set[int] = field(default_factory=set)  # slurmstepd pids that are not ours
+
+    def run(self, args: Sequence[str], timeout: float = 60, env: Optional[Mapping[str, str]] = None,
+            cwd: Optional[str] = None) -> subprocess.CompletedProcess:
+        """Run a command (e.g. sbatch) against this cluster, with ``timeout`` around it."""
+        full_env = dict(self.env if env is None else env)
+        full_env["SLURM_CONF"] = str(self.conf)
+        cmd = ["timeout", "-k", "5", str(int(timeout)), *args]
+        return subprocess.run(cmd, env=full_env, cwd=cwd, capture_output=True, text=True,
+                              timeout=timeout + 15)
+
+    def diagnostics(self) -> str:
+        parts = []
+        for name in ("slurmctld.log", "slurmd.log", "slurmctld.stderr", "slurmd.stderr"):
+            text = _tail(self.root / name)
+            if text.strip():
+                parts.append(f"--- {name} (tail) ---\n{text}")
+        return "\n".join(parts)
+
+    # -- start ----------------------------------------------------------------------------------
+    def _start(self, timeout: float) -> None:
+        self._stepd_before = set(_pids_named("slurmstepd"))
+        self._start_munge()
+        for name, args in (("slurmctld", [which("slurmctld"), "-D", "-i"]),
+                           ("slurmd", [which("slurmd"), "-D", "-N", self.hostname])):
+            err = open(self.root / f"{name}.stderr", "wb")
+            self._procs[name] = subprocess.Popen(args, env=self.env, stdin=subprocess.DEVNULL,
+                                                 stdout=err, stderr=subprocess.STDOUT,
+                                                 start_new_session=True)
+            err.close()
+        deadline = time.monotonic() + timeout
+        state = ""
+        while time.monotonic() < deadline:
+            for name, proc in self._procs.items():
+                if proc.poll() is not None:
+                    raise SlurmUnavailable(f"{name} exited with {proc.returncode} at start-up:\n"
+                                           f"{self.diagnostics()}")
+            out = subprocess.run([which("sinfo"), "-h", "-N", "-o", "%t"], env=self.env,
+                                 capture_output=True, text=True, timeout=15)
+            state = out.stdout.strip()
+            if out.returncode == 0 and state == "idle":
+                return
+            time.sleep(0.5)
+        raise SlurmUnavailable(f"node not idle after {timeout:.0f} s (sinfo state {state!r}):\n"
+                               f"{self.diagnostics()}")
+
+    def _start_munge(self) -> None:
+        if subprocess.run([which("munge"), "-n"], capture_output=True).returncode == 0:
+            return  # a munged is already running: use it, leave it be
+        try:
+            munge_user = pwd.getpwnam("munge")
+        except KeyError:
+            raise SlurmUnavailable("user 'munge' does not exist (is the munge package installed?)") from None
+        uid, gid = munge_user.pw_uid, munge_user.pw_gid
+        if not MUNGE_KEY.exists():
+            MUNGE_KEY.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chown(MUNGE_KEY.parent, uid, gid)
+            fd = os.open(MUNGE_KEY, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+            with os.fdopen(fd, "wb") as f:
+                f.write(os.urandom(128))
+            os.chown(MUNGE_KEY, uid, gid)
+        for d in (MUNGE_RUN_DIR, Path("/var/lib/munge"), Path("/var/log/munge")):
+            d.mkdir(mode=0o755 if d == MUNGE_RUN_DIR else 0o700, parents=True, exist_ok=True)
+            os.chown(d, uid, gid)
+        log = open(self.root / "munged.stderr", "wb")
+        self._munged = subprocess.Popen([which("munged"), "-F", "--force"], user=uid, group=gid,
+                                             stdin=subprocess.DEVNULL, stdout=log,
+                                             stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self._munged.poll() is not None:
+                raise SlurmUnavailable(f"munged exited with {self._munged.returncode}: "
+                                       f"{_tail(self.root / 'munged.stderr')}")
+            if subprocess.run([which("munge"), "-n"], capture_output=True).returncode == 0:
+                return
+            time.sleep(0.2)
+        raise SlurmUnavailable(f"munged not answering after 10 s: {_tail(self.root / 'munged.stderr')}")
+
+    # -- stop -----------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop everything this cluster started; safe to call more than once, never raises."""
+        # Remember what to wait for at the end: the daemons' children (slurmstepd, possibly already
+        # zombies) and every process carrying this SLURM_CONF.
+        ours: set[int] = set()
+        with contextlib.suppress(Exception):
+            daemons = {p.pid for p in self._procs.values()}
+            ours = set(_pids_with_env("SLURM_CONF", str(self.conf))) | set(_children_of(daemons))
+            ours |= set(_pids_named("slurmstepd")) - self._stepd_before
+        with contextlib.suppress(Exception):
+            if self._procs.get("slurmctld") is not None and self._procs["slurmctld"].poll() is None:
+                subprocess.run([which("scancel"), "--user", pwd.getpwuid(os.getuid()).pw_name],
+                               env=self.env, capture_output=True, timeout=15)
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:
+                    q = subprocess.run([which("squeue"), "-h", "-o", "%i"], env=self.env,
+                                       capture_output=True, text=True, timeout=15)
+                    if q.returncode != 0 or not q.stdout.strip():
+                        break
+                    time.sleep(0.3)
+        for name in ("slurmd", "slurmctld"):
+            proc = self._procs.pop(name, None)
+            if proc is not None:
+                with contextlib.suppress(Exception):
+                    _terminate(proc, grace=10)
+        # slurmstepd and job processes outlive slurmd: every process with this SLURM_CONF is ours.
+        with contextlib.suppress(Exception):
+            for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 2.0)):
+                pids = [p for p in _pids_with_env("SLURM_CONF", str(self.conf)) if _alive(p)]
+                if not pids:
+                    break
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, sig)
+                deadline = time.monotonic() + wait
+                while time.monotonic() < deadline and any(_alive(p) for p in pids):
+                    time.sleep(0.1)
+        # Zombies left by slurmd are reaped by init once slurmd is gone: wait, so that a caller
+        # checking `pgrep slurm` right after sees nothing.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in ours):
+            time.sleep(0.1)
+        if self._munged is not None:
+            with contextlib.suppress(Exception):
+                _terminate(self._munged, grace=5)
+            self._munged = None
+        if self._hosts_added is not None:
+            with contextlib.suppress(Exception):
+                lines = ETC_HOSTS.read_text().splitlines(keepends=True)
+                kept = [ln for ln in lines if ln != self._hosts_added]
+                # Rewrite in place: /etc/hosts is often a bind mount that cannot be replaced.
+                with open(ETC_HOSTS, "w") as f:
+                    f.writelines(kept)
+            self._hosts_added = None
+
+
+def _slurm_conf(root: Path, hostname: str, node_line: str, ctld_port: int, slurmd_port: int) -> str:
+    return "\n".join([
+        "# one-node test cluster written by fedpft-dist tests/slurm_cluster.py",
+        "ClusterName=fedpft-test",
+        f"SlurmctldHost={hostname}(127.0.0.1)",
+        f"SlurmctldPort={ctld_port}",
+        f"SlurmdPort={slurmd_port}",
+        "SlurmUser=root",
+        "SlurmdUser=root",
+        "AuthType=auth/munge",
+        f"StateSaveLocation={root}/state",
+        f"SlurmdSpoolDir={root}/spool",
+        f"SlurmctldPidFile={root}/slurmctld.pid",
+        f"SlurmdPidFile={root}/slurmd.pid",
+        f"SlurmctldLogFile={root}/slurmctld.log",
+        f"SlurmdLogFile={root}/slurmd.log",
+        "SlurmctldDebug=info",
+        "SlurmdDebug=info",
+        "ProctrackType=proctrack/linuxproc",
+        "TaskPlugin=task/none",
+        "JobAcctGatherType=jobacct_gather/none",
+        "AccountingStorageType=accounting_storage/none",
+        "JobCompType=jobcomp/none",
+        "SelectType=select/cons_tres",
+        "SelectTypeParameters=CR_CPU",
+        "MpiDefault=none",
+        "MailProg=/bin/true",
+        "ReturnToService=2",
+        # A job asking for more than the node has is rejected instead of pending forever.
+        "EnforcePartLimits=ALL",
+        # Finished jobs leave the controller quickly, so `sbatch --wait` notices within seconds.
+        "MinJobAge=5",
+        "KillWait=5",
+        f"{node_line} NodeAddr=127.0.0.1 State=UNKNOWN",
+        f"PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+        "",
+    ])
+
+
+@contextlib.contextmanager
+def slurm_cluster(install: bool = False, start_timeout: float = 30) -> Iterator[SlurmCluster]:
+    """Start a one-node Slurm cluster, yield it, stop it (also when the body fails).
+
+    ``install``: apt-get install missing Slurm/munge packages first (root only).
+    Raises SlurmUnavailable (before yielding) when it cannot run here.
+    """
+    if os.geteuid() != 0:
+        raise SlurmUnavailable(f"Slurm test cluster needs root (running as uid {os.geteuid()})")
+    missing = missing_binaries()
+    if missing and install:
+        install_slurm()
+        missing = missing_binaries()
+    if missing:
+        raise SlurmUnavailable(f"Slurm not installed: missing {', '.join(missing)} "
+                               f"(`{' '.join(APT_COMMAND)}`, or set FEDPFT_TEST_INSTALL_SLURM=1)")
+    hostname = short_hostname()
+    root = Path(tempfile.mkdtemp(prefix="fedpft-slurm-"))
+    os.chmod(root, 0o755)
+    for sub in ("state", "spool"):
+        (root / sub).mkdir()
+    conf = root / "slurm.conf"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["SLURM_CONF"] = str(conf)
+    env["PATH"] = SEARCH_PATH
+    cluster = SlurmCluster(root=root, conf=conf, hostname=hostname, cpus=1, env=env)
+    try:
+        if not _resolves(hostname):
+            line = f"127.0.0.1 {hostname} {HOSTS_MARK}\n"
+            current = ETC_HOSTS.read_text() if ETC_HOSTS.exists() else ""
+            with open(ETC_HOSTS, "a") as f:
+                f.write(("\n" if current and not current.endswith("\n") else "") + line)
+            cluster._hosts_added = line
+            if not _resolves(hostname):
+                raise SlurmUnavailable(f"short hostname {hostname!r} does not resolve, even after adding "
+                                       f"it to {ETC_HOSTS}")
+        probe = subprocess.run([which("slurmd"), "-C"], capture_output=True, text=True, timeout=30)
+        node_line = next((ln.strip() for ln in probe.stdout.splitlines() if ln.startswith("NodeName=")), None)
+        if probe.returncode != 0 or node_line is None:
+            raise SlurmUnavailable(f"`slurmd -C` failed ({probe.returncode}): {probe.stderr[-500:]}")
+        fields = dict(item.split("=", 1) for item in node_line.split() if "=" in item)
+        if fields.get("NodeName") != hostname:
+            node_line = node_line.replace(f"NodeName={fields.get('NodeName')}", f"NodeName={hostname}", 1)
+        cluster.cpus = int(fields.get("CPUs", "1"))
+        ctld_port = _free_port()
+        slurmd_port = _free_port()
+        while slurmd_port == ctld_port:
+            slurmd_port = _free_port()
+        conf.write_text(_slurm_conf(root, hostname, node_line, ctld_port, slurmd_port))
+        cluster._start(start_timeout)
+    except BaseException as exc:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        if isinstance(exc, (SlurmUnavailable, OSError, subprocess.SubprocessError)):
+            raise SlurmUnavailable(f"Slurm cluster failed to start: {exc}") from exc
+        raise
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
