@@ -44,8 +44,10 @@ demo: setup
 doctor: setup
 	$(BIN)/fedpft doctor
 
+# pytest's exit code 5 ("no tests collected") is a failure here too.
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -29,9 +29,23 @@ def _cmd_doctor(cfg, args) -> int:
     return run_doctor(cfg)
 
 
+def _cmd_proxy(cfg, args) -> int:
+    import os
+
+    from .runtime import detect_launch
+
+    if detect_launch(os.environ).distributed:
+        raise UserError("fedpft proxy runs as one process: start it without torchrun/srun/mpirun")
+    from .commands.proxy import run_proxy
+
+    return run_proxy(cfg)
+
+
 COMMANDS: dict[str, tuple[Callable, str]] = {
     "doctor": (_cmd_doctor, "report the environment (torch/CUDA, NCCL/gloo, DeepSpeed, Triton, MPI, "
                             "launcher variables, offline models and data) and test an all-reduce over ranks"),
+    "proxy": (_cmd_proxy, "build the proxy (sub-FM): rank FFN neurons, keep the most salient, save it in "
+                          "Hugging Face format with fedpft_proxy.json, report its error against the FM"),
 }
 
 

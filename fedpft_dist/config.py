@@ -67,10 +67,58 @@ class DoctorConfig:
 
 
 @dataclass
+class ModelConfig:
+    path: str = _opt("minilm", help="the foundation model: a local Hugging Face directory, or a built-in "
+                                    "offline model: 'minilm' (all-MiniLM-L6-v2) or 'smollm2' (SmolLM2-135M)")
+    task: Literal["auto", "base", "causal-lm", "sequence-classification"] = _opt(
+        "auto", help="head to load; auto = causal-lm for decoder families, the bare encoder otherwise")
+    dtype: Literal["float32", "bfloat16", "float16"] = _opt("float32", help="weights dtype")
+    num_labels: int = _opt(2, help="classes of a sequence-classification head", ge=2)
+
+
+@dataclass
+class PublicTextConfig:
+    source: str = _opt("austen", help="unlabelled public text: 'austen' (built in: Jane Austen's six novels) "
+                                      "or a local .txt file, directory of .txt, .json/.jsonl/.csv/.parquet")
+    text_column: str = _opt("text", help="column holding the text in json/csv/parquet sources")
+    max_length: int = _opt(128, help="tokens per chunk", ge=8, le=8192)
+    held_out_fraction: float = _opt(0.05, help="share of documents kept out for evaluation", gt=0, lt=1)
+
+
+@dataclass
+class ProxyConfig:
+    keep_ratio: float = _opt(0.25, help="share of FFN neurons a compressed layer keeps (paper: 768/3072)",
+                             gt=0, le=1)
+    keep_ratios: list[float] = _opt([], help="per-layer keep ratios (one per layer; empty = keep_ratio "
+                                             "everywhere); retained layers ignore theirs")
+    retained_layers: list[int] = _opt([0, -1], help="layers that keep their whole FFN; negative counts "
+                                                    "from the end")
+    saliency: Literal["weight", "mean_abs", "apoz"] = _opt(
+        "weight", help="neuron ranking: weight norms (paper), mean |activation| or 1 - APoZ on "
+                       "calibration text")
+    calibration_chunks: int = _opt(32, help="public-text chunks for activation saliency", ge=1)
+    eps: float = _opt(1e-3, help="|a| <= eps counts as zero for APoZ", ge=0)
+    batch_size: int = _opt(8, help="batch size of calibration and evaluation passes", ge=1)
+    eval_chunks: int = _opt(16, help="held-out chunks for the hidden-state error report", ge=1)
+    out: str = _opt("", help="where to save the proxy; empty = <run.dir>/proxy")
+    sample_prompt: str = _opt("It is a truth universally acknowledged",
+                              help="causal LMs: greedy continuation of this prompt by FM and proxy, in the report")
+    sample_tokens: int = _opt(24, help="tokens generated for the sample", ge=0)
+
+    def check(self, prefix: str) -> None:
+        for i, r in enumerate(self.keep_ratios):
+            if not 0 < r <= 1:
+                raise ConfigError(f"{prefix}keep_ratios[{i}]", f"must be in (0, 1], got {r!r}")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     doctor: DoctorConfig = field(default_factory=DoctorConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    public_text: PublicTextConfig = field(default_factory=PublicTextConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -305,5 +353,5 @@ def describe_options() -> list[tuple[str, str, Any]]:
     return out
 
 
-__all__ = ["Config", "RunConfig", "DistConfig", "DoctorConfig", "load_config", "dump_config",
+__all__ = ["Config", "RunConfig", "DistConfig", "DoctorConfig", "ModelConfig", "PublicTextConfig", "ProxyConfig", "load_config", "dump_config",
            "write_resolved_config", "config_to_dict", "config_from_dict", "describe_options"]

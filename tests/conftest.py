@@ -14,7 +14,7 @@ def child_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_LOCAL", "TORCHELASTIC_"))
            and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                         "GROUP_RANK")}
+                         "GROUP_RANK", "TRITON_INTERPRET")}
     env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                 "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
     env.update(extra)

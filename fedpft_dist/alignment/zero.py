@@ -3,13 +3,7 @@ from __future__ import annotations
 
 import os
 
-
-def _default_accelerator() -> None:
-    """Without CUDA, tell DeepSpeed to use its CPU accelerator (it warns and guesses otherwise)."""
-    import torch
-
-    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"
+from ..environment import prepare_library_env
 
 
 def deepspeed_status() -> dict:
@@ -18,7 +12,7 @@ def deepspeed_status() -> dict:
     Ops that are not pre-built compile on first use (JIT), which costs time at the first run of a
     job; ``DS_BUILD_OPS=1`` at install time builds them ahead.
     """
-    _default_accelerator()
+    prepare_library_env()
     info: dict = {"installed": False, "version": None, "accelerator": None, "comm_backend": None,
                   "ds_accelerator_env": os.environ.get("DS_ACCELERATOR"), "prebuilt_ops": [],
                   "jit_ops": [], "error": None}

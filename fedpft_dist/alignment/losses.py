@@ -1,0 +1,20 @@
+"""Losses and error measures shared by the proxy report and both distillations (pure functions)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def relative_sq_error(teacher: torch.Tensor, student: torch.Tensor, mask: Optional[torch.Tensor] = None
+                      ) -> torch.Tensor:
+    """``mean((T - S)^2) / mean(T^2)`` over the tokens where ``mask`` is 1 (all tokens if None).
+
+    ``teacher``/``student``: [batch, seq, hidden]; ``mask``: [batch, seq]. Computed in fp32. This is
+    the hidden-state term of the distillation loss in DESIGN §2, and the error the reports show.
+    """
+    t, s = teacher.float(), student.float()
+    if mask is None:
+        return (t - s).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12)
+    m = mask.to(t.dtype).unsqueeze(-1)
+    return ((t - s).pow(2) * m).sum() / (t.pow(2) * m).sum().clamp_min(1e-12)

@@ -1,0 +1,128 @@
+"""``fedpft proxy``: load the FM, rank FFN neurons, build and save the proxy, report how close it is."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import Config, config_to_dict, write_resolved_config
+from ..fsutil import atomic_write_json
+from ..models.loading import default_task, load_model, load_tokenizer, resolve_model_dir
+from ..models.proxy import (activation_saliency_scores, build_proxy, count_params, describe_layout,
+                            hidden_state_errors, plan_proxy, save_proxy, select_neurons,
+                            weight_saliency_scores)
+
+log = logging.getLogger(__name__)
+
+
+def public_chunks(cfg: Config, tokenizer, split: str, max_chunks: int) -> torch.Tensor:
+    """Token chunks of the public corpus: ``split`` is 'train' (calibration, distillation) or
+    'held_out' (evaluation). The split is a seeded function of the documents."""
+    from ..data.public import load_public_text, split_held_out, token_chunks
+
+    docs = load_public_text(cfg.public_text.source, cfg.public_text.text_column)
+    train, held = split_held_out(docs, cfg.public_text.held_out_fraction, cfg.run.seed)
+    return token_chunks(tokenizer, train if split == "train" else held, cfg.public_text.max_length, max_chunks)
+
+
+@torch.no_grad()
+def greedy_sample(model, tokenizer, prompt: str, tokens: int) -> str:
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def make_proxy(cfg: Config) -> dict:
+    """Build and save the proxy described by ``cfg``; returns the report (also in proxy.json)."""
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.run.seed)
+    fm_dir = resolve_model_dir(cfg.model.path)
+    task = default_task(fm_dir) if cfg.model.task == "auto" else cfg.model.task
+    log.info("loading FM %s (%s)", fm_dir, task)
+    fm = load_model(fm_dir, task, cfg.model.dtype, num_labels=cfg.model.num_labels)
+    fm.eval()
+    tokenizer = load_tokenizer(fm_dir)
+    p = cfg.proxy
+    plan = plan_proxy(fm, p.retained_layers, p.keep_ratio, p.keep_ratios)
+
+    # -- saliency ----------------------------------------------------------------------------------
+    if p.saliency == "weight":
+        scores = weight_saliency_scores(fm, plan.compressed)
+    else:
+        calib = public_chunks(cfg, tokenizer, "train", p.calibration_chunks)
+        log.info("activation saliency (%s) on %d calibration chunks of %d tokens", p.saliency, len(calib),
+                 calib.shape[1])
+        scores = activation_saliency_scores(fm, plan.compressed, calib, p.batch_size, p.saliency, p.eps)
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    kept = {l: select_neurons(scores[l], plan.keep[l], gen) for l in plan.compressed}
+
+    # -- construction ------------------------------------------------------------------------------
+    proxy = build_proxy(fm, kept)
+    fm_params, proxy_params = count_params(fm), count_params(proxy)
+
+    # -- evaluation on held-out text ---------------------------------------------------------------
+    held = public_chunks(cfg, tokenizer, "held_out", p.eval_chunks)
+    errors = hidden_state_errors(fm, proxy, held, p.batch_size)
+    compressed_err = [errors[l] for l in plan.compressed]
+    report = {
+        **describe_layout(fm),
+        "fm_path": str(fm_dir),
+        "task": task,
+        "num_layers": plan.num_layers,
+        "retained_layers": plan.retained,
+        "compressed_layers": plan.compressed,
+        "keep_ratio": p.keep_ratio,
+        "keep_ratios": list(p.keep_ratios),
+        "saliency": p.saliency,
+        "seed": cfg.run.seed,
+        "fm_ffn_widths": plan.widths,
+        "proxy_ffn_widths": [len(kept[l]) if l in kept else plan.widths[l] for l in range(plan.num_layers)],
+        "kept_indices": {str(l): idx for l, idx in kept.items()},
+        "fm_params": fm_params,
+        "proxy_params": proxy_params,
+        "param_ratio": proxy_params / fm_params,
+        "hidden_error_per_layer": errors,
+        "hidden_error_mean": sum(errors) / len(errors),
+        "hidden_error_last": errors[-1],
+        "hidden_error_compressed_mean": sum(compressed_err) / max(1, len(compressed_err)),
+        "held_out_chunks": int(len(held)),
+        "chunk_tokens": int(held.shape[1]),
+    }
+    if task == "causal-lm" and p.sample_tokens > 0:
+        report["sample_prompt"] = p.sample_prompt
+        report["sample_fm"] = greedy_sample(fm, tokenizer, p.sample_prompt, p.sample_tokens)
+        report["sample_proxy"] = greedy_sample(proxy, tokenizer, p.sample_prompt, p.sample_tokens)
+
+    out = Path(p.out or Path(cfg.run.dir) / "proxy")
+    meta = {k: v for k, v in report.items() if not k.startswith(("hidden_error", "sample_", "held_out", "chunk_"))}
+    save_proxy(proxy, tokenizer, out, meta)
+    report["proxy_dir"] = str(out)
+    report["seconds"] = time.perf_counter() - t0
+    return report
+
+
+def run_proxy(cfg: Config, runtime_world: int = 1) -> int:
+    write_resolved_config(cfg)
+    report = make_proxy(cfg)
+    atomic_write_json(Path(cfg.run.dir) / "proxy.json", {"config": config_to_dict(cfg), **report})
+    print(format_report(report), flush=True)
+    return 0
+
+
+def format_report(r: dict) -> str:
+    lines = [
+        f"proxy of {r['model_type']} ({r['family']}, {r['num_layers']} layers) saved to {r['proxy_dir']}",
+        f"  retained layers {r['retained_layers']}, others keep {r['keep_ratio']:g} of their FFN "
+        f"(saliency: {r['saliency']})",
+        f"  parameters: FM {r['fm_params']:,}  proxy {r['proxy_params']:,}  ({100 * r['param_ratio']:.1f}%)",
+        f"  hidden-state relative error on {r['held_out_chunks']} held-out chunks: mean over layers "
+        f"{r['hidden_error_mean']:.4f}, last layer {r['hidden_error_last']:.4f}",
+    ]
+    if "sample_proxy" in r:
+        lines.append(f"  FM    > {r['sample_prompt']}{r['sample_fm']!r}")
+        lines.append(f"  proxy > {r['sample_prompt']}{r['sample_proxy']!r}")
+    lines.append(f"  ({r['seconds']:.1f} s)")
+    return "\n".join(lines)

@@ -1,0 +1,16 @@
+"""Process-wide settings for the libraries we drive, applied before they are imported."""
+from __future__ import annotations
+
+import os
+
+
+def prepare_library_env() -> None:
+    """Offline Hugging Face, and DeepSpeed's CPU accelerator where there is no CUDA (transformers
+    and peft import DeepSpeed when it is installed; without this it guesses and warns)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"

@@ -1,0 +1,1 @@
+"""Models: loading from local directories, FFN layouts per architecture, the proxy (sub-FM)."""

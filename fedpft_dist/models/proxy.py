@@ -1,0 +1,270 @@
+"""Stage 1: build the proxy (sub-FM) by keeping the most salient FFN neurons of compressed layers.
+
+Retained layers keep their whole FFN; every other layer keeps its top-k neurons by saliency, in their
+original order. Embeddings, attention, norms and heads are copied unchanged, so attention adapters
+move between FM and proxy as they are. The FM's own weights are never modified.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..alignment.losses import relative_sq_error
+from ..errors import ConfigError, UserError
+from .families import FFNLayout, base_type, ffn_modules, layers_prefix, layout_for, transformer_layers
+
+log = logging.getLogger(__name__)
+
+PROXY_META = "fedpft_proxy.json"
+SALIENCIES = ("weight", "mean_abs", "apoz")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Saliency
+# ----------------------------------------------------------------------------------------------------
+
+def weight_saliency_scores(model: nn.Module, layer_ids: Iterable[int]) -> dict[int, torch.Tensor]:
+    """The paper's weight saliency ``||[W_in[j,:], (W_gate[j,:], W_up[j,:]), W_out[:,j]]||_2``."""
+    from fedpft_kernels import weight_saliency
+
+    layout = layout_for(model.config.model_type)
+    layers = transformer_layers(model)
+    out = {}
+    with torch.no_grad():
+        for l in layer_ids:
+            rows, cols = ffn_modules(layers[l], layout)
+            out[l] = weight_saliency([m.weight for m in rows], [m.weight for m in cols]).float().cpu()
+    return out
+
+
+class ActivationRecorder:
+    """Forward pre-hooks on each FFN's output projection that accumulate activation statistics of
+    the intermediate activations (the projection's input) over real tokens.
+
+    Set :attr:`mask` to the batch's attention mask before each forward; remove the hooks with
+    :meth:`close` (or use as a context manager).
+    """
+
+    def __init__(self, model: nn.Module, layer_ids: Iterable[int], eps: float):
+        from fedpft_kernels import ActivationStats
+
+        layout = layout_for(model.config.model_type)
+        layers = transformer_layers(model)
+        self.eps = eps
+        self.mask: Optional[torch.Tensor] = None
+        self.stats: dict[int, "ActivationStats"] = {}
+        self._handles = []
+        for l in layer_ids:
+            _, cols = ffn_modules(layers[l], layout)
+            proj = cols[0]
+            self.stats[l] = ActivationStats.zeros(proj.in_features, device=proj.weight.device)
+            self._handles.append(proj.register_forward_pre_hook(self._hook(l)))
+
+    def _hook(self, l: int):
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            self.stats[l].update(inputs[0].detach(), self.mask, self.eps)
+        return hook
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self) -> "ActivationRecorder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def activation_saliency_scores(model: nn.Module, layer_ids: Sequence[int], chunks: torch.Tensor,
+                               batch_size: int, kind: str, eps: float) -> dict[int, torch.Tensor]:
+    """Mean |a| (higher = more salient) or 1 - APoZ (share of tokens where |a| > eps) per neuron,
+    from forward passes of the model over calibration ``chunks`` [n, seq]."""
+    device = next(model.parameters()).device
+    model.eval()
+    with ActivationRecorder(model, layer_ids, eps) as rec, torch.no_grad():
+        for start in range(0, len(chunks), batch_size):
+            ids = chunks[start: start + batch_size].to(device)
+            rec.mask = torch.ones_like(ids)
+            _forward_hidden(model, ids, rec.mask)
+        if kind == "mean_abs":
+            return {l: s.mean_abs().float().cpu() for l, s in rec.stats.items()}
+        return {l: (1.0 - s.apoz()).float().cpu() for l, s in rec.stats.items()}
+
+
+def select_neurons(scores: torch.Tensor, k: int, generator: torch.Generator) -> list[int]:
+    """Indices of the ``k`` highest scores, in their original order. Ties are broken at random (with
+    GELU exact zeros are rare, and APoZ alone often does not rank)."""
+    n = scores.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    perm = torch.randperm(n, generator=generator)
+    order = perm[torch.argsort(scores[perm], descending=True, stable=True)]
+    return sorted(order[:k].tolist())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Construction
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class ProxyPlan:
+    """Which layers are compressed and how many neurons each keeps."""
+    num_layers: int
+    retained: list[int]
+    widths: list[int]           # FM FFN width per layer
+    keep: dict[int, int] = field(default_factory=dict)  # compressed layer -> neurons kept
+
+    @property
+    def compressed(self) -> list[int]:
+        return sorted(self.keep)
+
+
+def plan_proxy(model: nn.Module, retained_layers: Sequence[int], keep_ratio: float,
+               keep_ratios: Sequence[float] = ()) -> ProxyPlan:
+    """Resolve negative layer ids and per-layer keep ratios against the model's depth."""
+    layout = layout_for(model.config.model_type)
+    layers = transformer_layers(model)
+    n = len(layers)
+    retained = []
+    for l in retained_layers:
+        if not -n <= l < n:
+            raise ConfigError("proxy.retained_layers", f"layer {l} is outside a {n}-layer model")
+        retained.append(l % n)
+    retained = sorted(set(retained))
+    if keep_ratios and len(keep_ratios) != n:
+        raise ConfigError("proxy.keep_ratios", f"has {len(keep_ratios)} entries but the model has {n} layers")
+    widths = [ffn_modules(layer, layout)[0][0].out_features for layer in layers]
+    plan = ProxyPlan(n, retained, widths)
+    for l in range(n):
+        if l in retained:
+            continue
+        ratio = keep_ratios[l] if keep_ratios else keep_ratio
+        plan.keep[l] = max(1, min(widths[l], round(ratio * widths[l])))
+    return plan
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters, shared (tied) tensors counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_proxy(fm: nn.Module, kept: dict[int, list[int]]) -> nn.Module:
+    """A proxy of ``fm`` keeping neurons ``kept[l]`` of each compressed layer l (others whole)."""
+    from .proxy_arch import proxy_class_for, proxy_config_from
+
+    layout = layout_for(fm.config.model_type)
+    layers = transformer_layers(fm)
+    sizes = [len(kept[l]) if l in kept else ffn_modules(layer, layout)[0][0].out_features
+             for l, layer in enumerate(layers)]
+    config = proxy_config_from(fm.config, sizes)
+    proxy = proxy_class_for(fm)(config).to(dtype=next(fm.parameters()).dtype)
+    state = fm.state_dict()
+    prefix = layers_prefix(fm)
+    for l, idx in kept.items():
+        index = torch.as_tensor(idx, dtype=torch.long)
+        for path in layout.rows:
+            key = f"{prefix}.{l}.{path}"
+            state[f"{key}.weight"] = state[f"{key}.weight"].index_select(0, index)
+            if f"{key}.bias" in state:
+                state[f"{key}.bias"] = state[f"{key}.bias"].index_select(0, index)
+        for path in layout.cols:
+            key = f"{prefix}.{l}.{path}"
+            state[f"{key}.weight"] = state[f"{key}.weight"].index_select(1, index)
+    proxy.load_state_dict(state, strict=True)
+    if getattr(fm, "generation_config", None) is not None and hasattr(proxy, "generation_config"):
+        proxy.generation_config = fm.generation_config
+    proxy.eval()
+    return proxy
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------
+
+def _forward_hidden(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor):
+    base = getattr(model, "base_model", model)
+    return base(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+
+
+@torch.no_grad()
+def hidden_state_errors(fm: nn.Module, proxy: nn.Module, chunks: torch.Tensor, batch_size: int) -> list[float]:
+    """Per layer l (outputs of layers 0..L-1): mean((H_FM - H_proxy)^2) / mean(H_FM^2) over all
+    tokens of ``chunks``, accumulated over batches as sums before the division."""
+    fm.eval()
+    proxy.eval()
+    device = next(fm.parameters()).device
+    num, den = None, None
+    for start in range(0, len(chunks), batch_size):
+        ids = chunks[start: start + batch_size].to(device)
+        mask = torch.ones_like(ids)
+        ht = _forward_hidden(fm, ids, mask)[1:]
+        hs = _forward_hidden(proxy, ids, mask)[1:]
+        n = torch.stack([(t.float() - s.float()).pow(2).sum() for t, s in zip(ht, hs)])
+        d = torch.stack([t.float().pow(2).sum() for t in ht])
+        num = n if num is None else num + n
+        den = d if den is None else den + d
+    if num is None:
+        raise UserError("no held-out text to measure the proxy on (public_text is too small)")
+    return (num / den.clamp_min(1e-12)).tolist()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Saving and loading
+# ----------------------------------------------------------------------------------------------------
+
+def save_proxy(proxy: nn.Module, tokenizer, out_dir: str | os.PathLike, meta: dict) -> Path:
+    """Hugging Face directory (config + safetensors + tokenizer) plus ``fedpft_proxy.json``, written to
+    a temporary directory next to ``out_dir`` and renamed into place."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        proxy.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / PROXY_META).write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_proxy_meta(proxy_dir: str | os.PathLike) -> dict:
+    path = Path(proxy_dir) / PROXY_META
+    if not path.is_file():
+        raise UserError(f"{proxy_dir} is not a proxy directory (no {PROXY_META})")
+    return json.loads(path.read_text())
+
+
+def load_proxy(proxy_dir: str | os.PathLike, task: Optional[str] = None, dtype: str = "float32",
+               num_labels: Optional[int] = None):
+    """Reload a saved proxy in one call, without the FM: returns (model, meta)."""
+    from .loading import load_model
+
+    meta = read_proxy_meta(proxy_dir)
+    model = load_model(Path(proxy_dir), task or meta["task"], dtype=dtype, num_labels=num_labels)
+    return model, meta
+
+
+def describe_layout(model: nn.Module) -> dict:
+    layout: FFNLayout = layout_for(model.config.model_type)
+    return {"family": layout.family, "model_type": base_type(model.config.model_type), "gated": layout.gated}

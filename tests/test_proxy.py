@@ -1,0 +1,225 @@
+"""Proxy construction: every supported family on tiny random configs, the real MiniLM and SmolLM2."""
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli
+from fedpft_dist.models.families import ffn_modules, layout_for, transformer_layers
+from fedpft_dist.models.loading import load_model, load_tokenizer, quiet_transformers, resolve_model_dir
+from fedpft_dist.models.proxy import (activation_saliency_scores, build_proxy, count_params, hidden_state_errors,
+                                      load_proxy, plan_proxy, save_proxy, select_neurons, weight_saliency_scores)
+
+quiet_transformers()
+
+
+def _tiny(model_type: str):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=48,
+                  vocab_size=101, max_position_embeddings=64)
+    if model_type == "bert":
+        return tf.BertModel(tf.BertConfig(**common))
+    if model_type == "roberta":
+        return tf.RobertaForSequenceClassification(tf.RobertaConfig(**common, num_labels=3, pad_token_id=1))
+    if model_type == "distilbert":
+        return tf.DistilBertModel(tf.DistilBertConfig(dim=32, n_layers=4, n_heads=4, hidden_dim=48,
+                                                      vocab_size=101, max_position_embeddings=64))
+    if model_type in ("llama", "qwen2", "mistral"):
+        cfg_cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[model_type]
+        model_cls = {"llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM,
+                     "mistral": tf.MistralForCausalLM}[model_type]
+        return model_cls(cfg_cls(**common, num_key_value_heads=2, tie_word_embeddings=model_type == "llama"))
+    if model_type == "vit":
+        return tf.ViTModel(tf.ViTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                        intermediate_size=48, image_size=16, patch_size=8, num_channels=3))
+    raise AssertionError(model_type)
+
+
+def _removed_params(fm, plan):
+    """Parameters a compressed layer loses: per dropped neuron, one row (+ bias) of every rows
+    matrix and one column of every cols matrix."""
+    layout = layout_for(fm.config.model_type)
+    total = 0
+    for l, k in plan.keep.items():
+        rows, cols = ffn_modules(transformer_layers(fm)[l], layout)
+        per_neuron = sum(m.in_features + (1 if m.bias is not None else 0) for m in rows) + \
+            sum(m.out_features for m in cols)
+        total += (plan.widths[l] - k) * per_neuron
+    return total
+
+
+def _inputs(fm):
+    if fm.config.model_type == "vit":
+        return {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))}
+    return {"input_ids": torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1))}
+
+
+FAMILIES = ["bert", "roberta", "distilbert", "llama", "qwen2", "mistral", "vit"]
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_build_save_reload_every_family(model_type, tmp_path):
+    fm = _tiny(model_type).eval()
+    before = {k: v.clone() for k, v in fm.state_dict().items()}
+    plan = plan_proxy(fm, [0, -1], 0.25)
+    assert plan.retained == [0, 3] and plan.keep == {1: 12, 2: 12}
+    scores = weight_saliency_scores(fm, plan.compressed)
+    kept = {l: select_neurons(scores[l], plan.keep[l], torch.Generator().manual_seed(0)) for l in plan.compressed}
+    proxy = build_proxy(fm, kept)
+
+    # the FM is untouched; the proxy is smaller by exactly the dropped neurons
+    for k, v in fm.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert count_params(proxy) == count_params(fm) - _removed_params(fm, plan)
+
+    # kept neurons are the FM's rows/columns, in their original order
+    layout = layout_for(fm.config.model_type)
+    for l, idx in kept.items():
+        f_rows, f_cols = ffn_modules(transformer_layers(fm)[l], layout)
+        p_rows, p_cols = ffn_modules(transformer_layers(proxy)[l], layout)
+        for fr, pr in zip(f_rows, p_rows):
+            assert torch.equal(pr.weight, fr.weight[idx])
+        for fc, pc in zip(f_cols, p_cols):
+            assert torch.equal(pc.weight, fc.weight[:, idx])
+
+    # save / reload in one call, identical outputs
+    task = "causal-lm" if layout.family == "decoder" else "base"
+    if model_type == "roberta":
+        task = "sequence-classification"
+    meta = {"task": task, "kept_indices": {str(l): v for l, v in kept.items()}}
+    save_proxy(proxy, None, tmp_path / "proxy", meta)
+    cfg = json.loads((tmp_path / "proxy" / "config.json").read_text())
+    assert cfg["model_type"] == f"fedpft_{model_type}"
+    assert cfg["fedpft_intermediate_sizes"] == [48, 12, 12, 48]
+    reloaded, meta2 = load_proxy(tmp_path / "proxy")
+    assert meta2["kept_indices"] == meta["kept_indices"]
+    assert type(reloaded).__name__ == type(proxy).__name__
+    x = _inputs(fm)
+    with torch.no_grad():
+        a, b = proxy(**x), reloaded(**x)
+    first = a.logits if hasattr(a, "logits") else a.last_hidden_state
+    second = b.logits if hasattr(b, "logits") else b.last_hidden_state
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "llama"])
+def test_lora_adapters_move_between_proxy_and_fm(model_type, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    fm = _tiny(model_type).eval()
+    plan = plan_proxy(fm, [0, -1], 0.5)
+    scores = weight_saliency_scores(fm, plan.compressed)
+    proxy = build_proxy(fm, {l: select_neurons(scores[l], plan.keep[l], torch.Generator().manual_seed(0))
+                             for l in plan.compressed})
+    targets = list(layout_for(fm.config.model_type).attention)
+    peft_proxy = get_peft_model(proxy, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    with torch.no_grad():
+        for name, p in peft_proxy.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    peft_proxy.save_pretrained(tmp_path / "adapter")
+    on_fm = PeftModel.from_pretrained(_tiny(model_type).eval(), tmp_path / "adapter")
+    lora_proxy = {k: v for k, v in peft_proxy.state_dict().items() if "lora_" in k}
+    lora_fm = {k: v for k, v in on_fm.state_dict().items() if "lora_" in k}
+    assert lora_proxy.keys() == lora_fm.keys() and len(lora_fm) == 4 * 4 * 2
+    for k in lora_proxy:
+        assert torch.equal(lora_proxy[k], lora_fm[k]), k
+
+
+def test_select_neurons_breaks_ties_at_random_but_reproducibly():
+    scores = torch.tensor([1.0, 0.5, 0.5, 0.5, 0.5, 2.0])
+    a = select_neurons(scores, 3, torch.Generator().manual_seed(0))
+    b = select_neurons(scores, 3, torch.Generator().manual_seed(0))
+    assert a == b and a == sorted(a) and 0 in a and 5 in a
+    picks = {tuple(select_neurons(scores, 3, torch.Generator().manual_seed(s))) for s in range(20)}
+    assert len(picks) > 1  # the tied neurons are not always the first ones
+    with pytest.raises(ValueError):
+        select_neurons(scores, 0, torch.Generator())
+
+
+@pytest.mark.parametrize("kind", ["mean_abs", "apoz"])
+def test_activation_saliency(kind):
+    fm = _tiny("bert").eval()
+    chunks = torch.randint(0, 101, (6, 10), generator=torch.Generator().manual_seed(2))
+    scores = activation_saliency_scores(fm, [1, 2], chunks, batch_size=4, kind=kind, eps=1e-3)
+    assert set(scores) == {1, 2} and scores[1].shape == (48,)
+    assert torch.isfinite(scores[1]).all() and (scores[1] >= 0).all()
+    if kind == "apoz":
+        assert (scores[1] <= 1).all()
+    else:  # mean |a| by hand for layer 1
+        acts = []
+        layer = transformer_layers(fm)[1]
+        h = layer.output.dense.register_forward_pre_hook(lambda m, i: acts.append(i[0].abs()))
+        with torch.no_grad():
+            fm(input_ids=chunks)
+        h.remove()
+        torch.testing.assert_close(scores[1], acts[0].reshape(-1, 48).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_plan_errors_name_the_key():
+    from fedpft_dist.errors import ConfigError
+
+    fm = _tiny("bert")
+    with pytest.raises(ConfigError, match="proxy.retained_layers"):
+        plan_proxy(fm, [7], 0.25)
+    with pytest.raises(ConfigError, match="proxy.keep_ratios"):
+        plan_proxy(fm, [0], 0.25, [0.5, 0.5])
+    plan = plan_proxy(fm, [0], 0.25, [1.0, 0.5, 0.25, 0.1])
+    assert plan.keep == {1: 24, 2: 12, 3: 5}
+
+
+# --- the real models -----------------------------------------------------------------------------
+
+MINILM_FM_PARAMS = 22_713_216   # BertModel of all-MiniLM-L6-v2, pooler included
+MINILM_FFN_NEURON = 384 + 1 + 384  # W_in row + b_in + W_out column
+# keep 0.25 of 1536 = 384 neurons in layers 1-4; layers 0 and 5 whole
+MINILM_PROXY_PARAMS = MINILM_FM_PARAMS - 4 * (1536 - 384) * MINILM_FFN_NEURON
+
+
+def test_minilm_proxy_count_reload_and_error(tmp_path):
+    proc = run_cli("proxy", "--config", "configs/tiny.yaml", f"run.dir={tmp_path}", "proxy.keep_ratio=0.25",
+                   "proxy.retained_layers=[0,5]", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "proxy.json").read_text())
+    assert report["fm_params"] == MINILM_FM_PARAMS
+    assert report["proxy_params"] == MINILM_PROXY_PARAMS == 19_169_664
+    assert report["retained_layers"] == [0, 5] and report["compressed_layers"] == [1, 2, 3, 4]
+    assert [len(report["kept_indices"][str(l)]) for l in (1, 2, 3, 4)] == [384] * 4
+    errors = report["hidden_error_per_layer"]
+    assert errors[0] < 1e-10             # layer 0 is whole: identical hidden states
+    assert 0 < report["hidden_error_mean"] < 1.0
+    assert "hidden-state relative error" in proc.stdout
+
+    proxy, meta = load_proxy(tmp_path / "proxy")
+    assert count_params(proxy) == MINILM_PROXY_PARAMS and meta["fm_params"] == MINILM_FM_PARAMS
+    # the reloaded proxy reproduces the reported error against the FM
+    fm_dir = resolve_model_dir("minilm")
+    fm = load_model(fm_dir, "base")
+    tok = load_tokenizer(tmp_path / "proxy")
+    ids = tok(["It is a truth universally acknowledged, that a single man in possession of a good fortune."],
+              return_tensors="pt").input_ids
+    err = hidden_state_errors(fm, proxy, ids, batch_size=1)
+    assert err[0] < 1e-10 and 0 < err[-1] < 1.0
+
+
+@pytest.mark.slow
+def test_smollm2_proxy_count_reload_and_generation(tmp_path):
+    proc = run_cli("proxy", "--config", "configs/tiny.yaml", f"run.dir={tmp_path}", "model.path=smollm2",
+                   "proxy.keep_ratio=0.5", "proxy.eval_chunks=2", "proxy.sample_tokens=12", timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "proxy.json").read_text())
+    assert report["model_type"] == "llama" and report["gated"] is True and report["num_layers"] == 30
+    # SwiGLU: a dropped neuron removes a row of W_gate and W_up (576 each) and a column of W_down (576)
+    assert report["fm_params"] == 134_515_008
+    assert report["proxy_params"] == report["fm_params"] - 28 * (1536 - 768) * 3 * 576
+    assert report["sample_proxy"].strip() and any(c.isalpha() for c in report["sample_proxy"])
+
+    proxy, meta = load_proxy(tmp_path / "proxy")
+    assert count_params(proxy) == report["proxy_params"]
+    tok = load_tokenizer(tmp_path / "proxy")
+    ids = tok(report["sample_prompt"], return_tensors="pt").input_ids
+    out = proxy.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                         pad_token_id=tok.pad_token_id)
+    assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == report["sample_proxy"]
