@@ -41,11 +41,19 @@ def _cmd_proxy(cfg, args) -> int:
     return run_proxy(cfg)
 
 
+def _cmd_distill(cfg, args) -> int:
+    from .commands.distill import run_distill
+
+    return run_distill(cfg)
+
+
 COMMANDS: dict[str, tuple[Callable, str]] = {
     "doctor": (_cmd_doctor, "report the environment (torch/CUDA, NCCL/gloo, DeepSpeed, Triton, MPI, "
                             "launcher variables, offline models and data) and test an all-reduce over ranks"),
     "proxy": (_cmd_proxy, "build the proxy (sub-FM): rank FFN neurons, keep the most salient, save it in "
                           "Hugging Face format with fedpft_proxy.json, report its error against the FM"),
+    "distill": (_cmd_distill, "layer-level distillation of the proxy against the FM on all ranks of the job "
+                              "(DeepSpeed ZeRO 0-3); writes the distilled proxy and distill.json"),
 }
 
 

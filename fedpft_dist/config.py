@@ -112,6 +112,26 @@ class ProxyConfig:
 
 
 @dataclass
+class DistillConfig:
+    proxy: str = _opt("", help="proxy directory to distil; empty = <run.dir>/proxy (built first if missing)")
+    out: str = _opt("", help="where to save the distilled proxy; empty = <run.dir>/proxy_distilled")
+    zero_stage: int = _opt(3, help="DeepSpeed ZeRO stage (0-3); at 3 the FM is partitioned over ranks", ge=0, le=3)
+    steps: int = _opt(0, help="optimizer steps; 0 = use epoch_fraction", ge=0)
+    epoch_fraction: float = _opt(1.0, help="share of one pass over the public text when steps is 0", gt=0)
+    micro_batch: int = _opt(4, help="chunks per rank per step", ge=1)
+    lr: float = _opt(6e-4, help="peak learning rate (paper: 6e-4)", gt=0)
+    warmup_ratio: float = _opt(0.048, help="share of steps with linear warm-up, then linear decay to 0",
+                               ge=0, lt=1)
+    weight_decay: float = _opt(0.01, help="AdamW weight decay on matrices", ge=0)
+    grad_clip: float = _opt(1.0, help="gradient-norm clip", gt=0)
+    alpha: float = _opt(0.01, help="weight of the W_out W_in term of the loss (paper: 0.01)", ge=0)
+    max_chunks: int = _opt(4096, help="public-text chunks tokenised for training", ge=1)
+    eval_chunks: int = _opt(32, help="held-out chunks for the before/after error", ge=1)
+    checkpoint_every: int = _opt(0, help="checkpoint every N steps (0 = never)", ge=0)
+    resume: bool = _opt(False, help="continue from the newest complete checkpoint in <run.dir>/checkpoints/distill")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
@@ -119,6 +139,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     public_text: PublicTextConfig = field(default_factory=PublicTextConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -353,5 +374,5 @@ def describe_options() -> list[tuple[str, str, Any]]:
     return out
 
 
-__all__ = ["Config", "RunConfig", "DistConfig", "DoctorConfig", "ModelConfig", "PublicTextConfig", "ProxyConfig", "load_config", "dump_config",
+__all__ = ["Config", "RunConfig", "DistConfig", "DoctorConfig", "ModelConfig", "PublicTextConfig", "ProxyConfig", "DistillConfig", "load_config", "dump_config",
            "write_resolved_config", "config_to_dict", "config_from_dict", "describe_options"]

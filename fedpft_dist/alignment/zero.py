@@ -1,9 +1,26 @@
-"""DeepSpeed ZeRO integration: the only module of fedpft-dist that imports ``deepspeed``."""
+"""DeepSpeed ZeRO integration: the only module of fedpft-dist that imports ``deepspeed``.
+
+Everything the distillations need from DeepSpeed goes through these functions: the engine, the
+ZeRO-3 loading context for transformers, gathering partitioned parameters, and reading/writing the
+full fp32 parameters and Adam moments of trainable parameters for checkpoints (so checkpoints are
+safetensors + JSON and independent of DeepSpeed's pickle files).
+"""
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
+from typing import Iterable, Iterator, Optional
+
+import torch
+import torch.nn as nn
 
 from ..environment import prepare_library_env
+
+ADAM_STATES = ("exp_avg", "exp_avg_sq")
+
+# DeepSpeed 0.19 calls collectives that torch 2.13 has renamed; the old names still work.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
 def deepspeed_status() -> dict:
@@ -31,3 +48,169 @@ def deepspeed_status() -> dict:
     info["prebuilt_ops"] = sorted(k for k, v in installed_ops.items() if v)
     info["jit_ops"] = sorted(k for k, v in installed_ops.items() if not v)
     return info
+
+
+def make_ds_config(stage: int, micro_batch: int, world_size: int, bf16: bool, grad_clip: float,
+                   grad_accum: int = 1) -> dict:
+    """The DeepSpeed config of a distillation job. Small models are partitioned at stage 3 too
+    (``stage3_param_persistence_threshold: 0``), so the memory behaviour tested on CPU is the one a
+    large FM gets."""
+    cfg: dict = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world_size,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": stage},
+        "bf16": {"enabled": bool(bf16)},
+        "wall_clock_breakdown": False,
+        "steps_per_print": 10**9,
+    }
+    if stage == 3:
+        cfg["zero_optimization"].update({"stage3_param_persistence_threshold": 0,
+                                         "stage3_prefetch_bucket_size": 0,
+                                         "stage3_max_live_parameters": 10**9})
+    return cfg
+
+
+@contextlib.contextmanager
+def zero3_loading(ds_config: dict) -> Iterator[None]:
+    """While active, transformers' ``from_pretrained`` partitions weights as it loads them (ZeRO-3),
+    so no rank ever holds a whole model. Entered only at stage 3. (Wrapping a transformers
+    constructor in ``deepspeed.zero.Init`` fails; this is the working route.)"""
+    prepare_library_env()
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    if ds_config["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    keep = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference: keep this one
+    try:
+        yield
+    finally:
+        del keep
+        unset_hf_deepspeed_config()
+
+
+def init_distributed(backend: str) -> None:
+    """Tell DeepSpeed to use the process group the runtime already created."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+
+def initialize(module: nn.Module, params: list, optimizer: torch.optim.Optimizer, scheduler, ds_config: dict):
+    """A DeepSpeed engine over ``module`` that trains only ``params``."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, optimizer=optimizer,
+                                           lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
+    return engine
+
+
+def is_partitioned(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_id")
+
+
+@contextlib.contextmanager
+def gathered(params: Iterable[torch.Tensor], modifier_rank: Optional[int] = None) -> Iterator[None]:
+    """Full values of (possibly ZeRO-3-partitioned) parameters inside the block; a collective: every
+    rank enters it with the same parameters. With ``modifier_rank`` set, that rank's changes are
+    partitioned back on exit. A no-op for parameters that are not partitioned."""
+    import deepspeed
+
+    params = [p for p in params if is_partitioned(p)]
+    if not params:
+        yield
+        return
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield
+
+
+def held_bytes(module: nn.Module) -> tuple[int, int]:
+    """(bytes of parameters this rank holds, bytes of the whole parameters), from the partitions."""
+    held = full = 0
+    for p in module.parameters():
+        if is_partitioned(p):
+            held += p.ds_tensor.numel() * p.ds_tensor.element_size()
+            full += p.ds_numel * p.ds_tensor.element_size()
+        else:
+            held += p.numel() * p.element_size()
+            full += p.numel() * p.element_size()
+    return held, full
+
+
+def _zero_optimizer(engine) -> bool:
+    return engine.zero_optimization_stage() > 0
+
+
+def _base_optimizer(engine) -> torch.optim.Optimizer:
+    opt = engine.optimizer
+    return opt.optimizer if _zero_optimizer(engine) else opt
+
+
+def _optimizer_tensors(engine) -> list[torch.Tensor]:
+    """The tensors the base optimizer steps: the flat fp32 partitions at ZeRO stages 1-3 (stage 3
+    empties the param groups between steps), the parameters themselves at stage 0."""
+    opt = engine.optimizer
+    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
+        flat = getattr(opt, attr, None)
+        if flat:
+            return list(flat)
+    return [p for group in _base_optimizer(engine).param_groups for p in group["params"]]
+
+
+def get_full_train_state(engine, named_params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Full fp32 values and Adam moments of the trainable parameters, keys ``<name>``,
+    ``<name>::exp_avg``, ``<name>::exp_avg_sq``. A collective at ZeRO stages >= 1 (every rank calls
+    it); every rank gets the full tensors, on the CPU."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    out: dict[str, torch.Tensor] = {}
+    zero = _zero_optimizer(engine)
+    opt = engine.optimizer
+    for name, p in named_params.items():
+        if zero:
+            out[name] = safe_get_full_fp32_param(p).detach().float().cpu().clone()
+            for key in ADAM_STATES:
+                value = safe_get_full_optimizer_state(p, key)
+                out[f"{name}::{key}"] = (value if value is not None else torch.zeros_like(out[name])).float().cpu()
+        else:
+            out[name] = p.detach().float().cpu().clone()
+            state = opt.state.get(p, {})
+            for key in ADAM_STATES:
+                out[f"{name}::{key}"] = state[key].float().cpu().clone() if key in state else torch.zeros_like(out[name])
+    return out
+
+
+def set_full_train_state(engine, named_params: dict[str, nn.Parameter], state: dict[str, torch.Tensor],
+                         step: int) -> None:
+    """Inverse of :func:`get_full_train_state` (a collective at stages >= 1), plus the optimizer step
+    count that Adam's bias correction uses."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    zero = _zero_optimizer(engine)
+    base = _base_optimizer(engine)
+    # torch's AdamW creates its state at its first step, and ZeRO optimizers hand it flat fp32
+    # partitions; create that state the way the first step would, so the moments have a home.
+    for p in _optimizer_tensors(engine):
+        st = base.state[p]
+        if "exp_avg" not in st:
+            st["step"] = torch.tensor(0.0)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    for name, p in named_params.items():
+        value = state[name]
+        if zero:
+            safe_set_full_fp32_param(p, value.to(p.dtype))
+            with gathered([p], modifier_rank=0):
+                with torch.no_grad():
+                    p.data.copy_(value.to(p.dtype))
+            for key in ADAM_STATES:
+                safe_set_full_optimizer_state(p, state[f"{name}::{key}"], key)
+        else:
+            with torch.no_grad():
+                p.data.copy_(value.to(p.dtype))
+            for key in ADAM_STATES:
+                base.state[p][key].copy_(state[f"{name}::{key}"])
+    for st in base.state.values():
+        st["step"] = torch.tensor(float(step))

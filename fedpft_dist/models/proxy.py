@@ -90,7 +90,7 @@ def activation_saliency_scores(model: nn.Module, layer_ids: Sequence[int], chunk
                                batch_size: int, kind: str, eps: float) -> dict[int, torch.Tensor]:
     """Mean |a| (higher = more salient) or 1 - APoZ (share of tokens where |a| > eps) per neuron,
     from forward passes of the model over calibration ``chunks`` [n, seq]."""
-    device = next(model.parameters()).device
+    device = _input_device(model)
     model.eval()
     with ActivationRecorder(model, layer_ids, eps) as rec, torch.no_grad():
         for start in range(0, len(chunks), batch_size):
@@ -198,25 +198,37 @@ def _forward_hidden(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor):
 
 
 @torch.no_grad()
-def hidden_state_errors(fm: nn.Module, proxy: nn.Module, chunks: torch.Tensor, batch_size: int) -> list[float]:
-    """Per layer l (outputs of layers 0..L-1): mean((H_FM - H_proxy)^2) / mean(H_FM^2) over all
-    tokens of ``chunks``, accumulated over batches as sums before the division."""
+def hidden_error_sums(fm: nn.Module, proxy: nn.Module, chunks: torch.Tensor, batch_size: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per layer (outputs of layers 0..L-1): sum((H_FM - H_proxy)^2) and sum(H_FM^2) over all tokens
+    of ``chunks``. Sums, so that shards of the text on several ranks add up exactly."""
     fm.eval()
     proxy.eval()
-    device = next(fm.parameters()).device
-    num, den = None, None
+    n_layers = len(transformer_layers(fm))
+    num = torch.zeros(n_layers, dtype=torch.float64)
+    den = torch.zeros(n_layers, dtype=torch.float64)
+    device = _input_device(fm)
     for start in range(0, len(chunks), batch_size):
         ids = chunks[start: start + batch_size].to(device)
         mask = torch.ones_like(ids)
         ht = _forward_hidden(fm, ids, mask)[1:]
         hs = _forward_hidden(proxy, ids, mask)[1:]
-        n = torch.stack([(t.float() - s.float()).pow(2).sum() for t, s in zip(ht, hs)])
-        d = torch.stack([t.float().pow(2).sum() for t in ht])
-        num = n if num is None else num + n
-        den = d if den is None else den + d
-    if num is None:
+        num += torch.stack([(t.float() - s.float()).pow(2).sum() for t, s in zip(ht, hs)]).double().cpu()
+        den += torch.stack([t.float().pow(2).sum() for t in ht]).double().cpu()
+    return num, den
+
+
+def hidden_state_errors(fm: nn.Module, proxy: nn.Module, chunks: torch.Tensor, batch_size: int) -> list[float]:
+    """Per layer: mean((H_FM - H_proxy)^2) / mean(H_FM^2) over all tokens of ``chunks``."""
+    if len(chunks) == 0:
         raise UserError("no held-out text to measure the proxy on (public_text is too small)")
+    num, den = hidden_error_sums(fm, proxy, chunks, batch_size)
     return (num / den.clamp_min(1e-12)).tolist()
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    """Where inputs go: the embedding's device (parameters may be ZeRO-3 partitions, still placed)."""
+    return model.get_input_embeddings().weight.device
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,290 @@
+"""One distillation job over all ranks: data-parallel DeepSpeed, checkpoints, before/after errors.
+
+Used by ``fedpft distill`` (layer level) and by the federated engine's alignment rounds (neuron
+level). Every rank calls :func:`run_distillation` with the same arguments except its rank; batches
+are a seeded function of (seed, step), so every rank knows its share without communication and a
+resumed job sees exactly the batches it would have seen.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..models.proxy import hidden_error_sums
+from ..runtime import Runtime
+from . import zero
+from .distill import (DistillPair, NeuronSplit, apply_neuron_split, ffn_parameter_names, freeze_all_but,
+                      linear_warmup_decay, normal_form, param_groups)
+
+log = logging.getLogger(__name__)
+
+CKPT_STATE = "train_state.safetensors"
+CKPT_META = "state.json"
+
+
+@dataclass
+class DistillSettings:
+    zero_stage: int = 3
+    micro_batch: int = 4
+    steps: int = 0                  # > 0: exact number of optimizer steps
+    epoch_fraction: float = 0.0     # used when steps == 0: this share of one pass over the text
+    lr: float = 6e-4
+    warmup_ratio: float = 0.048
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    alpha: float = 0.01
+    seed: int = 0
+    eval_batch: int = 8
+    checkpoint_every: int = 0
+    checkpoint_dir: Optional[str] = None
+    resume: bool = False
+    log_path: Optional[str] = None  # JSON lines, one per step (rank 0)
+    progress: bool = True
+    tag: str = "distill"
+
+
+@dataclass
+class DistillResult:
+    ffn_state: dict[str, torch.Tensor]          # distilled FFN tensors (normal form), full, every rank
+    steps: int
+    losses: list[float]
+    errors_before: list[float]
+    errors_after: list[float]
+    step_seconds: float
+    peak_memory_mb: list[float]
+    teacher_bytes_held: list[int]
+    teacher_bytes_full: int
+    trainable_params: int
+    extra: dict = field(default_factory=dict)
+
+
+def total_steps(settings: DistillSettings, n_chunks: int, world_size: int) -> int:
+    global_batch = settings.micro_batch * world_size
+    if settings.steps > 0:
+        return settings.steps
+    return max(1, math.ceil(settings.epoch_fraction * n_chunks / global_batch))
+
+
+def batch_indices(step: int, rank: int, world_size: int, micro: int, n_chunks: int, seed: int) -> torch.Tensor:
+    """Chunks of rank ``rank`` at ``step``: epoch e is a permutation seeded by (seed, e); its
+    consecutive global batches are split over ranks in rank order."""
+    global_batch = micro * world_size
+    per_epoch = n_chunks // global_batch
+    if per_epoch < 1:
+        raise ValueError(f"{n_chunks} chunks are fewer than one global batch of {global_batch}")
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n_chunks, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    start = i * global_batch + rank * micro
+    return perm[start: start + micro]
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _per_rank(rt: Runtime, value: float, name: str) -> list[float]:
+    """Every rank's value, in rank order (one sum all-reduce of a one-hot vector)."""
+    v = torch.zeros(rt.world_size, dtype=torch.float64)
+    v[rt.rank] = value
+    return rt.comm.all_reduce_sum({"v": v}, name=name)["v"].tolist()
+
+
+def _errors(rt: Runtime, pair: DistillPair, held: torch.Tensor, batch: int, name: str) -> list[float]:
+    """Per-layer relative hidden-state error on held-out chunks, sharded over ranks (equal shares:
+    at ZeRO-3 every forward is a collective) and summed before the division."""
+    per_rank = len(held) // rt.world_size
+    shard = held[rt.rank * per_rank: (rt.rank + 1) * per_rank]
+    num, den = hidden_error_sums(pair.teacher, pair.student, shard, batch)
+    total = rt.comm.all_reduce_sum({"num": num, "den": den}, name=name)
+    return (total["num"] / total["den"].clamp_min(1e-12)).tolist()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: safetensors + JSON, written by rank 0, atomically
+# ----------------------------------------------------------------------------------------------------
+
+def latest_checkpoint(ckpt_dir: Optional[str]) -> Optional[Path]:
+    if not ckpt_dir or not Path(ckpt_dir).is_dir():
+        return None
+    done = sorted(p for p in Path(ckpt_dir).glob("step-*") if (p / CKPT_META).is_file())
+    return done[-1] if done else None
+
+
+def _save_checkpoint(ckpt_dir: str, step: int, state: dict[str, torch.Tensor], meta: dict) -> Path:
+    from safetensors.torch import save_file
+
+    root = Path(ckpt_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}.", dir=root))
+    try:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / CKPT_STATE))
+        (tmp / CKPT_META).write_text(json.dumps(meta, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / CKPT_STATE)), json.loads((path / CKPT_META).read_text())
+
+
+# ----------------------------------------------------------------------------------------------------
+# The job
+# ----------------------------------------------------------------------------------------------------
+
+def run_distillation(rt: Runtime, load_teacher: Callable[[], nn.Module], student: nn.Module,
+                     layers: Sequence[int], train_chunks: torch.Tensor, held_chunks: torch.Tensor,
+                     settings: DistillSettings, splits: Sequence[NeuronSplit] = ()) -> DistillResult:
+    """Distil ``student`` (a plain, unpartitioned proxy; modified in place) against the teacher
+    that ``load_teacher`` loads (inside the ZeRO-3 loading context at stage 3, so it is partitioned
+    as it loads). Layer level when ``splits`` is empty (all FFN parameters of ``layers`` train);
+    neuron level otherwise (only the trainable neurons of each split layer, b_out and the norm)."""
+    s = settings
+    bf16 = rt.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    ds_config = zero.make_ds_config(s.zero_stage, s.micro_batch, rt.world_size, bf16, s.grad_clip)
+    zero.init_distributed(rt.backend)
+    with zero.zero3_loading(ds_config):
+        teacher = load_teacher()
+    teacher.eval()
+    student.eval()  # dropout off; gradients still flow
+    if bf16:
+        student.to(torch.bfloat16)
+    student.to(rt.device)
+    if not any(zero.is_partitioned(p) for p in teacher.parameters()):
+        teacher.to(rt.device)
+
+    if splits:
+        names = [n for sp in splits for n in apply_neuron_split(student, sp)]
+    else:
+        names = ffn_parameter_names(student, layers)
+    named = freeze_all_but(student, names)
+    trainable = sum(p.numel() for p in named.values())
+    pair = DistillPair(teacher, student, layers, s.alpha)
+    optimizer = torch.optim.AdamW(param_groups(named, s.weight_decay), lr=s.lr, betas=(0.9, 0.999), eps=1e-8)
+    engine = zero.initialize(pair, list(named.values()), optimizer, None, ds_config)
+    held_bytes, full_bytes = zero.held_bytes(pair.teacher)
+
+    total = total_steps(s, len(train_chunks), rt.world_size)
+    errors_before = _errors(rt, pair, held_chunks, s.eval_batch, f"{s.tag}/eval-before")
+
+    start = 0
+    losses: list[float] = []
+    ckpt = latest_checkpoint(s.checkpoint_dir) if s.resume else None
+    if ckpt is not None:
+        state, meta = _load_checkpoint(ckpt)
+        if meta["world_size"] != rt.world_size or meta["zero_stage"] != s.zero_stage or meta["total_steps"] != total:
+            raise ValueError(f"checkpoint {ckpt} was written with world size {meta['world_size']}, ZeRO stage "
+                             f"{meta['zero_stage']}, {meta['total_steps']} steps; this job differs")
+        zero.set_full_train_state(engine, named, state, meta["step"])
+        start, losses = meta["step"], list(meta["losses"])
+        log.info("%s: resumed from %s (step %d of %d)", s.tag, ckpt, start, total)
+
+    log_fh = open(s.log_path, "a" if start else "w") if (s.log_path and rt.is_main) else None
+    bar = None
+    if rt.is_main and s.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, desc=s.tag, unit="step", dynamic_ncols=True)
+    step_times = []
+    try:
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            lr = s.lr * linear_warmup_decay(step, total, s.warmup_ratio)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            idx = batch_indices(step, rt.rank, rt.world_size, s.micro_batch, len(train_chunks), s.seed)
+            ids = train_chunks[idx].to(rt.device)
+            loss, hidden, weight = engine(ids, torch.ones_like(ids))
+            engine.backward(loss)
+            engine.step()
+            m = rt.comm.all_reduce_metrics({"loss": loss.item(), "hidden": hidden.mean().item(),
+                                            "weight": weight.mean().item()}, name=f"{s.tag}/loss")
+            m = {k: v / rt.world_size for k, v in m.items()}
+            losses.append(m["loss"])
+            step_times.append(time.perf_counter() - t0)
+            if log_fh:
+                log_fh.write(json.dumps({"step": step + 1, "lr": lr, **m}) + "\n")
+                log_fh.flush()
+            if bar:
+                bar.set_postfix(loss=f"{m['loss']:.4f}")
+                bar.update(1)
+            if s.checkpoint_every and s.checkpoint_dir and (step + 1) % s.checkpoint_every == 0 and step + 1 < total:
+                state = zero.get_full_train_state(engine, named)
+                if rt.is_main:
+                    _save_checkpoint(s.checkpoint_dir, step + 1, state,
+                                     {"step": step + 1, "total_steps": total, "world_size": rt.world_size,
+                                      "zero_stage": s.zero_stage, "losses": losses, "seed": s.seed})
+                rt.comm.barrier(name=f"{s.tag}/checkpoint")
+    finally:
+        if bar:
+            bar.close()
+        if log_fh:
+            log_fh.close()
+
+    errors_after = _errors(rt, pair, held_chunks, s.eval_batch, f"{s.tag}/eval-after")
+
+    # Full values of every FFN tensor of the distilled layers (frozen parts included), on every rank.
+    ffn_names = [n for n, _ in student.named_parameters() if _in_layers(n, student, layers)]
+    params = dict(student.named_parameters())
+    state = {}
+    for n in ffn_names:
+        with zero.gathered([params[n]]):
+            state[n] = params[n].detach().float().cpu().clone()
+    ffn_state = normal_form(state, student, splits)
+    keep = set(ffn_parameter_names_normal(student, layers, splits))
+    ffn_state = {k: v for k, v in ffn_state.items() if k in keep}
+
+    return DistillResult(
+        ffn_state=ffn_state, steps=total, losses=losses, errors_before=errors_before, errors_after=errors_after,
+        step_seconds=statistics.median(step_times[1:] or step_times) if step_times else 0.0,
+        peak_memory_mb=_per_rank(rt, _peak_memory_mb(rt.device), f"{s.tag}/memory"),
+        teacher_bytes_held=[int(v) for v in _per_rank(rt, held_bytes, f"{s.tag}/teacher-bytes")],
+        teacher_bytes_full=full_bytes, trainable_params=trainable)
+
+
+def _in_layers(name: str, model: nn.Module, layers: Sequence[int]) -> bool:
+    from ..models.families import layers_prefix
+
+    prefix = layers_prefix(model)
+    return any(name.startswith(f"{prefix}.{l}.") for l in layers)
+
+
+def ffn_parameter_names_normal(model: nn.Module, layers: Sequence[int], splits: Sequence[NeuronSplit]) -> list[str]:
+    """Names of the FFN parameters of ``layers`` in their plain (unsplit) form."""
+    from ..models.families import layers_prefix, layout_for
+
+    if not splits:
+        return ffn_parameter_names(model, layers)
+    layout = layout_for(model.config.model_type)
+    prefix = layers_prefix(model)
+    names = []
+    for l in layers:
+        for path in (*layout.rows, *layout.cols):
+            names.append(f"{prefix}.{l}.{path}.weight")
+            names.append(f"{prefix}.{l}.{path}.bias")
+        if layout.post_norm:
+            names.append(f"{prefix}.{l}.{layout.post_norm}.weight")
+            names.append(f"{prefix}.{l}.{layout.post_norm}.bias")
+    return names
