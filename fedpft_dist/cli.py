@@ -47,6 +47,21 @@ def _cmd_distill(cfg, args) -> int:
     return run_distill(cfg)
 
 
+def _cmd_train(cfg, args) -> int:
+    from .federation.engine import run_federated
+
+    summary = run_federated(cfg)
+    if summary.get("stopped_early") and int(os.environ.get("RANK", "0")) == 0:
+        print(f"{summary['method']}: stopped after round {summary['rounds_done']} of {summary['rounds']} "
+              f"(fed.stop_after); continue with fed.resume=true", flush=True)
+    elif summary.get("final_accuracy") is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(f"{summary['method']}: {summary['rounds']} rounds on {summary['world_size']} rank(s): accuracy "
+              f"{summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}), macro-F1 "
+              f"{summary['final_macro_f1']:.4f}; {summary['wall_seconds']:.0f} s; results in {cfg.run.dir}",
+              flush=True)
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable, str]] = {
     "doctor": (_cmd_doctor, "report the environment (torch/CUDA, NCCL/gloo, DeepSpeed, Triton, MPI, "
                             "launcher variables, offline models and data) and test an all-reduce over ranks"),
@@ -54,6 +69,9 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
                           "Hugging Face format with fedpft_proxy.json, report its error against the FM"),
     "distill": (_cmd_distill, "layer-level distillation of the proxy against the FM on all ranks of the job "
                               "(DeepSpeed ZeRO 0-3); writes the distilled proxy and distill.json"),
+    "train": (_cmd_train, "federated fine-tuning (fed.method: fedpft, fedpetuning, fedpft_no_layer_distill, "
+                          "fedpft_no_neuron_distill): clients on every rank, one all-reduce per round, the FM "
+                          "evaluated with the global adapter"),
 }
 
 

@@ -118,7 +118,9 @@ class DistillConfig:
     zero_stage: int = _opt(3, help="DeepSpeed ZeRO stage (0-3); at 3 the FM is partitioned over ranks", ge=0, le=3)
     steps: int = _opt(0, help="optimizer steps; 0 = use epoch_fraction", ge=0)
     epoch_fraction: float = _opt(1.0, help="share of one pass over the public text when steps is 0", gt=0)
-    micro_batch: int = _opt(4, help="chunks per rank per step", ge=1)
+    batch_size: int = _opt(8, help="chunks per optimizer step over all ranks (fixed, so the result does not "
+                                   "depend on the number of ranks); a multiple of micro_batch x world size", ge=1)
+    micro_batch: int = _opt(4, help="chunks per forward pass; gradient accumulation makes up the batch", ge=1)
     lr: float = _opt(6e-4, help="peak learning rate (paper: 6e-4)", gt=0)
     warmup_ratio: float = _opt(0.048, help="share of steps with linear warm-up, then linear decay to 0",
                                ge=0, lt=1)
@@ -132,6 +134,58 @@ class DistillConfig:
 
 
 @dataclass
+class DataConfig:
+    dataset: str = _opt("tweets", help="labelled text: 'tweets' (3-class sentiment), 'bbcnews' (5 classes), or "
+                                       "a local .csv/.json/.jsonl/.parquet file")
+    text_column: str = _opt("text", help="text column of a local file")
+    label_column: str = _opt("label", help="label column of a local file")
+    max_length: int = _opt(64, help="tokens per example (truncated / padded)", ge=8, le=8192)
+    test_fraction: float = _opt(0.2, help="share of examples held out as the test set (stratified)", gt=0, lt=1)
+    max_train: int = _opt(0, help="use at most this many training examples (0 = all), a seeded subset", ge=0)
+    max_test: int = _opt(0, help="use at most this many test examples (0 = all), a seeded subset", ge=0)
+    cache_dir: str = _opt("", help="tokenisation cache; empty = $FEDPFT_CACHE/tokens")
+
+
+@dataclass
+class FedConfig:
+    method: Literal["fedpft", "fedpetuning", "fedot", "fedpft_no_layer_distill", "fedpft_no_neuron_distill"] = _opt(
+        "fedpft", help="fedpft (proxy + both distillations), fedpetuning (LoRA on the full FM at clients), "
+                       "fedot (offsite-tuning emulator), or fedpft without one of its distillations")
+    num_clients: int = _opt(100, help="virtual clients N", ge=1)
+    client_fraction: float = _opt(0.1, help="clients sampled per round: K = max(1, floor(N * fraction))",
+                                  gt=0, le=1)
+    rounds: int = _opt(10, help="federated rounds", ge=1)
+    local_epochs: int = _opt(1, help="local epochs per sampled client", ge=1)
+    batch_size: int = _opt(4, help="local batch size", ge=1)
+    lr: float = _opt(8e-4, help="client learning rate at round 0", gt=0)
+    lr_schedule: Literal["constant", "exponential", "inverse", "linear"] = _opt(
+        "linear", help="over rounds: constant, 0.95^t, 1/(t+1), or linear to zero")
+    weight_decay: float = _opt(0.0, help="client AdamW weight decay", ge=0)
+    aggregation: Literal["weighted", "uniform"] = _opt("weighted", help="average weighted by client samples, or uniform")
+    partition: Literal["iid", "dirichlet", "labels"] = _opt("iid", help="how the train set is split over clients")
+    alpha: float = _opt(1.0, help="Dirichlet concentration (smaller = more label skew)", gt=0)
+    labels_per_client: int = _opt(2, help="labels per client for partition=labels", ge=1)
+    size_sigma: float = _opt(0.0, help="log-normal client-size imbalance (0 = none)", ge=0)
+    lora_r: int = _opt(8, help="LoRA rank", ge=1)
+    lora_alpha: float = _opt(48.0, help="LoRA alpha", gt=0)
+    lora_dropout: float = _opt(0.1, help="LoRA dropout", ge=0, lt=1)
+    align_every: int = _opt(10, help="neuron-level distillation every this many rounds (fedpft; 0 = never)", ge=0)
+    align_keep: float = _opt(0.5, help="share of the most active neurons frozen during alignment", ge=0, le=1)
+    align_fraction: float = _opt(0.02, help="alignment budget: share of one pass over the public text", gt=0)
+    align_steps: int = _opt(0, help="alignment budget in steps (overrides align_fraction when > 0)", ge=0)
+    align_score: Literal["mean_abs", "apoz"] = _opt(
+        "mean_abs", help="neuron activity on client data: mean |a| or 1 - APoZ (random tie-break)")
+    eval_every: int = _opt(1, help="evaluate the FM with the global adapter every this many rounds", ge=1)
+    eval_batch_size: int = _opt(32, help="evaluation batch size", ge=1)
+    checkpoint_every: int = _opt(0, help="checkpoint every this many rounds (0 = never)", ge=0)
+    resume: bool = _opt(False, help="continue from the newest complete round checkpoint in <run.dir>/checkpoints/rounds")
+    stop_after: int = _opt(0, help="end this invocation after this many rounds, with a checkpoint (for jobs with a "
+                                   "wall-clock limit: resubmit with fed.resume=true); 0 = run to the end", ge=0)
+    fedot_keep_bottom: int = _opt(1, help="fedot: bottom layers kept whole", ge=0)
+    fedot_keep_top: int = _opt(1, help="fedot: top layers kept whole", ge=0)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
@@ -140,6 +194,8 @@ class Config:
     public_text: PublicTextConfig = field(default_factory=PublicTextConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -374,5 +430,5 @@ def describe_options() -> list[tuple[str, str, Any]]:
     return out
 
 
-__all__ = ["Config", "RunConfig", "DistConfig", "DoctorConfig", "ModelConfig", "PublicTextConfig", "ProxyConfig", "DistillConfig", "load_config", "dump_config",
+__all__ = ["Config", "RunConfig", "DistConfig", "DoctorConfig", "ModelConfig", "PublicTextConfig", "ProxyConfig", "DistillConfig", "DataConfig", "FedConfig", "load_config", "dump_config",
            "write_resolved_config", "config_to_dict", "config_from_dict", "describe_options"]

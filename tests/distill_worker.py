@@ -33,7 +33,7 @@ def main(proxy_dir: str, out_dir: str) -> None:
 
     def job(name: str, stage: int, steps: int = 4, **kw) -> dict:
         student, _ = load_proxy(proxy_dir, task="base")
-        s = DistillSettings(zero_stage=stage, micro_batch=2, steps=steps, lr=1e-3, warmup_ratio=0.0,
+        s = DistillSettings(zero_stage=stage, batch_size=4, micro_batch=2, steps=steps, lr=1e-3, warmup_ratio=0.0,
                             seed=0, eval_batch=4, progress=False, tag=name, **kw)
         r = run_distillation(rt, teacher, student, layers, train, held, s)
         # what a plain read of the (possibly partitioned) student gives, next to the gathered result
@@ -58,7 +58,7 @@ def main(proxy_dir: str, out_dir: str) -> None:
     splits = [plan_neuron_split(activity[l], 0.5, gen, l) for l in layers]
     student, _ = load_proxy(proxy_dir, task="base")
     before = {k: v.detach().clone() for k, v in student.state_dict().items()}
-    s = DistillSettings(zero_stage=3, micro_batch=2, steps=3, lr=1e-2, warmup_ratio=0.0, seed=0, eval_batch=4,
+    s = DistillSettings(zero_stage=3, batch_size=4, micro_batch=2, steps=3, lr=1e-2, warmup_ratio=0.0, seed=0, eval_batch=4,
                         progress=False, tag="neuron")
     r = run_distillation(rt, teacher, student, layers, train, held, s, splits)
     if rt.is_main:

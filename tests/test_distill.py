@@ -77,7 +77,7 @@ def test_gathered_results_are_not_empty_partitions(results):
 
 def test_resume_from_a_mid_run_checkpoint(results):
     r, out = results
-    assert (out / "ckpt" / "step-0000002" / "train_state.safetensors").exists()
+    assert (out / "ckpt" / "step-0000002" / "train_state.safetensors").exists()  # safetensors + JSON
     assert json.loads((out / "ckpt" / "step-0000002" / "state.json").read_text())["step"] == 2
     torch.testing.assert_close(torch.tensor(r["resumed"]["losses"]), torch.tensor(r["full_run"]["losses"]),
                                rtol=1e-6, atol=0)

@@ -6,7 +6,8 @@ Loss, averaged over the compressed layers l (relative errors: means over element
     mean((H_l^T - H_l^S)^2) / mean((H_l^T)^2)
       + alpha * mean((W_out^T W_in^T - W_out^S W_in^S)^2) / mean((W_out^T W_in^T)^2)
 
-H_l is the hidden state after layer l. The weight products are computed by running the FFN's own
+H_l is the hidden state after layer l; the hidden term is computed per sequence and averaged over the
+batch, so a batch split over W ranks gives the same loss and gradient as on one rank. The weight products are computed by running the FFN's own
 Linear modules on an identity matrix, so gradients reach the student's W_in and W_out (the weight
 term carries gradients) and ZeRO-3 gathers the weights as for any forward. For gated FFNs the
 product is taken for each input projection (W_gate and W_up) and averaged.
@@ -26,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.families import FFNLayout, ffn_modules, layout_for, transformer_layers
-from .losses import relative_sq_error
+from .losses import relative_sq_error, relative_sq_error_per_sample
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ class DistillPair(nn.Module):
             ht = self._hidden(self.teacher, input_ids, attention_mask)
             wt = [ffn_products(t_layers[l], self.layout) for l in self.layers]
         hs = self._hidden(self.student, input_ids, attention_mask)
-        hidden = torch.stack([relative_sq_error(ht[l + 1], hs[l + 1], attention_mask) for l in self.layers])
+        hidden = torch.stack([relative_sq_error_per_sample(ht[l + 1], hs[l + 1], attention_mask).mean()
+                              for l in self.layers])
         weight = torch.stack([
             torch.stack([relative_sq_error(t, s) for t, s in zip(wt_l, ffn_products(s_layers[l], self.layout))]).mean()
             for l, wt_l in zip(self.layers, wt)])

@@ -10,19 +10,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import resource
-import shutil
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..models.proxy import hidden_error_sums
 from ..runtime import Runtime
 from . import zero
@@ -31,14 +28,14 @@ from .distill import (DistillPair, NeuronSplit, apply_neuron_split, ffn_paramete
 
 log = logging.getLogger(__name__)
 
-CKPT_STATE = "train_state.safetensors"
-CKPT_META = "state.json"
+CKPT_PREFIX = "step-"
 
 
 @dataclass
 class DistillSettings:
     zero_stage: int = 3
-    micro_batch: int = 4
+    batch_size: int = 8             # chunks per optimizer step over all ranks
+    micro_batch: int = 4            # chunks per forward pass (gradient accumulation fills the rest)
     steps: int = 0                  # > 0: exact number of optimizer steps
     epoch_fraction: float = 0.0     # used when steps == 0: this share of one pass over the text
     lr: float = 6e-4
@@ -71,17 +68,32 @@ class DistillResult:
     extra: dict = field(default_factory=dict)
 
 
+def accumulation_steps(settings: DistillSettings, world_size: int) -> int:
+    """Forward/backward passes per rank per optimizer step: batch_size = micro_batch x steps x W.
+
+    The global batch and its micro-batches do not depend on W, so the gradient is the same sum of the
+    same micro-batch gradients at any world size (bit for bit when batch_size / micro_batch <= 2:
+    a + b is the same on one rank accumulating and on two ranks all-reducing)."""
+    per_rank, rest = divmod(settings.batch_size, world_size * settings.micro_batch)
+    if rest or per_rank < 1:
+        from ..errors import ConfigError
+
+        raise ConfigError("distill.batch_size", f"{settings.batch_size} must be a multiple of distill.micro_batch "
+                                                f"({settings.micro_batch}) x world size ({world_size})")
+    return per_rank
+
+
 def total_steps(settings: DistillSettings, n_chunks: int, world_size: int) -> int:
-    global_batch = settings.micro_batch * world_size
+    global_batch = settings.batch_size
     if settings.steps > 0:
         return settings.steps
     return max(1, math.ceil(settings.epoch_fraction * n_chunks / global_batch))
 
 
-def batch_indices(step: int, rank: int, world_size: int, micro: int, n_chunks: int, seed: int) -> torch.Tensor:
+def batch_indices(step: int, rank: int, world_size: int, global_batch: int, n_chunks: int, seed: int) -> torch.Tensor:
     """Chunks of rank ``rank`` at ``step``: epoch e is a permutation seeded by (seed, e); its
     consecutive global batches are split over ranks in rank order."""
-    global_batch = micro * world_size
+    micro = global_batch // world_size
     per_epoch = n_chunks // global_batch
     if per_epoch < 1:
         raise ValueError(f"{n_chunks} chunks are fewer than one global batch of {global_batch}")
@@ -115,42 +127,6 @@ def _errors(rt: Runtime, pair: DistillPair, held: torch.Tensor, batch: int, name
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints: safetensors + JSON, written by rank 0, atomically
-# ----------------------------------------------------------------------------------------------------
-
-def latest_checkpoint(ckpt_dir: Optional[str]) -> Optional[Path]:
-    if not ckpt_dir or not Path(ckpt_dir).is_dir():
-        return None
-    done = sorted(p for p in Path(ckpt_dir).glob("step-*") if (p / CKPT_META).is_file())
-    return done[-1] if done else None
-
-
-def _save_checkpoint(ckpt_dir: str, step: int, state: dict[str, torch.Tensor], meta: dict) -> Path:
-    from safetensors.torch import save_file
-
-    root = Path(ckpt_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}.", dir=root))
-    try:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / CKPT_STATE))
-        (tmp / CKPT_META).write_text(json.dumps(meta, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
-def _load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path / CKPT_STATE)), json.loads((path / CKPT_META).read_text())
-
-
-# ----------------------------------------------------------------------------------------------------
 # The job
 # ----------------------------------------------------------------------------------------------------
 
@@ -163,7 +139,8 @@ def run_distillation(rt: Runtime, load_teacher: Callable[[], nn.Module], student
     neuron level otherwise (only the trainable neurons of each split layer, b_out and the norm)."""
     s = settings
     bf16 = rt.device.type == "cuda" and torch.cuda.is_bf16_supported()
-    ds_config = zero.make_ds_config(s.zero_stage, s.micro_batch, rt.world_size, bf16, s.grad_clip)
+    gas = accumulation_steps(s, rt.world_size)
+    ds_config = zero.make_ds_config(s.zero_stage, s.micro_batch, rt.world_size, bf16, s.grad_clip, grad_accum=gas)
     zero.init_distributed(rt.backend)
     with zero.zero3_loading(ds_config):
         teacher = load_teacher()
@@ -191,9 +168,10 @@ def run_distillation(rt: Runtime, load_teacher: Callable[[], nn.Module], student
 
     start = 0
     losses: list[float] = []
-    ckpt = latest_checkpoint(s.checkpoint_dir) if s.resume else None
+    ckpt = latest_checkpoint(s.checkpoint_dir, CKPT_PREFIX) if s.resume else None
     if ckpt is not None:
-        state, meta = _load_checkpoint(ckpt)
+        tensors, meta = load_checkpoint(ckpt)
+        state = tensors["train_state"]
         if meta["world_size"] != rt.world_size or meta["zero_stage"] != s.zero_stage or meta["total_steps"] != total:
             raise ValueError(f"checkpoint {ckpt} was written with world size {meta['world_size']}, ZeRO stage "
                              f"{meta['zero_stage']}, {meta['total_steps']} steps; this job differs")
@@ -214,14 +192,18 @@ def run_distillation(rt: Runtime, load_teacher: Callable[[], nn.Module], student
             lr = s.lr * linear_warmup_decay(step, total, s.warmup_ratio)
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
-            idx = batch_indices(step, rt.rank, rt.world_size, s.micro_batch, len(train_chunks), s.seed)
-            ids = train_chunks[idx].to(rt.device)
-            loss, hidden, weight = engine(ids, torch.ones_like(ids))
-            engine.backward(loss)
-            engine.step()
-            m = rt.comm.all_reduce_metrics({"loss": loss.item(), "hidden": hidden.mean().item(),
-                                            "weight": weight.mean().item()}, name=f"{s.tag}/loss")
-            m = {k: v / rt.world_size for k, v in m.items()}
+            idx = batch_indices(step, rt.rank, rt.world_size, s.batch_size, len(train_chunks), s.seed)
+            parts = {"loss": 0.0, "hidden": 0.0, "weight": 0.0}
+            for micro in idx.split(s.micro_batch):
+                ids = train_chunks[micro].to(rt.device)
+                loss, hidden, weight = engine(ids, torch.ones_like(ids))
+                engine.backward(loss)   # DeepSpeed scales by 1/gas and steps at the boundary
+                engine.step()
+                parts["loss"] += loss.item()
+                parts["hidden"] += hidden.mean().item()
+                parts["weight"] += weight.mean().item()
+            m = rt.comm.all_reduce_metrics(parts, name=f"{s.tag}/loss")
+            m = {k: v / (rt.world_size * gas) for k, v in m.items()}
             losses.append(m["loss"])
             step_times.append(time.perf_counter() - t0)
             if log_fh:
@@ -233,8 +215,8 @@ def run_distillation(rt: Runtime, load_teacher: Callable[[], nn.Module], student
             if s.checkpoint_every and s.checkpoint_dir and (step + 1) % s.checkpoint_every == 0 and step + 1 < total:
                 state = zero.get_full_train_state(engine, named)
                 if rt.is_main:
-                    _save_checkpoint(s.checkpoint_dir, step + 1, state,
-                                     {"step": step + 1, "total_steps": total, "world_size": rt.world_size,
+                    save_checkpoint(s.checkpoint_dir, f"{CKPT_PREFIX}{step + 1:07d}", {"train_state": state},
+                                    {"step": step + 1, "total_steps": total, "world_size": rt.world_size,
                                       "zero_stage": s.zero_stage, "losses": losses, "seed": s.seed})
                 rt.comm.barrier(name=f"{s.tag}/checkpoint")
     finally:

@@ -18,3 +18,13 @@ def relative_sq_error(teacher: torch.Tensor, student: torch.Tensor, mask: Option
         return (t - s).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12)
     m = mask.to(t.dtype).unsqueeze(-1)
     return ((t - s).pow(2) * m).sum() / (t.pow(2) * m).sum().clamp_min(1e-12)
+
+
+def relative_sq_error_per_sample(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``relative_sq_error`` of each sequence of the batch: [batch]. Averaging these over a batch
+    gives the same value however the batch is split over ranks (a ratio of sums would not)."""
+    t, s = teacher.float(), student.float()
+    m = mask.to(t.dtype).unsqueeze(-1)
+    num = ((t - s).pow(2) * m).sum(dim=(1, 2))
+    den = (t.pow(2) * m).sum(dim=(1, 2)).clamp_min(1e-12)
+    return num / den

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 def settings_from(cfg: Config, run_dir: Path) -> DistillSettings:
     d = cfg.distill
     return DistillSettings(
-        zero_stage=d.zero_stage, micro_batch=d.micro_batch, steps=d.steps, epoch_fraction=d.epoch_fraction,
+        zero_stage=d.zero_stage, batch_size=d.batch_size, micro_batch=d.micro_batch, steps=d.steps, epoch_fraction=d.epoch_fraction,
         lr=d.lr, warmup_ratio=d.warmup_ratio, weight_decay=d.weight_decay, grad_clip=d.grad_clip, alpha=d.alpha,
         seed=cfg.run.seed, eval_batch=cfg.proxy.batch_size, checkpoint_every=d.checkpoint_every,
         checkpoint_dir=str(run_dir / "checkpoints" / "distill"), resume=d.resume,
@@ -41,53 +41,60 @@ def ensure_proxy(cfg: Config, rt: Runtime) -> Path:
     return proxy_dir
 
 
-def run_distill(cfg: Config) -> int:
+def distill_proxy(cfg: Config, rt: Runtime) -> Path:
+    """Layer-level distillation of the proxy on all ranks of ``rt``; rank 0 saves the distilled proxy
+    and ``distill.json``. Returns the distilled proxy's directory (the same on every rank)."""
     t0 = time.perf_counter()
+    run_dir = Path(cfg.run.dir)
+    proxy_dir = ensure_proxy(cfg, rt)
+    meta = read_proxy_meta(proxy_dir)
+    fm_dir = resolve_model_dir(cfg.model.path)
+    tokenizer = load_tokenizer(proxy_dir)
+    train = public_chunks(cfg, tokenizer, "train", cfg.distill.max_chunks)
+    held = public_chunks(cfg, tokenizer, "held_out", cfg.distill.eval_chunks)
+    student, _ = load_proxy(proxy_dir, task="base", dtype=cfg.model.dtype)
+    layers = meta["compressed_layers"]
+    result = run_distillation(rt, lambda: load_model(fm_dir, "base", cfg.model.dtype), student, layers,
+                              train, held, settings_from(cfg, run_dir))
+    out = Path(cfg.distill.out or run_dir / "proxy_distilled")
+    summary = {
+        "proxy_in": str(proxy_dir), "proxy_out": str(out), "fm_path": str(fm_dir),
+        "world_size": rt.world_size, "zero_stage": cfg.distill.zero_stage, "steps": result.steps,
+        "compressed_layers": layers, "trainable_params": result.trainable_params,
+        "train_chunks": int(len(train)), "held_out_chunks": int(len(held)), "chunk_tokens": int(train.shape[1]),
+        "loss_first": result.losses[0] if result.losses else None,
+        "loss_last": result.losses[-1] if result.losses else None, "losses": result.losses,
+        "hidden_error_per_layer_before": result.errors_before,
+        "hidden_error_per_layer_after": result.errors_after,
+        "hidden_error_before": sum(result.errors_before) / len(result.errors_before),
+        "hidden_error_after": sum(result.errors_after) / len(result.errors_after),
+        "step_seconds_median": result.step_seconds, "peak_memory_mb_per_rank": result.peak_memory_mb,
+        "teacher_bytes_held_per_rank": result.teacher_bytes_held, "teacher_bytes_full": result.teacher_bytes_full,
+    }
+    if rt.is_main:
+        plain, plain_meta = load_proxy(proxy_dir, dtype=cfg.model.dtype)
+        _, unexpected = plain.base_model.load_state_dict(result.ffn_state, strict=False)
+        if unexpected:
+            raise RuntimeError(f"distilled tensors do not fit the proxy: {unexpected[:3]}")
+        plain_meta["distilled"] = {k: summary[k] for k in ("steps", "zero_stage", "world_size",
+                                                            "hidden_error_before", "hidden_error_after")}
+        save_proxy(plain, tokenizer, out, plain_meta)
+        summary["seconds"] = time.perf_counter() - t0
+        atomic_write_json(run_dir / "distill.json", {"config": config_to_dict(cfg), **summary})
+        print(f"distilled {len(layers)} layers for {result.steps} steps on {rt.world_size} rank(s), ZeRO-"
+              f"{cfg.distill.zero_stage}: loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f}; "
+              f"hidden-state error on held-out text {summary['hidden_error_before']:.4f} -> "
+              f"{summary['hidden_error_after']:.4f}; saved {out}", flush=True)
+    rt.comm.barrier(name="distill/saved")
+    return out
+
+
+def run_distill(cfg: Config) -> int:
     rt = init_from_config(cfg)
     try:
-        run_dir = Path(cfg.run.dir)
         if rt.is_main:
             write_resolved_config(cfg)
-        proxy_dir = ensure_proxy(cfg, rt)
-        meta = read_proxy_meta(proxy_dir)
-        fm_dir = resolve_model_dir(cfg.model.path)
-        tokenizer = load_tokenizer(proxy_dir)
-        train = public_chunks(cfg, tokenizer, "train", cfg.distill.max_chunks)
-        held = public_chunks(cfg, tokenizer, "held_out", cfg.distill.eval_chunks)
-        student, _ = load_proxy(proxy_dir, task="base", dtype=cfg.model.dtype)
-        layers = meta["compressed_layers"]
-        result = run_distillation(rt, lambda: load_model(fm_dir, "base", cfg.model.dtype), student, layers,
-                                  train, held, settings_from(cfg, run_dir))
-        out = Path(cfg.distill.out or run_dir / "proxy_distilled")
-        summary = {
-            "proxy_in": str(proxy_dir), "proxy_out": str(out), "fm_path": str(fm_dir),
-            "world_size": rt.world_size, "zero_stage": cfg.distill.zero_stage, "steps": result.steps,
-            "compressed_layers": layers, "trainable_params": result.trainable_params,
-            "train_chunks": int(len(train)), "held_out_chunks": int(len(held)), "chunk_tokens": int(train.shape[1]),
-            "loss_first": result.losses[0] if result.losses else None,
-            "loss_last": result.losses[-1] if result.losses else None, "losses": result.losses,
-            "hidden_error_per_layer_before": result.errors_before,
-            "hidden_error_per_layer_after": result.errors_after,
-            "hidden_error_before": sum(result.errors_before) / len(result.errors_before),
-            "hidden_error_after": sum(result.errors_after) / len(result.errors_after),
-            "step_seconds_median": result.step_seconds, "peak_memory_mb_per_rank": result.peak_memory_mb,
-            "teacher_bytes_held_per_rank": result.teacher_bytes_held, "teacher_bytes_full": result.teacher_bytes_full,
-        }
-        if rt.is_main:
-            plain, plain_meta = load_proxy(proxy_dir, dtype=cfg.model.dtype)
-            missing, unexpected = plain.base_model.load_state_dict(result.ffn_state, strict=False)
-            if unexpected:
-                raise RuntimeError(f"distilled tensors do not fit the proxy: {unexpected[:3]}")
-            plain_meta["distilled"] = {k: summary[k] for k in ("steps", "zero_stage", "world_size",
-                                                                "hidden_error_before", "hidden_error_after")}
-            save_proxy(plain, tokenizer, out, plain_meta)
-            summary["seconds"] = time.perf_counter() - t0
-            atomic_write_json(run_dir / "distill.json", {"config": config_to_dict(cfg), **summary})
-            print(f"distilled {len(layers)} layers for {result.steps} steps on {rt.world_size} rank(s), ZeRO-"
-                  f"{cfg.distill.zero_stage}: loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f}; "
-                  f"hidden-state error on held-out text {summary['hidden_error_before']:.4f} -> "
-                  f"{summary['hidden_error_after']:.4f}; saved {out}", flush=True)
-        rt.comm.barrier(name="distill/saved")
+        distill_proxy(cfg, rt)
     finally:
         rt.shutdown()
     return 0

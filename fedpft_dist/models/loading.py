@@ -43,7 +43,7 @@ def smollm2_dir() -> Path:
     transformers refuses ``save_pretrained`` on a GGUF-loaded model, so its state dict is copied into a
     plain LlamaForCausalLM first. The directory appears atomically (temp dir, then rename).
     """
-    target = cache_dir() / "smollm2-135m-instruct"
+    target = cache_dir() / "smollm2-135m-instruct-fp32"
     if (target / "config.json").exists():
         return target
     gguf = resource_path("smollm2-gguf")
@@ -53,7 +53,12 @@ def smollm2_dir() -> Path:
     log.info("converting %s to a Hugging Face directory (once, ~30 s) ...", gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    plain = LlamaForCausalLM(loaded.config)
+    config = loaded.config
+    # The weights are dequantised to fp32: the copy is a plain model, not a GGUF-quantised one
+    # (transformers refuses to save, or re-save, a model whose config says gguf).
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = LlamaForCausalLM(config)
     plain.load_state_dict(loaded.state_dict(), strict=True)
     plain.generation_config = loaded.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -105,7 +105,7 @@ def proxy_config_from(fm_config, sizes: Sequence[int]):
     if base_type not in PROXY_CONFIGS:
         raise ValueError(f"no proxy architecture for model type {base_type!r}")
     values = fm_config.to_dict()
-    for key in ("model_type", "transformers_version", "architectures"):
+    for key in ("model_type", "transformers_version", "architectures", "quantization_config"):
         values.pop(key, None)
     values[SIZES_KEY] = [int(s) for s in sizes]
     return PROXY_CONFIGS[base_type](**values)

@@ -1,0 +1,1 @@
+"""Benchmark drivers: each runs real commands and writes one JSON file."""

@@ -1,0 +1,1 @@
+"""Federated fine-tuning: sampling, client training, aggregation, the round loop."""

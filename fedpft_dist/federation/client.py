@@ -1,0 +1,108 @@
+"""Local training of one client: a plain loop, fresh AdamW state, the round's learning rate."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .adapters import get_adapter, set_adapter
+
+
+@dataclass
+class ClientData:
+    """Tokenised examples of one client (rows of the shared train tensors)."""
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+@dataclass
+class ClientUpdate:
+    adapter: dict[str, torch.Tensor]
+    num_samples: int
+    loss_sum: float
+    steps: int
+    tokens: int
+
+
+def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data: ClientData, epochs: int,
+                 batch_size: int, lr: float, weight_decay: float, seed: int, recorder=None) -> ClientUpdate:
+    """Start from the global adapter, train ``epochs`` local epochs, return the new adapter.
+
+    ``seed`` fixes the batch order and dropout, so the update depends only on (client, round), not on
+    the rank that trains it. Each batch is cut to its longest real sequence. ``recorder`` (an
+    :class:`~fedpft_dist.models.proxy.ActivationRecorder`) receives each batch's attention mask.
+    """
+    set_adapter(model, global_adapter)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    device = params[0].device
+    n = len(data)
+    loss_sum, steps, tokens = 0.0, 0, 0
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, batch_size):
+            idx = order[start: start + batch_size]
+            mask = data.attention_mask[idx]
+            width = int(mask.sum(1).max())
+            mask = mask[:, :width].to(device)
+            ids = data.input_ids[idx, :width].to(device)
+            if recorder is not None:
+                recorder.mask = mask
+            out = model(input_ids=ids, attention_mask=mask, labels=data.labels[idx].to(device))
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss_sum += float(out.loss.detach()) * len(idx)
+            steps += 1
+            tokens += int(mask.sum())
+    return ClientUpdate(get_adapter(model), n, loss_sum, steps, tokens)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int,
+            device: Optional[torch.device] = None) -> torch.Tensor:
+    """Argmax class of every row (the model in eval mode)."""
+    model.eval()
+    device = device or next(model.parameters()).device
+    preds = []
+    for start in range(0, len(input_ids), batch_size):
+        mask = attention_mask[start: start + batch_size]
+        width = max(1, int(mask.sum(1).max())) if len(mask) else 1
+        logits = model(input_ids=input_ids[start: start + batch_size, :width].to(device),
+                       attention_mask=mask[:, :width].to(device)).logits
+        preds.append(logits.argmax(-1).cpu())
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+
+
+def confusion_counts(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
+    """Per-class true positives, false positives, false negatives (float64, to be summed over ranks)."""
+    tp = torch.zeros(num_classes, dtype=torch.float64)
+    fp = torch.zeros(num_classes, dtype=torch.float64)
+    fn = torch.zeros(num_classes, dtype=torch.float64)
+    for c in range(num_classes):
+        p, y = preds == c, labels == c
+        tp[c] = float((p & y).sum())
+        fp[c] = float((p & ~y).sum())
+        fn[c] = float((~p & y).sum())
+    return {"tp": tp, "fp": fp, "fn": fn}
+
+
+def accuracy_and_macro_f1(counts: dict[str, torch.Tensor]) -> tuple[float, float]:
+    tp, fp, fn = counts["tp"], counts["fp"], counts["fn"]
+    total = float((tp + fn).sum())
+    accuracy = float(tp.sum()) / total if total else 0.0
+    f1 = torch.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn).clamp_min(1e-12), torch.zeros_like(tp))
+    return accuracy, float(f1.mean())

@@ -1,0 +1,388 @@
+"""The federated engine (Stage 3 and DESIGN §3): every rank hosts virtual clients; one all-reduce of a
+flat buffer per round aggregates their adapters; the FM with the global adapter is evaluated on a
+test set sharded over ranks; every ``align_every`` rounds the proxy is re-aligned with the FM by
+neuron-level distillation over all ranks. Every rank runs this same loop and calls the same
+collectives in the same order; shared decisions are pure functions of (seed, round).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..alignment import zero
+from ..alignment.distill import ffn_parameter_names, plan_neuron_split
+from ..alignment.job import DistillSettings, run_distillation
+from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..config import Config, config_to_dict, write_resolved_config
+from ..errors import ConfigError, UserError
+from ..fsutil import atomic_write_json
+from ..models.loading import load_model, load_tokenizer, resolve_model_dir
+from ..models.proxy import ActivationRecorder, count_params, load_proxy, read_proxy_meta
+from ..runtime import Runtime, init_from_config
+from .adapters import adapter_bytes, get_adapter, is_finite, merge_lora_into, set_adapter, with_lora
+from .client import ClientData, accuracy_and_macro_f1, confusion_counts, predict, train_client
+from .sampling import assign_to_ranks, client_seed, clients_per_round, round_lr, sample_clients
+
+log = logging.getLogger(__name__)
+
+PROXY_METHODS = ("fedpft", "fedpft_no_layer_distill", "fedpft_no_neuron_distill")
+ROUND_PREFIX = "round-"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Task:
+    train_ids: torch.Tensor
+    train_mask: torch.Tensor
+    train_labels: torch.Tensor
+    test_ids: torch.Tensor
+    test_mask: torch.Tensor
+    test_labels: torch.Tensor
+    label_names: list[str]
+    parts: list[list[int]]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    def client(self, c: int) -> ClientData:
+        idx = torch.as_tensor(self.parts[c], dtype=torch.long)
+        return ClientData(self.train_ids[idx], self.train_mask[idx], self.train_labels[idx])
+
+
+def _subset(indices: list[int], limit: int, seed: int) -> list[int]:
+    if not limit or len(indices) <= limit:
+        return indices
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(indices), generator=g)[:limit]
+    return sorted(indices[i] for i in pick.tolist())
+
+
+def prepare_task(cfg: Config, tokenizer) -> Task:
+    """Labelled data, a seeded stratified train/test split, tokenisation (cached), client partition."""
+    from ..data.labelled import load_labelled, tokenize_cached, train_test_split
+    from ..data.partition import partition
+    from ..models.loading import cache_dir
+
+    d, f = cfg.data, cfg.fed
+    data = load_labelled(d.dataset, d.text_column, d.label_column)
+    train_idx, test_idx = train_test_split(len(data.labels), d.test_fraction, cfg.run.seed, data.labels)
+    train_idx = _subset(train_idx, d.max_train, cfg.run.seed + 1)
+    test_idx = _subset(test_idx, d.max_test, cfg.run.seed + 2)
+    if f.num_clients > len(train_idx):
+        raise ConfigError("fed.num_clients", f"{f.num_clients} clients but only {len(train_idx)} training examples")
+    cache = d.cache_dir or str(cache_dir() / "tokens")
+    train = tokenize_cached(tokenizer, [data.texts[i] for i in train_idx], d.max_length, cache)
+    test = tokenize_cached(tokenizer, [data.texts[i] for i in test_idx], d.max_length, cache)
+    train_labels = torch.tensor([data.labels[i] for i in train_idx], dtype=torch.long)
+    test_labels = torch.tensor([data.labels[i] for i in test_idx], dtype=torch.long)
+    parts = partition(train_labels.tolist(), f.num_clients, f.partition, cfg.run.seed, alpha=f.alpha,
+                      k=f.labels_per_client, size_sigma=f.size_sigma)
+    return Task(train["input_ids"], train["attention_mask"], train_labels, test["input_ids"],
+                test["attention_mask"], test_labels, list(data.label_names), parts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models per method
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Models:
+    client: nn.Module               # peft model the clients train (proxy or FM)
+    evaluate: nn.Module             # peft model on the FM, for plug-in evaluation
+    proxy_dir: Optional[Path]       # proxy methods: the proxy the clients start from
+    compressed_layers: list[int]
+    client_params: int              # transformer + head parameters a client holds
+    fm_params: int
+
+
+def _proxy_for(cfg: Config, rt: Runtime) -> Path:
+    """The proxy a method's clients use: built (and distilled) once, reused on resume."""
+    from ..commands.distill import distill_proxy, ensure_proxy
+
+    if cfg.fed.method == "fedpft_no_layer_distill":
+        return ensure_proxy(cfg, rt)
+    distilled = Path(cfg.distill.out or Path(cfg.run.dir) / "proxy_distilled")
+    if (distilled / "config.json").exists():
+        return distilled
+    return distill_proxy(cfg, rt)
+
+
+def build_models(cfg: Config, rt: Runtime, num_labels: int, fm_dir: Path) -> Models:
+    f = cfg.fed
+    torch.manual_seed(cfg.run.seed)  # the head's initialisation is part of the shared starting point
+    fm = load_model(fm_dir, "sequence-classification", cfg.model.dtype, num_labels=num_labels).to(rt.device)
+    fm_params = count_params(fm)
+    if f.method == "fedpetuning":
+        model = with_lora(fm, f.lora_r, f.lora_alpha, f.lora_dropout)
+        return Models(model, model, None, [], fm_params, fm_params)
+    if f.method not in PROXY_METHODS:
+        raise ConfigError("fed.method", f"{f.method!r} is not available")
+    proxy_dir = _proxy_for(cfg, rt)
+    meta = read_proxy_meta(proxy_dir)
+    torch.manual_seed(cfg.run.seed)
+    proxy, _ = load_proxy(proxy_dir, task="sequence-classification", dtype=cfg.model.dtype, num_labels=num_labels)
+    proxy = proxy.to(rt.device)
+    client_params = count_params(proxy)
+    client = with_lora(proxy, f.lora_r, f.lora_alpha, f.lora_dropout)
+    evaluate = with_lora(fm, f.lora_r, f.lora_alpha, f.lora_dropout)
+    return Models(client, evaluate, proxy_dir, list(meta["compressed_layers"]), client_params, fm_params)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Phases
+# ----------------------------------------------------------------------------------------------------
+
+def evaluate(rt: Runtime, model: nn.Module, task: Task, batch_size: int) -> dict:
+    """Accuracy and macro-F1 of ``model`` on the test set, sharded over ranks (rank r takes rows
+    r, r+W, ...); per-class counts are summed over ranks in one all-reduce."""
+    idx = torch.arange(rt.rank, len(task.test_labels), rt.world_size)
+    preds = predict(model, task.test_ids[idx], task.test_mask[idx], batch_size, rt.device)
+    counts = confusion_counts(preds, task.test_labels[idx], task.num_classes)
+    counts = rt.comm.all_reduce_sum(counts, name="evaluate/counts")
+    acc, f1 = accuracy_and_macro_f1(counts)
+    return {"accuracy": acc, "macro_f1": f1, "test_examples": int((counts["tp"] + counts["fn"]).sum())}
+
+
+def align(cfg: Config, rt: Runtime, models: Models, fm_dir: Path, global_adapter: dict, stats: dict,
+          public: tuple[torch.Tensor, torch.Tensor], round_idx: int) -> dict:
+    """Neuron-level distillation on all ranks: rank neurons by activity on client data, freeze the
+    most active ``align_keep`` share, distil the rest against the FM (the global adapter merged into
+    both), and load the new FFN weights into this rank's proxy."""
+    f = cfg.fed
+    hf_client = models.client.get_base_model()
+    prefix = hf_client.base_model_prefix
+    scaling = f.lora_alpha / f.lora_r
+    gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + round_idx)
+    splits = []
+    for l in models.compressed_layers:
+        s = stats[l]
+        activity = s.mean_abs() if f.align_score == "mean_abs" else 1.0 - s.apoz()
+        splits.append(plan_neuron_split(activity, f.align_keep, gen, l))
+
+    def load_teacher() -> nn.Module:
+        teacher = load_model(fm_dir, "base", cfg.model.dtype)
+        merge_lora_into(teacher, global_adapter, scaling, gather=lambda ps: zero.gathered(ps, modifier_rank=0),
+                        strip=[prefix])
+        return teacher
+
+    student, _ = load_proxy(models.proxy_dir, task="base", dtype=cfg.model.dtype)
+    current = {k: v for k, v in hf_client.base_model.state_dict().items()
+               if k in set(ffn_parameter_names(student, models.compressed_layers))}
+    student.load_state_dict(current, strict=False)
+    merge_lora_into(student, global_adapter, scaling, strip=[prefix])
+    d = cfg.distill
+    settings = DistillSettings(zero_stage=d.zero_stage, batch_size=d.batch_size, micro_batch=d.micro_batch, steps=f.align_steps,
+                               epoch_fraction=f.align_fraction, lr=d.lr, warmup_ratio=d.warmup_ratio,
+                               weight_decay=d.weight_decay, grad_clip=d.grad_clip, alpha=d.alpha,
+                               seed=cfg.run.seed * 7919 + round_idx, eval_batch=cfg.proxy.batch_size,
+                               progress=False, tag=f"align/round-{round_idx + 1}")
+    result = run_distillation(rt, load_teacher, student, models.compressed_layers, public[0], public[1],
+                              settings, splits)
+    hf_client.base_model.load_state_dict(result.ffn_state, strict=False)
+    return {"align_steps": result.steps, "align_loss_first": result.losses[0], "align_loss_last": result.losses[-1],
+            "align_error_before": sum(result.errors_before) / len(result.errors_before),
+            "align_error_after": sum(result.errors_after) / len(result.errors_after),
+            "align_ffn_bytes": sum(v.numel() * 4 for v in result.ffn_state.values())}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The round loop
+# ----------------------------------------------------------------------------------------------------
+
+def run_federated(cfg: Config) -> dict:
+    rt = init_from_config(cfg)
+    try:
+        return _run(cfg, rt)
+    finally:
+        rt.shutdown()
+
+
+def _run(cfg: Config, rt: Runtime) -> dict:
+    f = cfg.fed
+    run_dir = Path(cfg.run.dir)
+    t_start = time.perf_counter()
+    if rt.is_main:
+        write_resolved_config(cfg)
+    fm_dir = resolve_model_dir(cfg.model.path)
+    tokenizer = load_tokenizer(fm_dir)
+    task = prepare_task(cfg, tokenizer)
+    models = build_models(cfg, rt, task.num_classes, fm_dir)
+    hf_client = models.client.get_base_model()
+    aligning = f.method in ("fedpft", "fedpft_no_layer_distill") and f.align_every > 0
+    public = None
+    if aligning:
+        from ..commands.proxy import public_chunks
+
+        public = (public_chunks(cfg, tokenizer, "train", cfg.distill.max_chunks),
+                  public_chunks(cfg, tokenizer, "held_out", cfg.distill.eval_chunks))
+
+    # The starting adapter: rank 0's, so every rank begins from the same tensors.
+    global_adapter = rt.comm.broadcast_state(get_adapter(models.client) if rt.is_main else None,
+                                             name="broadcast/initial-adapter")
+    global_adapter = {k: v.cpu() for k, v in global_adapter.items()}
+    up_bytes = adapter_bytes(global_adapter)
+    k_round = clients_per_round(f.num_clients, f.client_fraction)
+    cost = [float(task.train_mask[torch.as_tensor(p, dtype=torch.long)].sum()) * f.local_epochs for p in task.parts]
+
+    start, best, history = 0, None, []
+    ckpt_root = run_dir / "checkpoints" / "rounds"
+    if f.resume:
+        ckpt = latest_checkpoint(ckpt_root, ROUND_PREFIX)
+        if ckpt is not None:
+            tensors, meta = load_checkpoint(ckpt)
+            if meta["method"] != f.method or meta["seed"] != cfg.run.seed:
+                raise UserError(f"fed.resume: checkpoint {ckpt} is of method {meta['method']}, seed {meta['seed']}")
+            global_adapter = tensors["adapter"]
+            if "proxy_ffn" in tensors:
+                hf_client.base_model.load_state_dict(tensors["proxy_ffn"], strict=False)
+            start, best = meta["round"], meta["best_accuracy"]
+            log.info("resumed from %s: continuing at round %d", ckpt, start + 1)
+    metrics_path = run_dir / "metrics.jsonl"
+    if rt.is_main:
+        kept = []
+        if start and metrics_path.exists():
+            kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["round"] <= start]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+        history = [json.loads(line) for line in kept]
+
+    phase = {"local_training": 0.0, "aggregation": 0.0, "alignment": 0.0, "evaluation": 0.0}
+    align_rounds, ffn_bytes, excluded_total = 0, 0, 0
+    bar = None
+    if rt.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=f.rounds, initial=start, desc=f"{f.method} rounds", unit="round", dynamic_ncols=True)
+    last_eval: dict = {}
+    for t in range(start, f.rounds):
+        # -- sample the round's clients and share them out (same on every rank) -------------------
+        sampled = sample_clients(f.num_clients, k_round, cfg.run.seed, t)
+        mine = assign_to_ranks(sampled, [cost[c] for c in sampled], rt.world_size)[rt.rank]
+        lr = round_lr(f.lr, f.lr_schedule, t, f.rounds)
+        align_now = aligning and (t + 1) % f.align_every == 0
+
+        # -- local training ------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        recorder = ActivationRecorder(hf_client, models.compressed_layers, cfg.proxy.eps) if align_now else None
+        # Sums in float64: the result then does not depend on how clients are split over ranks
+        # (fp32 partial sums in a different order would differ in the last bits).
+        sums = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_adapter.items()}
+        weight = excluded = loss_sum = samples = 0.0
+        inner = None
+        if bar is not None and len(mine) > 1:
+            from tqdm import tqdm
+
+            inner = tqdm(total=len(mine), desc=f"round {t + 1} clients (rank 0)", leave=False, dynamic_ncols=True)
+        for c in mine:
+            upd = train_client(models.client, global_adapter, task.client(c), f.local_epochs, f.batch_size, lr,
+                               f.weight_decay, client_seed(cfg.run.seed, t, c), recorder)
+            if inner is not None:
+                inner.update(1)
+            if not is_finite(upd.adapter):
+                excluded += 1
+                continue
+            w = float(upd.num_samples) if f.aggregation == "weighted" else 1.0
+            for k, v in upd.adapter.items():
+                sums[k] += w * v.double().cpu()
+            weight += w
+            loss_sum += upd.loss_sum
+            samples += upd.num_samples * f.local_epochs
+        if inner is not None:
+            inner.close()
+        if recorder is not None:
+            recorder.close()
+        phase["local_training"] += time.perf_counter() - t0
+
+        # -- aggregate: one all-reduce of sum(w_c * theta_c) and sum(w_c) -------------------------
+        t0 = time.perf_counter()
+        all_finite = rt.comm.agree(excluded == 0, "min", name="aggregate/finite")
+        payload = {f"adapter/{k}": v for k, v in sums.items()}
+        payload["meta/stats"] = torch.tensor([weight, excluded, loss_sum, samples], dtype=torch.float64)
+        red = rt.comm.all_reduce_sum(payload, name="aggregate/adapter")
+        total_w, n_excluded, total_loss, total_samples = red["meta/stats"].tolist()
+        if total_w > 0:
+            # theta = sum_c w_c theta_c / sum_c w_c (w_c = client samples, or 1 for uniform)
+            global_adapter = {k: (red[f"adapter/{k}"] / total_w).to(v.dtype) for k, v in global_adapter.items()}
+        excluded_total += int(n_excluded)
+        phase["aggregation"] += time.perf_counter() - t0
+        row = {"round": t + 1, "lr": lr, "clients": len(sampled), "excluded_clients": int(n_excluded),
+               "all_updates_finite": all_finite, "train_loss": total_loss / max(1.0, total_samples)}
+
+        # -- neuron-level alignment -----------------------------------------------------------------
+        if align_now:
+            t0 = time.perf_counter()
+            flat = {f"layer{l}": recorder.stats[l].to_flat() for l in models.compressed_layers}
+            flat = rt.comm.all_reduce_sum(flat, name="aggregate/activations")
+            from fedpft_kernels import ActivationStats
+
+            stats = {l: ActivationStats.from_flat(flat[f"layer{l}"]) for l in models.compressed_layers}
+            row.update(align(cfg, rt, models, fm_dir, global_adapter, stats, public, t))
+            align_rounds += 1
+            ffn_bytes = row["align_ffn_bytes"]
+            phase["alignment"] += time.perf_counter() - t0
+
+        # -- plug into the FM and evaluate ----------------------------------------------------------
+        if (t + 1) % f.eval_every == 0 or t + 1 == f.rounds:
+            t0 = time.perf_counter()
+            set_adapter(models.evaluate, global_adapter)
+            last_eval = evaluate(rt, models.evaluate, task, f.eval_batch_size)
+            row.update(last_eval)
+            best = last_eval["accuracy"] if best is None else max(best, last_eval["accuracy"])
+            phase["evaluation"] += time.perf_counter() - t0
+
+        # -- metrics and checkpoint -----------------------------------------------------------------
+        if rt.is_main:
+            history.append(row)
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            bar.set_postfix({k: f"{row[k]:.4f}" for k in ("train_loss", "accuracy") if k in row})
+            bar.update(1)
+        stopping = f.stop_after > 0 and t + 1 - start >= f.stop_after and t + 1 < f.rounds
+        if stopping or (f.checkpoint_every and (t + 1) % f.checkpoint_every == 0 and t + 1 < f.rounds):
+            if rt.is_main:
+                tensors = {"adapter": global_adapter}
+                if models.proxy_dir is not None:
+                    names = set(ffn_parameter_names(hf_client.base_model, models.compressed_layers))
+                    tensors["proxy_ffn"] = {k: v for k, v in hf_client.base_model.state_dict().items() if k in names}
+                save_checkpoint(ckpt_root, f"{ROUND_PREFIX}{t + 1:06d}", tensors,
+                                {"round": t + 1, "method": f.method, "seed": cfg.run.seed,
+                                 "world_size": rt.world_size, "best_accuracy": best})
+            rt.comm.barrier(name="checkpoint/round")
+        if stopping:
+            if bar is not None:
+                bar.close()
+            log.info("stopping after round %d as fed.stop_after asks; resume with fed.resume=true", t + 1)
+            return {"method": f.method, "rounds_done": t + 1, "rounds": f.rounds, "stopped_early": True,
+                    "world_size": rt.world_size}
+    if bar is not None:
+        bar.close()
+
+    # -- outputs --------------------------------------------------------------------------------------
+    phase = rt.comm.all_reduce_metrics(phase, op="max", name="summary/phase-seconds")
+    summary = {
+        "method": f.method, "rounds": f.rounds, "world_size": rt.world_size, "num_clients": f.num_clients,
+        "clients_per_round": k_round, "dataset": cfg.data.dataset, "partition": f.partition,
+        "final_accuracy": last_eval.get("accuracy"), "best_accuracy": best, "final_macro_f1": last_eval.get("macro_f1"),
+        "excluded_clients": excluded_total, "phase_seconds": phase,
+        "bytes_up_per_client": up_bytes,
+        "bytes_down_per_client": up_bytes + (ffn_bytes * align_rounds / f.rounds if align_rounds else 0),
+        "ffn_bytes_per_alignment": ffn_bytes, "alignment_rounds": align_rounds,
+        "client_params": models.client_params, "fm_params": models.fm_params,
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+    if rt.is_main:
+        set_adapter(models.evaluate, global_adapter)
+        models.evaluate.save_pretrained(str(run_dir / "adapter"))
+        atomic_write_json(run_dir / "summary.json", summary)
+    rt.comm.barrier(name="summary/written")
+    return summary
