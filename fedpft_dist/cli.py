@@ -69,9 +69,9 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
                           "Hugging Face format with fedpft_proxy.json, report its error against the FM"),
     "distill": (_cmd_distill, "layer-level distillation of the proxy against the FM on all ranks of the job "
                               "(DeepSpeed ZeRO 0-3); writes the distilled proxy and distill.json"),
-    "train": (_cmd_train, "federated fine-tuning (fed.method: fedpft, fedpetuning, fedpft_no_layer_distill, "
-                          "fedpft_no_neuron_distill): clients on every rank, one all-reduce per round, the FM "
-                          "evaluated with the global adapter"),
+    "train": (_cmd_train, "federated fine-tuning (fed.method: fedpft, fedpetuning, fedot, "
+                          "fedpft_no_layer_distill, fedpft_no_neuron_distill): clients on every rank, one "
+                          "all-reduce per round, the FM evaluated with the global adapter"),
 }
 
 

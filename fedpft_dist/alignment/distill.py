@@ -57,11 +57,15 @@ class DistillPair(nn.Module):
     """Teacher (frozen) and student in one module, so one DeepSpeed engine holds both; its forward
     returns the distillation loss and its parts."""
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, layers: Sequence[int], alpha: float):
+    def __init__(self, teacher: nn.Module, student: nn.Module, layers: Sequence[int], alpha: float,
+                 teacher_layers: Optional[Sequence[int]] = None):
         super().__init__()
         self.teacher = teacher
         self.student = student
         self.layers = list(layers)
+        # The teacher layer each student layer imitates: the same index for a proxy; for an emulator
+        # with dropped layers, the FM layer the student layer came from.
+        self.teacher_layers = list(teacher_layers) if teacher_layers is not None else list(layers)
         self.alpha = alpha
         self.layout = layout_for(student.config.model_type)
         for p in teacher.parameters():
@@ -75,10 +79,10 @@ class DistillPair(nn.Module):
         t_layers, s_layers = transformer_layers(self.teacher), transformer_layers(self.student)
         with torch.no_grad():
             ht = self._hidden(self.teacher, input_ids, attention_mask)
-            wt = [ffn_products(t_layers[l], self.layout) for l in self.layers]
+            wt = [ffn_products(t_layers[l], self.layout) for l in self.teacher_layers]
         hs = self._hidden(self.student, input_ids, attention_mask)
-        hidden = torch.stack([relative_sq_error_per_sample(ht[l + 1], hs[l + 1], attention_mask).mean()
-                              for l in self.layers])
+        hidden = torch.stack([relative_sq_error_per_sample(ht[tl + 1], hs[l + 1], attention_mask).mean()
+                              for l, tl in zip(self.layers, self.teacher_layers)])
         weight = torch.stack([
             torch.stack([relative_sq_error(t, s) for t, s in zip(wt_l, ffn_products(s_layers[l], self.layout))]).mean()
             for l, wt_l in zip(self.layers, wt)])

@@ -116,12 +116,13 @@ def _per_rank(rt: Runtime, value: float, name: str) -> list[float]:
     return rt.comm.all_reduce_sum({"v": v}, name=name)["v"].tolist()
 
 
-def _errors(rt: Runtime, pair: DistillPair, held: torch.Tensor, batch: int, name: str) -> list[float]:
+def _errors(rt: Runtime, pair: DistillPair, held: torch.Tensor, batch: int, name: str,
+            layer_map: Optional[Sequence[int]]) -> list[float]:
     """Per-layer relative hidden-state error on held-out chunks, sharded over ranks (equal shares:
     at ZeRO-3 every forward is a collective) and summed before the division."""
     per_rank = len(held) // rt.world_size
     shard = held[rt.rank * per_rank: (rt.rank + 1) * per_rank]
-    num, den = hidden_error_sums(pair.teacher, pair.student, shard, batch)
+    num, den = hidden_error_sums(pair.teacher, pair.student, shard, batch, layer_map)
     total = rt.comm.all_reduce_sum({"num": num, "den": den}, name=name)
     return (total["num"] / total["den"].clamp_min(1e-12)).tolist()
 
@@ -132,11 +133,14 @@ def _errors(rt: Runtime, pair: DistillPair, held: torch.Tensor, batch: int, name
 
 def run_distillation(rt: Runtime, load_teacher: Callable[[], nn.Module], student: nn.Module,
                      layers: Sequence[int], train_chunks: torch.Tensor, held_chunks: torch.Tensor,
-                     settings: DistillSettings, splits: Sequence[NeuronSplit] = ()) -> DistillResult:
+                     settings: DistillSettings, splits: Sequence[NeuronSplit] = (),
+                     layer_map: Optional[Sequence[int]] = None) -> DistillResult:
     """Distil ``student`` (a plain, unpartitioned proxy; modified in place) against the teacher
     that ``load_teacher`` loads (inside the ZeRO-3 loading context at stage 3, so it is partitioned
     as it loads). Layer level when ``splits`` is empty (all FFN parameters of ``layers`` train);
-    neuron level otherwise (only the trainable neurons of each split layer, b_out and the norm)."""
+    neuron level otherwise (only the trainable neurons of each split layer, b_out and the norm).
+    ``layer_map[j]`` is the teacher layer that student layer j imitates (an emulator with dropped
+    layers); by default the same index."""
     s = settings
     bf16 = rt.device.type == "cuda" and torch.cuda.is_bf16_supported()
     gas = accumulation_steps(s, rt.world_size)
@@ -158,13 +162,14 @@ def run_distillation(rt: Runtime, load_teacher: Callable[[], nn.Module], student
         names = ffn_parameter_names(student, layers)
     named = freeze_all_but(student, names)
     trainable = sum(p.numel() for p in named.values())
-    pair = DistillPair(teacher, student, layers, s.alpha)
+    teacher_layers = [layer_map[l] for l in layers] if layer_map is not None else None
+    pair = DistillPair(teacher, student, layers, s.alpha, teacher_layers)
     optimizer = torch.optim.AdamW(param_groups(named, s.weight_decay), lr=s.lr, betas=(0.9, 0.999), eps=1e-8)
     engine = zero.initialize(pair, list(named.values()), optimizer, None, ds_config)
     held_bytes, full_bytes = zero.held_bytes(pair.teacher)
 
     total = total_steps(s, len(train_chunks), rt.world_size)
-    errors_before = _errors(rt, pair, held_chunks, s.eval_batch, f"{s.tag}/eval-before")
+    errors_before = _errors(rt, pair, held_chunks, s.eval_batch, f"{s.tag}/eval-before", layer_map)
 
     start = 0
     losses: list[float] = []
@@ -225,7 +230,7 @@ def run_distillation(rt: Runtime, load_teacher: Callable[[], nn.Module], student
         if log_fh:
             log_fh.close()
 
-    errors_after = _errors(rt, pair, held_chunks, s.eval_batch, f"{s.tag}/eval-after")
+    errors_after = _errors(rt, pair, held_chunks, s.eval_batch, f"{s.tag}/eval-after", layer_map)
 
     # Full values of every FFN tensor of the distilled layers (frozen parts included), on every rank.
     ffn_names = [n for n, _ in student.named_parameters() if _in_layers(n, student, layers)]

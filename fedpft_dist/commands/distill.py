@@ -11,7 +11,7 @@ from ..fsutil import atomic_write_json
 from ..models.loading import load_model, load_tokenizer, resolve_model_dir
 from ..models.proxy import load_proxy, read_proxy_meta, save_proxy
 from ..runtime import Runtime, init_from_config
-from .proxy import make_proxy, public_chunks
+from .proxy import make_emulator, make_proxy, public_chunks
 
 log = logging.getLogger(__name__)
 
@@ -26,27 +26,32 @@ def settings_from(cfg: Config, run_dir: Path) -> DistillSettings:
         log_path=str(run_dir / "distill_log.jsonl"), tag="distill")
 
 
-def ensure_proxy(cfg: Config, rt: Runtime) -> Path:
-    """The proxy to distil; rank 0 builds it first when the directory does not exist yet."""
-    proxy_dir = Path(cfg.distill.proxy or Path(cfg.run.dir) / "proxy")
+def ensure_proxy(cfg: Config, rt: Runtime, emulator: bool = False) -> Path:
+    """The proxy to distil (FedOT: the emulator); rank 0 builds it first when it does not exist yet."""
+    if emulator:
+        proxy_dir = Path(cfg.run.dir) / "emulator"
+    else:
+        proxy_dir = Path(cfg.distill.proxy or Path(cfg.run.dir) / "proxy")
     if rt.is_main and not (proxy_dir / "config.json").exists():
-        if cfg.distill.proxy:
+        if cfg.distill.proxy and not emulator:
             from ..errors import UserError
 
             raise UserError(f"distill.proxy: {proxy_dir} is not a proxy directory")
-        log.info("no proxy at %s yet: building it", proxy_dir)
-        report = make_proxy(cfg)
-        atomic_write_json(Path(cfg.run.dir) / "proxy.json", {"config": config_to_dict(cfg), **report})
+        log.info("no %s at %s yet: building it", "emulator" if emulator else "proxy", proxy_dir)
+        report = make_emulator(cfg) if emulator else make_proxy(cfg)
+        name = "emulator.json" if emulator else "proxy.json"
+        atomic_write_json(Path(cfg.run.dir) / name, {"config": config_to_dict(cfg), **report})
     rt.comm.barrier(name="distill/proxy-ready")
     return proxy_dir
 
 
-def distill_proxy(cfg: Config, rt: Runtime) -> Path:
-    """Layer-level distillation of the proxy on all ranks of ``rt``; rank 0 saves the distilled proxy
-    and ``distill.json``. Returns the distilled proxy's directory (the same on every rank)."""
+def distill_proxy(cfg: Config, rt: Runtime, emulator: bool = False) -> Path:
+    """Layer-level distillation of the proxy (FedOT: of the emulator, each kept middle layer against
+    the FM layer it came from) on all ranks of ``rt``; rank 0 saves the result and ``distill.json``.
+    Returns the distilled directory (the same on every rank)."""
     t0 = time.perf_counter()
     run_dir = Path(cfg.run.dir)
-    proxy_dir = ensure_proxy(cfg, rt)
+    proxy_dir = ensure_proxy(cfg, rt, emulator)
     meta = read_proxy_meta(proxy_dir)
     fm_dir = resolve_model_dir(cfg.model.path)
     tokenizer = load_tokenizer(proxy_dir)
@@ -55,8 +60,8 @@ def distill_proxy(cfg: Config, rt: Runtime) -> Path:
     student, _ = load_proxy(proxy_dir, task="base", dtype=cfg.model.dtype)
     layers = meta["compressed_layers"]
     result = run_distillation(rt, lambda: load_model(fm_dir, "base", cfg.model.dtype), student, layers,
-                              train, held, settings_from(cfg, run_dir))
-    out = Path(cfg.distill.out or run_dir / "proxy_distilled")
+                              train, held, settings_from(cfg, run_dir), layer_map=meta.get("layer_map"))
+    out = run_dir / "emulator_distilled" if emulator else Path(cfg.distill.out or run_dir / "proxy_distilled")
     summary = {
         "proxy_in": str(proxy_dir), "proxy_out": str(out), "fm_path": str(fm_dir),
         "world_size": rt.world_size, "zero_stage": cfg.distill.zero_stage, "steps": result.steps,

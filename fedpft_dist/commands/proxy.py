@@ -10,8 +10,9 @@ import torch
 from ..config import Config, config_to_dict, write_resolved_config
 from ..fsutil import atomic_write_json
 from ..models.loading import default_task, load_model, load_tokenizer, resolve_model_dir
+from ..models.families import transformer_layers
 from ..models.proxy import (activation_saliency_scores, build_proxy, count_params, describe_layout,
-                            hidden_state_errors, plan_proxy, save_proxy, select_neurons,
+                            hidden_error_sums, hidden_state_errors, plan_proxy, save_proxy, select_neurons,
                             weight_saliency_scores)
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,40 @@ def make_proxy(cfg: Config) -> dict:
     return report
 
 
-def run_proxy(cfg: Config, runtime_world: int = 1) -> int:
+def make_emulator(cfg: Config) -> dict:
+    """The FedOT baseline's emulator (every other middle layer dropped), saved like a proxy."""
+    from ..models.emulator import build_emulator, emulator_layers
+
+    t0 = time.perf_counter()
+    fm_dir = resolve_model_dir(cfg.model.path)
+    task = default_task(fm_dir) if cfg.model.task == "auto" else cfg.model.task
+    fm = load_model(fm_dir, task, cfg.model.dtype, num_labels=cfg.model.num_labels)
+    tokenizer = load_tokenizer(fm_dir)
+    n = len(transformer_layers(fm))
+    kept = emulator_layers(n, cfg.fed.fedot_keep_bottom, cfg.fed.fedot_keep_top)
+    emulator = build_emulator(fm, kept)
+    b, t = cfg.fed.fedot_keep_bottom, cfg.fed.fedot_keep_top
+    middle = list(range(b, len(kept) - t))
+    held = public_chunks(cfg, tokenizer, "held_out", cfg.proxy.eval_chunks)
+    errors = hidden_error_sums_ratio(fm, emulator, held, cfg.proxy.batch_size, kept)
+    report = {**describe_layout(fm), "kind": "emulator", "fm_path": str(fm_dir), "task": task, "num_layers": n,
+              "layer_map": kept, "compressed_layers": middle, "teacher_layers": [kept[j] for j in middle],
+              "retained_layers": list(range(b)) + list(range(len(kept) - t, len(kept))),
+              "fm_params": count_params(fm), "proxy_params": count_params(emulator),
+              "hidden_error_per_layer": errors, "hidden_error_mean": sum(errors) / len(errors)}
+    out = Path(cfg.run.dir) / "emulator"
+    save_proxy(emulator, tokenizer, out, {k: v for k, v in report.items() if not k.startswith("hidden_error")})
+    report["proxy_dir"] = str(out)
+    report["seconds"] = time.perf_counter() - t0
+    return report
+
+
+def hidden_error_sums_ratio(fm, model, chunks, batch_size, layer_map) -> list[float]:
+    num, den = hidden_error_sums(fm, model, chunks, batch_size, layer_map)
+    return (num / den.clamp_min(1e-12)).tolist()
+
+
+def run_proxy(cfg: Config) -> int:
     write_resolved_config(cfg)
     report = make_proxy(cfg)
     atomic_write_json(Path(cfg.run.dir) / "proxy.json", {"config": config_to_dict(cfg), **report})

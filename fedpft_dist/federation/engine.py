@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -23,6 +23,8 @@ from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..config import Config, config_to_dict, write_resolved_config
 from ..errors import ConfigError, UserError
 from ..fsutil import atomic_write_json
+from ..models.emulator import adapter_to_fm
+from ..models.families import layers_prefix
 from ..models.loading import load_model, load_tokenizer, resolve_model_dir
 from ..models.proxy import ActivationRecorder, count_params, load_proxy, read_proxy_meta
 from ..runtime import Runtime, init_from_config
@@ -104,6 +106,7 @@ class Models:
     compressed_layers: list[int]
     client_params: int              # transformer + head parameters a client holds
     fm_params: int
+    to_fm: Callable[[dict], dict] = lambda adapter: adapter  # client adapter -> FM module names
 
 
 def _proxy_for(cfg: Config, rt: Runtime) -> Path:
@@ -112,10 +115,14 @@ def _proxy_for(cfg: Config, rt: Runtime) -> Path:
 
     if cfg.fed.method == "fedpft_no_layer_distill":
         return ensure_proxy(cfg, rt)
-    distilled = Path(cfg.distill.out or Path(cfg.run.dir) / "proxy_distilled")
+    emulator = cfg.fed.method == "fedot"
+    if emulator:
+        distilled = Path(cfg.run.dir) / "emulator_distilled"
+    else:
+        distilled = Path(cfg.distill.out or Path(cfg.run.dir) / "proxy_distilled")
     if (distilled / "config.json").exists():
         return distilled
-    return distill_proxy(cfg, rt)
+    return distill_proxy(cfg, rt, emulator=emulator)
 
 
 def build_models(cfg: Config, rt: Runtime, num_labels: int, fm_dir: Path) -> Models:
@@ -126,7 +133,7 @@ def build_models(cfg: Config, rt: Runtime, num_labels: int, fm_dir: Path) -> Mod
     if f.method == "fedpetuning":
         model = with_lora(fm, f.lora_r, f.lora_alpha, f.lora_dropout)
         return Models(model, model, None, [], fm_params, fm_params)
-    if f.method not in PROXY_METHODS:
+    if f.method not in (*PROXY_METHODS, "fedot"):
         raise ConfigError("fed.method", f"{f.method!r} is not available")
     proxy_dir = _proxy_for(cfg, rt)
     meta = read_proxy_meta(proxy_dir)
@@ -136,7 +143,11 @@ def build_models(cfg: Config, rt: Runtime, num_labels: int, fm_dir: Path) -> Mod
     client_params = count_params(proxy)
     client = with_lora(proxy, f.lora_r, f.lora_alpha, f.lora_dropout)
     evaluate = with_lora(fm, f.lora_r, f.lora_alpha, f.lora_dropout)
-    return Models(client, evaluate, proxy_dir, list(meta["compressed_layers"]), client_params, fm_params)
+    models = Models(client, evaluate, proxy_dir, list(meta["compressed_layers"]), client_params, fm_params)
+    if "layer_map" in meta:  # FedOT's emulator numbers its layers differently from the FM
+        token = layers_prefix(proxy)
+        models.to_fm = lambda adapter: adapter_to_fm(adapter, meta["layer_map"], token)
+    return models
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -334,7 +345,7 @@ def _run(cfg: Config, rt: Runtime) -> dict:
         # -- plug into the FM and evaluate ----------------------------------------------------------
         if (t + 1) % f.eval_every == 0 or t + 1 == f.rounds:
             t0 = time.perf_counter()
-            set_adapter(models.evaluate, global_adapter)
+            set_adapter(models.evaluate, models.to_fm(global_adapter))
             last_eval = evaluate(rt, models.evaluate, task, f.eval_batch_size)
             row.update(last_eval)
             best = last_eval["accuracy"] if best is None else max(best, last_eval["accuracy"])
@@ -381,7 +392,7 @@ def _run(cfg: Config, rt: Runtime) -> dict:
         "wall_seconds": time.perf_counter() - t_start,
     }
     if rt.is_main:
-        set_adapter(models.evaluate, global_adapter)
+        set_adapter(models.evaluate, models.to_fm(global_adapter))
         models.evaluate.save_pretrained(str(run_dir / "adapter"))
         atomic_write_json(run_dir / "summary.json", summary)
     rt.comm.barrier(name="summary/written")

@@ -198,13 +198,15 @@ def _forward_hidden(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor):
 
 
 @torch.no_grad()
-def hidden_error_sums(fm: nn.Module, proxy: nn.Module, chunks: torch.Tensor, batch_size: int
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per layer (outputs of layers 0..L-1): sum((H_FM - H_proxy)^2) and sum(H_FM^2) over all tokens
-    of ``chunks``. Sums, so that shards of the text on several ranks add up exactly."""
+def hidden_error_sums(fm: nn.Module, proxy: nn.Module, chunks: torch.Tensor, batch_size: int,
+                      layer_map: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per proxy layer j (outputs of layers 0..L-1): sum((H_FM - H_proxy)^2) and sum(H_FM^2) over all
+    tokens of ``chunks``, comparing with FM layer ``layer_map[j]`` (default j). Sums, so that shards
+    of the text on several ranks add up exactly."""
     fm.eval()
     proxy.eval()
-    n_layers = len(transformer_layers(fm))
+    n_layers = len(transformer_layers(proxy))
+    layer_map = list(layer_map) if layer_map is not None else list(range(n_layers))
     num = torch.zeros(n_layers, dtype=torch.float64)
     den = torch.zeros(n_layers, dtype=torch.float64)
     device = _input_device(fm)
@@ -213,6 +215,7 @@ def hidden_error_sums(fm: nn.Module, proxy: nn.Module, chunks: torch.Tensor, bat
         mask = torch.ones_like(ids)
         ht = _forward_hidden(fm, ids, mask)[1:]
         hs = _forward_hidden(proxy, ids, mask)[1:]
+        ht = [ht[l] for l in layer_map]
         num += torch.stack([(t.float() - s.float()).pow(2).sum() for t, s in zip(ht, hs)]).double().cpu()
         den += torch.stack([t.float().pow(2).sum() for t in ht]).double().cpu()
     return num, den
