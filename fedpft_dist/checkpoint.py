@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from .fsutil import atomic_directory
 
 META = "state.json"
 
@@ -20,20 +20,11 @@ def save_checkpoint(root: str | os.PathLike, name: str, tensors: dict[str, dict[
     """Write ``root/name/`` with one ``<file>.safetensors`` per entry of ``tensors`` and ``state.json``."""
     from safetensors.torch import save_file
 
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
-    try:
+    final = Path(root) / name
+    with atomic_directory(final) as tmp:
         for fname, group in tensors.items():
             save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(tmp / f"{fname}.safetensors"))
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -12,6 +10,7 @@ import torch
 
 from ..environment import prepare_library_env
 from ..errors import UserError
+from ..fsutil import atomic_directory
 from ..resources import resource_path
 
 log = logging.getLogger(__name__)
@@ -61,20 +60,9 @@ def smollm2_dir() -> Path:
     plain = LlamaForCausalLM(config)
     plain.load_state_dict(loaded.state_dict(), strict=True)
     plain.generation_config = loaded.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if (target / "config.json").exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

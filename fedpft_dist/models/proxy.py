@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -20,6 +18,7 @@ import torch.nn as nn
 
 from ..alignment.losses import relative_sq_error
 from ..errors import ConfigError, UserError
+from ..fsutil import atomic_directory
 from .families import FFNLayout, base_type, ffn_modules, layers_prefix, layout_for, transformer_layers
 
 log = logging.getLogger(__name__)
@@ -242,24 +241,11 @@ def save_proxy(proxy: nn.Module, tokenizer, out_dir: str | os.PathLike, meta: di
     """Hugging Face directory (config + safetensors + tokenizer) plus ``fedpft_proxy.json``, written to
     a temporary directory next to ``out_dir`` and renamed into place."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         proxy.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / PROXY_META).write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
