@@ -66,7 +66,10 @@ def make_ds_config(stage: int, micro_batch: int, world_size: int, bf16: bool, gr
         "steps_per_print": 10**9,
     }
     if stage == 3:
-        cfg["zero_optimization"].update({"stage3_param_persistence_threshold": 0,
+        # memory_efficient_linear off: otherwise zero.Init replaces torch.nn.functional.linear for the
+        # rest of the process, and the federated clients trained after a distillation would compute
+        # with DeepSpeed's linear (different rounding than a process that never distilled).
+        cfg["zero_optimization"].update({"stage3_param_persistence_threshold": 0, "memory_efficient_linear": False,
                                          "stage3_prefetch_bucket_size": 0,
                                          "stage3_max_live_parameters": 10**9})
     return cfg
@@ -83,12 +86,14 @@ def zero3_loading(ds_config: dict) -> Iterator[None]:
     if ds_config["zero_optimization"]["stage"] != 3:
         yield
         return
+    linear = torch.nn.functional.linear
     keep = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference: keep this one
     try:
         yield
     finally:
         del keep
         unset_hf_deepspeed_config()
+        torch.nn.functional.linear = linear  # never leave a patched F.linear behind
 
 
 def init_distributed(backend: str) -> None:

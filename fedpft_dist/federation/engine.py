@@ -247,6 +247,7 @@ def _run(cfg: Config, rt: Runtime) -> dict:
     cost = [float(task.train_mask[torch.as_tensor(p, dtype=torch.long)].sum()) * f.local_epochs for p in task.parts]
 
     start, best, history = 0, None, []
+    align_rounds, ffn_bytes, excluded_total = 0, 0, 0
     ckpt_root = run_dir / "checkpoints" / "rounds"
     if f.resume:
         ckpt = latest_checkpoint(ckpt_root, ROUND_PREFIX)
@@ -258,6 +259,8 @@ def _run(cfg: Config, rt: Runtime) -> dict:
             if "proxy_ffn" in tensors:
                 hf_client.base_model.load_state_dict(tensors["proxy_ffn"], strict=False)
             start, best = meta["round"], meta["best_accuracy"]
+            align_rounds, ffn_bytes, excluded_total = (meta["alignment_rounds"], meta["ffn_bytes_per_alignment"],
+                                                       meta["excluded_clients"])
             log.info("resumed from %s: continuing at round %d", ckpt, start + 1)
     metrics_path = run_dir / "metrics.jsonl"
     if rt.is_main:
@@ -268,7 +271,6 @@ def _run(cfg: Config, rt: Runtime) -> dict:
         history = [json.loads(line) for line in kept]
 
     phase = {"local_training": 0.0, "aggregation": 0.0, "alignment": 0.0, "evaluation": 0.0}
-    align_rounds, ffn_bytes, excluded_total = 0, 0, 0
     bar = None
     if rt.is_main:
         from tqdm import tqdm
@@ -367,7 +369,9 @@ def _run(cfg: Config, rt: Runtime) -> dict:
                     tensors["proxy_ffn"] = {k: v for k, v in hf_client.base_model.state_dict().items() if k in names}
                 save_checkpoint(ckpt_root, f"{ROUND_PREFIX}{t + 1:06d}", tensors,
                                 {"round": t + 1, "method": f.method, "seed": cfg.run.seed,
-                                 "world_size": rt.world_size, "best_accuracy": best})
+                                 "world_size": rt.world_size, "best_accuracy": best,
+                                 "alignment_rounds": align_rounds, "ffn_bytes_per_alignment": ffn_bytes,
+                                 "excluded_clients": excluded_total})
             rt.comm.barrier(name="checkpoint/round")
         if stopping:
             if bar is not None:

@@ -1,0 +1,360 @@
+"""The federated engine end to end (`fedpft train`): 1 rank and 2 ranks agree, seeds, interrupted and
+resumed runs, a rank without clients, a non-finite client update, the saved adapter, the outputs.
+
+All runs use dist.threads_per_rank=1 so that 1-rank and 2-rank runs use the same thread count.
+The "cheap" variant (fedpft_no_layer_distill, no alignment) builds a proxy and trains, nothing else.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import PYTHON, REPO, child_env, run_cli
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+CONFIG = "configs/tiny.yaml"
+CHEAP = ("fed.method=fedpft_no_layer_distill", "fed.align_every=0")
+CHEAP_3 = (*CHEAP, "fed.rounds=3", "fed.checkpoint_every=1")
+# rounds 1, 2 (alignment: neuron-level distillation, ZeRO-3), 3
+ALIGN_3 = ("fed.method=fedpft_no_layer_distill", "fed.rounds=3", "fed.checkpoint_every=1", "fed.align_every=2",
+           "fed.align_steps=1")
+SUMMARY_KEYS = ("final_accuracy", "best_accuracy", "final_macro_f1", "rounds", "world_size", "method",
+                "phase_seconds", "bytes_up_per_client", "bytes_down_per_client", "excluded_clients")
+ALIGN_KEYS = ("align_steps", "align_loss_first", "align_loss_last", "align_error_before", "align_error_after",
+              "align_ffn_bytes")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------
+
+def _tail(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
+
+
+def train(run_dir: Path, *overrides: str, ranks: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`fedpft train --config configs/tiny.yaml run.dir=... dist.threads_per_rank=1 ...` on 1 rank
+    (a plain process) or under torchrun; asserts success."""
+    args = ["train", "--config", CONFIG, f"run.dir={run_dir}", "dist.threads_per_rank=1", *overrides]
+    if ranks == 1:
+        proc = run_cli(*args, timeout=timeout)
+    else:
+        proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                               str(ranks), "-m", "fedpft_dist", *args], cwd=REPO, env=child_env(),
+                              capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, _tail(proc)
+    return proc
+
+
+def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    path = run_dir / "adapter" / "adapter_model.safetensors"
+    assert path.is_file(), f"no adapter at {path}"
+    return load_file(str(path))
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Largest |a - b| over all tensors; the key sets and shapes must match and all values be finite."""
+    assert a, "empty adapter"
+    assert sorted(a) == sorted(b), (sorted(set(a) ^ set(b)))[:5]
+    worst = 0.0
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        assert torch.isfinite(a[k]).all() and torch.isfinite(b[k]).all(), f"non-finite values in {k}"
+        worst = max(worst, (a[k].double() - b[k].double()).abs().max().item())
+    return worst
+
+
+def assert_trained(state: dict[str, torch.Tensor]) -> None:
+    """LoRA B starts at zero: a trained adapter has non-zero B matrices."""
+    b = [v for k, v in state.items() if ".lora_B." in k]
+    assert b and any(float(v.abs().max()) > 0 for v in b), "the adapter looks untrained (all lora_B zero)"
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def assert_same_rounds(a: list[dict], b: list[dict], loss_rel: float = 1e-6) -> None:
+    assert [r["round"] for r in a] == [r["round"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("lr", "clients", "excluded_clients", "all_updates_finite", "accuracy", "macro_f1"):
+            assert ra.get(key) == rb.get(key), (ra["round"], key, ra.get(key), rb.get(key))
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=loss_rel), ra["round"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fixtures: runs shared by several tests
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory) -> dict[int, Path]:
+    """configs/tiny.yaml as it is (proxy, 4-step ZeRO-3 layer distillation, 2 rounds of 4 of 8 clients,
+    round 2 aligns) on 1 rank and on 2 ranks (torchrun)."""
+    root = tmp_path_factory.mktemp("tiny")
+    train(root / "rank1")
+    train(root / "rank2", ranks=2)
+    return {1: root / "rank1", 2: root / "rank2"}
+
+
+@pytest.fixture(scope="module")
+def cheap_3(tmp_path_factory) -> Path:
+    """The cheap variant, 3 rounds, a checkpoint after every round, uninterrupted, 1 rank."""
+    run = tmp_path_factory.mktemp("cheap") / "run"
+    train(run, *CHEAP_3)
+    return run
+
+
+@pytest.fixture(scope="module")
+def align_resume(tmp_path_factory) -> dict:
+    """ALIGN_3 uninterrupted, and interrupted after the alignment round (round 2) then resumed."""
+    root = tmp_path_factory.mktemp("align-resume")
+    train(root / "full", *ALIGN_3)
+    stopped = train(root / "parts", *ALIGN_3, "fed.stop_after=2")
+    stopped_metrics = metrics(root / "parts")
+    stopped_summary_exists = (root / "parts" / "summary.json").exists()
+    resumed = train(root / "parts", *ALIGN_3, "fed.resume=true")
+    return {"full": root / "full", "parts": root / "parts", "stopped": stopped, "resumed": resumed,
+            "stopped_metrics": stopped_metrics, "stopped_summary_exists": stopped_summary_exists}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. 1 rank == 2 ranks
+# ----------------------------------------------------------------------------------------------------
+
+def test_one_rank_and_two_ranks_give_the_same_adapter(tiny_runs):
+    one, two = adapter(tiny_runs[1]), adapter(tiny_runs[2])
+    assert_trained(one)
+    # Client sums are float64 and the distillation batches do not depend on the world size:
+    # measured bit-identical; 1e-5 leaves room for other CPUs' kernels, not for a wrong average.
+    assert max_abs_diff(one, two) <= 1e-5
+    m1, m2 = metrics(tiny_runs[1]), metrics(tiny_runs[2])
+    assert [r["round"] for r in m1] == [1, 2]
+    assert_same_rounds(m1, m2, loss_rel=1e-5)
+    assert summary(tiny_runs[1])["world_size"] == 1
+    assert summary(tiny_runs[2])["world_size"] == 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Seeds
+# ----------------------------------------------------------------------------------------------------
+
+def test_same_seed_repeats_and_another_seed_differs(cheap_3, tmp_path):
+    train(tmp_path / "again", *CHEAP_3)
+    first, again = adapter(cheap_3), adapter(tmp_path / "again")
+    assert_trained(first)
+    assert max_abs_diff(first, again) == 0.0
+    assert metrics(cheap_3) == metrics(tmp_path / "again")
+
+    train(tmp_path / "seed1", *CHEAP_3, "run.seed=1")
+    other = adapter(tmp_path / "seed1")
+    assert max_abs_diff(first, other) > 1e-4
+    assert summary(tmp_path / "seed1")["world_size"] == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Interrupted and resumed == uninterrupted
+# ----------------------------------------------------------------------------------------------------
+
+def test_checkpoints_of_an_uninterrupted_run(cheap_3):
+    rounds = cheap_3 / "checkpoints" / "rounds"
+    # checkpoint_every=1 over 3 rounds: after rounds 1 and 2 (the last round's result is the adapter)
+    assert sorted(p.name for p in rounds.iterdir() if not p.name.startswith(".")) == ["round-000001",
+                                                                                     "round-000002"]
+    for n in (1, 2):
+        ckpt = rounds / f"round-{n:06d}"
+        assert {"adapter.safetensors", "proxy_ffn.safetensors", "state.json"} <= {p.name for p in ckpt.iterdir()}
+        meta = json.loads((ckpt / "state.json").read_text())
+        assert meta["round"] == n and meta["method"] == "fedpft_no_layer_distill" and meta["seed"] == 0
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(cheap_3, tmp_path):
+    run = tmp_path / "run"
+    stopped = train(run, *CHEAP_3, "fed.stop_after=1")
+    assert "stopped after round 1 of 3" in stopped.stdout, _tail(stopped)
+    assert "fed.resume=true" in stopped.stdout
+    assert not (run / "summary.json").exists()
+    assert not (run / "adapter").exists()
+    assert [r["round"] for r in metrics(run)] == [1]
+    assert (run / "checkpoints" / "rounds" / "round-000001" / "state.json").is_file()
+
+    resumed = train(run, *CHEAP_3, "fed.resume=true")
+    assert "resumed from" in resumed.stderr and "continuing at round 2" in resumed.stderr, _tail(resumed)
+    assert max_abs_diff(adapter(cheap_3), adapter(run)) <= 1e-7
+    rows = metrics(run)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert_same_rounds(metrics(cheap_3), rows, loss_rel=1e-7)
+    full, parts = summary(cheap_3), summary(run)
+    for key in ("final_accuracy", "best_accuracy", "final_macro_f1", "rounds", "excluded_clients",
+                "bytes_up_per_client", "bytes_down_per_client"):
+        assert parts[key] == full[key], key
+
+
+def test_resume_after_an_alignment_round_keeps_metrics_and_state(align_resume):
+    r = align_resume
+    assert "stopped after round 2 of 3" in r["stopped"].stdout, _tail(r["stopped"])
+    assert not r["stopped_summary_exists"]
+    assert [row["round"] for row in r["stopped_metrics"]] == [1, 2]
+    rows = metrics(r["parts"])
+    assert [row["round"] for row in rows] == [1, 2, 3]
+    assert all(k in rows[1] for k in ALIGN_KEYS) and not any(k in rows[2] for k in ALIGN_KEYS)
+    # what round 3 starts from (global adapter and re-aligned proxy FFN) is the same in both runs
+    from fedpft_dist.checkpoint import load_checkpoint
+
+    full, _ = load_checkpoint(r["full"] / "checkpoints" / "rounds" / "round-000002")
+    parts, _ = load_checkpoint(r["parts"] / "checkpoints" / "rounds" / "round-000002")
+    assert sorted(full) == sorted(parts) == ["adapter", "proxy_ffn"]
+    for group in full:
+        assert max_abs_diff(full[group], parts[group]) == 0.0, group
+
+
+def test_resume_after_an_alignment_round_gives_the_uninterrupted_adapter(align_resume):
+    # Fails while the ZeRO-3 loading of the teacher (fedpft_dist/alignment/zero.py, zero3_loading)
+    # lets DeepSpeed's zero.Init replace torch.nn.functional.linear for the rest of the process: the
+    # uninterrupted run trains round 3 with DeepSpeed's LinearFunctionForZeroStage3, the resumed
+    # process (which did not align yet) with torch's linear -> differences of ~1e-6 after one round.
+    r = align_resume
+    assert max_abs_diff(adapter(r["full"]), adapter(r["parts"])) <= 1e-7
+    assert_same_rounds(metrics(r["full"]), metrics(r["parts"]), loss_rel=1e-7)
+
+
+def test_resumed_summary_counts_the_rounds_before_the_interruption(align_resume):
+    # Fails while engine._run starts align_rounds / ffn_bytes / excluded_total at 0 after a resume:
+    # the alignment in round 2 (before the interruption) is then missing from the summary.
+    full, parts = summary(align_resume["full"]), summary(align_resume["parts"])
+    assert full["alignment_rounds"] == 1
+    for key in ("alignment_rounds", "ffn_bytes_per_alignment", "bytes_down_per_client", "bytes_up_per_client",
+                "excluded_clients", "best_accuracy", "rounds"):
+        assert parts[key] == full[key], (key, parts[key], full[key])
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. A rank without clients
+# ----------------------------------------------------------------------------------------------------
+
+def test_a_rank_without_clients(tmp_path):
+    # K = max(1, floor(8 * 0.125)) = 1: every round one of the 2 ranks trains nobody; round 2 aligns
+    # (its activation statistics are all on the other rank).
+    over = ("fed.method=fedpft_no_layer_distill", "fed.client_fraction=0.125", "fed.align_every=2",
+            "fed.align_steps=1")
+    train(tmp_path / "rank1", *over)
+    train(tmp_path / "rank2", *over, ranks=2)
+    one, two = adapter(tmp_path / "rank1"), adapter(tmp_path / "rank2")
+    assert_trained(one)
+    assert max_abs_diff(one, two) <= 1e-5
+    m1, m2 = metrics(tmp_path / "rank1"), metrics(tmp_path / "rank2")
+    assert [r["clients"] for r in m2] == [1, 1]
+    assert all(k in m2[1] for k in ALIGN_KEYS)
+    assert_same_rounds(m1, m2, loss_rel=1e-5)
+    s = summary(tmp_path / "rank2")
+    assert s["world_size"] == 2 and s["clients_per_round"] == 1 and s["excluded_clients"] == 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. A non-finite client update
+# ----------------------------------------------------------------------------------------------------
+
+def test_a_non_finite_client_update_is_excluded_and_reported(tmp_path):
+    from fedpft_dist.config import load_config
+    from fedpft_dist.federation.sampling import clients_per_round, sample_clients
+
+    run = tmp_path / "run"
+    over = [*CHEAP, f"run.dir={run}", "dist.threads_per_rank=1"]
+    proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "tests/fed_worker.py", str(tmp_path), *over], cwd=REPO,
+                          env=child_env(PYTHONPATH=f"{REPO}:{REPO / 'tests'}"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, _tail(proc)
+
+    cfg = load_config(REPO / CONFIG, over)
+    sampled = sample_clients(cfg.fed.num_clients, clients_per_round(cfg.fed.num_clients, cfg.fed.client_fraction),
+                             cfg.run.seed, 0)
+    reports = sorted(tmp_path.glob("poisoned-rank*.json"))
+    assert [p.name for p in reports] == ["poisoned-rank1.json"], "the poisoned client must be trained on rank 1"
+    report = json.loads(reports[0].read_text())
+    assert len(report["poisoned"]) == 1
+    target = report["poisoned"][0]["client"]
+    assert target in sampled and target in report["assignment"][1]
+    assert sorted(c for part in report["assignment"] for c in part) == sampled
+
+    rows = metrics(run)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert rows[0]["excluded_clients"] == 1 and rows[0]["all_updates_finite"] is False
+    assert rows[0]["clients"] == len(sampled)
+    assert rows[1]["excluded_clients"] == 0 and rows[1]["all_updates_finite"] is True
+    for r in rows:
+        assert torch.isfinite(torch.tensor([r["train_loss"], r["accuracy"], r["macro_f1"]])).all(), r
+    s = summary(run)
+    assert s["excluded_clients"] == 1 and s["world_size"] == 2
+    state = adapter(run)
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert_trained(state)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. The saved adapter on the FM reproduces the logged accuracy
+# ----------------------------------------------------------------------------------------------------
+
+def test_saved_adapter_reproduces_the_logged_accuracy(tiny_runs):
+    from peft import PeftModel
+
+    from fedpft_dist.config import load_config
+    from fedpft_dist.federation.client import accuracy_and_macro_f1, confusion_counts, predict
+    from fedpft_dist.federation.engine import prepare_task
+    from fedpft_dist.models.loading import load_model, load_tokenizer, resolve_model_dir
+
+    run = tiny_runs[1]
+    cfg = load_config(run / "config.yaml")
+    assert Path(cfg.run.dir) == run
+    fm_dir = resolve_model_dir("minilm")
+    task = prepare_task(cfg, load_tokenizer(fm_dir))
+    fm = load_model(fm_dir, "sequence-classification", num_labels=task.num_classes)
+    model = PeftModel.from_pretrained(fm, str(run / "adapter"))
+    preds = predict(model, task.test_ids, task.test_mask, cfg.fed.eval_batch_size)
+    acc, f1 = accuracy_and_macro_f1(confusion_counts(preds, task.test_labels, task.num_classes))
+    s = summary(run)
+    assert len(preds) == metrics(run)[-1]["test_examples"]
+    assert acc == pytest.approx(s["final_accuracy"], abs=1e-9)
+    assert f1 == pytest.approx(s["final_macro_f1"], abs=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Output format
+# ----------------------------------------------------------------------------------------------------
+
+def test_outputs_of_a_run(tiny_runs):
+    for ranks, run in tiny_runs.items():
+        s = summary(run)
+        missing = [k for k in SUMMARY_KEYS if k not in s]
+        assert not missing, missing
+        assert s["method"] == "fedpft" and s["rounds"] == 2 and s["world_size"] == ranks
+        assert s["excluded_clients"] == 0 and s["alignment_rounds"] == 1
+        assert s["best_accuracy"] >= s["final_accuracy"]
+        assert 0.0 <= s["final_accuracy"] <= 1.0 and 0.0 <= s["final_macro_f1"] <= 1.0
+        assert set(s["phase_seconds"]) >= {"local_training", "aggregation", "alignment", "evaluation"}
+        assert s["bytes_up_per_client"] > 0 and s["bytes_down_per_client"] > s["bytes_up_per_client"]
+
+        rows = metrics(run)
+        assert [r["round"] for r in rows] == [1, 2]
+        for r in rows:
+            for key in ("round", "lr", "clients", "excluded_clients", "all_updates_finite", "train_loss",
+                        "accuracy", "macro_f1"):
+                assert key in r, (r["round"], key)
+            assert r["clients"] == 4 and r["all_updates_finite"] is True
+        assert not any(k in rows[0] for k in ALIGN_KEYS)
+        assert all(k in rows[1] for k in ALIGN_KEYS)
+        assert rows[1]["accuracy"] == s["final_accuracy"]
+        assert max(r["accuracy"] for r in rows) == s["best_accuracy"]
+
+        cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
+        assert cfg["peft_type"] == "LORA"
+        assert (run / "config.yaml").is_file()
+        assert not (run / "checkpoints" / "rounds").exists()   # checkpoint_every defaults to 0
