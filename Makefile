@@ -38,8 +38,11 @@ $(STAMP): pyproject.toml Makefile requirements/torch-cpu.txt requirements/base.t
 	echo "[setup] fedpft-dist"; $(PIP) install -q --no-deps --no-build-isolation -e . $(QUIET); \
 	touch $@
 
+# The quick start: the whole pipeline on 2 local ranks (proxy, layer-level distillation, federated
+# training with alignment rounds, evaluation of the FM with the global adapter), then the report.
 demo: setup
-	$(BIN)/fedpft doctor --config configs/quickstart.yaml
+	FEDPFT_PYTHON=$(BIN)/python launcher/torchrun.sh 2 train --config configs/quickstart.yaml
+	$(BIN)/fedpft report runs/quickstart
 
 doctor: setup
 	$(BIN)/fedpft doctor

@@ -62,6 +62,16 @@ def _cmd_train(cfg, args) -> int:
     return 0
 
 
+REPORT_HELP = ("Markdown table (mean ± std over seeds) and PNG plots (accuracy per round, accuracy against "
+               "client-side cost) of finished runs")
+
+
+def _cmd_report(cfg, args) -> int:
+    from .commands.report import run_report
+
+    return run_report(args.runs, args.out)
+
+
 COMMANDS: dict[str, tuple[Callable, str]] = {
     "doctor": (_cmd_doctor, "report the environment (torch/CUDA, NCCL/gloo, DeepSpeed, Triton, MPI, "
                             "launcher variables, offline models and data) and test an all-reduce over ranks"),
@@ -87,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="dotted config overrides, e.g. run.dir=runs/x dist.timeout_s=60")
         p.set_defaults(func=func)
+    p = sub.add_parser("report", help=REPORT_HELP, description=REPORT_HELP)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or folders of runs)")
+    p.add_argument("--out", metavar="DIR", help="where report.md and the plots go (default: the run "
+                                                "directory when there is one, else ./report)")
+    p.set_defaults(func=_cmd_report, config=None, overrides=[])
     return parser
 
 

@@ -106,6 +106,7 @@ class Models:
     compressed_layers: list[int]
     client_params: int              # transformer + head parameters a client holds
     fm_params: int
+    client_nonembedding_params: int = 0
     to_fm: Callable[[dict], dict] = lambda adapter: adapter  # client adapter -> FM module names
 
 
@@ -125,14 +126,21 @@ def _proxy_for(cfg: Config, rt: Runtime) -> Path:
     return distill_proxy(cfg, rt, emulator=emulator)
 
 
+def non_embedding_params(model: nn.Module) -> int:
+    """Parameters outside embedding tables: the ones every token's compute touches."""
+    emb = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in emb)
+
+
 def build_models(cfg: Config, rt: Runtime, num_labels: int, fm_dir: Path) -> Models:
     f = cfg.fed
     torch.manual_seed(cfg.run.seed)  # the head's initialisation is part of the shared starting point
     fm = load_model(fm_dir, "sequence-classification", cfg.model.dtype, num_labels=num_labels).to(rt.device)
     fm_params = count_params(fm)
     if f.method == "fedpetuning":
+        nonemb = non_embedding_params(fm)
         model = with_lora(fm, f.lora_r, f.lora_alpha, f.lora_dropout)
-        return Models(model, model, None, [], fm_params, fm_params)
+        return Models(model, model, None, [], fm_params, fm_params, nonemb)
     if f.method not in (*PROXY_METHODS, "fedot"):
         raise ConfigError("fed.method", f"{f.method!r} is not available")
     proxy_dir = _proxy_for(cfg, rt)
@@ -140,10 +148,11 @@ def build_models(cfg: Config, rt: Runtime, num_labels: int, fm_dir: Path) -> Mod
     torch.manual_seed(cfg.run.seed)
     proxy, _ = load_proxy(proxy_dir, task="sequence-classification", dtype=cfg.model.dtype, num_labels=num_labels)
     proxy = proxy.to(rt.device)
-    client_params = count_params(proxy)
+    client_params, nonemb = count_params(proxy), non_embedding_params(proxy)
     client = with_lora(proxy, f.lora_r, f.lora_alpha, f.lora_dropout)
     evaluate = with_lora(fm, f.lora_r, f.lora_alpha, f.lora_dropout)
-    models = Models(client, evaluate, proxy_dir, list(meta["compressed_layers"]), client_params, fm_params)
+    models = Models(client, evaluate, proxy_dir, list(meta["compressed_layers"]), client_params, fm_params,
+                    nonemb)
     if "layer_map" in meta:  # FedOT's emulator numbers its layers differently from the FM
         token = layers_prefix(proxy)
         models.to_fm = lambda adapter: adapter_to_fm(adapter, meta["layer_map"], token)
@@ -244,6 +253,7 @@ def _run(cfg: Config, rt: Runtime) -> dict:
     global_adapter = {k: v.cpu() for k, v in global_adapter.items()}
     up_bytes = adapter_bytes(global_adapter)
     k_round = clients_per_round(f.num_clients, f.client_fraction)
+    mean_tokens = float(task.train_mask.sum()) / max(1, len(task.train_labels))
     cost = [float(task.train_mask[torch.as_tensor(p, dtype=torch.long)].sum()) * f.local_epochs for p in task.parts]
 
     start, best, history = 0, None, []
@@ -393,6 +403,8 @@ def _run(cfg: Config, rt: Runtime) -> dict:
         "bytes_down_per_client": up_bytes + (ffn_bytes * align_rounds / f.rounds if align_rounds else 0),
         "ffn_bytes_per_alignment": ffn_bytes, "alignment_rounds": align_rounds,
         "client_params": models.client_params, "fm_params": models.fm_params,
+        # ~6 FLOPs per non-embedding parameter per token for a training step (forward + backward)
+        "client_train_flops_per_example": 6 * models.client_nonembedding_params * mean_tokens,
         "wall_seconds": time.perf_counter() - t_start,
     }
     if rt.is_main:
