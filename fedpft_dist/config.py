@@ -139,6 +139,9 @@ class DataConfig:
                                        "a local .csv/.json/.jsonl/.parquet file")
     text_column: str = _opt("text", help="text column of a local file")
     label_column: str = _opt("label", help="label column of a local file")
+    text_pair_column: str = _opt("", help="second-sentence column of a sentence-pair task (QNLI, MNLI, QQP)")
+    test_file: str = _opt("", help="a separate labelled file as the test set (e.g. a GLUE validation split); "
+                                   "empty = a stratified split of data.dataset")
     max_length: int = _opt(64, help="tokens per example (truncated / padded)", ge=8, le=8192)
     test_fraction: float = _opt(0.2, help="share of examples held out as the test set (stratified)", gt=0, lt=1)
     max_train: int = _opt(0, help="use at most this many training examples (0 = all), a seeded subset", ge=0)

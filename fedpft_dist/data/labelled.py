@@ -17,7 +17,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ class LabelledData:
     labels: list[int]
     label_names: list[str]
     source: str
+    text_pairs: Optional[list[str]] = None  # second sentences of sentence-pair tasks (QNLI, MNLI, QQP)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -55,7 +56,8 @@ class LabelledData:
         return len(self.label_names)
 
 
-def load_labelled(source: str, text_column: str = "text", label_column: str = "label") -> LabelledData:
+def load_labelled(source: str, text_column: str = "text", label_column: str = "label",
+                  text_pair_column: str = "") -> LabelledData:
     """Labelled documents of ``source`` in a deterministic order.
 
     ``source`` is ``"bbcnews"`` (BBC News, one folder per class; documents sorted by class, then file
@@ -65,8 +67,12 @@ def load_labelled(source: str, text_column: str = "text", label_column: str = "l
     to local files only. Texts are whitespace-normalised (runs of whitespace become one space) and
     rows with an empty text or a missing label are dropped. Labels may be strings or numbers: the
     sorted distinct values become classes ``0..C-1`` and their string forms the ``label_names``.
+    With ``text_pair_column`` (local files), each example is a sentence pair (``text_pairs``).
     Mistakes in ``source`` raise :class:`~fedpft_dist.errors.UserError`.
     """
+    pairs = None
+    if text_pair_column and source in BUILTINS:
+        raise UserError(f"data.text_pair_column: the built-in corpus '{source}' has single texts")
     if source == "bbcnews":
         texts, raw_labels = _load_bbcnews()
         where, column = "built-in corpus 'bbcnews'", "its folder names"
@@ -81,7 +87,7 @@ def load_labelled(source: str, text_column: str = "text", label_column: str = "l
         builder = TABLE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise UserError(f"labelled data file '{path}' has an unknown extension (expected {SOURCES_HELP})")
-        texts, raw_labels = _load_table(path, builder, text_column, label_column)
+        texts, raw_labels, pairs = _load_table(path, builder, text_column, label_column, text_pair_column)
         where, column = f"labelled data file '{path}'", f"column '{label_column}'"
     if not texts:
         raise UserError(f"{where} has no rows with both a text and a label in {column}")
@@ -89,7 +95,7 @@ def load_labelled(source: str, text_column: str = "text", label_column: str = "l
     if len(names) < 2:
         raise UserError(f"{where} needs at least 2 distinct labels in {column}, "
                         f"found {len(names)} ({', '.join(names)})")
-    return LabelledData(texts=texts, labels=labels, label_names=names, source=source)
+    return LabelledData(texts=texts, labels=labels, label_names=names, source=source, text_pairs=pairs)
 
 
 def train_test_split(n: int, test_fraction: float, seed: int,
@@ -125,7 +131,8 @@ def train_test_split(n: int, test_fraction: float, seed: int,
 
 
 def tokenize_cached(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int,
-                    cache_dir: str | os.PathLike | None) -> dict[str, torch.Tensor]:
+                    cache_dir: str | os.PathLike | None,
+                    text_pairs: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
     """Tokenise ``texts`` to ``max_length`` tokens, truncating and padding, optionally cached on disk.
 
     Returns LongTensors ``input_ids`` and ``attention_mask`` (``[n, max_length]``, padded on the
@@ -133,6 +140,7 @@ def tokenize_cached(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], ma
     tokens including special ones). With ``cache_dir`` the result is stored as a safetensors file named
     by a hash of the tokenizer (name, vocabulary size, pad token, padding side), ``max_length`` and the
     SHA-256 of the texts, and later calls with the same inputs read it instead of tokenising.
+    ``text_pairs`` makes sentence pairs (truncated longest-first).
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
@@ -147,13 +155,15 @@ def tokenize_cached(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], ma
         key = {"tokenizer": _tokenizer_name(tokenizer), "vocab_size": _vocab_size(tokenizer), "pad_id": pad_id,
                "padding_side": "left" if left else "right", "max_length": max_length,
                "texts_sha256": _texts_digest(texts)}
+        if text_pairs is not None:
+            key["pairs_sha256"] = _texts_digest(list(text_pairs))
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()
         path = Path(cache_dir).expanduser() / f"tokens-{digest[:40]}.safetensors"
         cached = _read_cache(path, len(texts), max_length)
         if cached is not None:
             return cached
 
-    out = _tokenize(tokenizer, texts, max_length, pad_id, left)
+    out = _tokenize(tokenizer, texts, max_length, pad_id, left, list(text_pairs) if text_pairs is not None else None)
     if path is not None:
         _write_cache(path, out, {"tokenizer": _tokenizer_name(tokenizer), "max_length": str(max_length),
                                  "n": str(len(texts))})
@@ -201,7 +211,8 @@ def _load_tweets() -> tuple[list[str], list[str]]:
 # ---- local tables
 
 
-def _load_table(path: Path, builder: str, text_column: str, label_column: str) -> tuple[list[str], list[Any]]:
+def _load_table(path: Path, builder: str, text_column: str, label_column: str,
+                text_pair_column: str = "") -> tuple[list[str], list[Any], Optional[list[str]]]:
     import datasets  # slow to import; only local tables need it
 
     if _is_blank(path):
@@ -213,24 +224,29 @@ def _load_table(path: Path, builder: str, text_column: str, label_column: str) -
         if isinstance(exc, ValueError) and "corresponds to no data" in str(exc):
             raise UserError(f"labelled data file '{path}' has no rows") from exc
         raise UserError(f"could not read labelled data file '{path}' as {builder}: {_root_cause(exc)}") from exc
-    for column in (text_column, label_column):
+    for column in (text_column, label_column, *([text_pair_column] if text_pair_column else [])):
         if column not in table.column_names:
             raise UserError(f"labelled data file '{path}' has no column '{column}' "
                             f"(columns: {', '.join(table.column_names) or 'none'})")
     texts: list[str] = []
     labels: list[Any] = []
-    for row, (text, label) in enumerate(zip(table[text_column], table[label_column])):
+    pairs: Optional[list[str]] = [] if text_pair_column else None
+    second = table[text_pair_column] if text_pair_column else [""] * len(table)
+    for row, (text, label, pair) in enumerate(zip(table[text_column], table[label_column], second)):
         # A missing cell reads as None (or NaN in a float column): the row has no example to give.
-        if text is None or label is None or (isinstance(label, float) and label != label):
+        if text is None or pair is None or label is None or (isinstance(label, float) and label != label):
             continue
-        if not isinstance(text, str):
-            raise UserError(f"column '{text_column}' of '{path}' must hold text, "
-                            f"row {row} holds {type(text).__name__}")
-        text = _normalise(text)
-        if text:
+        for column, value in ((text_column, text), (text_pair_column, pair)):
+            if not isinstance(value, str):
+                raise UserError(f"column '{column}' of '{path}' must hold text, "
+                                f"row {row} holds {type(value).__name__}")
+        text, pair = _normalise(text), _normalise(pair)
+        if text and (pair or pairs is None):
             texts.append(text)
             labels.append(label)
-    return texts, labels
+            if pairs is not None:
+                pairs.append(pair)
+    return texts, labels, pairs
 
 
 def _is_blank(path: Path) -> bool:
@@ -263,22 +279,31 @@ def _encode_labels(raw: Sequence[Any], where: str, column: str) -> tuple[list[in
 
 
 def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int, pad_id: int,
-              left: bool) -> dict[str, torch.Tensor]:
+              left: bool, pairs: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
     n = len(texts)
     input_ids = torch.full((n, max_length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((n, max_length), dtype=torch.long)
     lengths = torch.zeros(n, dtype=torch.long)
+    token_types = torch.zeros((n, max_length), dtype=torch.long)
     if n:
         # Pad here rather than with padding="max_length": that needs a pad token, and setting one on
         # the caller's tokenizer (pad = eos) would be a side effect.
-        encoded = tokenizer(texts, truncation=True, max_length=max_length, padding=False)["input_ids"]
-        for i, ids in enumerate(encoded):
+        if pairs is None:
+            enc = tokenizer(texts, truncation=True, max_length=max_length, padding=False)
+        else:
+            enc = tokenizer(texts, pairs, truncation="longest_first", max_length=max_length, padding=False)
+        for i, ids in enumerate(enc["input_ids"]):
             m = len(ids)
             span = slice(max_length - m, max_length) if left else slice(0, m)
             input_ids[i, span] = torch.tensor(ids, dtype=torch.long)
             attention_mask[i, span] = 1
             lengths[i] = m
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "lengths": lengths}
+            if pairs is not None and "token_type_ids" in enc:
+                token_types[i, span] = torch.tensor(enc["token_type_ids"][i], dtype=torch.long)
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "lengths": lengths}
+    if pairs is not None:
+        out["token_type_ids"] = token_types  # segment ids of sentence pairs (all zero for RoBERTa-like models)
+    return out
 
 
 def _read_cache(path: Path, n: int, max_length: int) -> dict[str, torch.Tensor] | None:
@@ -292,6 +317,8 @@ def _read_cache(path: Path, n: int, max_length: int) -> dict[str, torch.Tensor] 
     except (SafetensorError, OSError):
         return None  # unreadable (e.g. a foreign file of the same name): tokenise again and overwrite
     expected = {"input_ids": (n, max_length), "attention_mask": (n, max_length), "lengths": (n,)}
+    if "token_type_ids" in tensors:
+        expected["token_type_ids"] = (n, max_length)
     if {k: tuple(t.shape) for k, t in tensors.items()} != expected:
         return None
     return {k: tensors[k] for k in expected}

@@ -16,6 +16,7 @@ class ClientData:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    token_type_ids: Optional[torch.Tensor] = None  # sentence pairs
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -61,7 +62,8 @@ def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data
             ids = data.input_ids[idx, :width].to(device)
             if recorder is not None:
                 recorder.mask = mask
-            out = model(input_ids=ids, attention_mask=mask, labels=data.labels[idx].to(device))
+            extra = {} if data.token_type_ids is None else {"token_type_ids": data.token_type_ids[idx, :width].to(device)}
+            out = model(input_ids=ids, attention_mask=mask, labels=data.labels[idx].to(device), **extra)
             out.loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -73,7 +75,7 @@ def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data
 
 @torch.no_grad()
 def predict(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int,
-            device: Optional[torch.device] = None) -> torch.Tensor:
+            device: Optional[torch.device] = None, token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Argmax class of every row (the model in eval mode)."""
     model.eval()
     device = device or next(model.parameters()).device
@@ -81,8 +83,10 @@ def predict(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     for start in range(0, len(input_ids), batch_size):
         mask = attention_mask[start: start + batch_size]
         width = max(1, int(mask.sum(1).max())) if len(mask) else 1
+        extra = {} if token_type_ids is None else {
+            "token_type_ids": token_type_ids[start: start + batch_size, :width].to(device)}
         logits = model(input_ids=input_ids[start: start + batch_size, :width].to(device),
-                       attention_mask=mask[:, :width].to(device)).logits
+                       attention_mask=mask[:, :width].to(device), **extra).logits
         preds.append(logits.argmax(-1).cpu())
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
 

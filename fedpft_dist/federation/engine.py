@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,8 @@ class Task:
     test_labels: torch.Tensor
     label_names: list[str]
     parts: list[list[int]]
+    train_types: Optional[torch.Tensor] = None  # segment ids of sentence pairs
+    test_types: Optional[torch.Tensor] = None
 
     @property
     def num_classes(self) -> int:
@@ -59,7 +62,8 @@ class Task:
 
     def client(self, c: int) -> ClientData:
         idx = torch.as_tensor(self.parts[c], dtype=torch.long)
-        return ClientData(self.train_ids[idx], self.train_mask[idx], self.train_labels[idx])
+        types = self.train_types[idx] if self.train_types is not None else None
+        return ClientData(self.train_ids[idx], self.train_mask[idx], self.train_labels[idx], types)
 
 
 def _subset(indices: list[int], limit: int, seed: int) -> list[int]:
@@ -70,6 +74,14 @@ def _subset(indices: list[int], limit: int, seed: int) -> list[int]:
     return sorted(indices[i] for i in pick.tolist())
 
 
+def _expand(path: str, key: str) -> str:
+    """``$VAR`` / ``~`` in a data path (cluster configs name their data roots by variables)."""
+    out = os.path.expanduser(os.path.expandvars(path))
+    if "$" in out:
+        raise UserError(f"{key}: {path} names an environment variable that is not set")
+    return out
+
+
 def prepare_task(cfg: Config, tokenizer) -> Task:
     """Labelled data, a seeded stratified train/test split, tokenisation (cached), client partition."""
     from ..data.labelled import load_labelled, tokenize_cached, train_test_split
@@ -77,21 +89,35 @@ def prepare_task(cfg: Config, tokenizer) -> Task:
     from ..models.loading import cache_dir
 
     d, f = cfg.data, cfg.fed
-    data = load_labelled(d.dataset, d.text_column, d.label_column)
-    train_idx, test_idx = train_test_split(len(data.labels), d.test_fraction, cfg.run.seed, data.labels)
+    data = load_labelled(_expand(d.dataset, "data.dataset"), d.text_column, d.label_column, d.text_pair_column)
+    if d.test_file:
+        test_data = load_labelled(_expand(d.test_file, "data.test_file"), d.text_column, d.label_column,
+                                  d.text_pair_column)
+        if test_data.label_names != data.label_names:
+            raise UserError(f"data.test_file: labels {test_data.label_names} differ from data.dataset's "
+                            f"{data.label_names}")
+        train_idx, test_idx = list(range(len(data.labels))), list(range(len(test_data.labels)))
+    else:
+        test_data = data
+        train_idx, test_idx = train_test_split(len(data.labels), d.test_fraction, cfg.run.seed, data.labels)
     train_idx = _subset(train_idx, d.max_train, cfg.run.seed + 1)
     test_idx = _subset(test_idx, d.max_test, cfg.run.seed + 2)
     if f.num_clients > len(train_idx):
         raise ConfigError("fed.num_clients", f"{f.num_clients} clients but only {len(train_idx)} training examples")
     cache = d.cache_dir or str(cache_dir() / "tokens")
-    train = tokenize_cached(tokenizer, [data.texts[i] for i in train_idx], d.max_length, cache)
-    test = tokenize_cached(tokenizer, [data.texts[i] for i in test_idx], d.max_length, cache)
+
+    def tokens(source, idx):
+        pairs = [source.text_pairs[i] for i in idx] if source.text_pairs is not None else None
+        return tokenize_cached(tokenizer, [source.texts[i] for i in idx], d.max_length, cache, pairs)
+
+    train, test = tokens(data, train_idx), tokens(test_data, test_idx)
     train_labels = torch.tensor([data.labels[i] for i in train_idx], dtype=torch.long)
-    test_labels = torch.tensor([data.labels[i] for i in test_idx], dtype=torch.long)
+    test_labels = torch.tensor([test_data.labels[i] for i in test_idx], dtype=torch.long)
     parts = partition(train_labels.tolist(), f.num_clients, f.partition, cfg.run.seed, alpha=f.alpha,
                       k=f.labels_per_client, size_sigma=f.size_sigma)
     return Task(train["input_ids"], train["attention_mask"], train_labels, test["input_ids"],
-                test["attention_mask"], test_labels, list(data.label_names), parts)
+                test["attention_mask"], test_labels, list(data.label_names), parts,
+                train.get("token_type_ids"), test.get("token_type_ids"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -167,7 +193,8 @@ def evaluate(rt: Runtime, model: nn.Module, task: Task, batch_size: int) -> dict
     """Accuracy and macro-F1 of ``model`` on the test set, sharded over ranks (rank r takes rows
     r, r+W, ...); per-class counts are summed over ranks in one all-reduce."""
     idx = torch.arange(rt.rank, len(task.test_labels), rt.world_size)
-    preds = predict(model, task.test_ids[idx], task.test_mask[idx], batch_size, rt.device)
+    types = task.test_types[idx] if task.test_types is not None else None
+    preds = predict(model, task.test_ids[idx], task.test_mask[idx], batch_size, rt.device, types)
     counts = confusion_counts(preds, task.test_labels[idx], task.num_classes)
     counts = rt.comm.all_reduce_sum(counts, name="evaluate/counts")
     acc, f1 = accuracy_and_macro_f1(counts)

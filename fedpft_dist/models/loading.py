@@ -72,7 +72,9 @@ def resolve_model_dir(path: str, key: str = "model.path") -> Path:
         return resource_path("minilm")
     if path == "smollm2":
         return smollm2_dir()
-    p = Path(path).expanduser()
+    p = Path(os.path.expandvars(path)).expanduser()
+    if "$" in str(p):
+        raise UserError(f"{key}: {path} names an environment variable that is not set")
     if not p.is_dir():
         raise UserError(f"{key}: model directory not found: {p} (built-in names: {', '.join(BUILTIN_MODELS)})")
     if not (p / "config.json").is_file():
