@@ -12,7 +12,7 @@ from ..fsutil import atomic_write_json
 from ..models.loading import default_task, load_model, load_tokenizer, resolve_model_dir
 from ..models.families import transformer_layers
 from ..models.proxy import (activation_saliency_scores, build_proxy, count_params, describe_layout,
-                            hidden_error_sums, hidden_state_errors, plan_proxy, save_proxy, select_neurons,
+                            hidden_state_errors, plan_proxy, save_proxy, select_neurons,
                             weight_saliency_scores)
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def make_emulator(cfg: Config) -> dict:
     b, t = cfg.fed.fedot_keep_bottom, cfg.fed.fedot_keep_top
     middle = list(range(b, len(kept) - t))
     held = public_chunks(cfg, tokenizer, "held_out", cfg.proxy.eval_chunks)
-    errors = hidden_error_sums_ratio(fm, emulator, held, cfg.proxy.batch_size, kept)
+    errors = hidden_state_errors(fm, emulator, held, cfg.proxy.batch_size, kept)
     report = {**describe_layout(fm), "kind": "emulator", "fm_path": str(fm_dir), "task": task, "num_layers": n,
               "layer_map": kept, "compressed_layers": middle, "teacher_layers": [kept[j] for j in middle],
               "retained_layers": list(range(b)) + list(range(len(kept) - t, len(kept))),
@@ -131,11 +131,6 @@ def make_emulator(cfg: Config) -> dict:
     report["proxy_dir"] = str(out)
     report["seconds"] = time.perf_counter() - t0
     return report
-
-
-def hidden_error_sums_ratio(fm, model, chunks, batch_size, layer_map) -> list[float]:
-    num, den = hidden_error_sums(fm, model, chunks, batch_size, layer_map)
-    return (num / den.clamp_min(1e-12)).tolist()
 
 
 def run_proxy(cfg: Config) -> int:

@@ -220,11 +220,12 @@ def hidden_error_sums(fm: nn.Module, proxy: nn.Module, chunks: torch.Tensor, bat
     return num, den
 
 
-def hidden_state_errors(fm: nn.Module, proxy: nn.Module, chunks: torch.Tensor, batch_size: int) -> list[float]:
+def hidden_state_errors(fm: nn.Module, proxy: nn.Module, chunks: torch.Tensor, batch_size: int,
+                        layer_map: Optional[Sequence[int]] = None) -> list[float]:
     """Per layer: mean((H_FM - H_proxy)^2) / mean(H_FM^2) over all tokens of ``chunks``."""
     if len(chunks) == 0:
         raise UserError("no held-out text to measure the proxy on (public_text is too small)")
-    num, den = hidden_error_sums(fm, proxy, chunks, batch_size)
+    num, den = hidden_error_sums(fm, proxy, chunks, batch_size, layer_map)
     return (num / den.clamp_min(1e-12)).tolist()
 
 
