@@ -415,23 +415,5 @@ def write_resolved_config(cfg: Config, run_dir: str | os.PathLike | None = None)
     return atomic_write_text(target, dump_config(cfg))
 
 
-def describe_options() -> list[tuple[str, str, Any]]:
-    """(dotted key, help, default) for every option: used by ``--help`` texts and the docs."""
-    out = []
-
-    def walk(cls: type, prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            tp = hints[f.name]
-            if dataclasses.is_dataclass(tp):
-                walk(tp, f"{prefix}{f.name}.")
-            else:
-                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                out.append((f"{prefix}{f.name}", f.metadata.get("help", ""), default))
-
-    walk(Config, "")
-    return out
-
-
 __all__ = ["Config", "RunConfig", "DistConfig", "DoctorConfig", "ModelConfig", "PublicTextConfig", "ProxyConfig", "DistillConfig", "DataConfig", "FedConfig", "load_config", "dump_config",
-           "write_resolved_config", "config_to_dict", "config_from_dict", "describe_options"]
+           "write_resolved_config", "config_to_dict", "config_from_dict"]

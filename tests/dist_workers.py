@@ -34,7 +34,6 @@ def comm_suite(rank: int, out_dir: str) -> None:
     metrics_max = comm.all_reduce_metrics({"t": float(rank + 2)}, op="max")
     agree_min = comm.agree(rank == 0, "min")
     agree_max = comm.agree(rank == 0, "max")
-    obj = comm.broadcast_object({"round": 3} if rank == 0 else None)
     comm.barrier()
     try:
         comm.all_reduce_sum({"flag": torch.tensor([True])})
@@ -49,7 +48,7 @@ def comm_suite(rank: int, out_dir: str) -> None:
         "half_dtype": str(summed["half"].dtype),
         "bcast_w": got["w"].tolist(), "bcast_step": got["step"].tolist(),
         "metrics_sum": metrics_sum, "metrics_max": metrics_max,
-        "agree_min": agree_min, "agree_max": agree_max, "obj": obj, "bool_rejected": bool_rejected,
+        "agree_min": agree_min, "agree_max": agree_max, "bool_rejected": bool_rejected,
         "world_size": rt.world_size, "backend": rt.backend,
     }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:

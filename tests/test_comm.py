@@ -38,12 +38,11 @@ def test_mixed_dtypes_keep_their_dtype(results):
         assert r["half"] == [3.0, 3.0, 3.0]
 
 
-def test_broadcast_state_and_object(results):
+def test_broadcast_state(results):
     expected = torch.randn(4, 3, generator=torch.Generator().manual_seed(11)).tolist()
     for r in results:
         assert r["bcast_w"] == expected
         assert r["bcast_step"] == [7]
-        assert r["obj"] == {"round": 3}
 
 
 def test_metrics_and_agreement(results):

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_cli
-from fedpft_dist.config import Config, config_from_dict, config_to_dict, describe_options, load_config
+from fedpft_dist.config import Config, config_from_dict, config_to_dict, load_config
 from fedpft_dist.errors import ConfigError, UserError
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
@@ -90,7 +90,20 @@ def test_override_syntax():
 
 
 def test_every_option_is_documented():
-    for key, help_text, _ in describe_options():
+    import dataclasses
+    import typing
+
+    def walk(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from walk(hints[f.name], f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}", f.metadata.get("help")
+
+    keys = list(walk(Config))
+    assert len(keys) > 60
+    for key, help_text in keys:
         assert help_text, f"{key} has no help text"
 
 

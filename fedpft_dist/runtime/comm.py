@@ -87,7 +87,6 @@ class Communicator:
         self.device = torch.device(device)
         self.timeout_s = timeout_s
         self._watchdog = _Watchdog(timeout_s, rank)
-        self.bytes_reduced = 0  # running total of payload bytes through all_reduce_sum
 
     @property
     def is_main(self) -> bool:
@@ -129,7 +128,6 @@ class Communicator:
             flat = torch.cat([tensors[k].detach().reshape(-1).to(self.device) for k in group]) \
                 if group else torch.empty(0, dtype=dtype, device=self.device)
             buffers.append((group, flat))
-            self.bytes_reduced += flat.numel() * flat.element_size()
         if self.active and self.world_size > 1:
             with self._collective(name):
                 works = [dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True) for _, flat in buffers]
@@ -219,15 +217,6 @@ class Communicator:
                     out[k] = flat[offset: offset + n].view(shape).clone()
                     offset += n
         return out
-
-    def broadcast_object(self, obj: object, src: int = 0, name: str = "broadcast_object") -> object:
-        """Send a small picklable object (between ranks of this job only) from ``src``."""
-        if not (self.active and self.world_size > 1):
-            return obj
-        holder = [obj if self.rank == src else None]
-        with self._collective(name):
-            dist.broadcast_object_list(holder, src=src, device=self.device)
-        return holder[0]
 
     def barrier(self, name: str = "barrier") -> None:
         """All ranks reach this point; implemented as a tiny all-reduce so the timeout applies."""
