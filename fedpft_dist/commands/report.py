@@ -81,7 +81,7 @@ def plot_accuracy(runs: Sequence[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     for key, group in groups_of(runs).items():
         by_round: dict[int, list[float]] = {}
         for run in group:
@@ -98,7 +98,7 @@ def plot_accuracy(runs: Sequence[dict], path: Path) -> None:
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy of the FM with the global adapter (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: curves stay visible
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -110,7 +110,7 @@ def plot_cost(runs: Sequence[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for key, group in groups_of(runs).items():
         s0 = group[0]["summary"]
         acc, std = _mean_std([r["summary"]["final_accuracy"] for r in group])
@@ -121,7 +121,7 @@ def plot_cost(runs: Sequence[dict], path: Path) -> None:
     for ax in axes:
         ax.set_ylabel("final accuracy (%)")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
