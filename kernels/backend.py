@@ -16,7 +16,7 @@ import importlib
 import os
 from functools import lru_cache
 from types import ModuleType
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor

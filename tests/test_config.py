@@ -1,5 +1,4 @@
 """Strict config: unknown keys, wrong types, ranges, missing files; every shipped YAML validates."""
-from pathlib import Path
 
 import pytest
 

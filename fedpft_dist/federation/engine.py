@@ -21,7 +21,7 @@ from ..alignment import zero
 from ..alignment.distill import ffn_parameter_names, plan_neuron_split
 from ..alignment.job import DistillSettings, run_distillation
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ..config import Config, config_to_dict, write_resolved_config
+from ..config import Config, write_resolved_config
 from ..errors import ConfigError, UserError
 from ..fsutil import atomic_write_json
 from ..models.emulator import adapter_to_fm

@@ -16,7 +16,6 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..alignment.losses import relative_sq_error
 from ..errors import ConfigError, UserError
 from ..fsutil import atomic_directory
 from .families import FFNLayout, base_type, ffn_modules, layers_prefix, layout_for, transformer_layers
