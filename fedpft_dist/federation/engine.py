@@ -224,8 +224,8 @@ def align(cfg: Config, rt: Runtime, models: Models, fm_dir: Path, global_adapter
         return teacher
 
     student, _ = load_proxy(models.proxy_dir, task="base", dtype=cfg.model.dtype)
-    current = {k: v for k, v in hf_client.base_model.state_dict().items()
-               if k in set(ffn_parameter_names(student, models.compressed_layers))}
+    names = set(ffn_parameter_names(student, models.compressed_layers))
+    current = {k: v for k, v in hf_client.base_model.state_dict().items() if k in names}
     student.load_state_dict(current, strict=False)
     merge_lora_into(student, global_adapter, scaling, strip=[prefix])
     d = cfg.distill
