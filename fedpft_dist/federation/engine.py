@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -247,6 +247,17 @@ def align(cfg: Config, rt: Runtime, models: Models, fm_dir: Path, global_adapter
 # The round loop
 # ----------------------------------------------------------------------------------------------------
 
+@dataclass
+class Probe:
+    """What a benchmark needs from a run: with ``sync`` a barrier before aggregation, so the
+    all-reduce is timed without the wait for the slowest rank (the wait is timed on its own); this
+    rank's timings of every round; and, at the end, the live objects (``state``) for measurements
+    of its own on the same models and data."""
+    sync: bool = True
+    rounds: list[dict] = field(default_factory=list)
+    state: dict = field(default_factory=dict)
+
+
 def run_federated(cfg: Config) -> dict:
     rt = init_from_config(cfg)
     try:
@@ -255,7 +266,7 @@ def run_federated(cfg: Config) -> dict:
         rt.shutdown()
 
 
-def _run(cfg: Config, rt: Runtime) -> dict:
+def _run(cfg: Config, rt: Runtime, probe: Optional[Probe] = None) -> dict:
     f = cfg.fed
     run_dir = Path(cfg.run.dir)
     t_start = time.perf_counter()
@@ -315,6 +326,8 @@ def _run(cfg: Config, rt: Runtime) -> dict:
         bar = tqdm(total=f.rounds, initial=start, desc=f"{f.method} rounds", unit="round", dynamic_ncols=True)
     last_eval: dict = {}
     for t in range(start, f.rounds):
+        t_round = time.perf_counter()
+        seconds: dict[str, float] = {}
         # -- sample the round's clients and share them out (same on every rank) -------------------
         sampled = sample_clients(f.num_clients, k_round, cfg.run.seed, t)
         mine = assign_to_ranks(sampled, [cost[c] for c in sampled], rt.world_size)[rt.rank]
@@ -327,7 +340,7 @@ def _run(cfg: Config, rt: Runtime) -> dict:
         # Sums in float64: the result then does not depend on how clients are split over ranks
         # (fp32 partial sums in a different order would differ in the last bits).
         sums = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_adapter.items()}
-        weight = excluded = loss_sum = samples = 0.0
+        weight = excluded = loss_sum = samples = tokens = 0.0
         inner = None
         if bar is not None and len(mine) > 1:
             from tqdm import tqdm
@@ -347,26 +360,43 @@ def _run(cfg: Config, rt: Runtime) -> dict:
             weight += w
             loss_sum += upd.loss_sum
             samples += upd.num_samples * f.local_epochs
+            tokens += upd.tokens
         if inner is not None:
             inner.close()
         if recorder is not None:
             recorder.close()
-        phase["local_training"] += time.perf_counter() - t0
+        seconds["local_training"] = time.perf_counter() - t0
+        phase["local_training"] += seconds["local_training"]
 
         # -- aggregate: one all-reduce of sum(w_c * theta_c) and sum(w_c) -------------------------
         t0 = time.perf_counter()
+        if probe is not None and probe.sync:
+            rt.comm.barrier(name="aggregate/wait-for-ranks")
+            seconds["wait"] = time.perf_counter() - t0
         all_finite = rt.comm.agree(excluded == 0, "min", name="aggregate/finite")
         payload = {f"adapter/{k}": v for k, v in sums.items()}
         payload["meta/stats"] = torch.tensor([weight, excluded, loss_sum, samples], dtype=torch.float64)
+        # Every rank's local training time and tokens, in its own slot (the others send zeros):
+        # rank 0 learns the load balance of the round from the same collective.
+        per_rank = torch.zeros(2, rt.world_size, dtype=torch.float64)
+        per_rank[:, rt.rank] = torch.tensor([seconds["local_training"], tokens])
+        payload["meta/per_rank"] = per_rank
+        t1 = time.perf_counter()
         red = rt.comm.all_reduce_sum(payload, name="aggregate/adapter")
+        seconds["allreduce"] = time.perf_counter() - t1
         total_w, n_excluded, total_loss, total_samples = red["meta/stats"].tolist()
+        rank_seconds, rank_tokens = red["meta/per_rank"].tolist()
         if total_w > 0:
             # theta = sum_c w_c theta_c / sum_c w_c (w_c = client samples, or 1 for uniform)
             global_adapter = {k: (red[f"adapter/{k}"] / total_w).to(v.dtype) for k, v in global_adapter.items()}
         excluded_total += int(n_excluded)
-        phase["aggregation"] += time.perf_counter() - t0
+        seconds["aggregation"] = time.perf_counter() - t0
+        phase["aggregation"] += seconds["aggregation"]
         row = {"round": t + 1, "lr": lr, "clients": len(sampled), "excluded_clients": int(n_excluded),
-               "all_updates_finite": all_finite, "train_loss": total_loss / max(1.0, total_samples)}
+               "all_updates_finite": all_finite, "train_loss": total_loss / max(1.0, total_samples),
+               "local_seconds_per_rank": [round(x, 4) for x in rank_seconds],
+               "tokens_per_rank": [int(x) for x in rank_tokens],
+               "aggregation_bytes": sum(v.numel() * v.element_size() for v in payload.values())}
 
         # -- neuron-level alignment -----------------------------------------------------------------
         if align_now:
@@ -379,7 +409,8 @@ def _run(cfg: Config, rt: Runtime) -> dict:
             row.update(align(cfg, rt, models, fm_dir, global_adapter, stats, public, t))
             align_rounds += 1
             ffn_bytes = row["align_ffn_bytes"]
-            phase["alignment"] += time.perf_counter() - t0
+            seconds["alignment"] = time.perf_counter() - t0
+            phase["alignment"] += seconds["alignment"]
 
         # -- plug into the FM and evaluate ----------------------------------------------------------
         if (t + 1) % f.eval_every == 0 or t + 1 == f.rounds:
@@ -388,7 +419,13 @@ def _run(cfg: Config, rt: Runtime) -> dict:
             last_eval = evaluate(rt, models.evaluate, task, f.eval_batch_size)
             row.update(last_eval)
             best = last_eval["accuracy"] if best is None else max(best, last_eval["accuracy"])
-            phase["evaluation"] += time.perf_counter() - t0
+            seconds["evaluation"] = time.perf_counter() - t0
+            phase["evaluation"] += seconds["evaluation"]
+        seconds["round"] = time.perf_counter() - t_round
+        row["seconds"] = {k: round(v, 4) for k, v in seconds.items()}
+        if probe is not None:
+            probe.rounds.append({"round": t + 1, "clients": len(mine), "tokens": tokens,
+                                 "aggregation_bytes": row["aggregation_bytes"], **seconds})
 
         # -- metrics and checkpoint -----------------------------------------------------------------
         if rt.is_main:
@@ -434,6 +471,8 @@ def _run(cfg: Config, rt: Runtime) -> dict:
         "client_train_flops_per_example": 6 * models.client_nonembedding_params * mean_tokens,
         "wall_seconds": time.perf_counter() - t_start,
     }
+    if probe is not None:
+        probe.state = {"models": models, "task": task, "adapter": global_adapter, "public": public}
     if rt.is_main:
         set_adapter(models.evaluate, models.to_fm(global_adapter))
         models.evaluate.save_pretrained(str(run_dir / "adapter"))
