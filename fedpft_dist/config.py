@@ -67,6 +67,18 @@ class DoctorConfig:
 
 
 @dataclass
+class BenchConfig:
+    warmup_rounds: int = _opt(
+        1, help="`fedpft bench`: rounds left out of the medians (start-up: caches, allocator, first "
+                "collectives)", ge=0)
+    allreduce_iters: int = _opt(
+        20, help="timed bare all-reduces of the aggregation's bytes (after 3 warm-up ones)", ge=1)
+    stats_steps: int = _opt(
+        6, help="local steps timed with and without activation-statistics collection, each", ge=1)
+    out: str = _opt("", help="where bench.json goes (default: run.dir/bench.json)")
+
+
+@dataclass
 class ModelConfig:
     path: str = _opt("minilm", help="the foundation model: a local Hugging Face directory, or a built-in "
                                     "offline model: 'minilm' (all-MiniLM-L6-v2) or 'smollm2' (SmolLM2-135M)")
@@ -193,6 +205,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     doctor: DoctorConfig = field(default_factory=DoctorConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     public_text: PublicTextConfig = field(default_factory=PublicTextConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
