@@ -62,6 +62,13 @@ def _cmd_train(cfg, args) -> int:
     return 0
 
 
+def _cmd_bench(cfg, args) -> int:
+    from .benchmarks.federated import run_bench
+
+    run_bench(cfg)
+    return 0
+
+
 REPORT_HELP = ("Markdown table (mean ± std over seeds) and PNG plots (accuracy per round, accuracy against "
                "client-side cost) of finished runs")
 
@@ -82,6 +89,9 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "train": (_cmd_train, "federated fine-tuning (fed.method: fedpft, fedpetuning, fedot, "
                           "fedpft_no_layer_distill, fedpft_no_neuron_distill): clients on every rank, one "
                           "all-reduce per round, the FM evaluated with the global adapter"),
+    "bench": (_cmd_bench, "time one federated workload phase by phase (round, local training tokens/s, "
+                          "all-reduce against a bare all-reduce of the same bytes, alignment, evaluation, "
+                          "activation-statistics overhead, peak memory per rank); writes bench.json"),
 }
 
 

@@ -1,0 +1,247 @@
+"""``fedpft bench``: one federated workload, timed phase by phase, written to ``bench.json``.
+
+The run is a real ``fedpft train`` run (same config tree, same engine) with a barrier before each
+aggregation, so that the all-reduce is timed without the wait for the slowest rank (the wait is
+reported on its own). After the last round the same job measures, on the same models and data:
+
+* a bare all-reduce of exactly the aggregation's bytes (one float64 buffer), to compare with the
+  engine's all-reduce, which also packs the adapter into that buffer and unpacks it;
+* local training steps with and without activation-statistics collection (the hooks that feed
+  neuron-level alignment), alternating, on every rank.
+
+Medians are over the rounds after ``bench.warmup_rounds``. Per-rank values (tokens/s, peak memory)
+are gathered with one all-reduce each, every rank filling its own slot.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..config import Config
+from ..fsutil import atomic_write_json
+from ..runtime import Runtime, init_from_config
+
+log = logging.getLogger(__name__)
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued device work, so wall-clock times cover it (CUDA launches are asynchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median(values: Sequence[float]) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this rank: allocated device memory on a GPU, resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def gather_per_rank(rt: Runtime, values: Sequence[float], name: str) -> list[list[float]]:
+    """``values`` of every rank, as ``out[rank][i]`` (a sum where each rank fills its own row)."""
+    buf = torch.zeros(rt.world_size, len(values), dtype=torch.float64)
+    buf[rt.rank] = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    return rt.comm.all_reduce_sum({"v": buf}, name=name)["v"].tolist()
+
+
+def time_bare_allreduce(rt: Runtime, num_bytes: int, iters: int, warmup: int = 3) -> dict:
+    """Median time of an all-reduce of one float64 buffer of ``num_bytes`` (a barrier before each, so
+    no rank's late arrival is counted), and the bandwidths it achieves."""
+    buf = torch.ones(max(1, num_bytes // 8), dtype=torch.float64, device=rt.comm.device)
+    times = []
+    for i in range(warmup + iters):
+        rt.comm.barrier(name="bench/bare-allreduce-barrier")
+        _sync(buf.device)
+        t0 = time.perf_counter()
+        rt.comm.all_reduce_(buf, name="bench/bare-allreduce")
+        _sync(buf.device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times)
+    return {"seconds": seconds, **bandwidth(num_bytes, seconds, rt.world_size)}
+
+
+def bandwidth(num_bytes: float, seconds: Optional[float], world_size: int) -> dict:
+    """Algorithm bandwidth (bytes / time) and bus bandwidth (x 2(W-1)/W, what a ring all-reduce moves
+    over each link), in GB/s; None on one rank, where there is nothing to move."""
+    if world_size < 2 or not seconds:
+        return {"algbw_gbps": None, "busbw_gbps": None}
+    alg = num_bytes / seconds / 1e9
+    return {"algbw_gbps": alg, "busbw_gbps": alg * 2 * (world_size - 1) / world_size}
+
+
+def time_stats_overhead(cfg: Config, rt: Runtime, state: dict, steps: int, reps: int = 3) -> dict:
+    """Seconds per local step without and with activation-statistics hooks, alternating the two
+    ``reps`` times on the same client data (this rank's first client of the last round's sampling
+    order, cut to ``steps`` batches)."""
+    from ..federation.client import ClientData, train_client
+    from ..models.proxy import ActivationRecorder
+    from ..models.families import transformer_layers
+
+    models, task, adapter = state["models"], state["task"], state["adapter"]
+    f = cfg.fed
+    c = rt.rank % f.num_clients
+    data = task.client(c)
+    n = min(len(data), steps * f.batch_size)
+    data = ClientData(*(t[:n] if t is not None else None for t in
+                        (data.input_ids, data.attention_mask, data.labels, data.token_type_ids)))
+    n_steps = -(-n // f.batch_size)
+    hf = models.client.get_base_model()
+    layers = models.compressed_layers or list(range(len(transformer_layers(hf))))
+
+    def one(record: bool) -> float:
+        recorder = ActivationRecorder(hf, layers, cfg.proxy.eps) if record else None
+        _sync(rt.device)
+        t0 = time.perf_counter()
+        train_client(models.client, adapter, data, 1, f.batch_size, f.lr, f.weight_decay, cfg.run.seed, recorder)
+        _sync(rt.device)
+        seconds = time.perf_counter() - t0
+        if recorder is not None:
+            recorder.close()
+        return seconds / n_steps
+
+    one(False)  # warm-up
+    plain, hooked = [], []
+    for _ in range(reps):
+        plain.append(one(False))
+        hooked.append(one(True))
+    p, h = statistics.median(plain), statistics.median(hooked)
+    return {"step_s_without": p, "step_s_with": h, "overhead": h / p - 1.0, "steps": n_steps,
+            "layers": len(layers)}
+
+
+def summarise(cfg: Config, rt: Runtime, rounds: list[dict]) -> dict:
+    """Per-round records of every rank -> the medians and per-rank figures of bench.json."""
+    keys = ("round", "local_training", "wait", "allreduce", "aggregation", "alignment", "evaluation",
+            "tokens", "clients")
+    table = [[r.get(k, 0.0) for k in keys] for r in rounds]
+    flat = [x for row in table for x in row]
+    gathered = gather_per_rank(rt, flat, name="bench/rounds")
+    per_rank = [[dict(zip(keys, g[i * len(keys):(i + 1) * len(keys)])) for i in range(len(rounds))]
+                for g in gathered]
+    skip = min(cfg.bench.warmup_rounds, max(0, len(rounds) - 1))
+    measured = range(skip, len(rounds))
+
+    def worst(key: str, i: int) -> float:  # the slowest rank sets the pace of a lockstep round
+        return max(per_rank[r][i][key] for r in range(rt.world_size))
+
+    train_rounds = [worst("round", i) - worst("alignment", i) - worst("evaluation", i) for i in measured]
+    tokens_per_s = []
+    for r in range(rt.world_size):
+        tok = sum(per_rank[r][i]["tokens"] for i in measured)
+        sec = sum(per_rank[r][i]["local_training"] for i in measured)
+        tokens_per_s.append(tok / sec if sec else 0.0)
+    imbalance = [worst("local_training", i) / max(1e-12, statistics.fmean(
+        per_rank[r][i]["local_training"] for r in range(rt.world_size))) for i in measured]
+    align = [worst("alignment", i) for i in range(len(rounds)) if worst("alignment", i) > 0]
+    evals = [worst("evaluation", i) for i in range(len(rounds)) if worst("evaluation", i) > 0]
+    return {
+        "rounds_measured": len(measured),
+        "round_s_median": _median([worst("round", i) for i in measured]),
+        "train_round_s_median": _median(train_rounds),
+        "local_training_s_median": _median([worst("local_training", i) for i in measured]),
+        "wait_s_median": _median([worst("wait", i) for i in measured]),
+        "allreduce_s": _median([worst("allreduce", i) for i in measured]),
+        "aggregation_s": _median([worst("aggregation", i) for i in measured]),
+        "load_imbalance_median": _median(imbalance),
+        "tokens_per_s_per_rank": tokens_per_s,
+        "tokens_per_s_total": sum(sum(per_rank[r][i]["tokens"] for r in range(rt.world_size)) for i in measured)
+                              / max(1e-12, sum(worst("round", i) for i in measured)),
+        "clients_per_rank": [sum(per_rank[r][i]["clients"] for i in measured) / max(1, len(measured))
+                             for r in range(rt.world_size)],
+        "alignment_s": _median(align), "alignment_rounds": len(align),
+        "evaluation_s": _median(evals), "evaluation_rounds": len(evals),
+    }
+
+
+def run_bench(cfg: Config, echo: Callable[[str], None] = print) -> dict:
+    """Run the workload of ``cfg`` and write bench.json (rank 0); returns the result on every rank."""
+    from ..federation.engine import Probe, _run
+
+    rt = init_from_config(cfg)
+    try:
+        probe = Probe(sync=True)
+        t0 = time.perf_counter()
+        summary = _run(cfg, rt, probe)
+        run_seconds = time.perf_counter() - t0
+        if summary.get("stopped_early") or not probe.rounds:
+            from ..errors import UserError
+
+            raise UserError("fedpft bench needs a run that trains rounds: unset fed.stop_after and "
+                            "fed.resume, or give a fresh run.dir")
+        result = summarise(cfg, rt, probe.rounds)
+        agg_bytes = int(probe.rounds[-1]["aggregation_bytes"])
+        log.info("timing a bare all-reduce of %d bytes", agg_bytes)
+        bare = time_bare_allreduce(rt, agg_bytes, cfg.bench.allreduce_iters)
+        log.info("timing local steps with and without activation statistics")
+        stats = time_stats_overhead(cfg, rt, probe.state, cfg.bench.stats_steps)
+        stats_all = gather_per_rank(rt, [stats["step_s_without"], stats["step_s_with"]], "bench/stats-overhead")
+        peak = gather_per_rank(rt, [peak_memory_mb(rt.device)], "bench/peak-memory")
+        result.update({
+            "aggregation_bytes": agg_bytes,
+            "bare_allreduce_s": bare["seconds"],
+            "allreduce_bandwidth": bandwidth(agg_bytes, result["allreduce_s"], rt.world_size),
+            "bare_allreduce_bandwidth": {k: bare[k] for k in ("algbw_gbps", "busbw_gbps")},
+            "stats_overhead": statistics.fmean(w / p - 1.0 for p, w in stats_all),
+            "stats_step_s_per_rank": [{"without": p, "with": w} for p, w in stats_all],
+            "stats_steps": stats["steps"], "stats_layers": stats["layers"],
+            "peak_memory_mb_per_rank": [row[0] for row in peak],
+            "peak_memory_kind": "cuda_max_allocated" if rt.device.type == "cuda" else "rss",
+        })
+    finally:
+        rt.shutdown()
+    out = {
+        "benchmark": "federated", "world_size": rt.world_size, "device": rt.device.type,
+        "backend": rt.backend, "threads_per_rank": rt.threads, "host": platform.node(),
+        "torch": torch.__version__, "cuda_device": torch.cuda.get_device_name(rt.device)
+        if rt.device.type == "cuda" else None,
+        "method": cfg.fed.method, "model": cfg.model.path, "rounds": cfg.fed.rounds,
+        "clients_per_round": summary["clients_per_round"], "warmup_rounds": cfg.bench.warmup_rounds,
+        **result,
+        "final_accuracy": summary.get("final_accuracy"), "run_seconds": run_seconds,
+        "run_dir": cfg.run.dir, "per_round": probe.rounds if rt.is_main else None,
+    }
+    if rt.is_main:
+        path = Path(cfg.bench.out or Path(cfg.run.dir) / "bench.json")
+        atomic_write_json(path, out)
+        echo(format_result(out, path))
+    return out
+
+
+def format_result(r: dict, path: Path) -> str:
+    def s(x: Optional[float], unit: str = "s") -> str:
+        return "n/a" if x is None else f"{x * 1000:.1f} ms" if unit == "s" and x < 1 else f"{x:.3g} {unit}"
+
+    bw = r["allreduce_bandwidth"]["algbw_gbps"]
+    bare_bw = r["bare_allreduce_bandwidth"]["algbw_gbps"]
+    lines = [
+        f"fedpft bench: {r['method']} on {r['world_size']} rank(s) ({r['device']}, {r['backend']}, "
+        f"{r['threads_per_rank']} thread(s) per rank), {r['rounds_measured']} rounds measured",
+        f"  round (median)            {s(r['round_s_median'])}  (training + aggregation {s(r['train_round_s_median'])})",
+        f"  local training tokens/s   per rank {', '.join(f'{x:.0f}' for x in r['tokens_per_s_per_rank'])}; "
+        f"total {r['tokens_per_s_total']:.0f}",
+        f"  load imbalance (max/mean) {r['load_imbalance_median']:.3f}",
+        f"  aggregation               {s(r['aggregation_s'])}, {r['aggregation_bytes'] / 2**20:.2f} MiB",
+        f"  all-reduce                {s(r['allreduce_s'])}"
+        + (f" ({bw:.2f} GB/s)" if bw else "") + f"; bare {s(r['bare_allreduce_s'])}"
+        + (f" ({bare_bw:.2f} GB/s)" if bare_bw else ""),
+        f"  alignment                 {s(r['alignment_s'])} ({r['alignment_rounds']} rounds)",
+        f"  evaluation                {s(r['evaluation_s'])} ({r['evaluation_rounds']} rounds)",
+        f"  activation-stats overhead {r['stats_overhead'] * 100:+.1f}% per local step",
+        f"  peak memory per rank      {', '.join(f'{x:.0f}' for x in r['peak_memory_mb_per_rank'])} MiB "
+        f"({r['peak_memory_kind']})",
+        f"  written to {path}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""`fedpft bench`: bench.json from a real 2-rank run, and the pure pieces of its arithmetic."""
+import json
+import math
+import subprocess
+
+import pytest
+
+from conftest import PYTHON, REPO, child_env, run_cli
+
+from fedpft_dist.benchmarks.federated import bandwidth
+
+CONFIG = "configs/tiny.yaml"
+REQUIRED = ("world_size", "round_s_median", "allreduce_s", "bare_allreduce_s", "stats_overhead",
+            "tokens_per_s_per_rank", "aggregation_s", "aggregation_bytes", "allreduce_bandwidth",
+            "bare_allreduce_bandwidth", "alignment_s", "evaluation_s", "peak_memory_mb_per_rank")
+
+
+def test_bandwidth_is_bytes_over_time_and_ring_bus_factor():
+    bw = bandwidth(2e9, 0.5, 4)
+    assert bw["algbw_gbps"] == pytest.approx(4.0)
+    assert bw["busbw_gbps"] == pytest.approx(4.0 * 2 * 3 / 4)
+    assert bandwidth(1e6, 0.1, 1) == {"algbw_gbps": None, "busbw_gbps": None}
+
+
+def test_bench_config_resolves():
+    from fedpft_dist.config import load_config
+
+    cfg = load_config(REPO / "configs/bench/minilm.yaml")
+    assert cfg.fed.rounds > cfg.bench.warmup_rounds
+    assert cfg.dist.threads_per_rank == 1
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_bench_json_on_two_ranks(tmp_path):
+    out = tmp_path / "b" / "bench.json"
+    args = ["bench", "--config", CONFIG, f"run.dir={tmp_path / 'run'}", "dist.threads_per_rank=1",
+            "fed.rounds=3", "fed.align_every=3", "fed.eval_every=3", "bench.warmup_rounds=1",
+            "bench.allreduce_iters=5", "bench.stats_steps=2", f"bench.out={out}"]
+    proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "fedpft_dist", *args], cwd=REPO, env=child_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "fedpft bench: fedpft on 2 rank(s)" in proc.stdout
+    r = json.loads(out.read_text())
+    for key in REQUIRED:
+        assert key in r, key
+    assert r["world_size"] == 2 and r["rounds_measured"] == 2
+    assert len(r["tokens_per_s_per_rank"]) == 2 and min(r["tokens_per_s_per_rank"]) > 0
+    assert len(r["peak_memory_mb_per_rank"]) == 2 and min(r["peak_memory_mb_per_rank"]) > 100
+    assert r["round_s_median"] >= r["train_round_s_median"] > 0
+    assert r["allreduce_s"] > 0 and r["bare_allreduce_s"] > 0
+    # The aggregation buffer is the adapter in float64 plus a few counters.
+    assert r["aggregation_bytes"] > 1_000_000
+    assert r["bare_allreduce_bandwidth"]["algbw_gbps"] > 0
+    assert r["bare_allreduce_bandwidth"]["busbw_gbps"] == pytest.approx(
+        r["bare_allreduce_bandwidth"]["algbw_gbps"])  # 2(W-1)/W = 1 for two ranks
+    assert r["alignment_rounds"] == 1 and r["alignment_s"] > 0
+    assert r["evaluation_rounds"] == 1 and r["evaluation_s"] > 0
+    assert math.isfinite(r["stats_overhead"]) and r["stats_overhead"] > -0.5
+    assert len(r["stats_step_s_per_rank"]) == 2
+    assert len(r["per_round"]) == 3 and {"wait", "allreduce", "local_training"} <= set(r["per_round"][0])
+    assert 1.0 <= r["load_imbalance_median"] < 3.0
+
+
+def test_bench_on_one_rank_reports_no_bandwidth(tmp_path):
+    proc = run_cli("bench", "--config", CONFIG, f"run.dir={tmp_path}", "dist.threads_per_rank=1",
+                   "fed.method=fedpetuning", "fed.rounds=2", "bench.warmup_rounds=0",
+                   "bench.allreduce_iters=2", "bench.stats_steps=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "bench.json").read_text())
+    assert r["world_size"] == 1 and r["rounds_measured"] == 2
+    assert r["allreduce_bandwidth"] == {"algbw_gbps": None, "busbw_gbps": None}
+    assert r["alignment_rounds"] == 0 and r["alignment_s"] is None
+    # fedpetuning has no compressed layers: the statistics hooks go on every FM layer
+    assert r["stats_layers"] == 6
+
+
+def test_bench_key_errors_name_the_key(tmp_path):
+    proc = run_cli("bench", "--config", CONFIG, f"run.dir={tmp_path}", "bench.warmup=1")
+    assert proc.returncode == 2
+    assert "bench.warmup" in proc.stderr and "bench.warmup_rounds" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
