@@ -79,6 +79,17 @@ def _cmd_report(cfg, args) -> int:
     return run_report(args.runs, args.out)
 
 
+SWEEP_HELP = ("a grid of config overrides, one training run per point (spec: sweeps/*.yaml): list the points, "
+              "print one point's train arguments (for Slurm array jobs), or train one or all of them")
+
+
+def _cmd_sweep(cfg, args) -> int:
+    from .sweep import run_sweep
+
+    return run_sweep(args.spec, index=args.index, list_only=args.list, print_only=args.print, run_all=args.all,
+                     nproc=args.nproc, out=args.out, extra=args.extra)
+
+
 COMMANDS: dict[str, tuple[Callable, str]] = {
     "doctor": (_cmd_doctor, "report the environment (torch/CUDA, NCCL/gloo, DeepSpeed, Triton, MPI, "
                             "launcher variables, offline models and data) and test an all-reduce over ranks"),
@@ -112,6 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="where report.md and the plots go (default: the run "
                                                 "directory when there is one, else ./report)")
     p.set_defaults(func=_cmd_report, config=None, overrides=[])
+    p = sub.add_parser("sweep", help=SWEEP_HELP, description=SWEEP_HELP)
+    p.add_argument("spec", metavar="SPEC", help="sweep spec (YAML: base, out, fixed, grid)")
+    p.add_argument("extra", nargs="*", metavar="KEY=VALUE", help="config overrides for every point")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--list", action="store_true", help="list the points: index, status, run dir, overrides")
+    mode.add_argument("--all", action="store_true", help="train every point not done yet, one after another, "
+                                                         "then write the report into the sweep's out directory")
+    mode.add_argument("--index", type=int, metavar="N", help="train point N (skipped when it is done)")
+    p.add_argument("--print", action="store_true", help="with --index: print the fedpft arguments of point N "
+                                                        "instead of running them")
+    p.add_argument("--nproc", type=int, default=1, metavar="N", help="ranks per point (N > 1: launcher/torchrun.sh)")
+    p.add_argument("--out", metavar="DIR", help="put the run directories under DIR instead of the spec's out")
+    p.set_defaults(func=_cmd_sweep, config=None, overrides=[])
     return parser
 
 

@@ -48,7 +48,7 @@ def test_documented(path):
     header = _header(text)
     assert text.startswith("#!/usr/bin/env bash\n")
     assert "set -euo pipefail" in text
-    assert re.search(rf"^#\s+sbatch .*slurm/{re.escape(path.name)} COMMAND", header, re.M), \
+    assert re.search(rf"^#\s+sbatch .*slurm/{re.escape(path.name)} (COMMAND|SPEC)", header, re.M), \
         "no usage line in the header comment"
     assert "usage:" in text, "no usage message for a call without arguments"
     undocumented = sorted(v for v in _variables_read(text) if not re.search(rf"^#\s+{v}\b", header, re.M))

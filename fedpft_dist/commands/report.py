@@ -1,11 +1,14 @@
-"""``fedpft report RUN_DIR...``: runs to a Markdown table and PNG plots.
+"""``fedpft report RUN_DIR...``: runs to a Markdown table, a CSV file and PNG plots.
 
-Runs that differ only in ``run.seed`` form one group (mean ± std over seeds). Plots: accuracy per
-round for every group, and final accuracy against client-side cost (parameters a client holds and
-training FLOPs per example).
+Runs that differ only in ``run.seed`` (and in where they write) form one group: mean ± std over seeds.
+Every other config key whose value differs between the runs (a sweep's keys) gets a column of the
+table, beside the method / partition label. Plots: accuracy per round for every group, final accuracy
+against client-side cost (parameters a client holds and training FLOPs per example) and, when there
+are swept keys, final accuracy against each of them.
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
 import statistics
@@ -14,6 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import UserError
+from ..sweep import short_names
 
 
 def load_run(run_dir: Path) -> dict:
@@ -30,12 +34,61 @@ def load_run(run_dir: Path) -> dict:
     return {"dir": str(run_dir), "summary": summary, "metrics": metrics, "config": config}
 
 
-def group_key(run: dict) -> str:
+# Keys that say where a run writes or how its job runs, not what it computes: runs that differ only
+# in these are repeats of one setting. A key ending in "." covers its whole section.
+NOT_SETTINGS = ("run.dir", "run.seed", "run.log_level", "dist.", "doctor.", "proxy.out", "distill.proxy",
+                "distill.out", "distill.checkpoint_every", "distill.resume", "data.cache_dir",
+                "fed.checkpoint_every", "fed.resume", "fed.stop_after", "fed.eval_batch_size")
+# In the method / partition label; fed.alpha too, unless it differs between the runs (then it is a column).
+LABEL_KEYS = ("fed.method", "fed.partition")
+ALPHA = "fed.alpha"
+
+
+def group_key(run: dict, with_alpha: bool = True) -> str:
     s, fed = run["summary"], run["config"].get("fed", {})
     part = s.get("partition", fed.get("partition", "?"))
-    if part == "dirichlet":
+    if part == "dirichlet" and with_alpha:
         part = f"dirichlet(α={fed.get('alpha')})"
     return f"{s['method']} / {part}"
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def swept_keys(runs: Sequence[dict]) -> list[str]:
+    """Config keys, other than seeds, output paths and the label's, whose values differ between runs
+    (only keys every run's config.yaml has can be compared)."""
+    flat = [_flatten(r["config"]) for r in runs]
+    if not flat:
+        return []
+    keys = [k for k in flat[0] if all(k in f for f in flat[1:])]
+    return [k for k in keys
+            if k not in LABEL_KEYS and not any(k == n or (n.endswith(".") and k.startswith(n)) for n in NOT_SETTINGS)
+            and len({json.dumps(f[k], sort_keys=True) for f in flat}) > 1]
+
+
+def _frozen(value: object) -> object:
+    """Lists as tuples, so that a group's values can key a dict."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _cell(value: object, missing: str = "–") -> str:
+    if value is None:
+        return missing
+    return json.dumps(value) if isinstance(value, tuple) else str(value)
+
+
+def group_name(label: str, keys: Sequence[str], values: Sequence[object]) -> str:
+    """``fedpft / iid, align_keep=0.8``: the label, then the swept values (for legends)."""
+    short = short_names(keys)
+    return ", ".join([label, *(f"{short[k]}={_cell(v)}" for k, v in zip(keys, values))])
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -52,27 +105,56 @@ def _fmt(values: Sequence[float], scale: float = 100.0) -> str:
     return f"{mean * scale:.1f} ± {std * scale:.1f}" if len(values) > 1 else f"{mean * scale:.1f}"
 
 
-def groups_of(runs: Sequence[dict]) -> "OrderedDict[str, list[dict]]":
-    groups: "OrderedDict[str, list[dict]]" = OrderedDict()
+def groups_of(runs: Sequence[dict], keys: Optional[Sequence[str]] = None
+              ) -> "OrderedDict[tuple[str, tuple], list[dict]]":
+    """Runs grouped by (method / partition label, values of the swept keys), in the order first seen."""
+    keys = swept_keys(runs) if keys is None else keys
+    groups: "OrderedDict[tuple[str, tuple], list[dict]]" = OrderedDict()
     for run in runs:
-        groups.setdefault(group_key(run), []).append(run)
+        flat = _flatten(run["config"])
+        values = tuple(_frozen(flat.get(k)) for k in keys)
+        groups.setdefault((group_key(run, with_alpha=ALPHA not in keys), values), []).append(run)
     return groups
 
 
 def markdown_table(runs: Sequence[dict]) -> str:
-    rows = ["| method / partition | seeds | rounds | final accuracy (%) | best accuracy (%) | final macro-F1 (%) "
-            "| client params | client GFLOPs / example | wall s |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for key, group in groups_of(runs).items():
+    keys = swept_keys(runs)
+    rows = ["| method / partition | " + "".join(f"{k} | " for k in keys) + "seeds | rounds | final accuracy (%) "
+            "| best accuracy (%) | final macro-F1 (%) | client params | client GFLOPs / example | wall s |",
+            "|---|" + "---|" * len(keys) + "---|---|---|---|---|---|---|---|"]
+    for (label, values), group in groups_of(runs, keys).items():
         s0 = group[0]["summary"]
         flops = s0.get("client_train_flops_per_example")
         rows.append(
-            f"| {key} | {len(group)} | {s0['rounds']} | {_fmt([r['summary']['final_accuracy'] for r in group])} "
+            f"| {label} | " + "".join(f"{_cell(v)} | " for v in values)
+            + f"{len(group)} | {s0['rounds']} | {_fmt([r['summary']['final_accuracy'] for r in group])} "
             f"| {_fmt([r['summary']['best_accuracy'] for r in group])} "
             f"| {_fmt([r['summary']['final_macro_f1'] for r in group])} "
             f"| {s0.get('client_params', 0) / 1e6:.1f}M | {'–' if flops is None else f'{flops / 1e9:.2f}'} "
             f"| {statistics.fmean(r['summary']['wall_seconds'] for r in group):.0f} |")
     return "\n".join(rows) + "\n"
+
+
+def write_csv(runs: Sequence[dict], path: Path) -> None:
+    """The table's numbers, unrounded, one row per group (accuracies as fractions)."""
+    keys = swept_keys(runs)
+    metrics = ("final_accuracy", "best_accuracy", "final_macro_f1")
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "partition", "dirichlet_alpha", *keys, "seeds", "rounds",
+                         *(f"{m}_{stat}" for m in metrics for stat in ("mean", "std")),
+                         "client_params", "client_train_flops_per_example", "wall_seconds", "runs"])
+        for (_, values), group in groups_of(runs, keys).items():
+            s0 = group[0]["summary"]
+            stats = [x for m in metrics for x in _mean_std([r["summary"][m] for r in group])]
+            fed = group[0]["config"].get("fed", {})
+            partition = s0.get("partition", fed.get("partition"))
+            alpha = fed.get("alpha") if partition == "dirichlet" else None
+            writer.writerow([s0["method"], partition, alpha, *(_cell(v, "") for v in values), len(group),
+                             s0["rounds"], *stats,
+                             s0.get("client_params"), s0.get("client_train_flops_per_example"),
+                             statistics.fmean(r["summary"]["wall_seconds"] for r in group),
+                             " ".join(r["dir"] for r in group)])
 
 
 def plot_accuracy(runs: Sequence[dict], path: Path) -> None:
@@ -81,8 +163,9 @@ def plot_accuracy(runs: Sequence[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    keys = swept_keys(runs)
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    for key, group in groups_of(runs).items():
+    for (label, values), group in groups_of(runs, keys).items():
         by_round: dict[int, list[float]] = {}
         for run in group:
             for row in run["metrics"]:
@@ -90,7 +173,7 @@ def plot_accuracy(runs: Sequence[dict], path: Path) -> None:
                     by_round.setdefault(row["round"], []).append(row["accuracy"])
         xs = sorted(by_round)
         means = [statistics.fmean(by_round[x]) * 100 for x in xs]
-        line, = ax.plot(xs, means, marker="o", markersize=3, label=key)
+        line, = ax.plot(xs, means, marker="o", markersize=3, label=group_name(label, keys, values))
         if len(group) > 1:
             stds = [statistics.stdev(by_round[x]) * 100 if len(by_round[x]) > 1 else 0 for x in xs]
             ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
@@ -110,18 +193,68 @@ def plot_cost(runs: Sequence[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    keys = swept_keys(runs)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for key, group in groups_of(runs).items():
+    for (label, values), group in groups_of(runs, keys).items():
         s0 = group[0]["summary"]
         acc, std = _mean_std([r["summary"]["final_accuracy"] for r in group])
+        name = group_name(label, keys, values)
         for ax, x in zip(axes, (s0.get("client_params", 0) / 1e6, (s0.get("client_train_flops_per_example") or 0) / 1e9)):
-            ax.errorbar([x], [acc * 100], yerr=[std * 100], fmt="o", capsize=3, label=key)
+            ax.errorbar([x], [acc * 100], yerr=[std * 100], fmt="o", capsize=3, label=name)
     axes[0].set_xlabel("parameters a client holds (M)")
     axes[1].set_xlabel("client training GFLOPs per example")
     for ax in axes:
         ax.set_ylabel("final accuracy (%)")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_swept(runs: Sequence[dict], keys: Sequence[str], path: Path) -> None:
+    """One panel per swept key: final accuracy (mean ± std over seeds) against its value, a line through
+    the groups that agree on everything else; groups with no such partner are grey dots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = groups_of(runs, keys)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys) + 1.5, 4.2), squeeze=False)
+    short = short_names(keys)
+    for i, (key, ax) in enumerate(zip(keys, axes[0])):
+        seen = list(OrderedDict.fromkeys(json.dumps(values[i]) for _, values in groups))
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for _, values in groups
+                      for v in [values[i]])
+        # Slices: groups equal in the label and every other swept key; each is one line over this key.
+        slices: "OrderedDict[tuple, list[tuple[float, float, float]]]" = OrderedDict()
+        for (label, values), group in groups.items():
+            acc, std = _mean_std([r["summary"]["final_accuracy"] for r in group])
+            x = values[i] if numeric else seen.index(json.dumps(values[i]))
+            rest = (label, *values[:i], *values[i + 1:])
+            slices.setdefault(rest, []).append((x, acc * 100, std * 100))
+        other = [k for k in keys if k != key]
+        lines = 0
+        for (label, *rest), pts in slices.items():
+            pts.sort()
+            xs, ys, errs = zip(*pts)
+            if len(pts) == 1:
+                ax.errorbar(xs, ys, yerr=errs, fmt="o", color="0.6", markersize=4, capsize=2)
+                continue
+            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=group_name(label, other, rest))
+            lines += 1
+        if numeric:
+            xs = [values[i] for _, values in groups]
+            if min(xs) > 0 and max(xs) / min(xs) >= 20:
+                ax.set_xscale("log")
+        else:
+            ax.set_xticks(range(len(seen)), [_cell(json.loads(v)) for v in seen], rotation=20, fontsize=7)
+        ax.set_xlabel(short[key])
+        ax.set_ylabel("final accuracy (%)")
+        ax.grid(alpha=0.3)
+        if 0 < lines <= 10:  # a full grid has too many lines for a readable legend
+            ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -144,10 +277,16 @@ def run_report(run_dirs: Sequence[str], out: Optional[str] = None) -> int:
     out_dir = Path(out) if out else Path(run_dirs[0]) if len(run_dirs) == 1 else Path("report")
     out_dir.mkdir(parents=True, exist_ok=True)
     table = markdown_table(runs)
+    write_csv(runs, out_dir / "report.csv")
     plot_accuracy(runs, out_dir / "accuracy.png")
     plot_cost(runs, out_dir / "cost.png")
-    (out_dir / "report.md").write_text(
-        "# Results\n\n" + table + "\n![accuracy per round](accuracy.png)\n\n![accuracy against client cost](cost.png)\n")
+    images = ["![accuracy per round](accuracy.png)", "![accuracy against client cost](cost.png)"]
+    keys = swept_keys(runs)
+    if keys:
+        plot_swept(runs, keys, out_dir / "swept.png")
+        images.append("![final accuracy against the swept keys](swept.png)")
+    (out_dir / "report.md").write_text("# Results\n\n" + table + "\n" + "\n\n".join(images) + "\n")
     print(table, end="")
-    print(f"wrote {out_dir / 'report.md'}, {out_dir / 'accuracy.png'}, {out_dir / 'cost.png'}")
+    written = ["report.md", "report.csv", "accuracy.png", "cost.png", *(["swept.png"] if keys else [])]
+    print("wrote " + ", ".join(str(out_dir / name) for name in written))
     return 0
