@@ -54,6 +54,11 @@ def _cmd_train(cfg, args) -> int:
     if summary.get("stopped_early") and int(os.environ.get("RANK", "0")) == 0:
         print(f"{summary['method']}: stopped after round {summary['rounds_done']} of {summary['rounds']} "
               f"(fed.stop_after); continue with fed.resume=true", flush=True)
+    elif summary.get("final_perplexity") is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(f"{summary['method']}: {summary['rounds']} rounds on {summary['world_size']} rank(s): perplexity "
+              f"{summary['final_perplexity']:.2f} (best {summary['best_perplexity']:.2f}), next-token accuracy "
+              f"{summary['final_next_token_accuracy']:.4f}; {summary['wall_seconds']:.0f} s; results in {cfg.run.dir}",
+              flush=True)
     elif summary.get("final_accuracy") is not None and int(os.environ.get("RANK", "0")) == 0:
         print(f"{summary['method']}: {summary['rounds']} rounds on {summary['world_size']} rank(s): accuracy "
               f"{summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}), macro-F1 "

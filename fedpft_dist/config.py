@@ -83,7 +83,9 @@ class ModelConfig:
     path: str = _opt("minilm", help="the foundation model: a local Hugging Face directory, or a built-in "
                                     "offline model: 'minilm' (all-MiniLM-L6-v2) or 'smollm2' (SmolLM2-135M)")
     task: Literal["auto", "base", "causal-lm", "sequence-classification"] = _opt(
-        "auto", help="head to load; auto = causal-lm for decoder families, the bare encoder otherwise")
+        "auto", help="head to load; auto = causal-lm for decoder families, otherwise the bare encoder "
+                     "(fedpft proxy) or sequence-classification (fedpft train); fedpft train fine-tunes "
+                     "a causal LM on next-token loss and a classifier on labels")
     dtype: Literal["float32", "bfloat16", "float16"] = _opt("float32", help="weights dtype")
     num_labels: int = _opt(2, help="classes of a sequence-classification head", ge=2)
 
@@ -147,8 +149,10 @@ class DistillConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = _opt("tweets", help="labelled text: 'tweets' (3-class sentiment), 'bbcnews' (5 classes), or "
-                                       "a local .csv/.json/.jsonl/.parquet file")
+    dataset: str = _opt("tweets", help="the clients' text: 'tweets' (3-class sentiment), 'bbcnews' (5 classes), or "
+                                       "a local .csv/.json/.jsonl/.parquet file; causal LMs also take 'austen' "
+                                       "(prose, packed into max_length-token chunks) and .txt files or "
+                                       "directories, and ignore labels")
     text_column: str = _opt("text", help="text column of a local file")
     label_column: str = _opt("label", help="label column of a local file")
     text_pair_column: str = _opt("", help="second-sentence column of a sentence-pair task (QNLI, MNLI, QQP)")
@@ -184,6 +188,13 @@ class FedConfig:
     lora_r: int = _opt(8, help="LoRA rank", ge=1)
     lora_alpha: float = _opt(48.0, help="LoRA alpha", gt=0)
     lora_dropout: float = _opt(0.1, help="LoRA dropout", ge=0, lt=1)
+    gradient_checkpointing: bool = _opt(False, help="client training recomputes each layer's activations in the "
+                                                    "backward pass: activation memory of one layer instead of all, "
+                                                    "for about a third more compute")
+    lora_targets: Literal["attention", "attention+ffn"] = _opt(
+        "attention", help="LoRA on the attention projections, or also on the FFN projections of the "
+                          "layers whose FFN the client holds whole (a proxy's retained layers; every layer "
+                          "for fedpetuning and fedot)")
     align_every: int = _opt(10, help="neuron-level distillation every this many rounds (fedpft; 0 = never)", ge=0)
     align_keep: float = _opt(0.5, help="share of the most active neurons frozen during alignment", ge=0, le=1)
     align_fraction: float = _opt(0.02, help="alignment budget: share of one pass over the public text", gt=0)
@@ -191,6 +202,8 @@ class FedConfig:
     align_score: Literal["mean_abs", "apoz"] = _opt(
         "mean_abs", help="neuron activity on client data: mean |a| or 1 - APoZ (random tie-break)")
     eval_every: int = _opt(1, help="evaluate the FM with the global adapter every this many rounds", ge=1)
+    eval_initial: bool = _opt(False, help="also evaluate the FM before round 1 (the starting adapter "
+                                          "changes nothing): summary keys initial_*")
     eval_batch_size: int = _opt(32, help="evaluation batch size", ge=1)
     checkpoint_every: int = _opt(0, help="checkpoint every this many rounds (0 = never)", ge=0)
     resume: bool = _opt(False, help="continue from the newest complete round checkpoint in <run.dir>/checkpoints/rounds")

@@ -74,8 +74,13 @@ def assert_trained(state: dict[str, torch.Tensor]) -> None:
     assert b and any(float(v.abs().max()) > 0 for v in b), "the adapter looks untrained (all lora_B zero)"
 
 
+TIMING_KEYS = ("seconds", "local_seconds_per_rank")
+
+
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    """The rows of metrics.jsonl without their wall-clock timings (which differ from run to run)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
 
 
 def summary(run_dir: Path) -> dict:

@@ -132,7 +132,8 @@ def train_test_split(n: int, test_fraction: float, seed: int,
 
 def tokenize_cached(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int,
                     cache_dir: str | os.PathLike | None,
-                    text_pairs: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
+                    text_pairs: Optional[Sequence[str]] = None,
+                    padding_side: Optional[str] = None) -> dict[str, torch.Tensor]:
     """Tokenise ``texts`` to ``max_length`` tokens, truncating and padding, optionally cached on disk.
 
     Returns LongTensors ``input_ids`` and ``attention_mask`` (``[n, max_length]``, padded on the
@@ -140,7 +141,8 @@ def tokenize_cached(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], ma
     tokens including special ones). With ``cache_dir`` the result is stored as a safetensors file named
     by a hash of the tokenizer (name, vocabulary size, pad token, padding side), ``max_length`` and the
     SHA-256 of the texts, and later calls with the same inputs read it instead of tokenising.
-    ``text_pairs`` makes sentence pairs (truncated longest-first).
+    ``text_pairs`` makes sentence pairs (truncated longest-first). ``padding_side`` ("left" or
+    "right") overrides the tokenizer's.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
@@ -148,7 +150,7 @@ def tokenize_cached(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], ma
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError(f"tokenizer {_tokenizer_name(tokenizer)!r} has neither a pad nor an eos token")
-    left = getattr(tokenizer, "padding_side", "right") == "left"
+    left = (padding_side or getattr(tokenizer, "padding_side", "right")) == "left"
 
     path = None
     if cache_dir is not None:

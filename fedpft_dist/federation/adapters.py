@@ -1,6 +1,11 @@
-"""The adapter that clients train and the server averages: LoRA on every attention projection plus
-the task head, trained in full. Same module names on the FM and on the proxy, so one state dict
-moves between them."""
+"""The adapter that clients train and the server averages: LoRA on every attention projection (and,
+with ``fed.lora_targets=attention+ffn``, on the FFN projections of the layers listed in
+``ffn_layers``) plus, for classification, the task head trained in full. Same module names on the FM
+and on the proxy, so one state dict moves between them.
+
+FFN LoRA only goes on layers whose FFN has the FM's full width in the client model: on a compressed
+layer, W_gate/W_up have fewer output rows and W_down fewer input columns than on the FM, so the LoRA
+matrices would not fit the FM's modules."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ..models.families import layout_for
+from ..models.families import ffn_width, layers_prefix, layout_for, transformer_layers
 
 ADAPTER_PREFIX = "base_model.model."
 
@@ -22,19 +27,45 @@ def head_modules(model: nn.Module) -> list[str]:
             if n != backbone and any(p.numel() for p in m.parameters())]
 
 
-def lora_config(model: nn.Module, r: int, alpha: float, dropout: float):
+def ffn_target_names(model: nn.Module, layers: Sequence[int]) -> list[str]:
+    """Full module names of the FFN projections of ``layers`` (W_gate, W_up, W_down / W_in, W_out)."""
+    layout = layout_for(model.config.model_type)
+    prefix = layers_prefix(model)
+    return [f"{prefix}.{l}.{path}" for l in layers for path in (*layout.rows, *layout.cols)]
+
+
+def full_width_layers(client: nn.Module, fm: nn.Module, layer_map: Sequence[int] | None = None,
+                      exclude: Sequence[int] = ()) -> list[int]:
+    """Layers of ``client`` whose FFN is as wide as that of the FM layer they stand for
+    (``layer_map[j]``, default j), minus ``exclude``."""
+    layout = layout_for(client.config.model_type)
+    ours, theirs = transformer_layers(client), transformer_layers(fm)
+    mapping = list(layer_map) if layer_map is not None else list(range(len(ours)))
+    return [j for j, layer in enumerate(ours)
+            if j not in set(exclude) and ffn_width(layer, layout) == ffn_width(theirs[mapping[j]], layout)]
+
+
+def lora_config(model: nn.Module, r: int, alpha: float, dropout: float, task: str = "sequence-classification",
+                ffn_layers: Sequence[int] = ()):
+    """LoRA on the attention projections and the FFN projections of ``ffn_layers``. A classifier's
+    head trains in full; a causal LM's output layer (tied to the embeddings) stays frozen."""
     from peft import LoraConfig
 
     layout = layout_for(model.config.model_type)
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(layout.attention),
-                      modules_to_save=head_modules(model), bias="none")
+    targets = list(layout.attention) + ffn_target_names(model, ffn_layers)
+    causal = task == "causal-lm"
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                      modules_to_save=None if causal else head_modules(model), bias="none",
+                      task_type="CAUSAL_LM" if causal else None)
 
 
-def with_lora(model: nn.Module, r: int, alpha: float, dropout: float) -> nn.Module:
-    """``model`` wrapped by peft: LoRA on attention, the head trainable, everything else frozen."""
+def with_lora(model: nn.Module, r: int, alpha: float, dropout: float, task: str = "sequence-classification",
+              ffn_layers: Sequence[int] = ()) -> nn.Module:
+    """``model`` wrapped by peft: LoRA on attention (and on the FFNs of ``ffn_layers``), a
+    classifier's head trainable, everything else frozen."""
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(model, r, alpha, dropout))
+    return get_peft_model(model, lora_config(model, r, alpha, dropout, task, ffn_layers))
 
 
 def get_adapter(peft_model: nn.Module) -> dict[str, torch.Tensor]:

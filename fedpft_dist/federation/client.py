@@ -1,13 +1,22 @@
-"""Local training of one client: a plain loop, fresh AdamW state, the round's learning rate."""
+"""Local training of one client: a plain loop, fresh AdamW state, the round's learning rate.
+
+Two tasks: sequence classification (``ClientData.labels`` holds a class per example) and causal-LM
+fine-tuning (``labels`` is None: every real token after the first is the target of the position before
+it; the loss is the token-weighted mean next-token cross-entropy).
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .adapters import get_adapter, set_adapter
+
+IGNORE = -100  # target id that cross-entropy skips: padding, and a token whose predecessor is padding
 
 
 @dataclass
@@ -15,11 +24,11 @@ class ClientData:
     """Tokenised examples of one client (rows of the shared train tensors)."""
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    labels: torch.Tensor
-    token_type_ids: Optional[torch.Tensor] = None  # sentence pairs
+    labels: Optional[torch.Tensor]                  # class ids; None = causal LM (next-token targets)
+    token_type_ids: Optional[torch.Tensor] = None   # sentence pairs
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.input_ids)
 
     @property
     def tokens(self) -> int:
@@ -33,6 +42,31 @@ class ClientUpdate:
     loss_sum: float
     steps: int
     tokens: int
+    loss_count: float = 0.0   # what loss_sum sums over: examples x epochs, or next-token targets
+
+
+def next_token_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``input_ids`` with IGNORE where position t is no target: padding, and a real token whose
+    predecessor is padding (a left-padded row's first token has no context to be predicted from)."""
+    keep = attention_mask.bool().clone()
+    keep[:, 1:] &= attention_mask[:, :-1].bool()
+    return input_ids.masked_fill(~keep, IGNORE)
+
+
+def next_token_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(sum of next-token cross-entropy, correct argmax predictions, targets): the logits at position
+    t predict ``labels[:, t + 1]``; IGNORE targets count nowhere. Sums, so that batches and ranks
+    add up: perplexity = exp(loss sum / targets)."""
+    pred = logits[:, :-1].float()
+    target = labels[:, 1:]
+    valid = target != IGNORE
+    per_token = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE,
+                                reduction="none")
+    # Summed in float64: a row's contribution then hardly depends on which rows share its batch, so
+    # the sum over ranks matches one rank's to ~1e-15.
+    loss = per_token.sum(dtype=torch.float64)
+    correct = int(((pred.argmax(-1) == target) & valid).sum())
+    return loss, correct, int(valid.sum())
 
 
 def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data: ClientData, epochs: int,
@@ -42,6 +76,7 @@ def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data
     ``seed`` fixes the batch order and dropout, so the update depends only on (client, round), not on
     the rank that trains it. Each batch is cut to its longest real sequence. ``recorder`` (an
     :class:`~fedpft_dist.models.proxy.ActivationRecorder`) receives each batch's attention mask.
+    The loss is the mean over the batch's examples (classification) or next-token targets (causal LM).
     """
     set_adapter(model, global_adapter)
     model.train()
@@ -51,7 +86,8 @@ def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data
     gen = torch.Generator().manual_seed(seed)
     device = params[0].device
     n = len(data)
-    loss_sum, steps, tokens = 0.0, 0, 0
+    causal = data.labels is None
+    loss_sum, loss_count, steps, tokens = 0.0, 0.0, 0, 0
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen)
         for start in range(0, n, batch_size):
@@ -63,14 +99,50 @@ def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data
             if recorder is not None:
                 recorder.mask = mask
             extra = {} if data.token_type_ids is None else {"token_type_ids": data.token_type_ids[idx, :width].to(device)}
-            out = model(input_ids=ids, attention_mask=mask, labels=data.labels[idx].to(device), **extra)
-            out.loss.backward()
+            if causal:
+                logits = model(input_ids=ids, attention_mask=mask, **extra).logits
+                total, _, count = next_token_sums(logits, next_token_labels(ids, mask))
+                loss = (total / max(1, count)).float()
+            else:
+                loss, count = model(input_ids=ids, attention_mask=mask, labels=data.labels[idx].to(device),
+                                    **extra).loss, len(idx)
+            loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            loss_sum += float(out.loss.detach()) * len(idx)
+            loss_sum += float(loss.detach()) * count
+            loss_count += count
             steps += 1
             tokens += int(mask.sum())
-    return ClientUpdate(get_adapter(model), n, loss_sum, steps, tokens)
+    return ClientUpdate(get_adapter(model), n, loss_sum, steps, tokens, loss_count)
+
+
+@torch.no_grad()
+def next_token_eval(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int,
+                    device: Optional[torch.device] = None) -> torch.Tensor:
+    """float64 [loss sum, correct, targets] of next-token prediction over the rows (model in eval
+    mode; each batch cut to its longest real sequence, right padding assumed)."""
+    model.eval()
+    device = device or next(model.parameters()).device
+    out = torch.zeros(3, dtype=torch.float64)
+    for start in range(0, len(input_ids), batch_size):
+        mask = attention_mask[start: start + batch_size]
+        width = max(1, int(mask.sum(1).max()))
+        mask = mask[:, :width].to(device)
+        ids = input_ids[start: start + batch_size, :width].to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        loss, correct, count = next_token_sums(logits, next_token_labels(ids, mask))
+        out += torch.tensor([float(loss), correct, count], dtype=torch.float64)
+    return out
+
+
+def perplexity_and_accuracy(sums: torch.Tensor) -> tuple[float, float, float]:
+    """(mean next-token loss, perplexity = exp(mean loss), next-token accuracy) from summed
+    [loss sum, correct, targets]."""
+    loss_sum, correct, count = (float(x) for x in sums)
+    if count == 0:
+        return math.nan, math.nan, math.nan
+    mean = loss_sum / count
+    return mean, (math.exp(mean) if mean < 709 else math.inf), correct / count  # exp overflows past 709
 
 
 @torch.no_grad()

@@ -3,6 +3,9 @@ flat buffer per round aggregates their adapters; the FM with the global adapter 
 test set sharded over ranks; every ``align_every`` rounds the proxy is re-aligned with the FM by
 neuron-level distillation over all ranks. Every rank runs this same loop and calls the same
 collectives in the same order; shared decisions are pure functions of (seed, round).
+
+Two tasks (``model.task``, auto = causal-lm for decoder families): sequence classification (labels,
+accuracy and macro-F1) and causal-LM fine-tuning (next-token loss; perplexity and next-token accuracy).
 """
 from __future__ import annotations
 
@@ -25,18 +28,32 @@ from ..config import Config, write_resolved_config
 from ..errors import ConfigError, UserError
 from ..fsutil import atomic_write_json
 from ..models.emulator import adapter_to_fm
-from ..models.families import layers_prefix
-from ..models.loading import load_model, load_tokenizer, resolve_model_dir
+from ..models.families import layers_prefix, transformer_layers
+from ..models.loading import default_task, load_model, load_tokenizer, resolve_model_dir
 from ..models.proxy import ActivationRecorder, count_params, load_proxy, read_proxy_meta
 from ..runtime import Runtime, init_from_config
-from .adapters import adapter_bytes, get_adapter, is_finite, merge_lora_into, set_adapter, with_lora
-from .client import ClientData, accuracy_and_macro_f1, confusion_counts, predict, train_client
+from .adapters import (adapter_bytes, full_width_layers, get_adapter, is_finite, merge_lora_into, set_adapter,
+                       with_lora)
+from .client import (ClientData, accuracy_and_macro_f1, confusion_counts, next_token_eval, perplexity_and_accuracy,
+                     predict, train_client)
 from .sampling import assign_to_ranks, client_seed, clients_per_round, round_lr, sample_clients
 
 log = logging.getLogger(__name__)
 
 PROXY_METHODS = ("fedpft", "fedpft_no_layer_distill", "fedpft_no_neuron_distill")
 ROUND_PREFIX = "round-"
+CAUSAL_LM = "causal-lm"
+CLASSIFICATION = "sequence-classification"
+
+
+def resolve_task(cfg: Config, fm_dir: Path) -> str:
+    """What the clients fine-tune: model.task, with auto = causal-lm for decoder families and
+    sequence-classification for the others."""
+    if cfg.model.task == "base":
+        raise ConfigError("model.task", "federated training needs a task: causal-lm, sequence-classification or auto")
+    if cfg.model.task == "auto":
+        return CAUSAL_LM if default_task(fm_dir) == CAUSAL_LM else CLASSIFICATION
+    return cfg.model.task
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -45,25 +62,33 @@ ROUND_PREFIX = "round-"
 
 @dataclass
 class Task:
+    """Tokenised train and test sets and the clients' shares of the train set. A causal-LM task has
+    no labels (``train_labels``/``test_labels`` None, no ``label_names``): the tokens are the targets."""
     train_ids: torch.Tensor
     train_mask: torch.Tensor
-    train_labels: torch.Tensor
+    train_labels: Optional[torch.Tensor]
     test_ids: torch.Tensor
     test_mask: torch.Tensor
-    test_labels: torch.Tensor
+    test_labels: Optional[torch.Tensor]
     label_names: list[str]
     parts: list[list[int]]
     train_types: Optional[torch.Tensor] = None  # segment ids of sentence pairs
     test_types: Optional[torch.Tensor] = None
+    kind: str = CLASSIFICATION
 
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
 
+    @property
+    def causal_lm(self) -> bool:
+        return self.kind == CAUSAL_LM
+
     def client(self, c: int) -> ClientData:
         idx = torch.as_tensor(self.parts[c], dtype=torch.long)
         types = self.train_types[idx] if self.train_types is not None else None
-        return ClientData(self.train_ids[idx], self.train_mask[idx], self.train_labels[idx], types)
+        labels = self.train_labels[idx] if self.train_labels is not None else None
+        return ClientData(self.train_ids[idx], self.train_mask[idx], labels, types)
 
 
 def _subset(indices: list[int], limit: int, seed: int) -> list[int]:
@@ -82,13 +107,25 @@ def _expand(path: str, key: str) -> str:
     return out
 
 
-def prepare_task(cfg: Config, tokenizer) -> Task:
+def prepare_task(cfg: Config, tokenizer, kind: Optional[str] = None) -> Task:
+    """The clients' data for ``kind`` (default: the task ``cfg`` resolves to)."""
+    kind = kind or resolve_task(cfg, resolve_model_dir(cfg.model.path))
+    if kind == CAUSAL_LM:
+        return prepare_lm_task(cfg, tokenizer)
+    return prepare_classification_task(cfg, tokenizer)
+
+
+def prepare_classification_task(cfg: Config, tokenizer) -> Task:
     """Labelled data, a seeded stratified train/test split, tokenisation (cached), client partition."""
     from ..data.labelled import load_labelled, tokenize_cached, train_test_split
     from ..data.partition import partition
+    from ..data.public import BUILTIN
     from ..models.loading import cache_dir
 
     d, f = cfg.data, cfg.fed
+    if d.dataset == BUILTIN:
+        raise ConfigError("data.dataset", f"'{BUILTIN}' is unlabelled text, for causal-LM fine-tuning "
+                                          f"(model.task=causal-lm with a decoder model)")
     data = load_labelled(_expand(d.dataset, "data.dataset"), d.text_column, d.label_column, d.text_pair_column)
     if d.test_file:
         test_data = load_labelled(_expand(d.test_file, "data.test_file"), d.text_column, d.label_column,
@@ -118,6 +155,55 @@ def prepare_task(cfg: Config, tokenizer) -> Task:
     return Task(train["input_ids"], train["attention_mask"], train_labels, test["input_ids"],
                 test["attention_mask"], test_labels, list(data.label_names), parts,
                 train.get("token_type_ids"), test.get("token_type_ids"))
+
+
+def prepare_lm_task(cfg: Config, tokenizer) -> Task:
+    """Text for next-token training: documents split into train and test by a seeded permutation
+    (before they become examples, so no document feeds both), examples (packed chunks of prose or one
+    row per text; :mod:`fedpft_dist.data.lm`), seeded subsets, and an IID split over clients. When the
+    clients' corpus is the public text's, only its held-out documents are used."""
+    from ..data.labelled import train_test_split
+    from ..data.lm import LMText, check_examples, lm_examples, load_lm_text
+    from ..data.partition import partition
+    from ..models.loading import cache_dir
+
+    d, f, p = cfg.data, cfg.fed, cfg.public_text
+    if d.text_pair_column:
+        raise ConfigError("data.text_pair_column", "sentence pairs are for sequence classification; next-token "
+                                                   "training reads single texts")
+    if f.partition != "iid":
+        raise ConfigError("fed.partition", f"{f.partition!r} splits by label and next-token training has no "
+                                           f"labels: use iid (optionally with fed.size_sigma)")
+    cache = d.cache_dir or str(cache_dir() / "tokens")
+
+    def text(key: str, source: str) -> LMText:
+        try:
+            return load_lm_text(_expand(source, key), d.text_column, p.source, p.held_out_fraction, cfg.run.seed)
+        except ConfigError:
+            raise
+        except UserError as exc:  # the loaders speak of "public text"; say which key it came from
+            raise UserError(f"{key}: {exc}") from None
+
+    data = text("data.dataset", d.dataset)
+    if d.test_file:
+        train_text, test_text, test_key = data, text("data.test_file", d.test_file), "data.test_file"
+    else:
+        train_idx, test_idx = train_test_split(len(data.docs), d.test_fraction, cfg.run.seed)
+        train_text = LMText([data.docs[i] for i in train_idx], data.packed, data.source, data.public_held_out)
+        test_text = LMText([data.docs[i] for i in test_idx], data.packed, data.source, data.public_held_out)
+        test_key = "data.test_fraction"
+    train = lm_examples(tokenizer, train_text, d.max_length, cache)
+    test = lm_examples(tokenizer, test_text, d.max_length, cache)
+    check_examples(train, "data.dataset", d.dataset, d.max_length)
+    check_examples(test, test_key, d.test_file or d.dataset, d.max_length)
+    train_idx = torch.as_tensor(_subset(list(range(len(train["input_ids"]))), d.max_train, cfg.run.seed + 1))
+    test_idx = torch.as_tensor(_subset(list(range(len(test["input_ids"]))), d.max_test, cfg.run.seed + 2))
+    if f.num_clients > len(train_idx):
+        raise ConfigError("fed.num_clients", f"{f.num_clients} clients but only {len(train_idx)} training examples")
+    # IID needs only the number of examples; the "labels" it is given carry no meaning.
+    parts = partition([0] * len(train_idx), f.num_clients, "iid", cfg.run.seed, size_sigma=f.size_sigma)
+    return Task(train["input_ids"][train_idx], train["attention_mask"][train_idx], None,
+                test["input_ids"][test_idx], test["attention_mask"][test_idx], None, [], parts, kind=CAUSAL_LM)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -158,25 +244,51 @@ def non_embedding_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in emb)
 
 
-def build_models(cfg: Config, rt: Runtime, num_labels: int, fm_dir: Path) -> Models:
+def _checkpointing(model: nn.Module, on: bool) -> None:
+    """Per-layer gradient checkpointing in training mode (evaluation never stores activations).
+    Non-reentrant: the frozen embeddings' outputs need not require grad, and dropout masks repeat."""
+    if on:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def build_models(cfg: Config, rt: Runtime, num_labels: int, fm_dir: Path, task: str = CLASSIFICATION) -> Models:
+    """The clients' peft model and the FM's (for plug-in evaluation) for ``fed.method`` and ``task``.
+    Every rank loads the whole FM: evaluation runs on it, unpartitioned."""
     f = cfg.fed
+    lora = (f.lora_r, f.lora_alpha, f.lora_dropout)
     torch.manual_seed(cfg.run.seed)  # the head's initialisation is part of the shared starting point
-    fm = load_model(fm_dir, "sequence-classification", cfg.model.dtype, num_labels=num_labels).to(rt.device)
+    fm = load_model(fm_dir, task, cfg.model.dtype, num_labels=num_labels).to(rt.device)
     fm_params = count_params(fm)
+    ffn = f.lora_targets == "attention+ffn"
     if f.method == "fedpetuning":
         nonemb = non_embedding_params(fm)
-        model = with_lora(fm, f.lora_r, f.lora_alpha, f.lora_dropout)
+        _checkpointing(fm, f.gradient_checkpointing)
+        every_layer = list(range(len(transformer_layers(fm)))) if ffn else []
+        model = with_lora(fm, *lora, task=task, ffn_layers=every_layer)
         return Models(model, model, None, [], fm_params, fm_params, nonemb)
     if f.method not in (*PROXY_METHODS, "fedot"):
         raise ConfigError("fed.method", f"{f.method!r} is not available")
     proxy_dir = _proxy_for(cfg, rt)
     meta = read_proxy_meta(proxy_dir)
     torch.manual_seed(cfg.run.seed)
-    proxy, _ = load_proxy(proxy_dir, task="sequence-classification", dtype=cfg.model.dtype, num_labels=num_labels)
+    proxy, _ = load_proxy(proxy_dir, task=task, dtype=cfg.model.dtype, num_labels=num_labels)
     proxy = proxy.to(rt.device)
+    _checkpointing(proxy, f.gradient_checkpointing)
     client_params, nonemb = count_params(proxy), non_embedding_params(proxy)
-    client = with_lora(proxy, f.lora_r, f.lora_alpha, f.lora_dropout)
-    evaluate = with_lora(fm, f.lora_r, f.lora_alpha, f.lora_dropout)
+    layer_map = meta.get("layer_map")
+    client_ffn: list[int] = []
+    if ffn:
+        # A proxy's compressed layers are narrower than the FM's (and alignment rewrites them), so
+        # FFN LoRA goes on the layers the client holds whole: LoRA on W_gate/W_up/W_down there has
+        # the FM's shapes and plugs in as it is.
+        aligned = meta["compressed_layers"] if f.method in PROXY_METHODS else []
+        client_ffn = full_width_layers(proxy, fm, layer_map, exclude=aligned)
+        if not client_ffn:
+            raise ConfigError("fed.lora_targets", "no layer of the client model keeps the FM's whole FFN "
+                                                  "(proxy.retained_layers is empty), so no FFN LoRA would fit the FM")
+    fm_ffn = [layer_map[j] for j in client_ffn] if layer_map is not None else client_ffn
+    client = with_lora(proxy, *lora, task=task, ffn_layers=client_ffn)
+    evaluate = with_lora(fm, *lora, task=task, ffn_layers=fm_ffn)
     models = Models(client, evaluate, proxy_dir, list(meta["compressed_layers"]), client_params, fm_params,
                     nonemb)
     if "layer_map" in meta:  # FedOT's emulator numbers its layers differently from the FM
@@ -190,9 +302,17 @@ def build_models(cfg: Config, rt: Runtime, num_labels: int, fm_dir: Path) -> Mod
 # ----------------------------------------------------------------------------------------------------
 
 def evaluate(rt: Runtime, model: nn.Module, task: Task, batch_size: int) -> dict:
-    """Accuracy and macro-F1 of ``model`` on the test set, sharded over ranks (rank r takes rows
-    r, r+W, ...); per-class counts are summed over ranks in one all-reduce."""
-    idx = torch.arange(rt.rank, len(task.test_labels), rt.world_size)
+    """``model`` on the test set, sharded over ranks (rank r takes rows r, r+W, ...), with one
+    all-reduce of sums: accuracy and macro-F1 from per-class counts (classification), or mean
+    next-token loss, perplexity and next-token accuracy from (loss sum, correct, targets) (causal LM).
+    Sums first, divisions after: the result does not depend on the number of ranks."""
+    idx = torch.arange(rt.rank, len(task.test_ids), rt.world_size)
+    if task.causal_lm:
+        sums = next_token_eval(model, task.test_ids[idx], task.test_mask[idx], batch_size, rt.device)
+        sums = rt.comm.all_reduce_sum({"sums": sums}, name="evaluate/next-token")["sums"]
+        loss, ppl, acc = perplexity_and_accuracy(sums)
+        return {"test_loss": loss, "perplexity": ppl, "next_token_accuracy": acc, "test_tokens": int(sums[2]),
+                "test_examples": len(task.test_ids)}
     types = task.test_types[idx] if task.test_types is not None else None
     preds = predict(model, task.test_ids[idx], task.test_mask[idx], batch_size, rt.device, types)
     counts = confusion_counts(preds, task.test_labels[idx], task.num_classes)
@@ -273,9 +393,13 @@ def _run(cfg: Config, rt: Runtime, probe: Optional[Probe] = None) -> dict:
     if rt.is_main:
         write_resolved_config(cfg)
     fm_dir = resolve_model_dir(cfg.model.path)
+    kind = resolve_task(cfg, fm_dir)
     tokenizer = load_tokenizer(fm_dir)
-    task = prepare_task(cfg, tokenizer)
-    models = build_models(cfg, rt, task.num_classes, fm_dir)
+    task = prepare_task(cfg, tokenizer, kind)
+    models = build_models(cfg, rt, task.num_classes, fm_dir, kind)
+    # The headline metric: accuracy (higher is better) or perplexity (lower is better).
+    primary = "perplexity" if task.causal_lm else "accuracy"
+    better = min if task.causal_lm else max
     hf_client = models.client.get_base_model()
     aligning = f.method in ("fedpft", "fedpft_no_layer_distill") and f.align_every > 0
     public = None
@@ -291,10 +415,10 @@ def _run(cfg: Config, rt: Runtime, probe: Optional[Probe] = None) -> dict:
     global_adapter = {k: v.cpu() for k, v in global_adapter.items()}
     up_bytes = adapter_bytes(global_adapter)
     k_round = clients_per_round(f.num_clients, f.client_fraction)
-    mean_tokens = float(task.train_mask.sum()) / max(1, len(task.train_labels))
+    mean_tokens = float(task.train_mask.sum()) / max(1, len(task.train_ids))
     cost = [float(task.train_mask[torch.as_tensor(p, dtype=torch.long)].sum()) * f.local_epochs for p in task.parts]
 
-    start, best, history = 0, None, []
+    start, best, history, initial = 0, None, [], {}
     align_rounds, ffn_bytes, excluded_total = 0, 0, 0
     ckpt_root = run_dir / "checkpoints" / "rounds"
     if f.resume:
@@ -306,7 +430,7 @@ def _run(cfg: Config, rt: Runtime, probe: Optional[Probe] = None) -> dict:
             global_adapter = tensors["adapter"]
             if "proxy_ffn" in tensors:
                 hf_client.base_model.load_state_dict(tensors["proxy_ffn"], strict=False)
-            start, best = meta["round"], meta["best_accuracy"]
+            start, best, initial = meta["round"], meta.get(f"best_{primary}"), meta.get("initial_eval", {})
             align_rounds, ffn_bytes, excluded_total = (meta["alignment_rounds"], meta["ffn_bytes_per_alignment"],
                                                        meta["excluded_clients"])
             log.info("resumed from %s: continuing at round %d", ckpt, start + 1)
@@ -325,6 +449,12 @@ def _run(cfg: Config, rt: Runtime, probe: Optional[Probe] = None) -> dict:
 
         bar = tqdm(total=f.rounds, initial=start, desc=f"{f.method} rounds", unit="round", dynamic_ncols=True)
     last_eval: dict = {}
+    if f.eval_initial and start == 0:
+        # The starting adapter changes nothing (LoRA B = 0; a classifier's head is fresh): the FM as it is.
+        t0 = time.perf_counter()
+        set_adapter(models.evaluate, models.to_fm(global_adapter))
+        initial = {f"initial_{k}": v for k, v in evaluate(rt, models.evaluate, task, f.eval_batch_size).items()}
+        phase["evaluation"] += time.perf_counter() - t0
     for t in range(start, f.rounds):
         t_round = time.perf_counter()
         seconds: dict[str, float] = {}
@@ -340,7 +470,7 @@ def _run(cfg: Config, rt: Runtime, probe: Optional[Probe] = None) -> dict:
         # Sums in float64: the result then does not depend on how clients are split over ranks
         # (fp32 partial sums in a different order would differ in the last bits).
         sums = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_adapter.items()}
-        weight = excluded = loss_sum = samples = tokens = 0.0
+        weight = excluded = loss_sum = loss_count = tokens = 0.0
         inner = None
         if bar is not None and len(mine) > 1:
             from tqdm import tqdm
@@ -359,7 +489,7 @@ def _run(cfg: Config, rt: Runtime, probe: Optional[Probe] = None) -> dict:
                 sums[k] += w * v.double().cpu()
             weight += w
             loss_sum += upd.loss_sum
-            samples += upd.num_samples * f.local_epochs
+            loss_count += upd.loss_count
             tokens += upd.tokens
         if inner is not None:
             inner.close()
@@ -375,7 +505,7 @@ def _run(cfg: Config, rt: Runtime, probe: Optional[Probe] = None) -> dict:
             seconds["wait"] = time.perf_counter() - t0
         all_finite = rt.comm.agree(excluded == 0, "min", name="aggregate/finite")
         payload = {f"adapter/{k}": v for k, v in sums.items()}
-        payload["meta/stats"] = torch.tensor([weight, excluded, loss_sum, samples], dtype=torch.float64)
+        payload["meta/stats"] = torch.tensor([weight, excluded, loss_sum, loss_count], dtype=torch.float64)
         # Every rank's local training time and tokens, in its own slot (the others send zeros):
         # rank 0 learns the load balance of the round from the same collective.
         per_rank = torch.zeros(2, rt.world_size, dtype=torch.float64)
@@ -384,7 +514,8 @@ def _run(cfg: Config, rt: Runtime, probe: Optional[Probe] = None) -> dict:
         t1 = time.perf_counter()
         red = rt.comm.all_reduce_sum(payload, name="aggregate/adapter")
         seconds["allreduce"] = time.perf_counter() - t1
-        total_w, n_excluded, total_loss, total_samples = red["meta/stats"].tolist()
+        # train_loss: mean over examples (classification) or next-token targets (causal LM)
+        total_w, n_excluded, total_loss, total_count = red["meta/stats"].tolist()
         rank_seconds, rank_tokens = red["meta/per_rank"].tolist()
         if total_w > 0:
             # theta = sum_c w_c theta_c / sum_c w_c (w_c = client samples, or 1 for uniform)
@@ -393,7 +524,7 @@ def _run(cfg: Config, rt: Runtime, probe: Optional[Probe] = None) -> dict:
         seconds["aggregation"] = time.perf_counter() - t0
         phase["aggregation"] += seconds["aggregation"]
         row = {"round": t + 1, "lr": lr, "clients": len(sampled), "excluded_clients": int(n_excluded),
-               "all_updates_finite": all_finite, "train_loss": total_loss / max(1.0, total_samples),
+               "all_updates_finite": all_finite, "train_loss": total_loss / max(1.0, total_count),
                "local_seconds_per_rank": [round(x, 4) for x in rank_seconds],
                "tokens_per_rank": [int(x) for x in rank_tokens],
                "aggregation_bytes": sum(v.numel() * v.element_size() for v in payload.values())}
@@ -418,7 +549,7 @@ def _run(cfg: Config, rt: Runtime, probe: Optional[Probe] = None) -> dict:
             set_adapter(models.evaluate, models.to_fm(global_adapter))
             last_eval = evaluate(rt, models.evaluate, task, f.eval_batch_size)
             row.update(last_eval)
-            best = last_eval["accuracy"] if best is None else max(best, last_eval["accuracy"])
+            best = last_eval[primary] if best is None else better(best, last_eval[primary])
             seconds["evaluation"] = time.perf_counter() - t0
             phase["evaluation"] += seconds["evaluation"]
         seconds["round"] = time.perf_counter() - t_round
@@ -432,7 +563,7 @@ def _run(cfg: Config, rt: Runtime, probe: Optional[Probe] = None) -> dict:
             history.append(row)
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
-            bar.set_postfix({k: f"{row[k]:.4f}" for k in ("train_loss", "accuracy") if k in row})
+            bar.set_postfix({k: f"{row[k]:.4f}" for k in ("train_loss", primary) if k in row})
             bar.update(1)
         stopping = f.stop_after > 0 and t + 1 - start >= f.stop_after and t + 1 < f.rounds
         if stopping or (f.checkpoint_every and (t + 1) % f.checkpoint_every == 0 and t + 1 < f.rounds):
@@ -443,7 +574,7 @@ def _run(cfg: Config, rt: Runtime, probe: Optional[Probe] = None) -> dict:
                     tensors["proxy_ffn"] = {k: v for k, v in hf_client.base_model.state_dict().items() if k in names}
                 save_checkpoint(ckpt_root, f"{ROUND_PREFIX}{t + 1:06d}", tensors,
                                 {"round": t + 1, "method": f.method, "seed": cfg.run.seed,
-                                 "world_size": rt.world_size, "best_accuracy": best,
+                                 "world_size": rt.world_size, f"best_{primary}": best, "initial_eval": initial,
                                  "alignment_rounds": align_rounds, "ffn_bytes_per_alignment": ffn_bytes,
                                  "excluded_clients": excluded_total})
             rt.comm.barrier(name="checkpoint/round")
@@ -459,9 +590,12 @@ def _run(cfg: Config, rt: Runtime, probe: Optional[Probe] = None) -> dict:
     # -- outputs --------------------------------------------------------------------------------------
     phase = rt.comm.all_reduce_metrics(phase, op="max", name="summary/phase-seconds")
     summary = {
-        "method": f.method, "rounds": f.rounds, "world_size": rt.world_size, "num_clients": f.num_clients,
-        "clients_per_round": k_round, "dataset": cfg.data.dataset, "partition": f.partition,
-        "final_accuracy": last_eval.get("accuracy"), "best_accuracy": best, "final_macro_f1": last_eval.get("macro_f1"),
+        "method": f.method, "task": task.kind, "rounds": f.rounds, "world_size": rt.world_size,
+        "num_clients": f.num_clients, "clients_per_round": k_round, "dataset": cfg.data.dataset,
+        "partition": f.partition, "lora_targets": f.lora_targets,
+        # Classification keys stay None for a causal LM: next-token accuracy is not a class accuracy.
+        "final_accuracy": last_eval.get("accuracy"), "best_accuracy": None if task.causal_lm else best,
+        "final_macro_f1": last_eval.get("macro_f1"),
         "excluded_clients": excluded_total, "phase_seconds": phase,
         "bytes_up_per_client": up_bytes,
         "bytes_down_per_client": up_bytes + (ffn_bytes * align_rounds / f.rounds if align_rounds else 0),
@@ -470,12 +604,22 @@ def _run(cfg: Config, rt: Runtime, probe: Optional[Probe] = None) -> dict:
         # ~6 FLOPs per non-embedding parameter per token for a training step (forward + backward)
         "client_train_flops_per_example": 6 * models.client_nonembedding_params * mean_tokens,
         "wall_seconds": time.perf_counter() - t_start,
+        **initial,
     }
+    if task.causal_lm:
+        summary.update({"final_perplexity": last_eval.get("perplexity"), "best_perplexity": best,
+                        "final_next_token_accuracy": last_eval.get("next_token_accuracy"),
+                        "final_test_loss": last_eval.get("test_loss")})
     if probe is not None:
         probe.state = {"models": models, "task": task, "adapter": global_adapter, "public": public}
     if rt.is_main:
         set_adapter(models.evaluate, models.to_fm(global_adapter))
         models.evaluate.save_pretrained(str(run_dir / "adapter"))
         atomic_write_json(run_dir / "summary.json", summary)
+        if task.causal_lm:
+            log.info("%s (causal LM): %d rounds on %d rank(s): perplexity %.3f (best %.3f%s), next-token accuracy "
+                     "%.4f; %.0f s; results in %s", f.method, f.rounds, rt.world_size, summary["final_perplexity"],
+                     best, f", before {initial['initial_perplexity']:.3f}" if initial else "",
+                     summary["final_next_token_accuracy"], summary["wall_seconds"], run_dir)
     rt.comm.barrier(name="summary/written")
     return summary

@@ -48,8 +48,9 @@ class ActivationRecorder:
     """Forward pre-hooks on each FFN's output projection that accumulate activation statistics of
     the intermediate activations (the projection's input) over real tokens.
 
-    Set :attr:`mask` to the batch's attention mask before each forward; remove the hooks with
-    :meth:`close` (or use as a context manager).
+    Set :attr:`mask` to the batch's attention mask before each forward: each layer records once per
+    mask, so gradient checkpointing, which runs a layer's forward again in the backward pass, does
+    not count a batch twice. Remove the hooks with :meth:`close` (or use as a context manager).
     """
 
     def __init__(self, model: nn.Module, layer_ids: Iterable[int], eps: float):
@@ -58,7 +59,8 @@ class ActivationRecorder:
         layout = layout_for(model.config.model_type)
         layers = transformer_layers(model)
         self.eps = eps
-        self.mask: Optional[torch.Tensor] = None
+        self._mask: Optional[torch.Tensor] = None
+        self._recorded: set[int] = set()
         self.stats: dict[int, "ActivationStats"] = {}
         self._handles = []
         for l in layer_ids:
@@ -67,9 +69,21 @@ class ActivationRecorder:
             self.stats[l] = ActivationStats.zeros(proj.in_features, device=proj.weight.device)
             self._handles.append(proj.register_forward_pre_hook(self._hook(l)))
 
+    @property
+    def mask(self) -> Optional[torch.Tensor]:
+        return self._mask
+
+    @mask.setter
+    def mask(self, value: Optional[torch.Tensor]) -> None:
+        self._mask = value
+        self._recorded = set()
+
     def _hook(self, l: int):
         def hook(module: nn.Module, inputs: tuple) -> None:
-            self.stats[l].update(inputs[0].detach(), self.mask, self.eps)
+            if l in self._recorded:
+                return
+            self._recorded.add(l)
+            self.stats[l].update(inputs[0].detach(), self._mask, self.eps)
         return hook
 
     def close(self) -> None:
