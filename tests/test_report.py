@@ -1,5 +1,9 @@
-"""fedpft report: groups runs by method and partition (mean ± std over seeds), writes table and plots."""
+"""fedpft report: groups runs by method and partition (mean ± std over seeds), writes table and plots;
+causal-LM runs get perplexity columns and plots, and a report of both tasks has a table per task."""
+import csv
 import json
+
+import pytest
 
 from conftest import run_cli
 
@@ -27,6 +31,94 @@ def test_report_groups_seeds(tmp_path):
     for png in ("accuracy.png", "cost.png"):
         data = (tmp_path / "out" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _fake_lm_run(path, method, seed, ppls, accs, initial=None, partition="iid", keep_ratio=0.25):
+    """A causal-LM run as the engine writes it: classification keys null, perplexity keys set, and the
+    FM's initial_* numbers when fed.eval_initial was on (``initial`` = (perplexity, next-token accuracy))."""
+    path.mkdir(parents=True)
+    rows = [{"round": i + 1, "train_loss": 3.0, "test_loss": 2.0, "perplexity": p, "next_token_accuracy": a}
+            for i, (p, a) in enumerate(zip(ppls, accs))]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = {"method": method, "task": "causal-lm", "rounds": len(ppls), "world_size": 1, "partition": partition,
+               "final_accuracy": None, "best_accuracy": None, "final_macro_f1": None,
+               "client_params": 60_000_000, "client_train_flops_per_example": 2.5e10, "wall_seconds": 20.0 + seed,
+               "final_perplexity": ppls[-1], "best_perplexity": min(ppls), "final_next_token_accuracy": accs[-1],
+               "final_test_loss": 2.0}
+    if initial is not None:
+        summary.update({"initial_perplexity": initial[0], "initial_next_token_accuracy": initial[1],
+                        "initial_test_loss": 3.4})
+    (path / "summary.json").write_text(json.dumps(summary))
+    (path / "config.yaml").write_text(f"run:\n  seed: {seed}\nmodel:\n  task: causal-lm\nfed:\n  partition: {partition}\n"
+                                      f"  alpha: 1.0\n  eval_initial: {str(initial is not None).lower()}\n"
+                                      f"proxy:\n  keep_ratio: {keep_ratio}\n")
+
+
+LM_HEADER = ("| method / partition | seeds | rounds | initial perplexity | final perplexity | best perplexity "
+             "| final next-token accuracy (%) | client params | client GFLOPs / example | wall s |")
+
+
+def test_report_of_causal_lm_runs_shows_perplexity(tmp_path):
+    _fake_lm_run(tmp_path / "runs" / "a0", "fedpft", 0, [20.0, 11.0, 12.0], [0.30, 0.38, 0.40], initial=(30.0, 0.2))
+    _fake_lm_run(tmp_path / "runs" / "a1", "fedpft", 1, [20.0, 13.0, 14.0], [0.30, 0.40, 0.42], initial=(32.0, 0.2))
+    _fake_lm_run(tmp_path / "runs" / "b0", "fedot", 0, [18.0, 15.5], [0.3, 0.35], partition="dirichlet")
+    proc = run_cli("report", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out"
+    rows = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ")]
+    assert rows == [
+        LM_HEADER,
+        "| fedpft / iid | 2 | 3 | 31.00 ± 1.41 | 13.00 ± 1.41 | 12.00 ± 1.41 | 41.0 ± 1.4 | 60.0M | 25.00 | 20 |",
+        # no fed.eval_initial: no initial perplexity, and 1 seed: no ± std
+        "| fedot / dirichlet(α=1.0) | 1 | 2 | – | 15.50 | 15.50 | 35.0 | 60.0M | 25.00 | 20 |"]
+    assert "##" not in (out / "report.md").read_text()  # one task: no per-task headings
+    for png in ("perplexity.png", "perplexity-cost.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == PNG and len(data) > 5000, png
+    assert not (out / "accuracy.png").exists() and not (out / "perplexity-swept.png").exists()
+    with (out / "report.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert "final_accuracy_mean" not in table[0]
+    assert [r["task"] for r in table] == ["causal-lm", "causal-lm"]
+    assert float(table[0]["final_perplexity_mean"]) == 13.0 and float(table[0]["best_perplexity_mean"]) == 12.0
+    assert float(table[0]["final_next_token_accuracy_mean"]) == pytest.approx(0.41) and float(table[0]["final_test_loss_mean"]) == 2.0
+    assert float(table[0]["initial_perplexity_mean"]) == 31.0 and table[1]["initial_perplexity_mean"] == "nan"
+
+
+def test_report_of_both_tasks_has_a_table_per_task(tmp_path):
+    _fake_run(tmp_path / "runs" / "cls0", "fedpft", 0, [0.5, 0.6])
+    _fake_run(tmp_path / "runs" / "cls1", "fedpft", 1, [0.5, 0.8])
+    for seed in (0, 1):
+        _fake_lm_run(tmp_path / "runs" / f"lm-k25-{seed}", "fedpft", seed, [20.0, 12.0 + seed], [0.3, 0.4])
+        _fake_lm_run(tmp_path / "runs" / f"lm-k50-{seed}", "fedpft", seed, [20.0, 10.0], [0.3, 0.5], keep_ratio=0.5)
+    proc = run_cli("report", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out"
+    report = (out / "report.md").read_text()
+    cls, lm = report.split("## Sequence classification\n")[1].split("## Causal LM\n")
+    # Swept keys are each task's own: the LM runs' model.task and proxy.keep_ratio are no classification
+    # column, and classification keeps today's rows.
+    assert "| fedpft / iid | 2 | 2 | 70.0 ± 14.1 | 70.0 ± 14.1 | 60.0 ± 14.1 | 19.0M | 5.00 | 10 |" in cls
+    assert "perplexity" not in cls and "accuracy" not in lm.replace("next-token accuracy", "")
+    assert [line for line in lm.splitlines() if line.startswith("| ")] == [
+        "| method / partition | proxy.keep_ratio | seeds | rounds | final perplexity | best perplexity "
+        "| final next-token accuracy (%) | client params | client GFLOPs / example | wall s |",
+        "| fedpft / iid | 0.25 | 2 | 2 | 12.50 ± 0.71 | 12.50 ± 0.71 | 40.0 ± 0.0 | 60.0M | 25.00 | 20 |",
+        "| fedpft / iid | 0.5 | 2 | 2 | 10.00 ± 0.00 | 10.00 ± 0.00 | 50.0 ± 0.0 | 60.0M | 25.00 | 20 |"]
+    assert "![accuracy per round](accuracy.png)" in cls and "![perplexity per round](perplexity.png)" in lm
+    assert "![final perplexity against the swept keys](perplexity-swept.png)" in lm and "swept.png" not in cls
+    for png in ("accuracy.png", "cost.png", "perplexity.png", "perplexity-cost.png", "perplexity-swept.png"):
+        assert (out / png).read_bytes()[:8] == PNG, png
+    assert not (out / "swept.png").exists()
+    with (out / "report.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [(r["task"], r["proxy.keep_ratio"], r["seeds"]) for r in table] == [
+        ("sequence-classification", "", "2"), ("causal-lm", "0.25", "2"), ("causal-lm", "0.5", "2")]
+    assert float(table[0]["final_accuracy_mean"]) == 0.7 and table[0]["final_perplexity_mean"] == ""
+    assert table[1]["final_accuracy_mean"] == "" and float(table[1]["final_perplexity_mean"]) == 12.5
 
 
 def test_report_of_a_missing_run_is_a_user_error(tmp_path):

@@ -5,6 +5,11 @@ Every other config key whose value differs between the runs (a sweep's keys) get
 table, beside the method / partition label. Plots: accuracy per round for every group, final accuracy
 against client-side cost (parameters a client holds and training FLOPs per example) and, when there
 are swept keys, final accuracy against each of them.
+
+Causal-LM runs (``"task": "causal-lm"`` in summary.json) show perplexity instead (lower is better): the
+table has final and best perplexity, final next-token accuracy and, when ``fed.eval_initial`` was on,
+the FM's perplexity before training; the plots draw perplexity. Runs of different tasks get a table
+and plots each, under a heading per task; runs from before the ``task`` key are classification.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import json
 import math
 import statistics
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -38,10 +44,81 @@ def load_run(run_dir: Path) -> dict:
 # in these are repeats of one setting. A key ending in "." covers its whole section.
 NOT_SETTINGS = ("run.dir", "run.seed", "run.log_level", "dist.", "doctor.", "proxy.out", "distill.proxy",
                 "distill.out", "distill.checkpoint_every", "distill.resume", "data.cache_dir",
-                "fed.checkpoint_every", "fed.resume", "fed.stop_after", "fed.eval_batch_size")
+                "fed.checkpoint_every", "fed.resume", "fed.stop_after", "fed.eval_batch_size",
+                "fed.eval_initial")  # an extra evaluation before round 1: the rounds are the same
 # In the method / partition label; fed.alpha too, unless it differs between the runs (then it is a column).
 LABEL_KEYS = ("fed.method", "fed.partition")
 ALPHA = "fed.alpha"
+
+
+# summary.json's "task" values (as in federation/engine.py, not imported: it pulls in torch).
+CLASSIFICATION, CAUSAL_LM = "sequence-classification", "causal-lm"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A number of a run: its key, its column header or axis label, and how it is shown (value x
+    ``scale``, ``digits`` decimals)."""
+    key: str
+    header: str
+    scale: float = 100.0
+    digits: int = 1
+    optional: bool = False  # a table column only when some run has it (initial_*: fed.eval_initial)
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """What a report shows for one task: the table's metric columns, the CSV's metrics, the metric per
+    round (metrics.jsonl) and the final one (summary.json) that the plots draw, and the plot files."""
+    title: str
+    columns: tuple[Metric, ...]
+    csv_metrics: tuple[str, ...]
+    per_round: Metric
+    final: Metric
+    initial: Optional[str]  # summary key of the FM before training, drawn at round 0 when present
+    plots: tuple[tuple[str, str], ...]  # (file, alt text) of the per-round, cost and swept plots
+
+
+VIEWS = {
+    CLASSIFICATION: TaskView(
+        title="Sequence classification",
+        columns=(Metric("final_accuracy", "final accuracy (%)"), Metric("best_accuracy", "best accuracy (%)"),
+                 Metric("final_macro_f1", "final macro-F1 (%)")),
+        csv_metrics=("final_accuracy", "best_accuracy", "final_macro_f1"),
+        per_round=Metric("accuracy", "test accuracy of the FM with the global adapter (%)"),
+        final=Metric("final_accuracy", "final accuracy (%)"),
+        initial=None,
+        plots=(("accuracy.png", "accuracy per round"), ("cost.png", "accuracy against client cost"),
+               ("swept.png", "final accuracy against the swept keys"))),
+    CAUSAL_LM: TaskView(
+        title="Causal LM",
+        columns=(Metric("initial_perplexity", "initial perplexity", 1.0, 2, optional=True),
+                 Metric("final_perplexity", "final perplexity", 1.0, 2),
+                 Metric("best_perplexity", "best perplexity", 1.0, 2),
+                 Metric("final_next_token_accuracy", "final next-token accuracy (%)")),
+        csv_metrics=("final_perplexity", "best_perplexity", "final_next_token_accuracy", "final_test_loss",
+                     "initial_perplexity", "initial_next_token_accuracy"),
+        per_round=Metric("perplexity", "test perplexity of FM + adapter (lower is better)", 1.0, 2),
+        final=Metric("final_perplexity", "final perplexity (lower is better)", 1.0, 2),
+        initial="initial_perplexity",
+        plots=(("perplexity.png", "perplexity per round"), ("perplexity-cost.png", "perplexity against client cost"),
+               ("perplexity-swept.png", "final perplexity against the swept keys"))),
+}
+
+
+def task_of(run: dict) -> str:
+    """The run's task; summaries written before the "task" key are classification."""
+    return CAUSAL_LM if run["summary"].get("task") == CAUSAL_LM else CLASSIFICATION
+
+
+def runs_by_task(runs: Sequence[dict]) -> "OrderedDict[str, list[dict]]":
+    """Runs split by task, in VIEWS' order (classification first), whatever the directories' names."""
+    tasks: "OrderedDict[str, list[dict]]" = OrderedDict()
+    for task in VIEWS:
+        mine = [run for run in runs if task_of(run) == task]
+        if mine:
+            tasks[task] = mine
+    return tasks
 
 
 def group_key(run: dict, with_alpha: bool = True) -> str:
@@ -98,11 +175,14 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _fmt(values: Sequence[float], scale: float = 100.0) -> str:
-    mean, std = _mean_std(values)
+def _fmt(values: Sequence[Optional[float]], scale: float = 100.0, digits: int = 1) -> str:
+    """Mean ± std of the values present (a run without the key does not count as a seed)."""
+    present = [v for v in values if v is not None]
+    mean, std = _mean_std(present)
     if math.isnan(mean):
         return "–"
-    return f"{mean * scale:.1f} ± {std * scale:.1f}" if len(values) > 1 else f"{mean * scale:.1f}"
+    return (f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}" if len(present) > 1
+            else f"{mean * scale:.{digits}f}")
 
 
 def groups_of(runs: Sequence[dict], keys: Optional[Sequence[str]] = None
@@ -117,47 +197,58 @@ def groups_of(runs: Sequence[dict], keys: Optional[Sequence[str]] = None
     return groups
 
 
-def markdown_table(runs: Sequence[dict]) -> str:
+def markdown_table(runs: Sequence[dict], view: TaskView) -> str:
+    """One row per group of ``runs`` (all of ``view``'s task): its swept values, then ``view``'s columns."""
     keys = swept_keys(runs)
-    rows = ["| method / partition | " + "".join(f"{k} | " for k in keys) + "seeds | rounds | final accuracy (%) "
-            "| best accuracy (%) | final macro-F1 (%) | client params | client GFLOPs / example | wall s |",
-            "|---|" + "---|" * len(keys) + "---|---|---|---|---|---|---|---|"]
+    columns = [m for m in view.columns if not m.optional or any(r["summary"].get(m.key) is not None for r in runs)]
+    rows = ["| method / partition | " + "".join(f"{k} | " for k in keys) + "seeds | rounds | "
+            + "".join(f"{m.header} | " for m in columns) + "client params | client GFLOPs / example | wall s |",
+            "|---|" + "---|" * (len(keys) + len(columns) + 5)]
     for (label, values), group in groups_of(runs, keys).items():
         s0 = group[0]["summary"]
         flops = s0.get("client_train_flops_per_example")
         rows.append(
             f"| {label} | " + "".join(f"{_cell(v)} | " for v in values)
-            + f"{len(group)} | {s0['rounds']} | {_fmt([r['summary']['final_accuracy'] for r in group])} "
-            f"| {_fmt([r['summary']['best_accuracy'] for r in group])} "
-            f"| {_fmt([r['summary']['final_macro_f1'] for r in group])} "
-            f"| {s0.get('client_params', 0) / 1e6:.1f}M | {'–' if flops is None else f'{flops / 1e9:.2f}'} "
+            + f"{len(group)} | {s0['rounds']} | "
+            + "".join(f"{_fmt([r['summary'].get(m.key) for r in group], m.scale, m.digits)} | " for m in columns)
+            + f"{s0.get('client_params', 0) / 1e6:.1f}M | {'–' if flops is None else f'{flops / 1e9:.2f}'} "
             f"| {statistics.fmean(r['summary']['wall_seconds'] for r in group):.0f} |")
     return "\n".join(rows) + "\n"
 
 
 def write_csv(runs: Sequence[dict], path: Path) -> None:
-    """The table's numbers, unrounded, one row per group (accuracies as fractions)."""
-    keys = swept_keys(runs)
-    metrics = ("final_accuracy", "best_accuracy", "final_macro_f1")
+    """The tables' numbers, unrounded, one row per group (accuracies as fractions). With causal-LM runs
+    there is a task column and the LM metrics' columns; a metric of the other task is left empty, and
+    the swept keys are those of every task (a key not swept within a task has that task's one value)."""
+    tasks = runs_by_task(runs)
+    keys = list(OrderedDict.fromkeys(k for task_runs in tasks.values() for k in swept_keys(task_runs)))
+    metrics = list(OrderedDict.fromkeys(m for task in tasks for m in VIEWS[task].csv_metrics))
+    with_task = list(tasks) != [CLASSIFICATION]  # classification-only reports keep their columns
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method", "partition", "dirichlet_alpha", *keys, "seeds", "rounds",
-                         *(f"{m}_{stat}" for m in metrics for stat in ("mean", "std")),
+        writer.writerow(["method", *(["task"] if with_task else []), "partition", "dirichlet_alpha", *keys,
+                         "seeds", "rounds", *(f"{m}_{stat}" for m in metrics for stat in ("mean", "std")),
                          "client_params", "client_train_flops_per_example", "wall_seconds", "runs"])
-        for (_, values), group in groups_of(runs, keys).items():
-            s0 = group[0]["summary"]
-            stats = [x for m in metrics for x in _mean_std([r["summary"][m] for r in group])]
-            fed = group[0]["config"].get("fed", {})
-            partition = s0.get("partition", fed.get("partition"))
-            alpha = fed.get("alpha") if partition == "dirichlet" else None
-            writer.writerow([s0["method"], partition, alpha, *(_cell(v, "") for v in values), len(group),
-                             s0["rounds"], *stats,
-                             s0.get("client_params"), s0.get("client_train_flops_per_example"),
-                             statistics.fmean(r["summary"]["wall_seconds"] for r in group),
-                             " ".join(r["dir"] for r in group)])
+        for task, task_runs in tasks.items():
+            for group in groups_of(task_runs).values():
+                s0 = group[0]["summary"]
+                flat = _flatten(group[0]["config"])
+                stats = [x for m in metrics
+                         for x in (_mean_std([r["summary"].get(m) for r in group]) if m in VIEWS[task].csv_metrics
+                                   else ("", ""))]
+                fed = group[0]["config"].get("fed", {})
+                partition = s0.get("partition", fed.get("partition"))
+                alpha = fed.get("alpha") if partition == "dirichlet" else None
+                writer.writerow([s0["method"], *([task] if with_task else []), partition, alpha,
+                                 *(_cell(_frozen(flat.get(k)), "") for k in keys), len(group), s0["rounds"], *stats,
+                                 s0.get("client_params"), s0.get("client_train_flops_per_example"),
+                                 statistics.fmean(r["summary"]["wall_seconds"] for r in group),
+                                 " ".join(r["dir"] for r in group)])
 
 
-def plot_accuracy(runs: Sequence[dict], path: Path) -> None:
+def plot_rounds(runs: Sequence[dict], view: TaskView, path: Path) -> None:
+    """``view``'s metric per round, mean ± std over seeds, a line per group; the FM before training at
+    round 0 when the runs evaluated it (``view.initial``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,19 +258,22 @@ def plot_accuracy(runs: Sequence[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for (label, values), group in groups_of(runs, keys).items():
         by_round: dict[int, list[float]] = {}
+        metric = view.per_round
         for run in group:
+            if view.initial and run["summary"].get(view.initial) is not None:
+                by_round.setdefault(0, []).append(run["summary"][view.initial])
             for row in run["metrics"]:
-                if "accuracy" in row:
-                    by_round.setdefault(row["round"], []).append(row["accuracy"])
+                if metric.key in row:
+                    by_round.setdefault(row["round"], []).append(row[metric.key])
         xs = sorted(by_round)
-        means = [statistics.fmean(by_round[x]) * 100 for x in xs]
+        means = [statistics.fmean(by_round[x]) * metric.scale for x in xs]
         line, = ax.plot(xs, means, marker="o", markersize=3, label=group_name(label, keys, values))
         if len(group) > 1:
-            stds = [statistics.stdev(by_round[x]) * 100 if len(by_round[x]) > 1 else 0 for x in xs]
+            stds = [statistics.stdev(by_round[x]) * metric.scale if len(by_round[x]) > 1 else 0 for x in xs]
             ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                             color=line.get_color(), alpha=0.15)
     ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy of the FM with the global adapter (%)")
+    ax.set_ylabel(view.per_round.header)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: curves stay visible
     fig.tight_layout()
@@ -187,7 +281,8 @@ def plot_accuracy(runs: Sequence[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_cost(runs: Sequence[dict], path: Path) -> None:
+def plot_cost(runs: Sequence[dict], view: TaskView, path: Path) -> None:
+    """``view``'s final metric against the parameters a client holds and its training FLOPs per example."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,14 +292,15 @@ def plot_cost(runs: Sequence[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for (label, values), group in groups_of(runs, keys).items():
         s0 = group[0]["summary"]
-        acc, std = _mean_std([r["summary"]["final_accuracy"] for r in group])
+        final, std = _mean_std([r["summary"].get(view.final.key) for r in group])
         name = group_name(label, keys, values)
         for ax, x in zip(axes, (s0.get("client_params", 0) / 1e6, (s0.get("client_train_flops_per_example") or 0) / 1e9)):
-            ax.errorbar([x], [acc * 100], yerr=[std * 100], fmt="o", capsize=3, label=name)
+            ax.errorbar([x], [final * view.final.scale], yerr=[std * view.final.scale], fmt="o", capsize=3,
+                        label=name)
     axes[0].set_xlabel("parameters a client holds (M)")
     axes[1].set_xlabel("client training GFLOPs per example")
     for ax in axes:
-        ax.set_ylabel("final accuracy (%)")
+        ax.set_ylabel(view.final.header)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
@@ -212,9 +308,9 @@ def plot_cost(runs: Sequence[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_swept(runs: Sequence[dict], keys: Sequence[str], path: Path) -> None:
-    """One panel per swept key: final accuracy (mean ± std over seeds) against its value, a line through
-    the groups that agree on everything else; groups with no such partner are grey dots."""
+def plot_swept(runs: Sequence[dict], keys: Sequence[str], view: TaskView, path: Path) -> None:
+    """One panel per swept key: ``view``'s final metric (mean ± std over seeds) against its value, a line
+    through the groups that agree on everything else; groups with no such partner are grey dots."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -230,10 +326,10 @@ def plot_swept(runs: Sequence[dict], keys: Sequence[str], path: Path) -> None:
         # Slices: groups equal in the label and every other swept key; each is one line over this key.
         slices: "OrderedDict[tuple, list[tuple[float, float, float]]]" = OrderedDict()
         for (label, values), group in groups.items():
-            acc, std = _mean_std([r["summary"]["final_accuracy"] for r in group])
+            final, std = _mean_std([r["summary"].get(view.final.key) for r in group])
             x = values[i] if numeric else seen.index(json.dumps(values[i]))
             rest = (label, *values[:i], *values[i + 1:])
-            slices.setdefault(rest, []).append((x, acc * 100, std * 100))
+            slices.setdefault(rest, []).append((x, final * view.final.scale, std * view.final.scale))
         other = [k for k in keys if k != key]
         lines = 0
         for (label, *rest), pts in slices.items():
@@ -251,7 +347,7 @@ def plot_swept(runs: Sequence[dict], keys: Sequence[str], path: Path) -> None:
         else:
             ax.set_xticks(range(len(seen)), [_cell(json.loads(v)) for v in seen], rotation=20, fontsize=7)
         ax.set_xlabel(short[key])
-        ax.set_ylabel("final accuracy (%)")
+        ax.set_ylabel(view.final.header)
         ax.grid(alpha=0.3)
         if 0 < lines <= 10:  # a full grid has too many lines for a readable legend
             ax.legend(fontsize=6)
@@ -276,17 +372,27 @@ def run_report(run_dirs: Sequence[str], out: Optional[str] = None) -> int:
             runs.extend(load_run(q) for q in found)
     out_dir = Path(out) if out else Path(run_dirs[0]) if len(run_dirs) == 1 else Path("report")
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(runs)
     write_csv(runs, out_dir / "report.csv")
-    plot_accuracy(runs, out_dir / "accuracy.png")
-    plot_cost(runs, out_dir / "cost.png")
-    images = ["![accuracy per round](accuracy.png)", "![accuracy against client cost](cost.png)"]
-    keys = swept_keys(runs)
-    if keys:
-        plot_swept(runs, keys, out_dir / "swept.png")
-        images.append("![final accuracy against the swept keys](swept.png)")
-    (out_dir / "report.md").write_text("# Results\n\n" + table + "\n" + "\n\n".join(images) + "\n")
-    print(table, end="")
-    written = ["report.md", "report.csv", "accuracy.png", "cost.png", *(["swept.png"] if keys else [])]
+    # A table and plots per task: accuracy and perplexity do not share columns or axes.
+    tasks = runs_by_task(runs)
+    sections, tables, written = [], [], ["report.md", "report.csv"]
+    for task, task_runs in tasks.items():
+        view = VIEWS[task]
+        heading = f"## {view.title}\n\n" if len(tasks) > 1 else ""
+        table = markdown_table(task_runs, view)
+        (rounds_png, rounds_alt), (cost_png, cost_alt), (swept_png, swept_alt) = view.plots
+        plot_rounds(task_runs, view, out_dir / rounds_png)
+        plot_cost(task_runs, view, out_dir / cost_png)
+        images = [f"![{rounds_alt}]({rounds_png})", f"![{cost_alt}]({cost_png})"]
+        written += [rounds_png, cost_png]
+        keys = swept_keys(task_runs)
+        if keys:
+            plot_swept(task_runs, keys, view, out_dir / swept_png)
+            images.append(f"![{swept_alt}]({swept_png})")
+            written.append(swept_png)
+        sections.append(heading + table + "\n" + "\n\n".join(images) + "\n")
+        tables.append(heading + table)
+    (out_dir / "report.md").write_text("# Results\n\n" + "\n".join(sections))
+    print("\n".join(tables), end="")
     print("wrote " + ", ".join(str(out_dir / name) for name in written))
     return 0
