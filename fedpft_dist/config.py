@@ -399,19 +399,25 @@ def _apply_override(tree: dict, item: str) -> None:
     node[parts[-1]] = _Raw(text)
 
 
+def read_yaml(path: str | os.PathLike, what: str = "config file") -> Any:
+    """The parsed YAML of ``path``; a missing file or a syntax error is a one-line UserError."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} not found: {p}")
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" (line {where.line + 1})" if where is not None else ""
+        raise UserError(f"{p}: not valid YAML{at}") from None
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read ``path`` (optional) and apply ``dotted.key=value`` overrides; validate everything."""
     tree: dict = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            where = getattr(exc, "problem_mark", None)
-            at = f" (line {where.line + 1})" if where is not None else ""
-            raise UserError(f"{p}: not valid YAML{at}") from None
+        loaded = read_yaml(p)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -33,9 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import yaml
-
-from .config import Config, config_to_dict, load_config
+from .config import Config, config_to_dict, load_config, read_yaml
 from .errors import UserError
 
 SPEC_KEYS = ("base", "out", "fixed", "grid")
@@ -175,13 +173,7 @@ def _grids(where: str, raw: Any) -> list[tuple[str, dict[str, list]]]:
 def load_sweep(path: str | os.PathLike, extra: Sequence[str] = (), out: Optional[str] = None) -> Sweep:
     """Read and validate a spec; ``extra`` overrides apply to every point, ``out`` replaces the spec's."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"sweep spec not found: {p}")
-    try:
-        spec = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        raise UserError(f"{p}: not valid YAML{f' (line {where.line + 1})' if where is not None else ''}") from None
+    spec = read_yaml(p, "sweep spec")
     if not isinstance(spec, dict):
         raise UserError(f"{p}: the top level must be a mapping with the keys {', '.join(SPEC_KEYS)}")
     for key in spec:

@@ -141,7 +141,7 @@ def summarise(cfg: Config, rt: Runtime, rounds: list[dict]) -> dict:
     train_rounds = [worst("round", i) - worst("alignment", i) - worst("evaluation", i) for i in measured]
     # Rounds that align or evaluate are timed in alignment_s / evaluation_s; the round time is that of
     # the rounds that only train and aggregate (all measured rounds when every one does more).
-    plain = [i for i in measured if worst("alignment", i) == 0 and worst("evaluation", i) == 0] or list(measured)
+    plain = [i for i in measured if worst("alignment", i) == 0 and worst("evaluation", i) == 0]
     tokens_per_s = []
     for r in range(rt.world_size):
         tok = sum(per_rank[r][i]["tokens"] for i in measured)
@@ -153,7 +153,7 @@ def summarise(cfg: Config, rt: Runtime, rounds: list[dict]) -> dict:
     evals = [worst("evaluation", i) for i in range(len(rounds)) if worst("evaluation", i) > 0]
     return {
         "rounds_measured": len(measured),
-        "round_s_median": _median([worst("round", i) for i in plain]),
+        "round_s_median": _median([worst("round", i) for i in (plain or measured)]),
         "rounds_plain": len(plain),
         "round_s_median_all": _median([worst("round", i) for i in measured]),
         "train_round_s_median": _median(train_rounds),
@@ -235,8 +235,10 @@ def format_result(r: dict, path: Path) -> str:
     lines = [
         f"fedpft bench: {r['method']} on {r['world_size']} rank(s) ({r['device']}, {r['backend']}, "
         f"{r['threads_per_rank']} thread(s) per rank), {r['rounds_measured']} rounds measured",
-        f"  round (median)            {s(r['round_s_median'])} over {r['rounds_plain']} training rounds; "
-        f"{s(r['round_s_median_all'])} over all (training + aggregation {s(r['train_round_s_median'])})",
+        (f"  round (median)            {s(r['round_s_median'])} over {r['rounds_plain']} training rounds; "
+         f"{s(r['round_s_median_all'])} over all" if r["rounds_plain"] else
+         f"  round (median)            {s(r['round_s_median'])} (every measured round also aligns or evaluates)")
+        + f" (training + aggregation {s(r['train_round_s_median'])})",
         f"  local training tokens/s   per rank {', '.join(f'{x:.0f}' for x in r['tokens_per_s_per_rank'])}; "
         f"total {r['tokens_per_s_total']:.0f}",
         f"  load imbalance (max/mean) {r['load_imbalance_median']:.3f}",
