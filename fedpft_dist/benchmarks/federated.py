@@ -26,6 +26,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..config import Config
+from ..errors import UserError
 from ..fsutil import atomic_write_json
 from ..runtime import Runtime, init_from_config
 
@@ -85,11 +86,11 @@ def bandwidth(num_bytes: float, seconds: Optional[float], world_size: int) -> di
 
 def time_stats_overhead(cfg: Config, rt: Runtime, state: dict, steps: int, reps: int = 3) -> dict:
     """Seconds per local step without and with activation-statistics hooks, alternating the two
-    ``reps`` times on the same client data (this rank's first client of the last round's sampling
-    order, cut to ``steps`` batches)."""
+    ``reps`` times on the same client data (client ``rank mod num_clients``, cut to ``steps``
+    batches)."""
     from ..federation.client import ClientData, train_client
-    from ..models.proxy import ActivationRecorder
     from ..models.families import transformer_layers
+    from ..models.proxy import ActivationRecorder
 
     models, task, adapter = state["models"], state["task"], state["adapter"]
     f = cfg.fed
@@ -119,8 +120,7 @@ def time_stats_overhead(cfg: Config, rt: Runtime, state: dict, steps: int, reps:
         plain.append(one(False))
         hooked.append(one(True))
     p, h = statistics.median(plain), statistics.median(hooked)
-    return {"step_s_without": p, "step_s_with": h, "overhead": h / p - 1.0, "steps": n_steps,
-            "layers": len(layers)}
+    return {"step_s_without": p, "step_s_with": h, "steps": n_steps, "layers": len(layers)}
 
 
 def summarise(cfg: Config, rt: Runtime, rounds: list[dict]) -> dict:
@@ -183,8 +183,6 @@ def run_bench(cfg: Config, echo: Callable[[str], None] = print) -> dict:
         summary = _run(cfg, rt, probe)
         run_seconds = time.perf_counter() - t0
         if summary.get("stopped_early") or not probe.rounds:
-            from ..errors import UserError
-
             raise UserError("fedpft bench needs a run that trains rounds: unset fed.stop_after and "
                             "fed.resume, or give a fresh run.dir")
         result = summarise(cfg, rt, probe.rounds)

@@ -21,10 +21,10 @@ from typing import Optional
 
 import torch
 
-from fedpft_dist.data.labelled import BUILTINS as LABELLED_BUILTINS
-from fedpft_dist.data.labelled import load_labelled, tokenize_cached
-from fedpft_dist.data.public import BUILTIN, TEXT_SUFFIXES, load_public_text, split_held_out, token_chunks
-from fedpft_dist.errors import ConfigError
+from ..errors import ConfigError
+from .labelled import BUILTINS as LABELLED_BUILTINS
+from .labelled import load_labelled, tokenize_cached
+from .public import BUILTIN, TEXT_SUFFIXES, load_public_text, split_held_out, token_chunks
 
 
 @dataclass

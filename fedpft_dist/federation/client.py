@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -116,21 +116,30 @@ def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data
     return ClientUpdate(get_adapter(model), n, loss_sum, steps, tokens, loss_count)
 
 
+def eval_batches(input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int, device: torch.device,
+                 token_type_ids: Optional[torch.Tensor] = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Model inputs of consecutive ``batch_size`` rows, each batch cut to its longest real sequence
+    (right padding) and moved to ``device``."""
+    for start in range(0, len(input_ids), batch_size):
+        rows = slice(start, start + batch_size)
+        width = max(1, int(attention_mask[rows].sum(1).max()))
+        batch = {"input_ids": input_ids[rows, :width].to(device),
+                 "attention_mask": attention_mask[rows, :width].to(device)}
+        if token_type_ids is not None:
+            batch["token_type_ids"] = token_type_ids[rows, :width].to(device)
+        yield batch
+
+
 @torch.no_grad()
 def next_token_eval(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int,
                     device: Optional[torch.device] = None) -> torch.Tensor:
     """float64 [loss sum, correct, targets] of next-token prediction over the rows (model in eval
-    mode; each batch cut to its longest real sequence, right padding assumed)."""
+    mode)."""
     model.eval()
-    device = device or next(model.parameters()).device
     out = torch.zeros(3, dtype=torch.float64)
-    for start in range(0, len(input_ids), batch_size):
-        mask = attention_mask[start: start + batch_size]
-        width = max(1, int(mask.sum(1).max()))
-        mask = mask[:, :width].to(device)
-        ids = input_ids[start: start + batch_size, :width].to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        loss, correct, count = next_token_sums(logits, next_token_labels(ids, mask))
+    for batch in eval_batches(input_ids, attention_mask, batch_size, device or next(model.parameters()).device):
+        logits = model(**batch).logits
+        loss, correct, count = next_token_sums(logits, next_token_labels(batch["input_ids"], batch["attention_mask"]))
         out += torch.tensor([float(loss), correct, count], dtype=torch.float64)
     return out
 
@@ -151,15 +160,8 @@ def predict(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     """Argmax class of every row (the model in eval mode)."""
     model.eval()
     device = device or next(model.parameters()).device
-    preds = []
-    for start in range(0, len(input_ids), batch_size):
-        mask = attention_mask[start: start + batch_size]
-        width = max(1, int(mask.sum(1).max())) if len(mask) else 1
-        extra = {} if token_type_ids is None else {
-            "token_type_ids": token_type_ids[start: start + batch_size, :width].to(device)}
-        logits = model(input_ids=input_ids[start: start + batch_size, :width].to(device),
-                       attention_mask=mask[:, :width].to(device), **extra).logits
-        preds.append(logits.argmax(-1).cpu())
+    preds = [model(**batch).logits.argmax(-1).cpu()
+             for batch in eval_batches(input_ids, attention_mask, batch_size, device, token_type_ids)]
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
 
 

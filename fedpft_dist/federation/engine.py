@@ -611,15 +611,10 @@ def _run(cfg: Config, rt: Runtime, probe: Optional[Probe] = None) -> dict:
                         "final_next_token_accuracy": last_eval.get("next_token_accuracy"),
                         "final_test_loss": last_eval.get("test_loss")})
     if probe is not None:
-        probe.state = {"models": models, "task": task, "adapter": global_adapter, "public": public}
+        probe.state = {"models": models, "task": task, "adapter": global_adapter}
     if rt.is_main:
         set_adapter(models.evaluate, models.to_fm(global_adapter))
         models.evaluate.save_pretrained(str(run_dir / "adapter"))
         atomic_write_json(run_dir / "summary.json", summary)
-        if task.causal_lm:
-            log.info("%s (causal LM): %d rounds on %d rank(s): perplexity %.3f (best %.3f%s), next-token accuracy "
-                     "%.4f; %.0f s; results in %s", f.method, f.rounds, rt.world_size, summary["final_perplexity"],
-                     best, f", before {initial['initial_perplexity']:.3f}" if initial else "",
-                     summary["final_next_token_accuracy"], summary["wall_seconds"], run_dir)
     rt.comm.barrier(name="summary/written")
     return summary
