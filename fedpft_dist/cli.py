@@ -30,8 +30,6 @@ def _cmd_doctor(cfg, args) -> int:
 
 
 def _cmd_proxy(cfg, args) -> int:
-    import os
-
     from .runtime import detect_launch
 
     if detect_launch(os.environ).distributed:
@@ -48,23 +46,9 @@ def _cmd_distill(cfg, args) -> int:
 
 
 def _cmd_train(cfg, args) -> int:
-    from .federation.engine import run_federated
+    from .commands.train import run_train
 
-    summary = run_federated(cfg)
-    if summary.get("stopped_early") and int(os.environ.get("RANK", "0")) == 0:
-        print(f"{summary['method']}: stopped after round {summary['rounds_done']} of {summary['rounds']} "
-              f"(fed.stop_after); continue with fed.resume=true", flush=True)
-    elif summary.get("final_perplexity") is not None and int(os.environ.get("RANK", "0")) == 0:
-        print(f"{summary['method']}: {summary['rounds']} rounds on {summary['world_size']} rank(s): perplexity "
-              f"{summary['final_perplexity']:.2f} (best {summary['best_perplexity']:.2f}), next-token accuracy "
-              f"{summary['final_next_token_accuracy']:.4f}; {summary['wall_seconds']:.0f} s; results in {cfg.run.dir}",
-              flush=True)
-    elif summary.get("final_accuracy") is not None and int(os.environ.get("RANK", "0")) == 0:
-        print(f"{summary['method']}: {summary['rounds']} rounds on {summary['world_size']} rank(s): accuracy "
-              f"{summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}), macro-F1 "
-              f"{summary['final_macro_f1']:.4f}; {summary['wall_seconds']:.0f} s; results in {cfg.run.dir}",
-              flush=True)
-    return 0
+    return run_train(cfg)
 
 
 def _cmd_bench(cfg, args) -> int:
@@ -82,6 +66,16 @@ def _cmd_report(cfg, args) -> int:
     from .commands.report import run_report
 
     return run_report(args.runs, args.out)
+
+
+MEMORY_HELP = ("per-rank memory of client training, layer-level distillation and evaluation for a decoder FM, "
+               "computed from the model classes on the meta device (no weights are loaded)")
+
+
+def _cmd_memory_plan(cfg, args) -> int:
+    from .commands.memory_plan import run_memory_plan
+
+    return run_memory_plan(cfg, args.model_config, args.world_size, args.json)
 
 
 SWEEP_HELP = ("a grid of config overrides, one training run per point (spec: sweeps/*.yaml): list the points, "
@@ -123,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="dotted config overrides, e.g. run.dir=runs/x dist.timeout_s=60")
         p.set_defaults(func=func)
+    p = sub.add_parser("memory-plan", help=MEMORY_HELP, description=MEMORY_HELP)
+    p.add_argument("--config", metavar="FILE", required=True, help="YAML config (proxy, fed, distill, data settings)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    p.add_argument("--model-config", metavar="FILE", help="the FM's config.json (default: <model.path>/config.json)")
+    p.add_argument("--world-size", type=int, default=8, metavar="N", help="ranks the FM is sharded over")
+    p.add_argument("--json", metavar="FILE", help="also write the plan here")
+    p.set_defaults(func=_cmd_memory_plan)
     p = sub.add_parser("report", help=REPORT_HELP, description=REPORT_HELP)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or folders of runs)")
     p.add_argument("--out", metavar="DIR", help="where report.md and the plots go (default: the run "
@@ -150,6 +151,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .config import load_config
 
         cfg = load_config(args.config, args.overrides)
+        from .environment import prepare_process
+
+        prepare_process()
         return int(args.func(cfg, args) or 0)
     except UserError as exc:
         sys.stderr.write(f"fedpft: error: {exc}\n")

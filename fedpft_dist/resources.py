@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -52,3 +53,8 @@ def offline_status() -> dict:
         out[name] = {"what": what, "requirement": requirement, "found": bool(path and path.exists()),
                      "path": str(path) if path else None}
     return out
+
+
+def cache_dir() -> Path:
+    """Where converted models and tokenised data are cached: ``$FEDPFT_CACHE`` or ``~/.cache/fedpft-dist``."""
+    return Path(os.environ.get("FEDPFT_CACHE") or Path.home() / ".cache" / "fedpft-dist")

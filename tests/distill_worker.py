@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 
 from fedpft_dist.alignment.distill import plan_neuron_split
-from fedpft_dist.alignment.job import DistillSettings, run_distillation
+from fedpft_dist.alignment.job import DistillRun, run_distillation
+from fedpft_dist.config import DistillConfig
+from fedpft_dist.environment import prepare_process
 from fedpft_dist.data.public import load_public_text, split_held_out, token_chunks
 from fedpft_dist.models.loading import load_model, load_tokenizer, resolve_model_dir
 from fedpft_dist.models.proxy import load_proxy, read_proxy_meta
@@ -19,6 +21,7 @@ from fedpft_dist.runtime import init_runtime
 
 
 def main(proxy_dir: str, out_dir: str) -> None:
+    prepare_process()
     rt = init_runtime(timeout_s=300, threads_per_rank=1)
     out = Path(out_dir)
     meta = read_proxy_meta(proxy_dir)
@@ -33,9 +36,9 @@ def main(proxy_dir: str, out_dir: str) -> None:
 
     def job(name: str, stage: int, steps: int = 4, **kw) -> dict:
         student, _ = load_proxy(proxy_dir, task="base")
-        s = DistillSettings(zero_stage=stage, batch_size=4, micro_batch=2, steps=steps, lr=1e-3, warmup_ratio=0.0,
-                            seed=0, eval_batch=4, progress=False, tag=name, **kw)
-        r = run_distillation(rt, teacher, student, layers, train, held, s)
+        d = DistillConfig(zero_stage=stage, batch_size=4, micro_batch=2, lr=1e-3, warmup_ratio=0.0)
+        run = DistillRun(steps=steps, seed=0, eval_batch=4, progress=False, tag=name, **kw)
+        r = run_distillation(rt, teacher, student, layers, train, held, d, run)
         # what a plain read of the (possibly partitioned) student gives, next to the gathered result
         raw = {n: p.numel() for n, p in student.named_parameters() if n in r.ffn_state}
         return {"losses": r.losses, "before": r.errors_before, "after": r.errors_after,
@@ -58,9 +61,9 @@ def main(proxy_dir: str, out_dir: str) -> None:
     splits = [plan_neuron_split(activity[l], 0.5, gen, l) for l in layers]
     student, _ = load_proxy(proxy_dir, task="base")
     before = {k: v.detach().clone() for k, v in student.state_dict().items()}
-    s = DistillSettings(zero_stage=3, batch_size=4, micro_batch=2, steps=3, lr=1e-2, warmup_ratio=0.0, seed=0, eval_batch=4,
-                        progress=False, tag="neuron")
-    r = run_distillation(rt, teacher, student, layers, train, held, s, splits)
+    d = DistillConfig(zero_stage=3, batch_size=4, micro_batch=2, lr=1e-2, warmup_ratio=0.0)
+    run = DistillRun(steps=3, seed=0, eval_batch=4, progress=False, tag="neuron")
+    r = run_distillation(rt, teacher, student, layers, train, held, d, run, splits)
     if rt.is_main:
         from safetensors.torch import save_file
 

@@ -23,6 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 def main(argv: list[str]) -> int:
     out_dir = Path(argv[0])
     overrides = argv[1:]
+    from fedpft_dist.environment import prepare_process
+
+    prepare_process()
     import torch
 
     import fedpft_dist.federation.engine as engine

@@ -153,8 +153,16 @@ def test_lm_examples_pack_prose_and_pad_rows(tokenizer, tmp_path):
     assert mask[:, 0].all() and mask[0].tolist() == sorted(mask[0].tolist(), reverse=True)   # right padding
 
 
+def _prepare(cfg, tokenizer):
+    """The clients' data as the engine prepares it: the task kind resolved from the FM, then the task."""
+    from fedpft_dist.data.tasks import prepare_task
+    from fedpft_dist.models.loading import resolve_model_dir, resolve_task
+
+    return prepare_task(cfg, tokenizer, resolve_task(cfg, resolve_model_dir(cfg.model.path)))
+
+
 def test_causal_lm_config_errors(smollm2_dir, tokenizer):
-    from fedpft_dist.federation.engine import prepare_task, resolve_task
+    from fedpft_dist.models.loading import resolve_task
 
     assert resolve_task(load_config(None, ["model.path=smollm2"]), smollm2_dir) == "causal-lm"
     assert resolve_task(load_config(None, ["model.task=sequence-classification"]), smollm2_dir) == "sequence-classification"
@@ -169,7 +177,7 @@ def test_causal_lm_config_errors(smollm2_dir, tokenizer):
     for overrides, key in cases:
         cfg = load_config(None, overrides)
         with pytest.raises(ConfigError) as info:
-            prepare_task(cfg, tokenizer)
+            _prepare(cfg, tokenizer)
         assert info.value.key == key, (overrides, str(info.value))
     with pytest.raises(ConfigError, match="fed.lora_targets: must be one of 'attention', 'attention\\+ffn'"):
         load_config(None, ["fed.lora_targets=ffn"])
@@ -180,7 +188,7 @@ def test_causal_lm_config_errors(smollm2_dir, tokenizer):
 # ----------------------------------------------------------------------------------------------------
 
 def test_ffn_lora_only_on_layers_the_proxy_holds_whole():
-    from fedpft_dist.federation.adapters import full_width_layers, get_adapter, set_adapter, with_lora
+    from fedpft_dist.models.adapters import full_width_layers, get_adapter, set_adapter, with_lora
     from fedpft_dist.models.proxy import build_proxy
 
     fm = _tiny_llama()
@@ -203,7 +211,7 @@ def test_ffn_lora_only_on_layers_the_proxy_holds_whole():
 
 
 def test_activation_statistics_count_a_batch_once_under_gradient_checkpointing():
-    from fedpft_dist.federation.adapters import with_lora
+    from fedpft_dist.models.adapters import with_lora
     from fedpft_dist.models.proxy import ActivationRecorder
 
     ids = torch.randint(3, 49152, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -224,8 +232,8 @@ def test_activation_statistics_count_a_batch_once_under_gradient_checkpointing()
 
 
 def test_memory_plan_counts_what_the_code_builds():
-    from fedpft_dist.federation.adapters import full_width_layers, with_lora
-    from fedpft_dist.models.memory import decoder_counts, memory_plan
+    from fedpft_dist.models.adapters import full_width_layers, with_lora
+    from fedpft_dist.commands.memory_plan import decoder_counts, memory_plan
     from fedpft_dist.models.proxy import build_proxy, count_params, plan_proxy
 
     fm = _tiny_llama()
@@ -372,12 +380,11 @@ def test_smollm2_fedpft_runs_end_to_end(smollm2_runs):
 def test_smollm2_saved_adapter_reproduces_the_logged_perplexity(smollm2_runs, smollm2_dir, tokenizer):
     from peft import PeftModel
 
-    from fedpft_dist.federation.engine import prepare_task
     from fedpft_dist.models.loading import load_model
 
     run = smollm2_runs[2]
     cfg = load_config(run / "config.yaml")
-    task = prepare_task(cfg, tokenizer)
+    task = _prepare(cfg, tokenizer)
     fm = load_model(smollm2_dir, "causal-lm")
     model = PeftModel.from_pretrained(fm, str(run / "adapter"))
     sums = next_token_eval(model, task.test_ids, task.test_mask, cfg.fed.eval_batch_size)

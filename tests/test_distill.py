@@ -118,7 +118,7 @@ def test_distill_command_under_torchrun(tmp_path, proxy_dir):
     # the saved proxy reloads without the FM and reproduces the reported held-out error
     from fedpft_dist.models.loading import load_model, load_tokenizer, resolve_model_dir
     from fedpft_dist.models.proxy import hidden_state_errors, load_proxy
-    from fedpft_dist.commands.proxy import public_chunks
+    from fedpft_dist.data.public import public_chunks
     from fedpft_dist.config import load_config
 
     cfg = load_config(REPO / "configs" / "tiny.yaml")

@@ -231,8 +231,8 @@ def test_resume_after_an_alignment_round_gives_the_uninterrupted_adapter(align_r
 
 
 def test_resumed_summary_counts_the_rounds_before_the_interruption(align_resume):
-    # Fails while engine._run starts align_rounds / ffn_bytes / excluded_total at 0 after a resume:
-    # the alignment in round 2 (before the interruption) is then missing from the summary.
+    # The alignment in round 2 (before the interruption) belongs in the resumed run's summary: the
+    # counters are part of the round checkpoint.
     full, parts = summary(align_resume["full"]), summary(align_resume["parts"])
     assert full["alignment_rounds"] == 1
     for key in ("alignment_rounds", "ffn_bytes_per_alignment", "bytes_down_per_client", "bytes_up_per_client",
@@ -312,14 +312,14 @@ def test_saved_adapter_reproduces_the_logged_accuracy(tiny_runs):
 
     from fedpft_dist.config import load_config
     from fedpft_dist.federation.client import accuracy_and_macro_f1, confusion_counts, predict
-    from fedpft_dist.federation.engine import prepare_task
+    from fedpft_dist.data.tasks import CLASSIFICATION, prepare_task
     from fedpft_dist.models.loading import load_model, load_tokenizer, resolve_model_dir
 
     run = tiny_runs[1]
     cfg = load_config(run / "config.yaml")
     assert Path(cfg.run.dir) == run
     fm_dir = resolve_model_dir("minilm")
-    task = prepare_task(cfg, load_tokenizer(fm_dir))
+    task = prepare_task(cfg, load_tokenizer(fm_dir), CLASSIFICATION)
     fm = load_model(fm_dir, "sequence-classification", num_labels=task.num_classes)
     model = PeftModel.from_pretrained(fm, str(run / "adapter"))
     preds = predict(model, task.test_ids, task.test_mask, cfg.fed.eval_batch_size)

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..config import DistillConfig
 from ..models.proxy import hidden_error_sums
 from ..runtime import Runtime
 from . import zero
@@ -32,25 +33,19 @@ CKPT_PREFIX = "step-"
 
 
 @dataclass
-class DistillSettings:
-    zero_stage: int = 3
-    batch_size: int = 8             # chunks per optimizer step over all ranks
-    micro_batch: int = 4            # chunks per forward pass (gradient accumulation fills the rest)
+class DistillRun:
+    """What differs between one distillation job and another; the shared settings (ZeRO stage,
+    batches, optimiser, loss weight) are the ``distill`` section of the config, passed as it is."""
     steps: int = 0                  # > 0: exact number of optimizer steps
     epoch_fraction: float = 0.0     # used when steps == 0: this share of one pass over the text
-    lr: float = 6e-4
-    warmup_ratio: float = 0.048
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    alpha: float = 0.01
     seed: int = 0
     eval_batch: int = 8
+    tag: str = "distill"
     checkpoint_every: int = 0
     checkpoint_dir: Optional[str] = None
     resume: bool = False
     log_path: Optional[str] = None  # JSON lines, one per step (rank 0)
     progress: bool = True
-    tag: str = "distill"
 
 
 @dataclass
@@ -68,7 +63,7 @@ class DistillResult:
     extra: dict = field(default_factory=dict)
 
 
-def accumulation_steps(settings: DistillSettings, world_size: int) -> int:
+def accumulation_steps(settings: DistillConfig, world_size: int) -> int:
     """Forward/backward passes per rank per optimizer step: batch_size = micro_batch x steps x W.
 
     The global batch and its micro-batches do not depend on W, so the gradient is the same sum of the
@@ -83,11 +78,10 @@ def accumulation_steps(settings: DistillSettings, world_size: int) -> int:
     return per_rank
 
 
-def total_steps(settings: DistillSettings, n_chunks: int, world_size: int) -> int:
-    global_batch = settings.batch_size
-    if settings.steps > 0:
-        return settings.steps
-    return max(1, math.ceil(settings.epoch_fraction * n_chunks / global_batch))
+def total_steps(run: DistillRun, global_batch: int, n_chunks: int) -> int:
+    if run.steps > 0:
+        return run.steps
+    return max(1, math.ceil(run.epoch_fraction * n_chunks / global_batch))
 
 
 def batch_indices(step: int, rank: int, world_size: int, global_batch: int, n_chunks: int, seed: int) -> torch.Tensor:
@@ -131,20 +125,25 @@ def _errors(rt: Runtime, pair: DistillPair, held: torch.Tensor, batch: int, name
 # The job
 # ----------------------------------------------------------------------------------------------------
 
-def run_distillation(rt: Runtime, load_teacher: Callable[[], nn.Module], student: nn.Module,
-                     layers: Sequence[int], train_chunks: torch.Tensor, held_chunks: torch.Tensor,
-                     settings: DistillSettings, splits: Sequence[NeuronSplit] = (),
-                     layer_map: Optional[Sequence[int]] = None) -> DistillResult:
-    """Distil ``student`` (a plain, unpartitioned proxy; modified in place) against the teacher
-    that ``load_teacher`` loads (inside the ZeRO-3 loading context at stage 3, so it is partitioned
-    as it loads). Layer level when ``splits`` is empty (all FFN parameters of ``layers`` train);
-    neuron level otherwise (only the trainable neurons of each split layer, b_out and the norm).
-    ``layer_map[j]`` is the teacher layer that student layer j imitates (an emulator with dropped
-    layers); by default the same index."""
-    s = settings
+@dataclass
+class _Job:
+    """A distillation job set up on every rank: the DeepSpeed engine over (teacher, student) and what
+    the steps and the result need."""
+    engine: object
+    pair: DistillPair
+    named: dict[str, nn.Parameter]   # the trainable parameters, by name
+    gas: int                         # gradient-accumulation steps per optimizer step
+    total: int                       # optimizer steps
+
+
+def _set_up(rt: Runtime, load_teacher: Callable[[], nn.Module], student: nn.Module, layers: Sequence[int],
+            n_chunks: int, d: DistillConfig, run: DistillRun, splits: Sequence[NeuronSplit],
+            layer_map: Optional[Sequence[int]]) -> _Job:
+    """Teacher loaded (partitioned as it loads at ZeRO-3), student's trainable parameters chosen,
+    DeepSpeed engine built."""
     bf16 = rt.device.type == "cuda" and torch.cuda.is_bf16_supported()
-    gas = accumulation_steps(s, rt.world_size)
-    ds_config = zero.make_ds_config(s.zero_stage, s.micro_batch, rt.world_size, bf16, s.grad_clip, grad_accum=gas)
+    gas = accumulation_steps(d, rt.world_size)
+    ds_config = zero.make_ds_config(d.zero_stage, d.micro_batch, rt.world_size, bf16, d.grad_clip, grad_accum=gas)
     zero.init_distributed(rt.backend)
     with zero.zero3_loading(ds_config):
         teacher = load_teacher()
@@ -161,94 +160,124 @@ def run_distillation(rt: Runtime, load_teacher: Callable[[], nn.Module], student
     else:
         names = ffn_parameter_names(student, layers)
     named = freeze_all_but(student, names)
-    trainable = sum(p.numel() for p in named.values())
     teacher_layers = [layer_map[l] for l in layers] if layer_map is not None else None
-    pair = DistillPair(teacher, student, layers, s.alpha, teacher_layers)
-    optimizer = torch.optim.AdamW(param_groups(named, s.weight_decay), lr=s.lr, betas=(0.9, 0.999), eps=1e-8)
+    pair = DistillPair(teacher, student, layers, d.alpha, teacher_layers)
+    optimizer = torch.optim.AdamW(param_groups(named, d.weight_decay), lr=d.lr, betas=(0.9, 0.999), eps=1e-8)
     engine = zero.initialize(pair, list(named.values()), optimizer, None, ds_config)
-    held_bytes, full_bytes = zero.held_bytes(pair.teacher)
+    return _Job(engine, pair, named, gas, total_steps(run, d.batch_size, n_chunks))
 
-    total = total_steps(s, len(train_chunks), rt.world_size)
-    errors_before = _errors(rt, pair, held_chunks, s.eval_batch, f"{s.tag}/eval-before", layer_map)
 
-    start = 0
-    losses: list[float] = []
-    ckpt = latest_checkpoint(s.checkpoint_dir, CKPT_PREFIX) if s.resume else None
-    if ckpt is not None:
-        tensors, meta = load_checkpoint(ckpt)
-        state = tensors["train_state"]
-        if meta["world_size"] != rt.world_size or meta["zero_stage"] != s.zero_stage or meta["total_steps"] != total:
-            raise ValueError(f"checkpoint {ckpt} was written with world size {meta['world_size']}, ZeRO stage "
-                             f"{meta['zero_stage']}, {meta['total_steps']} steps; this job differs")
-        zero.set_full_train_state(engine, named, state, meta["step"])
-        start, losses = meta["step"], list(meta["losses"])
-        log.info("%s: resumed from %s (step %d of %d)", s.tag, ckpt, start, total)
+def _resume(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun) -> tuple[int, list[float]]:
+    """(first step, losses so far): from the newest checkpoint when ``run.resume``, else (0, [])."""
+    ckpt = latest_checkpoint(run.checkpoint_dir, CKPT_PREFIX) if run.resume else None
+    if ckpt is None:
+        return 0, []
+    tensors, meta = load_checkpoint(ckpt)
+    if meta["world_size"] != rt.world_size or meta["zero_stage"] != d.zero_stage or meta["total_steps"] != job.total:
+        raise ValueError(f"checkpoint {ckpt} was written with world size {meta['world_size']}, ZeRO stage "
+                         f"{meta['zero_stage']}, {meta['total_steps']} steps; this job differs")
+    zero.set_full_train_state(job.engine, job.named, tensors["train_state"], meta["step"])
+    log.info("%s: resumed from %s (step %d of %d)", run.tag, ckpt, meta["step"], job.total)
+    return meta["step"], list(meta["losses"])
 
-    log_fh = open(s.log_path, "a" if start else "w") if (s.log_path and rt.is_main) else None
+
+def _step(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun, step: int, chunks: torch.Tensor) -> dict:
+    """One optimizer step over this rank's share of the global batch; the loss terms averaged over
+    ranks and micro-batches."""
+    lr = d.lr * linear_warmup_decay(step, job.total, d.warmup_ratio)
+    for group in job.engine.optimizer.param_groups:
+        group["lr"] = lr
+    idx = batch_indices(step, rt.rank, rt.world_size, d.batch_size, len(chunks), run.seed)
+    parts = {"loss": 0.0, "hidden": 0.0, "weight": 0.0}
+    for micro in idx.split(d.micro_batch):
+        ids = chunks[micro].to(rt.device)
+        loss, hidden, weight = job.engine(ids, torch.ones_like(ids))
+        job.engine.backward(loss)   # DeepSpeed scales by 1/gas and steps at the boundary
+        job.engine.step()
+        parts["loss"] += loss.item()
+        parts["hidden"] += hidden.mean().item()
+        parts["weight"] += weight.mean().item()
+    m = rt.comm.all_reduce_metrics(parts, name=f"{run.tag}/loss")
+    return {"lr": lr, **{k: v / (rt.world_size * job.gas) for k, v in m.items()}}
+
+
+def _train(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun, chunks: torch.Tensor) -> tuple[list[float], list[float]]:
+    """The steps (from a checkpoint when resuming), logged and checkpointed; (losses, step seconds)."""
+    start, losses = _resume(rt, job, d, run)
+    log_fh = open(run.log_path, "a" if start else "w") if (run.log_path and rt.is_main) else None
     bar = None
-    if rt.is_main and s.progress:
+    if rt.is_main and run.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=start, desc=s.tag, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=job.total, initial=start, desc=run.tag, unit="step", dynamic_ncols=True)
     step_times = []
     try:
-        for step in range(start, total):
+        for step in range(start, job.total):
             t0 = time.perf_counter()
-            lr = s.lr * linear_warmup_decay(step, total, s.warmup_ratio)
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr
-            idx = batch_indices(step, rt.rank, rt.world_size, s.batch_size, len(train_chunks), s.seed)
-            parts = {"loss": 0.0, "hidden": 0.0, "weight": 0.0}
-            for micro in idx.split(s.micro_batch):
-                ids = train_chunks[micro].to(rt.device)
-                loss, hidden, weight = engine(ids, torch.ones_like(ids))
-                engine.backward(loss)   # DeepSpeed scales by 1/gas and steps at the boundary
-                engine.step()
-                parts["loss"] += loss.item()
-                parts["hidden"] += hidden.mean().item()
-                parts["weight"] += weight.mean().item()
-            m = rt.comm.all_reduce_metrics(parts, name=f"{s.tag}/loss")
-            m = {k: v / (rt.world_size * gas) for k, v in m.items()}
+            m = _step(rt, job, d, run, step, chunks)
             losses.append(m["loss"])
             step_times.append(time.perf_counter() - t0)
             if log_fh:
-                log_fh.write(json.dumps({"step": step + 1, "lr": lr, **m}) + "\n")
+                log_fh.write(json.dumps({"step": step + 1, **m}) + "\n")
                 log_fh.flush()
             if bar:
                 bar.set_postfix(loss=f"{m['loss']:.4f}")
                 bar.update(1)
-            if s.checkpoint_every and s.checkpoint_dir and (step + 1) % s.checkpoint_every == 0 and step + 1 < total:
-                state = zero.get_full_train_state(engine, named)
-                if rt.is_main:
-                    save_checkpoint(s.checkpoint_dir, f"{CKPT_PREFIX}{step + 1:07d}", {"train_state": state},
-                                    {"step": step + 1, "total_steps": total, "world_size": rt.world_size,
-                                      "zero_stage": s.zero_stage, "losses": losses, "seed": s.seed})
-                rt.comm.barrier(name=f"{s.tag}/checkpoint")
+            if run.checkpoint_every and run.checkpoint_dir and (step + 1) % run.checkpoint_every == 0 \
+                    and step + 1 < job.total:
+                _checkpoint(rt, job, d, run, step + 1, losses)
     finally:
         if bar:
             bar.close()
         if log_fh:
             log_fh.close()
+    return losses, step_times
 
-    errors_after = _errors(rt, pair, held_chunks, s.eval_batch, f"{s.tag}/eval-after", layer_map)
 
-    # Full values of every FFN tensor of the distilled layers (frozen parts included), on every rank.
-    ffn_names = [n for n, _ in student.named_parameters() if _in_layers(n, student, layers)]
+def _checkpoint(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun, step: int, losses: list[float]) -> None:
+    state = zero.get_full_train_state(job.engine, job.named)   # a collective: every rank calls it
+    if rt.is_main:
+        save_checkpoint(run.checkpoint_dir, f"{CKPT_PREFIX}{step:07d}", {"train_state": state},
+                        {"step": step, "total_steps": job.total, "world_size": rt.world_size,
+                         "zero_stage": d.zero_stage, "losses": losses, "seed": run.seed})
+    rt.comm.barrier(name=f"{run.tag}/checkpoint")
+
+
+def _distilled_state(student: nn.Module, layers: Sequence[int], splits: Sequence[NeuronSplit]) -> dict[str, torch.Tensor]:
+    """Full values of every FFN tensor of the distilled layers (frozen parts included), in normal
+    form, on every rank (a gather at ZeRO-3)."""
     params = dict(student.named_parameters())
     state = {}
-    for n in ffn_names:
+    for n in (n for n in params if _in_layers(n, student, layers)):
         with zero.gathered([params[n]]):
             state[n] = params[n].detach().float().cpu().clone()
-    ffn_state = normal_form(state, student, splits)
     keep = set(ffn_parameter_names_normal(student, layers, splits))
-    ffn_state = {k: v for k, v in ffn_state.items() if k in keep}
+    return {k: v for k, v in normal_form(state, student, splits).items() if k in keep}
 
+
+def run_distillation(rt: Runtime, load_teacher: Callable[[], nn.Module], student: nn.Module,
+                     layers: Sequence[int], train_chunks: torch.Tensor, held_chunks: torch.Tensor,
+                     d: DistillConfig, run: DistillRun, splits: Sequence[NeuronSplit] = (),
+                     layer_map: Optional[Sequence[int]] = None) -> DistillResult:
+    """Distil ``student`` (a plain, unpartitioned proxy; modified in place) against the teacher
+    that ``load_teacher`` loads (inside the ZeRO-3 loading context at stage 3, so it is partitioned
+    as it loads), with the shared settings ``d`` (the config's ``distill`` section) and this job's
+    ``run``. Layer level when ``splits`` is empty (all FFN parameters of ``layers`` train); neuron
+    level otherwise (only the trainable neurons of each split layer, b_out and the norm).
+    ``layer_map[j]`` is the teacher layer that student layer j imitates (an emulator with dropped
+    layers); by default the same index."""
+    job = _set_up(rt, load_teacher, student, layers, len(train_chunks), d, run, splits, layer_map)
+    held_bytes, full_bytes = zero.held_bytes(job.pair.teacher)
+    errors_before = _errors(rt, job.pair, held_chunks, run.eval_batch, f"{run.tag}/eval-before", layer_map)
+    losses, step_times = _train(rt, job, d, run, train_chunks)
+    errors_after = _errors(rt, job.pair, held_chunks, run.eval_batch, f"{run.tag}/eval-after", layer_map)
     return DistillResult(
-        ffn_state=ffn_state, steps=total, losses=losses, errors_before=errors_before, errors_after=errors_after,
+        ffn_state=_distilled_state(student, layers, splits), steps=job.total, losses=losses,
+        errors_before=errors_before, errors_after=errors_after,
         step_seconds=statistics.median(step_times[1:] or step_times) if step_times else 0.0,
-        peak_memory_mb=_per_rank(rt, _peak_memory_mb(rt.device), f"{s.tag}/memory"),
-        teacher_bytes_held=[int(v) for v in _per_rank(rt, held_bytes, f"{s.tag}/teacher-bytes")],
-        teacher_bytes_full=full_bytes, trainable_params=trainable)
+        peak_memory_mb=_per_rank(rt, _peak_memory_mb(rt.device), f"{run.tag}/memory"),
+        teacher_bytes_held=[int(v) for v in _per_rank(rt, held_bytes, f"{run.tag}/teacher-bytes")],
+        teacher_bytes_full=full_bytes, trainable_params=sum(p.numel() for p in job.named.values()))
 
 
 def _in_layers(name: str, model: nn.Module, layers: Sequence[int]) -> bool:

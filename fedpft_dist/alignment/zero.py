@@ -9,19 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.nn as nn
 
-from ..environment import prepare_library_env
-
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
-
-# DeepSpeed 0.19 calls collectives that torch 2.13 has renamed; the old names still work.
-warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-
 
 def deepspeed_status() -> dict:
     """Version, accelerator, communication backend and which C++/CUDA ops are pre-built.
@@ -29,7 +22,6 @@ def deepspeed_status() -> dict:
     Ops that are not pre-built compile on first use (JIT), which costs time at the first run of a
     job; ``DS_BUILD_OPS=1`` at install time builds them ahead.
     """
-    prepare_library_env()
     info: dict = {"installed": False, "version": None, "accelerator": None, "comm_backend": None,
                   "ds_accelerator_env": os.environ.get("DS_ACCELERATOR"), "prebuilt_ops": [],
                   "jit_ops": [], "error": None}
@@ -80,7 +72,6 @@ def zero3_loading(ds_config: dict) -> Iterator[None]:
     """While active, transformers' ``from_pretrained`` partitions weights as it loads them (ZeRO-3),
     so no rank ever holds a whole model. Entered only at stage 3. (Wrapping a transformers
     constructor in ``deepspeed.zero.Init`` fails; this is the working route.)"""
-    prepare_library_env()
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
     if ds_config["zero_optimization"]["stage"] != 3:

@@ -1,7 +1,7 @@
 """``fedpft bench``: one federated workload, timed phase by phase, written to ``bench.json``.
 
-The run is a real ``fedpft train`` run (same config tree, same engine) with a barrier before each
-aggregation, so that the all-reduce is timed without the wait for the slowest rank (the wait is
+The run is a real ``fedpft train`` run (same config tree, same engine) whose round hooks put a
+barrier before each aggregation, so that the all-reduce is timed without the wait for the slowest rank (the wait is
 reported on its own). After the last round the same job measures, on the same models and data:
 
 * a bare all-reduce of exactly the aggregation's bytes (one float64 buffer), to compare with the
@@ -28,6 +28,7 @@ import torch
 from ..config import Config
 from ..errors import UserError
 from ..fsutil import atomic_write_json
+from ..run_layout import RunLayout
 from ..runtime import Runtime, init_from_config
 
 log = logging.getLogger(__name__)
@@ -84,15 +85,16 @@ def bandwidth(num_bytes: float, seconds: Optional[float], world_size: int) -> di
     return {"algbw_gbps": alg, "busbw_gbps": alg * 2 * (world_size - 1) / world_size}
 
 
-def time_stats_overhead(cfg: Config, rt: Runtime, state: dict, steps: int, reps: int = 3) -> dict:
+def time_stats_overhead(cfg: Config, rt: Runtime, engine, steps: int, reps: int = 3) -> dict:
     """Seconds per local step without and with activation-statistics hooks, alternating the two
     ``reps`` times on the same client data (client ``rank mod num_clients``, cut to ``steps``
     batches)."""
-    from ..federation.client import ClientData, train_client
+    from ..data.tasks import ClientData
+    from ..federation.client import train_client
     from ..models.families import transformer_layers
     from ..models.proxy import ActivationRecorder
 
-    models, task, adapter = state["models"], state["task"], state["adapter"]
+    models, task, adapter = engine.models, engine.task, engine.state.global_adapter
     f = cfg.fed
     c = rt.rank % f.num_clients
     data = task.client(c)
@@ -174,38 +176,21 @@ def summarise(cfg: Config, rt: Runtime, rounds: list[dict]) -> dict:
 
 def run_bench(cfg: Config, echo: Callable[[str], None] = print) -> dict:
     """Run the workload of ``cfg`` and write bench.json (rank 0); returns the result on every rank."""
-    from ..federation.engine import Probe, _run
+    from ..federation.engine import Engine, RoundHooks
 
-    rt = init_from_config(cfg)
-    try:
-        probe = Probe(sync=True)
+    with init_from_config(cfg) as rt:
+        rounds: list[dict] = []
+        hooks = RoundHooks(before_aggregate=lambda: rt.comm.barrier(name="aggregate/wait-for-ranks"),
+                           after_round=rounds.append)
+        engine = Engine(cfg, rt, hooks)
         t0 = time.perf_counter()
-        summary = _run(cfg, rt, probe)
+        summary = engine.run()
         run_seconds = time.perf_counter() - t0
-        if summary.get("stopped_early") or not probe.rounds:
+        if summary["stopped_early"] or not rounds:
             raise UserError("fedpft bench needs a run that trains rounds: unset fed.stop_after and "
                             "fed.resume, or give a fresh run.dir")
-        result = summarise(cfg, rt, probe.rounds)
-        agg_bytes = int(probe.rounds[-1]["aggregation_bytes"])
-        log.info("timing a bare all-reduce of %d bytes", agg_bytes)
-        bare = time_bare_allreduce(rt, agg_bytes, cfg.bench.allreduce_iters)
-        log.info("timing local steps with and without activation statistics")
-        stats = time_stats_overhead(cfg, rt, probe.state, cfg.bench.stats_steps)
-        stats_all = gather_per_rank(rt, [stats["step_s_without"], stats["step_s_with"]], "bench/stats-overhead")
-        peak = gather_per_rank(rt, [peak_memory_mb(rt.device)], "bench/peak-memory")
-        result.update({
-            "aggregation_bytes": agg_bytes,
-            "bare_allreduce_s": bare["seconds"],
-            "allreduce_bandwidth": bandwidth(agg_bytes, result["allreduce_s"], rt.world_size),
-            "bare_allreduce_bandwidth": {k: bare[k] for k in ("algbw_gbps", "busbw_gbps")},
-            "stats_overhead": statistics.fmean(w / p - 1.0 for p, w in stats_all),
-            "stats_step_s_per_rank": [{"without": p, "with": w} for p, w in stats_all],
-            "stats_steps": stats["steps"], "stats_layers": stats["layers"],
-            "peak_memory_mb_per_rank": [row[0] for row in peak],
-            "peak_memory_kind": "cuda_max_allocated" if rt.device.type == "cuda" else "rss",
-        })
-    finally:
-        rt.shutdown()
+        result = summarise(cfg, rt, rounds)
+        result.update(measure_limits(cfg, rt, engine, int(rounds[-1]["aggregation_bytes"]), result))
     out = {
         "benchmark": "federated", "world_size": rt.world_size, "device": rt.device.type,
         "backend": rt.backend, "threads_per_rank": rt.threads, "host": platform.node(),
@@ -215,13 +200,35 @@ def run_bench(cfg: Config, echo: Callable[[str], None] = print) -> dict:
         "clients_per_round": summary["clients_per_round"], "warmup_rounds": cfg.bench.warmup_rounds,
         **result,
         "final_accuracy": summary.get("final_accuracy"), "run_seconds": run_seconds,
-        "run_dir": cfg.run.dir, "per_round": probe.rounds if rt.is_main else None,
+        "run_dir": cfg.run.dir, "per_round": rounds if rt.is_main else None,
     }
     if rt.is_main:
-        path = Path(cfg.bench.out or Path(cfg.run.dir) / "bench.json")
+        path = RunLayout.from_config(cfg).bench
         atomic_write_json(path, out)
         echo(format_result(out, path))
     return out
+
+
+def measure_limits(cfg: Config, rt: Runtime, engine, agg_bytes: int, result: dict) -> dict:
+    """Measurements of its own on the run's models and data: a bare all-reduce of the aggregation's
+    bytes, local steps with and without activation statistics, peak memory per rank."""
+    log.info("timing a bare all-reduce of %d bytes", agg_bytes)
+    bare = time_bare_allreduce(rt, agg_bytes, cfg.bench.allreduce_iters)
+    log.info("timing local steps with and without activation statistics")
+    stats = time_stats_overhead(cfg, rt, engine, cfg.bench.stats_steps)
+    stats_all = gather_per_rank(rt, [stats["step_s_without"], stats["step_s_with"]], "bench/stats-overhead")
+    peak = gather_per_rank(rt, [peak_memory_mb(rt.device)], "bench/peak-memory")
+    return {
+        "aggregation_bytes": agg_bytes,
+        "bare_allreduce_s": bare["seconds"],
+        "allreduce_bandwidth": bandwidth(agg_bytes, result["allreduce_s"], rt.world_size),
+        "bare_allreduce_bandwidth": {k: bare[k] for k in ("algbw_gbps", "busbw_gbps")},
+        "stats_overhead": statistics.fmean(w / p - 1.0 for p, w in stats_all),
+        "stats_step_s_per_rank": [{"without": p, "with": w} for p, w in stats_all],
+        "stats_steps": stats["steps"], "stats_layers": stats["layers"],
+        "peak_memory_mb_per_rank": [row[0] for row in peak],
+        "peak_memory_kind": "cuda_max_allocated" if rt.device.type == "cuda" else "rss",
+    }
 
 
 def format_result(r: dict, path: Path) -> str:

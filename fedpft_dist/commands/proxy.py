@@ -1,142 +1,14 @@
-"""``fedpft proxy``: load the FM, rank FFN neurons, build and save the proxy, report how close it is."""
+"""``fedpft proxy``: build and save the proxy of the FM (Stage 1), print how close it is to the FM."""
 from __future__ import annotations
 
-import logging
-import time
-from pathlib import Path
-
-import torch
-
-from ..config import Config, config_to_dict, write_resolved_config
-from ..fsutil import atomic_write_json
-from ..models.loading import default_task, load_model, load_tokenizer, resolve_model_dir
-from ..models.families import transformer_layers
-from ..models.proxy import (activation_saliency_scores, build_proxy, count_params, describe_layout,
-                            hidden_state_errors, plan_proxy, save_proxy, select_neurons,
-                            weight_saliency_scores)
-
-log = logging.getLogger(__name__)
-
-
-def public_chunks(cfg: Config, tokenizer, split: str, max_chunks: int) -> torch.Tensor:
-    """Token chunks of the public corpus: ``split`` is 'train' (calibration, distillation) or
-    'held_out' (evaluation). The split is a seeded function of the documents."""
-    from ..data.public import load_public_text, split_held_out, token_chunks
-
-    docs = load_public_text(cfg.public_text.source, cfg.public_text.text_column)
-    train, held = split_held_out(docs, cfg.public_text.held_out_fraction, cfg.run.seed)
-    return token_chunks(tokenizer, train if split == "train" else held, cfg.public_text.max_length, max_chunks)
-
-
-@torch.no_grad()
-def greedy_sample(model, tokenizer, prompt: str, tokens: int) -> str:
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-
-def make_proxy(cfg: Config) -> dict:
-    """Build and save the proxy described by ``cfg``; returns the report (also in proxy.json)."""
-    t0 = time.perf_counter()
-    torch.manual_seed(cfg.run.seed)
-    fm_dir = resolve_model_dir(cfg.model.path)
-    task = default_task(fm_dir) if cfg.model.task == "auto" else cfg.model.task
-    log.info("loading FM %s (%s)", fm_dir, task)
-    fm = load_model(fm_dir, task, cfg.model.dtype, num_labels=cfg.model.num_labels)
-    fm.eval()
-    tokenizer = load_tokenizer(fm_dir)
-    p = cfg.proxy
-    plan = plan_proxy(fm, p.retained_layers, p.keep_ratio, p.keep_ratios)
-
-    # -- saliency ----------------------------------------------------------------------------------
-    if p.saliency == "weight":
-        scores = weight_saliency_scores(fm, plan.compressed)
-    else:
-        calib = public_chunks(cfg, tokenizer, "train", p.calibration_chunks)
-        log.info("activation saliency (%s) on %d calibration chunks of %d tokens", p.saliency, len(calib),
-                 calib.shape[1])
-        scores = activation_saliency_scores(fm, plan.compressed, calib, p.batch_size, p.saliency, p.eps)
-    gen = torch.Generator().manual_seed(cfg.run.seed)
-    kept = {l: select_neurons(scores[l], plan.keep[l], gen) for l in plan.compressed}
-
-    # -- construction ------------------------------------------------------------------------------
-    proxy = build_proxy(fm, kept)
-    fm_params, proxy_params = count_params(fm), count_params(proxy)
-
-    # -- evaluation on held-out text ---------------------------------------------------------------
-    held = public_chunks(cfg, tokenizer, "held_out", p.eval_chunks)
-    errors = hidden_state_errors(fm, proxy, held, p.batch_size)
-    compressed_err = [errors[l] for l in plan.compressed]
-    report = {
-        **describe_layout(fm),
-        "fm_path": str(fm_dir),
-        "task": task,
-        "num_layers": plan.num_layers,
-        "retained_layers": plan.retained,
-        "compressed_layers": plan.compressed,
-        "keep_ratio": p.keep_ratio,
-        "keep_ratios": list(p.keep_ratios),
-        "saliency": p.saliency,
-        "seed": cfg.run.seed,
-        "fm_ffn_widths": plan.widths,
-        "proxy_ffn_widths": [len(kept[l]) if l in kept else plan.widths[l] for l in range(plan.num_layers)],
-        "kept_indices": {str(l): idx for l, idx in kept.items()},
-        "fm_params": fm_params,
-        "proxy_params": proxy_params,
-        "param_ratio": proxy_params / fm_params,
-        "hidden_error_per_layer": errors,
-        "hidden_error_mean": sum(errors) / len(errors),
-        "hidden_error_last": errors[-1],
-        "hidden_error_compressed_mean": sum(compressed_err) / max(1, len(compressed_err)),
-        "held_out_chunks": int(len(held)),
-        "chunk_tokens": int(held.shape[1]),
-    }
-    if task == "causal-lm" and p.sample_tokens > 0:
-        report["sample_prompt"] = p.sample_prompt
-        report["sample_fm"] = greedy_sample(fm, tokenizer, p.sample_prompt, p.sample_tokens)
-        report["sample_proxy"] = greedy_sample(proxy, tokenizer, p.sample_prompt, p.sample_tokens)
-
-    out = Path(p.out or Path(cfg.run.dir) / "proxy")
-    meta = {k: v for k, v in report.items() if not k.startswith(("hidden_error", "sample_", "held_out", "chunk_"))}
-    save_proxy(proxy, tokenizer, out, meta)
-    report["proxy_dir"] = str(out)
-    report["seconds"] = time.perf_counter() - t0
-    return report
-
-
-def make_emulator(cfg: Config) -> dict:
-    """The FedOT baseline's emulator (every other middle layer dropped), saved like a proxy."""
-    from ..models.emulator import build_emulator, emulator_layers
-
-    t0 = time.perf_counter()
-    fm_dir = resolve_model_dir(cfg.model.path)
-    task = default_task(fm_dir) if cfg.model.task == "auto" else cfg.model.task
-    fm = load_model(fm_dir, task, cfg.model.dtype, num_labels=cfg.model.num_labels)
-    tokenizer = load_tokenizer(fm_dir)
-    n = len(transformer_layers(fm))
-    kept = emulator_layers(n, cfg.fed.fedot_keep_bottom, cfg.fed.fedot_keep_top)
-    emulator = build_emulator(fm, kept)
-    b, t = cfg.fed.fedot_keep_bottom, cfg.fed.fedot_keep_top
-    middle = list(range(b, len(kept) - t))
-    held = public_chunks(cfg, tokenizer, "held_out", cfg.proxy.eval_chunks)
-    errors = hidden_state_errors(fm, emulator, held, cfg.proxy.batch_size, kept)
-    report = {**describe_layout(fm), "kind": "emulator", "fm_path": str(fm_dir), "task": task, "num_layers": n,
-              "layer_map": kept, "compressed_layers": middle, "teacher_layers": [kept[j] for j in middle],
-              "retained_layers": list(range(b)) + list(range(len(kept) - t, len(kept))),
-              "fm_params": count_params(fm), "proxy_params": count_params(emulator),
-              "hidden_error_per_layer": errors, "hidden_error_mean": sum(errors) / len(errors)}
-    out = Path(cfg.run.dir) / "emulator"
-    save_proxy(emulator, tokenizer, out, {k: v for k, v in report.items() if not k.startswith("hidden_error")})
-    report["proxy_dir"] = str(out)
-    report["seconds"] = time.perf_counter() - t0
-    return report
+from ..alignment.stages import build_proxy_artifact
+from ..config import Config, write_resolved_config
+from ..run_layout import RunLayout
 
 
 def run_proxy(cfg: Config) -> int:
     write_resolved_config(cfg)
-    report = make_proxy(cfg)
-    atomic_write_json(Path(cfg.run.dir) / "proxy.json", {"config": config_to_dict(cfg), **report})
+    report = build_proxy_artifact(cfg, RunLayout.from_config(cfg))
     print(format_report(report), flush=True)
     return 0
 

@@ -199,3 +199,12 @@ def _root_cause(exc: BaseException) -> str:
         exc = exc.__cause__ or exc.__context__
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def public_chunks(cfg, tokenizer: PreTrainedTokenizerBase, split: str, max_chunks: int) -> torch.Tensor:
+    """Token chunks of the public corpus of ``cfg`` (a :class:`~fedpft_dist.config.Config`):
+    ``split`` is 'train' (calibration, distillation) or 'held_out' (evaluation). The split is a
+    seeded function of the documents."""
+    p = cfg.public_text
+    train, held = split_held_out(load_public_text(p.source, p.text_column), p.held_out_fraction, cfg.run.seed)
+    return token_chunks(tokenizer, train if split == "train" else held, p.max_length, max_chunks)

@@ -14,25 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .adapters import get_adapter, set_adapter
+from ..data.tasks import ClientData
+from ..models.adapters import get_adapter, set_adapter
 
 IGNORE = -100  # target id that cross-entropy skips: padding, and a token whose predecessor is padding
-
-
-@dataclass
-class ClientData:
-    """Tokenised examples of one client (rows of the shared train tensors)."""
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: Optional[torch.Tensor]                  # class ids; None = causal LM (next-token targets)
-    token_type_ids: Optional[torch.Tensor] = None   # sentence pairs
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    @property
-    def tokens(self) -> int:
-        return int(self.attention_mask.sum())
 
 
 @dataclass

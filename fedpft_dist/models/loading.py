@@ -8,10 +8,9 @@ from typing import Optional
 
 import torch
 
-from ..environment import prepare_library_env
 from ..errors import UserError
 from ..fsutil import atomic_directory
-from ..resources import resource_path
+from ..resources import cache_dir, resource_path
 
 log = logging.getLogger(__name__)
 
@@ -22,17 +21,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def quiet_transformers() -> None:
-    """Offline mode, and no per-load weight reports or progress bars from transformers."""
-    prepare_library_env()
+    """No per-load weight reports or progress bars from transformers."""
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-
-
-def cache_dir() -> Path:
-    """Where converted models are cached: ``$FEDPFT_CACHE`` or ``~/.cache/fedpft-dist``."""
-    return Path(os.environ.get("FEDPFT_CACHE") or Path.home() / ".cache" / "fedpft-dist")
 
 
 def smollm2_dir() -> Path:
@@ -99,11 +92,21 @@ def default_task(model_dir: Path) -> str:
     return "causal-lm" if layout_for(model_type).family == "decoder" else "base"
 
 
-def load_model(model_dir: Path, task: str, dtype: str = "float32", num_labels: Optional[int] = None):
-    """Load a FM or a proxy (proxy classes register on import of this package) from ``model_dir``."""
-    quiet_transformers()
-    from . import proxy_arch  # noqa: F401  (registers the fedpft_* architectures)
+def resolve_task(cfg, fm_dir: Path) -> str:
+    """What federated clients fine-tune: ``model.task`` of ``cfg``, with auto = causal-lm for decoder
+    families and sequence-classification for the others."""
+    from ..errors import ConfigError
 
+    if cfg.model.task == "base":
+        raise ConfigError("model.task", "federated training needs a task: causal-lm, sequence-classification or auto")
+    if cfg.model.task == "auto":
+        return "causal-lm" if default_task(fm_dir) == "causal-lm" else "sequence-classification"
+    return cfg.model.task
+
+
+def load_model(model_dir: Path, task: str, dtype: str = "float32", num_labels: Optional[int] = None):
+    """Load a FM or a proxy (the proxy classes register when this package is imported) from ``model_dir``."""
+    quiet_transformers()
     kwargs = {"dtype": DTYPES[dtype], "local_files_only": True}
     if task == "sequence-classification" and num_labels is not None:
         kwargs["num_labels"] = num_labels

@@ -47,6 +47,12 @@ class Runtime:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
 
 # ----------------------------------------------------------------------------------------------------
 # Pieces, each a small pure-ish function

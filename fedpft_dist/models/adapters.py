@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ..models.families import ffn_width, layers_prefix, layout_for, transformer_layers
+from .families import ffn_width, layers_prefix, layout_for, transformer_layers
 
 ADAPTER_PREFIX = "base_model.model."
 
@@ -86,10 +86,6 @@ def set_adapter(peft_model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 def adapter_bytes(state: dict[str, torch.Tensor]) -> int:
     return sum(v.numel() * v.element_size() for v in state.values())
-
-
-def is_finite(state: dict[str, torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(v).all()) for v in state.values())
 
 
 def lora_pairs(state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor, torch.Tensor]]:

@@ -1,4 +1,5 @@
-"""What each rank holds in a FedPFT run on a decoder FM (LLaMA, Qwen2, Mistral): computed, not measured.
+"""``fedpft memory-plan``: what each rank holds in a FedPFT run on a decoder FM (LLaMA, Qwen2, Mistral),
+computed, not measured.
 
 Parameter counts come from the code itself: the FM's and the proxy's Hugging Face classes are built
 on the meta device (no memory, no weights) from a ``config.json``, the proxy with the widths that
@@ -6,14 +7,14 @@ on the meta device (no memory, no weights) from a ``config.json``, the proxy wit
 engine targets. Byte counts follow what the code keeps alive and what autograd saves for each
 operation (listed next to each term); activation sizes are estimates of that kind, not profiles.
 
-    python -m fedpft_dist.models.memory --config configs/large/llama-7b.yaml \
+    fedpft memory-plan --config configs/large/llama-7b.yaml \
         --model-config configs/large/llama-2-7b-config.json --world-size 8
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -24,10 +25,10 @@ def decoder_counts(config, keep_ratio: float, retained_layers, lora_r: int, lora
     """Parameter counts of the FM, its proxy and the adapter (built on the meta device)."""
     import transformers
 
-    from ..federation.adapters import full_width_layers
-    from .families import ffn_modules, layout_for, transformer_layers
-    from .proxy import count_params, plan_proxy
-    from .proxy_arch import proxy_class_for, proxy_config_from
+    from ..models.adapters import full_width_layers
+    from ..models.families import ffn_modules, layout_for, transformer_layers
+    from ..models.proxy import count_params, plan_proxy
+    from ..models.proxy_arch import proxy_class_for, proxy_config_from
 
     with torch.device("meta"):
         fm = transformers.AutoModelForCausalLM.from_config(config)
@@ -149,27 +150,22 @@ def format_plan(plan: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def run_memory_plan(cfg, model_config: Optional[str], world_size: int, json_out: Optional[str]) -> int:
+    """Print the plan for ``cfg`` on the FM whose config.json is ``model_config`` (default:
+    ``<model.path>/config.json``); also write it as JSON to ``json_out``."""
     from transformers import AutoConfig
 
-    from ..config import load_config
+    from ..errors import UserError
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", required=True, help="a fedpft YAML config (proxy, fed, distill, data settings)")
-    ap.add_argument("--model-config", help="the FM's config.json (default: <model.path>/config.json)")
-    ap.add_argument("--world-size", type=int, default=8)
-    ap.add_argument("--json", help="also write the plan here")
-    args = ap.parse_args(argv)
-    cfg = load_config(args.config)
-    path = Path(args.model_config) if args.model_config else Path(cfg.model.path) / "config.json"
+    if world_size < 1:
+        raise UserError(f"--world-size must be >= 1, got {world_size}")
+    path = Path(model_config) if model_config else Path(cfg.model.path) / "config.json"
+    if not path.is_file():
+        raise UserError(f"--model-config: {path} not found (give the FM's config.json)")
     raw = json.loads(path.read_text())
-    model_config = AutoConfig.for_model(raw.pop("model_type"), **raw)
-    plan = memory_plan(cfg, model_config, args.world_size)
+    model_config_obj = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    plan = memory_plan(cfg, model_config_obj, world_size)
     print(format_plan(plan))
-    if args.json:
-        Path(args.json).write_text(json.dumps(plan, indent=2) + "\n")
+    if json_out:
+        Path(json_out).write_text(json.dumps(plan, indent=2) + "\n")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

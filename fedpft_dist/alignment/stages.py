@@ -1,0 +1,196 @@
+"""The pipeline stages that need a job of ranks: the proxy (or FedOT's emulator) built once on rank 0,
+layer-level distillation before federated training (Stage 2), and neuron-level alignment during it.
+
+Every stage takes the config and the run's :class:`~fedpft_dist.run_layout.RunLayout` and returns what
+it made; printing is the caller's business.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+import torch
+import torch.nn as nn
+
+from ..config import Config, config_to_dict
+from ..data.public import public_chunks
+from ..errors import UserError
+from ..fsutil import atomic_write_json
+from ..models.adapters import merge_lora_into
+from ..models.build import make_emulator, make_proxy
+from ..models.loading import load_model, load_tokenizer, resolve_model_dir
+from ..models.proxy import load_proxy, read_proxy_meta, save_proxy
+from ..run_layout import RunLayout, is_model_dir
+from ..runtime import Runtime
+from . import zero
+from .distill import ffn_parameter_names, plan_neuron_split
+from .job import DistillResult, DistillRun, run_distillation
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 1: the proxy (FedOT: the emulator)
+# ----------------------------------------------------------------------------------------------------
+
+def build_proxy_artifact(cfg: Config, layout: RunLayout, emulator: bool = False) -> dict:
+    """Build and save the proxy (FedOT: the emulator) of ``cfg`` and its report (proxy.json /
+    emulator.json); one process. Returns the report."""
+    def public(tokenizer, split: str, n: int) -> torch.Tensor:
+        return public_chunks(cfg, tokenizer, split, n)
+
+    if emulator:
+        report = make_emulator(cfg, layout.emulator, public)
+        target = layout.emulator_report
+    else:
+        report = make_proxy(cfg, layout.proxy, public)
+        target = layout.proxy_report
+    atomic_write_json(target, {"config": config_to_dict(cfg), **report})
+    return report
+
+
+def ensure_proxy(cfg: Config, rt: Runtime, layout: RunLayout, emulator: bool = False) -> Path:
+    """The proxy to distil (FedOT: the emulator); rank 0 builds it first when it does not exist yet."""
+    source = layout.emulator if emulator else layout.distill_source
+    if rt.is_main and not is_model_dir(source):
+        if layout.source_given and not emulator:
+            raise UserError(f"distill.proxy: {source} is not a proxy directory")
+        log.info("no %s at %s yet: building it", "emulator" if emulator else "proxy", source)
+        build_proxy_artifact(cfg, layout, emulator)
+    rt.comm.barrier(name="distill/proxy-ready")
+    return source
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 2: layer-level distillation
+# ----------------------------------------------------------------------------------------------------
+
+def layer_level_run(cfg: Config, layout: RunLayout) -> DistillRun:
+    """The layer-level job: the config's step budget, checkpoints and log, the run's seed."""
+    d = cfg.distill
+    return DistillRun(steps=d.steps, epoch_fraction=d.epoch_fraction, seed=cfg.run.seed,
+                      eval_batch=cfg.proxy.batch_size, tag="distill", checkpoint_every=d.checkpoint_every,
+                      checkpoint_dir=str(layout.distill_checkpoints), resume=d.resume,
+                      log_path=str(layout.distill_log))
+
+
+@dataclass
+class Distilled:
+    path: Path        # the distilled proxy (FedOT: emulator), the same on every rank
+    report: dict      # what distill.json holds, besides the config
+
+
+def distill_proxy(cfg: Config, rt: Runtime, layout: RunLayout, emulator: bool = False) -> Distilled:
+    """Layer-level distillation of the proxy (FedOT: of the emulator, each kept middle layer against
+    the FM layer it came from) on all ranks of ``rt``; rank 0 saves the result and ``distill.json``."""
+    t0 = time.perf_counter()
+    source = ensure_proxy(cfg, rt, layout, emulator)
+    meta = read_proxy_meta(source)
+    fm_dir = resolve_model_dir(cfg.model.path)
+    tokenizer = load_tokenizer(source)
+    train = public_chunks(cfg, tokenizer, "train", cfg.distill.max_chunks)
+    held = public_chunks(cfg, tokenizer, "held_out", cfg.distill.eval_chunks)
+    student, _ = load_proxy(source, task="base", dtype=cfg.model.dtype)
+    layers = meta["compressed_layers"]
+    result = run_distillation(rt, lambda: load_model(fm_dir, "base", cfg.model.dtype), student, layers,
+                              train, held, cfg.distill, layer_level_run(cfg, layout),
+                              layer_map=meta.get("layer_map"))
+    out = layout.emulator_distilled if emulator else layout.distilled
+    report = {"proxy_in": str(source), "proxy_out": str(out), "fm_path": str(fm_dir),
+              "world_size": rt.world_size, "zero_stage": cfg.distill.zero_stage,
+              **distill_report(result, layers, train, held)}
+    if rt.is_main:
+        plain, plain_meta = load_proxy(source, dtype=cfg.model.dtype)
+        _, unexpected = plain.base_model.load_state_dict(result.ffn_state, strict=False)
+        if unexpected:
+            raise RuntimeError(f"distilled tensors do not fit the proxy: {unexpected[:3]}")
+        plain_meta["distilled"] = {k: report[k] for k in ("steps", "zero_stage", "world_size",
+                                                           "hidden_error_before", "hidden_error_after")}
+        save_proxy(plain, tokenizer, out, plain_meta)
+        report["seconds"] = time.perf_counter() - t0
+        atomic_write_json(layout.distill_report, {"config": config_to_dict(cfg), **report})
+        log.info("distilled %d layers for %d steps: hidden-state error on held-out text %.4f -> %.4f; saved %s",
+                 len(layers), result.steps, report["hidden_error_before"], report["hidden_error_after"], out)
+    rt.comm.barrier(name="distill/saved")
+    return Distilled(out, report)
+
+
+def distill_report(result: DistillResult, layers: list[int], train: torch.Tensor, held: torch.Tensor) -> dict:
+    return {
+        "steps": result.steps, "compressed_layers": layers, "trainable_params": result.trainable_params,
+        "train_chunks": int(len(train)), "held_out_chunks": int(len(held)), "chunk_tokens": int(train.shape[1]),
+        "loss_first": result.losses[0] if result.losses else None,
+        "loss_last": result.losses[-1] if result.losses else None, "losses": result.losses,
+        "hidden_error_per_layer_before": result.errors_before,
+        "hidden_error_per_layer_after": result.errors_after,
+        "hidden_error_before": sum(result.errors_before) / len(result.errors_before),
+        "hidden_error_after": sum(result.errors_after) / len(result.errors_after),
+        "step_seconds_median": result.step_seconds, "peak_memory_mb_per_rank": result.peak_memory_mb,
+        "teacher_bytes_held_per_rank": result.teacher_bytes_held, "teacher_bytes_full": result.teacher_bytes_full,
+    }
+
+
+def distilled_proxy(cfg: Config, rt: Runtime, layout: RunLayout, emulator: bool = False) -> Path:
+    """The distilled proxy (FedOT: emulator): distilled now unless a previous run left it."""
+    done = layout.emulator_distilled if emulator else layout.distilled
+    if is_model_dir(done):
+        return done
+    return distill_proxy(cfg, rt, layout, emulator).path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Neuron-level alignment (every fed.align_every rounds)
+# ----------------------------------------------------------------------------------------------------
+
+def alignment_run(cfg: Config, round_idx: int) -> DistillRun:
+    """An alignment job: the fed section's short budget, a seed of its own per round, no checkpoints."""
+    return DistillRun(steps=cfg.fed.align_steps, epoch_fraction=cfg.fed.align_fraction,
+                      seed=cfg.run.seed * 7919 + round_idx, eval_batch=cfg.proxy.batch_size,
+                      tag=f"align/round-{round_idx + 1}", progress=False)
+
+
+def align_neurons(cfg: Config, rt: Runtime, proxy_dir: Path, backbone: nn.Module, prefix: str,
+                  layers: list[int], global_adapter: dict, stats: dict, public: tuple[torch.Tensor, torch.Tensor],
+                  round_idx: int) -> DistillResult:
+    """Neuron-level distillation on all ranks: rank the neurons of each compressed layer by activity
+    on client data (``stats``, summed over ranks), freeze the most active ``fed.align_keep`` share,
+    distil the rest against the FM with the global adapter merged into both. ``backbone`` (the
+    clients' proxy without its head, whose task model calls it ``prefix``) gives the current FFN
+    weights; the result's ``ffn_state`` holds the new ones."""
+    f = cfg.fed
+    scaling = f.lora_alpha / f.lora_r
+    gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + round_idx)
+    splits = []
+    for l in layers:
+        activity = stats[l].mean_abs() if f.align_score == "mean_abs" else 1.0 - stats[l].apoz()
+        splits.append(plan_neuron_split(activity, f.align_keep, gen, l))
+    fm_dir = resolve_model_dir(cfg.model.path)
+
+    def load_teacher() -> nn.Module:
+        teacher = load_model(fm_dir, "base", cfg.model.dtype)
+        merge_lora_into(teacher, global_adapter, scaling, gather=lambda ps: zero.gathered(ps, modifier_rank=0),
+                        strip=[prefix])
+        return teacher
+
+    student, _ = load_proxy(proxy_dir, task="base", dtype=cfg.model.dtype)
+    names = set(ffn_parameter_names(student, layers))
+    student.load_state_dict({k: v for k, v in backbone.state_dict().items() if k in names}, strict=False)
+    merge_lora_into(student, global_adapter, scaling, strip=[prefix])
+    return run_distillation(rt, load_teacher, student, layers, public[0], public[1], cfg.distill,
+                            alignment_run(cfg, round_idx), splits)
+
+
+def alignment_metrics(result: DistillResult) -> dict:
+    """The metrics row entries of an alignment round."""
+    return {"align_steps": result.steps, "align_loss_first": result.losses[0], "align_loss_last": result.losses[-1],
+            "align_error_before": sum(result.errors_before) / len(result.errors_before),
+            "align_error_after": sum(result.errors_after) / len(result.errors_after),
+            "align_ffn_bytes": sum(v.numel() * 4 for v in result.ffn_state.values())}
+
+
+def public_pair(cfg: Config, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training chunks, held-out chunks) of the public text for alignment."""
+    return (public_chunks(cfg, tokenizer, "train", cfg.distill.max_chunks),
+            public_chunks(cfg, tokenizer, "held_out", cfg.distill.eval_chunks))
+

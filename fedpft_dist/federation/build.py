@@ -1,0 +1,103 @@
+"""The models of a federated run: the peft model the clients train (proxy, emulator or FM, as the
+method says) and the FM's peft model that the global adapter is plugged into for evaluation."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from ..config import Config
+from ..errors import ConfigError
+from ..models.adapters import full_width_layers, with_lora
+from ..models.families import layers_prefix, transformer_layers
+from ..models.loading import load_model
+from ..models.proxy import count_params, load_proxy, read_proxy_meta
+from ..run_layout import RunLayout
+from ..runtime import Runtime
+from .methods import Method
+
+
+@dataclass
+class Models:
+    client: nn.Module               # peft model the clients train (proxy or FM)
+    evaluate: nn.Module             # peft model on the FM, for plug-in evaluation
+    proxy_dir: Optional[Path]       # proxy methods: the proxy the clients start from
+    compressed_layers: list[int]
+    client_params: int              # transformer + head parameters a client holds
+    fm_params: int
+    client_nonembedding_params: int = 0
+    to_fm: Callable[[dict], dict] = lambda adapter: adapter  # client adapter -> FM module names
+
+    @property
+    def client_backbone(self) -> nn.Module:
+        """The client model without its peft wrapper and task head (what alignment rewrites)."""
+        return self.client.get_base_model().base_model
+
+    @property
+    def client_prefix(self) -> str:
+        """The name under which the client's task model holds its backbone."""
+        return self.client.get_base_model().base_model_prefix
+
+
+def non_embedding_params(model: nn.Module) -> int:
+    """Parameters outside embedding tables: the ones every token's compute touches."""
+    emb = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in emb)
+
+
+def _checkpointing(model: nn.Module, on: bool) -> None:
+    """Per-layer gradient checkpointing in training mode (evaluation never stores activations).
+    Non-reentrant: the frozen embeddings' outputs need not require grad, and dropout masks repeat."""
+    if on:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def build_models(cfg: Config, rt: Runtime, method: Method, layout: RunLayout, num_labels: int, fm_dir: Path,
+                 task: str) -> Models:
+    """The clients' peft model and the FM's (for plug-in evaluation) for ``method`` and ``task``.
+    Every rank loads the whole FM: evaluation runs on it, unpartitioned."""
+    f = cfg.fed
+    lora = (f.lora_r, f.lora_alpha, f.lora_dropout)
+    torch.manual_seed(cfg.run.seed)  # the head's initialisation is part of the shared starting point
+    fm = load_model(fm_dir, task, cfg.model.dtype, num_labels=num_labels).to(rt.device)
+    fm_params = count_params(fm)
+    ffn = f.lora_targets == "attention+ffn"
+    if not method.uses_proxy:
+        nonemb = non_embedding_params(fm)
+        _checkpointing(fm, f.gradient_checkpointing)
+        every_layer = list(range(len(transformer_layers(fm)))) if ffn else []
+        model = with_lora(fm, *lora, task=task, ffn_layers=every_layer)
+        return Models(model, model, None, [], fm_params, fm_params, nonemb)
+    proxy_dir = method.client_model(cfg, rt, layout)
+    meta = read_proxy_meta(proxy_dir)
+    torch.manual_seed(cfg.run.seed)
+    proxy, _ = load_proxy(proxy_dir, task=task, dtype=cfg.model.dtype, num_labels=num_labels)
+    proxy = proxy.to(rt.device)
+    _checkpointing(proxy, f.gradient_checkpointing)
+    client_params, nonemb = count_params(proxy), non_embedding_params(proxy)  # before LoRA is added
+    layer_map = meta.get("layer_map")
+    client_ffn = _ffn_lora_layers(proxy, fm, meta, method) if ffn else []
+    fm_ffn = [layer_map[j] for j in client_ffn] if layer_map is not None else client_ffn
+    # LoRA's initialisation draws from the seeded generator: client model first, then the FM.
+    client = with_lora(proxy, *lora, task=task, ffn_layers=client_ffn)
+    evaluate = with_lora(fm, *lora, task=task, ffn_layers=fm_ffn)
+    models = Models(client, evaluate, proxy_dir, list(meta["compressed_layers"]), client_params, fm_params, nonemb)
+    if layer_map is not None and method.to_fm is not None:  # an emulator numbers its layers differently
+        token = layers_prefix(proxy)
+        models.to_fm = lambda adapter: method.to_fm(adapter, layer_map, token)
+    return models
+
+
+def _ffn_lora_layers(proxy: nn.Module, fm: nn.Module, meta: dict, method: Method) -> list[int]:
+    """A proxy's compressed layers are narrower than the FM's (and alignment rewrites them), so FFN
+    LoRA goes on the layers the client holds whole: LoRA on W_gate/W_up/W_down there has the FM's
+    shapes and plugs in as it is."""
+    exclude = [] if method.ffn_lora_on_compressed else meta["compressed_layers"]
+    layers = full_width_layers(proxy, fm, meta.get("layer_map"), exclude=exclude)
+    if not layers:
+        raise ConfigError("fed.lora_targets", "no layer of the client model keeps the FM's whole FFN "
+                                              "(proxy.retained_layers is empty), so no FFN LoRA would fit the FM")
+    return layers

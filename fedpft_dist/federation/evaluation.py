@@ -1,0 +1,29 @@
+"""Plug-in evaluation: the FM with the global adapter on the test set, sharded over ranks."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..data.tasks import Task
+from ..runtime import Runtime
+from .client import accuracy_and_macro_f1, confusion_counts, next_token_eval, perplexity_and_accuracy, predict
+
+
+def evaluate(rt: Runtime, model: nn.Module, task: Task, batch_size: int) -> dict:
+    """``model`` on the test set, sharded over ranks (rank r takes rows r, r+W, ...), with one
+    all-reduce of sums: accuracy and macro-F1 from per-class counts (classification), or mean
+    next-token loss, perplexity and next-token accuracy from (loss sum, correct, targets) (causal LM).
+    Sums first, divisions after: the result does not depend on the number of ranks."""
+    idx = torch.arange(rt.rank, len(task.test_ids), rt.world_size)
+    if task.causal_lm:
+        sums = next_token_eval(model, task.test_ids[idx], task.test_mask[idx], batch_size, rt.device)
+        sums = rt.comm.all_reduce_sum({"sums": sums}, name="evaluate/next-token")["sums"]
+        loss, ppl, acc = perplexity_and_accuracy(sums)
+        return {"test_loss": loss, "perplexity": ppl, "next_token_accuracy": acc, "test_tokens": int(sums[2]),
+                "test_examples": len(task.test_ids)}
+    types = task.test_types[idx] if task.test_types is not None else None
+    preds = predict(model, task.test_ids[idx], task.test_mask[idx], batch_size, rt.device, types)
+    counts = confusion_counts(preds, task.test_labels[idx], task.num_classes)
+    counts = rt.comm.all_reduce_sum(counts, name="evaluate/counts")
+    acc, f1 = accuracy_and_macro_f1(counts)
+    return {"accuracy": acc, "macro_f1": f1, "test_examples": int((counts["tp"] + counts["fn"]).sum())}

@@ -1,0 +1,79 @@
+"""Federated methods by name: what the clients hold, which distillation builds it, whether the run
+re-aligns it, and how a client adapter maps onto the FM.
+
+Adding a method is one :func:`register` call (and its test); the engine only reads these fields.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..alignment.stages import distilled_proxy, ensure_proxy
+from ..config import Config
+from ..errors import ConfigError
+from ..models.emulator import adapter_to_fm
+from ..run_layout import RunLayout
+from ..runtime import Runtime
+
+# What a method's clients hold instead of the FM: built (and distilled) once per run, reused after.
+ClientModelStage = Callable[[Config, Runtime, RunLayout], Path]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    # None: the clients hold the FM itself. Otherwise the stage that gives the directory of the
+    # model the clients hold (a proxy or an emulator); it runs on every rank.
+    client_model: Optional[ClientModelStage]
+    # Neuron-level alignment of the proxy every fed.align_every rounds.
+    aligns: bool = False
+    # FFN LoRA is kept off the compressed layers, which alignment rewrites (an emulator's middle
+    # layers are whole FM layers and take it).
+    ffn_lora_on_compressed: bool = False
+    # Client adapter (module names of the client model) -> the FM's module names, given the client
+    # model's layer_map (FM layer of each client layer) and the name of its layer list.
+    to_fm: Optional[Callable[[dict, list[int], str], dict]] = None
+
+    @property
+    def uses_proxy(self) -> bool:
+        return self.client_model is not None
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ConfigError("fed.method", f"{name!r} is not available (methods: {', '.join(METHODS)})")
+    return METHODS[name]
+
+
+def _undistilled_proxy(cfg: Config, rt: Runtime, layout: RunLayout) -> Path:
+    return ensure_proxy(cfg, rt, layout)
+
+
+def _distilled_proxy(cfg: Config, rt: Runtime, layout: RunLayout) -> Path:
+    return distilled_proxy(cfg, rt, layout)
+
+
+def _distilled_emulator(cfg: Config, rt: Runtime, layout: RunLayout) -> Path:
+    return distilled_proxy(cfg, rt, layout, emulator=True)
+
+
+register(Method("fedpft", "proxy with layer-level distillation before and neuron-level alignment during "
+                          "federated training", _distilled_proxy, aligns=True))
+register(Method("fedpetuning", "LoRA on the full FM at the clients", None, ffn_lora_on_compressed=True))
+register(Method("fedot", "offsite-tuning emulator (every other middle layer dropped), distilled",
+                _distilled_emulator, ffn_lora_on_compressed=True, to_fm=adapter_to_fm))
+register(Method("fedpft_no_layer_distill", "fedpft without layer-level distillation", _undistilled_proxy,
+                aligns=True))
+register(Method("fedpft_no_neuron_distill", "fedpft without neuron-level alignment", _distilled_proxy))

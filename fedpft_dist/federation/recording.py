@@ -1,0 +1,66 @@
+"""What the round loop records on rank 0: metrics rows (JSON lines) and progress bars. On other ranks
+both are silent, so the loop calls them the same way everywhere."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one row per round, appended as the round ends. A resumed run keeps the rows
+    of the rounds it resumes after and drops any later ones (they were never checkpointed)."""
+
+    def __init__(self, path: Path, active: bool, resume_after: int = 0):
+        self.path, self.active = path, active
+        self.rows: list[dict] = []
+        if not active:
+            return
+        kept = []
+        if resume_after and path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["round"] <= resume_after]
+        path.write_text("".join(line + "\n" for line in kept))
+        self.rows = [json.loads(line) for line in kept]
+
+    def append(self, row: dict) -> None:
+        if not self.active:
+            return
+        self.rows.append(row)
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+class RoundProgress:
+    """A bar over rounds and, within a round, one over this rank's clients (rank 0 only)."""
+
+    def __init__(self, active: bool, total: int, done: int, desc: str):
+        self.bar = self.inner = None
+        if active:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, desc=desc, unit="round", dynamic_ncols=True)
+
+    def start_clients(self, round_no: int, clients: int) -> None:
+        if self.bar is not None and clients > 1:
+            from tqdm import tqdm
+
+            self.inner = tqdm(total=clients, desc=f"round {round_no} clients (rank 0)", leave=False,
+                              dynamic_ncols=True)
+
+    def client_done(self) -> None:
+        if self.inner is not None:
+            self.inner.update(1)
+
+    def end_clients(self) -> None:
+        if self.inner is not None:
+            self.inner.close()
+            self.inner = None
+
+    def round_done(self, row: dict, keys: tuple[str, ...]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{row[k]:.4f}" for k in keys if k in row})
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

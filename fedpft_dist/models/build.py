@@ -1,0 +1,123 @@
+"""Stage 1 as functions: build the proxy (or FedOT's emulator) of a config's FM, save it, report how
+close it is to the FM on held-out public text. The caller supplies the public text."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import Config
+from .emulator import build_emulator, emulator_layers
+from .families import transformer_layers
+from .loading import default_task, load_model, load_tokenizer, resolve_model_dir
+from .proxy import (activation_saliency_scores, build_proxy, count_params, describe_layout, hidden_state_errors,
+                    plan_proxy, save_proxy, select_neurons, weight_saliency_scores)
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def greedy_sample(model, tokenizer, prompt: str, tokens: int) -> str:
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def make_proxy(cfg: Config, out: Path, public: Callable[[object, str, int], torch.Tensor]) -> dict:
+    """Build the proxy that ``cfg`` describes and save it to ``out``; returns its report.
+    ``public(tokenizer, split, n)`` gives ``n`` chunks of public text ('train' for calibration,
+    'held_out' for the error report)."""
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.run.seed)
+    fm_dir = resolve_model_dir(cfg.model.path)
+    task = default_task(fm_dir) if cfg.model.task == "auto" else cfg.model.task
+    log.info("loading FM %s (%s)", fm_dir, task)
+    fm = load_model(fm_dir, task, cfg.model.dtype, num_labels=cfg.model.num_labels)
+    fm.eval()
+    tokenizer = load_tokenizer(fm_dir)
+    p = cfg.proxy
+    plan = plan_proxy(fm, p.retained_layers, p.keep_ratio, p.keep_ratios)
+
+    # -- saliency ----------------------------------------------------------------------------------
+    if p.saliency == "weight":
+        scores = weight_saliency_scores(fm, plan.compressed)
+    else:
+        calib = public(tokenizer, "train", p.calibration_chunks)
+        log.info("activation saliency (%s) on %d calibration chunks of %d tokens", p.saliency, len(calib),
+                 calib.shape[1])
+        scores = activation_saliency_scores(fm, plan.compressed, calib, p.batch_size, p.saliency, p.eps)
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    kept = {l: select_neurons(scores[l], plan.keep[l], gen) for l in plan.compressed}
+
+    # -- construction ------------------------------------------------------------------------------
+    proxy = build_proxy(fm, kept)
+    fm_params, proxy_params = count_params(fm), count_params(proxy)
+
+    # -- evaluation on held-out text ---------------------------------------------------------------
+    held = public(tokenizer, "held_out", p.eval_chunks)
+    errors = hidden_state_errors(fm, proxy, held, p.batch_size)
+    compressed_err = [errors[l] for l in plan.compressed]
+    report = {
+        **describe_layout(fm),
+        "fm_path": str(fm_dir),
+        "task": task,
+        "num_layers": plan.num_layers,
+        "retained_layers": plan.retained,
+        "compressed_layers": plan.compressed,
+        "keep_ratio": p.keep_ratio,
+        "keep_ratios": list(p.keep_ratios),
+        "saliency": p.saliency,
+        "seed": cfg.run.seed,
+        "fm_ffn_widths": plan.widths,
+        "proxy_ffn_widths": [len(kept[l]) if l in kept else plan.widths[l] for l in range(plan.num_layers)],
+        "kept_indices": {str(l): idx for l, idx in kept.items()},
+        "fm_params": fm_params,
+        "proxy_params": proxy_params,
+        "param_ratio": proxy_params / fm_params,
+        "hidden_error_per_layer": errors,
+        "hidden_error_mean": sum(errors) / len(errors),
+        "hidden_error_last": errors[-1],
+        "hidden_error_compressed_mean": sum(compressed_err) / max(1, len(compressed_err)),
+        "held_out_chunks": int(len(held)),
+        "chunk_tokens": int(held.shape[1]),
+    }
+    if task == "causal-lm" and p.sample_tokens > 0:
+        report["sample_prompt"] = p.sample_prompt
+        report["sample_fm"] = greedy_sample(fm, tokenizer, p.sample_prompt, p.sample_tokens)
+        report["sample_proxy"] = greedy_sample(proxy, tokenizer, p.sample_prompt, p.sample_tokens)
+
+    meta = {k: v for k, v in report.items() if not k.startswith(("hidden_error", "sample_", "held_out", "chunk_"))}
+    save_proxy(proxy, tokenizer, out, meta)
+    report["proxy_dir"] = str(out)
+    report["seconds"] = time.perf_counter() - t0
+    return report
+
+
+def make_emulator(cfg: Config, out: Path, public: Callable[[object, str, int], torch.Tensor]) -> dict:
+    """The FedOT baseline's emulator (every other middle layer dropped), saved like a proxy to ``out``;
+    returns its report."""
+    t0 = time.perf_counter()
+    fm_dir = resolve_model_dir(cfg.model.path)
+    task = default_task(fm_dir) if cfg.model.task == "auto" else cfg.model.task
+    fm = load_model(fm_dir, task, cfg.model.dtype, num_labels=cfg.model.num_labels)
+    tokenizer = load_tokenizer(fm_dir)
+    n = len(transformer_layers(fm))
+    kept = emulator_layers(n, cfg.fed.fedot_keep_bottom, cfg.fed.fedot_keep_top)
+    emulator = build_emulator(fm, kept)
+    b, t = cfg.fed.fedot_keep_bottom, cfg.fed.fedot_keep_top
+    middle = list(range(b, len(kept) - t))
+    held = public(tokenizer, "held_out", cfg.proxy.eval_chunks)
+    errors = hidden_state_errors(fm, emulator, held, cfg.proxy.batch_size, kept)
+    report = {**describe_layout(fm), "kind": "emulator", "fm_path": str(fm_dir), "task": task, "num_layers": n,
+              "layer_map": kept, "compressed_layers": middle, "teacher_layers": [kept[j] for j in middle],
+              "retained_layers": list(range(b)) + list(range(len(kept) - t, len(kept))),
+              "fm_params": count_params(fm), "proxy_params": count_params(emulator),
+              "hidden_error_per_layer": errors, "hidden_error_mean": sum(errors) / len(errors)}
+    save_proxy(emulator, tokenizer, out, {k: v for k, v in report.items() if not k.startswith("hidden_error")})
+    report["proxy_dir"] = str(out)
+    report["seconds"] = time.perf_counter() - t0
+    return report
