@@ -25,7 +25,7 @@ import torch
 from .config import Config, config_from_dict, config_to_dict, write_resolved_config
 from .fsutil import atomic_write_json
 from .resources import offline_status
-from .runtime import LaunchInfo, Runtime, detect_launch, init_from_config, spawn_local
+from .runtime import LaunchInfo, Runtime, backends_available, detect_launch, init_from_config, spawn_local
 from .runtime.launch import MPI_VARS, SLURM_VARS, TORCHRUN_VARS
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,6 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------------
 
 def _torch_report() -> dict:
-    import torch.distributed as dist  # reading availability only; no collective is called here
-
     cuda = torch.cuda.is_available()
     info = {
         "version": torch.__version__,
@@ -46,9 +44,7 @@ def _torch_report() -> dict:
         "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
         "bf16_supported": bool(cuda and torch.cuda.is_bf16_supported()),
         "cpu_threads": torch.get_num_threads(),
-        "distributed_available": dist.is_available(),
-        "gloo": dist.is_available() and dist.is_gloo_available(),
-        "nccl": dist.is_available() and dist.is_nccl_available(),
+        **backends_available(),
         "nccl_version": None,
     }
     if info["nccl"]:

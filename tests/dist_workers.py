@@ -77,3 +77,31 @@ def fault_main(mode: str, timeout_s: float) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(fault_main(sys.argv[1], float(sys.argv[2])))
+
+
+def fake_client_adapter(c: int) -> dict:
+    """Client c's "update" in the aggregation tests: seeded tensors; client 4's is NaN."""
+    g = torch.Generator().manual_seed(100 + c)
+    state = {"a.lora_A.weight": torch.randn(2, 3, generator=g), "head.weight": torch.randn(4, generator=g)}
+    if c == 4:
+        state["head.weight"] = torch.full((4,), float("nan"))
+    return state
+
+
+def aggregation_suite(rank: int, out_dir: str, aggregation: str, clients_per_rank: list) -> None:
+    """Each rank accumulates its clients (client c has c + 1 examples) and joins one reduce; rank r
+    writes the mean and counters to out_dir/rank{r}.json."""
+    from fedpft_dist.federation.aggregation import make_aggregator
+    from fedpft_dist.federation.client import ClientUpdate
+
+    rt = init_runtime(timeout_s=60, threads_per_rank=1)
+    agg = make_aggregator(aggregation, fake_client_adapter(0))
+    for c in clients_per_rank[rank]:
+        upd = ClientUpdate(fake_client_adapter(c), num_samples=c + 1, loss_sum=0.0, steps=1, tokens=0)
+        agg.accumulate(upd.adapter, agg.weight(upd))
+    red = agg.reduce(rt.comm, {"rider": torch.tensor([float(rank + 1)], dtype=torch.float64)})
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump({"mean": {k: v.tolist() for k, v in red.mean.items()}, "excluded": red.excluded,
+                   "all_finite": red.all_finite, "total_weight": red.total_weight,
+                   "rider": red.extra["rider"].tolist(), "bytes": red.payload_bytes}, fh)
+    rt.shutdown()

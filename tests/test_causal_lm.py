@@ -255,6 +255,18 @@ def test_memory_plan_counts_what_the_code_builds():
         out["client_training"]["activations without checkpointing"]
 
 
+def test_memory_plan_command(tmp_path):
+    out = tmp_path / "plan.json"
+    proc = run_cli("memory-plan", "--config", "configs/large/llama-7b.yaml", "--model-config",
+                   "configs/large/llama-2-7b-config.json", "--world-size", "8", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "client_training (per rank, 8 ranks):" in proc.stdout and "distillation" in proc.stdout
+    plan = json.loads(out.read_text())
+    assert plan["world_size"] == 8 and plan["counts"]["layers"] == 32
+    proc = run_cli("memory-plan", "--config", "configs/large/llama-7b.yaml", "--model-config", str(tmp_path / "no.json"))
+    assert proc.returncode == 2 and "--model-config" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
 # ----------------------------------------------------------------------------------------------------
 # A tiny random LLaMA through the engine (1 rank)
 # ----------------------------------------------------------------------------------------------------

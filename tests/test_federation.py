@@ -175,9 +175,11 @@ def test_checkpoints_of_an_uninterrupted_run(cheap_3):
                                                                                      "round-000002"]
     for n in (1, 2):
         ckpt = rounds / f"round-{n:06d}"
-        assert {"adapter.safetensors", "proxy_ffn.safetensors", "state.json"} <= {p.name for p in ckpt.iterdir()}
+        # no alignment ran, so the proxy's FFN weights are still those of its directory: not saved
+        assert {p.name for p in ckpt.iterdir()} == {"adapter.safetensors", "state.json"}
         meta = json.loads((ckpt / "state.json").read_text())
         assert meta["round"] == n and meta["method"] == "fedpft_no_layer_distill" and meta["seed"] == 0
+        assert meta["alignment_rounds"] == 0 and meta["excluded_clients"] == 0
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(cheap_3, tmp_path):
@@ -221,10 +223,10 @@ def test_resume_after_an_alignment_round_keeps_metrics_and_state(align_resume):
 
 
 def test_resume_after_an_alignment_round_gives_the_uninterrupted_adapter(align_resume):
-    # Fails while the ZeRO-3 loading of the teacher (fedpft_dist/alignment/zero.py, zero3_loading)
-    # lets DeepSpeed's zero.Init replace torch.nn.functional.linear for the rest of the process: the
-    # uninterrupted run trains round 3 with DeepSpeed's LinearFunctionForZeroStage3, the resumed
-    # process (which did not align yet) with torch's linear -> differences of ~1e-6 after one round.
+    # The ZeRO-3 loading of the teacher (fedpft_dist/alignment/zero.py, zero3_loading) must not leave
+    # DeepSpeed's zero.Init linear in torch.nn.functional: the uninterrupted run would then train
+    # round 3 with DeepSpeed's LinearFunctionForZeroStage3 and the resumed process (which did not
+    # align yet) with torch's linear -> differences of ~1e-6 after one round.
     r = align_resume
     assert max_abs_diff(adapter(r["full"]), adapter(r["parts"])) <= 1e-7
     assert_same_rounds(metrics(r["full"]), metrics(r["parts"]), loss_rel=1e-7)
@@ -362,3 +364,44 @@ def test_outputs_of_a_run(tiny_runs):
         assert cfg["peft_type"] == "LORA"
         assert (run / "config.yaml").is_file()
         assert not (run / "checkpoints" / "rounds").exists()   # checkpoint_every defaults to 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. Summaries and artifact paths
+# ----------------------------------------------------------------------------------------------------
+
+STOP_AND_RESUME = """
+import json, sys
+from fedpft_dist.environment import prepare_process
+prepare_process()
+from fedpft_dist.config import load_config
+from fedpft_dist.federation.engine import run_federated
+run, base = sys.argv[1], sys.argv[2:]
+stopped = run_federated(load_config("configs/tiny.yaml", base + [f"run.dir={run}", "fed.stop_after=1"]))
+done = run_federated(load_config("configs/tiny.yaml", base + [f"run.dir={run}", "fed.resume=true"]))
+print(json.dumps({"stopped": stopped, "done": done}))
+"""
+
+
+def test_an_early_stop_returns_the_summary_of_a_finished_run(tmp_path):
+    args = ["dist.threads_per_rank=1", "fed.method=fedpetuning", "fed.rounds=2", "fed.checkpoint_every=1"]
+    proc = subprocess.run([PYTHON, "-c", STOP_AND_RESUME, str(tmp_path / "run"), *args], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, _tail(proc)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    stopped, done = out["stopped"], out["done"]
+    assert set(stopped) == set(done)
+    assert stopped["stopped_early"] is True and stopped["rounds_done"] == 1 and stopped["rounds"] == 2
+    assert done["stopped_early"] is False and done["rounds_done"] == 2
+    assert stopped["final_accuracy"] is not None   # round 1 was evaluated (eval_every=1)
+    assert summary(tmp_path / "run") == done
+
+
+def test_a_proxy_built_at_proxy_out_is_the_one_distilled(tmp_path):
+    run, proxy = tmp_path / "run", tmp_path / "elsewhere" / "proxy"
+    train(run, "fed.rounds=1", "fed.align_every=0", "distill.steps=1", f"proxy.out={proxy}")
+    assert (proxy / "fedpft_proxy.json").is_file()
+    assert not (run / "proxy").exists()
+    assert json.loads((run / "distill.json").read_text())["proxy_in"] == str(proxy)
+    assert (run / "proxy_distilled" / "config.json").is_file()
+    assert json.loads((run / "proxy.json").read_text())["proxy_dir"] == str(proxy)

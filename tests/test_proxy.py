@@ -104,6 +104,33 @@ def test_build_save_reload_every_family(model_type, tmp_path):
     torch.testing.assert_close(first, second, rtol=0, atol=0)
 
 
+def test_readme_reload_route_runs_as_written(tmp_path):
+    """README's Python block on reloading a proxy, run as it is in a fresh interpreter (only its path
+    points at a proxy saved here), and the model it loads equals the saved one."""
+    import re
+    import subprocess
+
+    from conftest import PYTHON, REPO, child_env
+
+    readme = (REPO / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "AutoModel.from_pretrained" in b]
+    assert len(blocks) == 1, "README has one Python block that reloads a proxy"
+    fm = _tiny("bert").eval()
+    plan = plan_proxy(fm, [0, -1], 0.25)
+    proxy = build_proxy(fm, {l: list(range(k)) for l, k in plan.keep.items()})
+    save_proxy(proxy, None, tmp_path / "proxy", {"task": "base", "kept_indices": {}})
+    code = blocks[0].replace("runs/minilm-proxy/proxy", str(tmp_path / "proxy"))
+    code += ("\nimport torch\nx = torch.arange(9).view(1, 9)\n"
+             f"torch.save(proxy(input_ids=x).last_hidden_state, {str(tmp_path / 'out.pt')!r})\n")
+    proc = subprocess.run([PYTHON, "-c", code], cwd=tmp_path, env=child_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with torch.no_grad():
+        expected = proxy(input_ids=torch.arange(9).view(1, 9)).last_hidden_state
+    # (the child runs one thread, this process more: BLAS sums in another order)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt", weights_only=True), expected, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("model_type", ["bert", "llama"])
 def test_lora_adapters_move_between_proxy_and_fm(model_type, tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model

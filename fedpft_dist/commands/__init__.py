@@ -1,0 +1,1 @@
+"""The handlers of the ``fedpft`` subcommands: each parses what it needs, calls the library, prints."""

@@ -51,7 +51,7 @@ LABEL_KEYS = ("fed.method", "fed.partition")
 ALPHA = "fed.alpha"
 
 
-# summary.json's "task" values (as in federation/engine.py, not imported: it pulls in torch).
+# summary.json's "task" values (as in data/tasks.py, not imported: it pulls in torch).
 CLASSIFICATION, CAUSAL_LM = "sequence-classification", "causal-lm"
 
 

@@ -1,1 +1,2 @@
-"""Federated fine-tuning: sampling, client training, aggregation, the round loop."""
+"""Federated fine-tuning: methods and aggregators by name, sampling, client training, evaluation,
+the round state and its checkpoints, and the round loop (:mod:`.engine`)."""

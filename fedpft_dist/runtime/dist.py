@@ -81,6 +81,13 @@ def cpu_budget(local_world_size: int, env: Mapping[str, str] = os.environ) -> in
     return max(1, node // max(1, local_world_size))
 
 
+def backends_available() -> dict[str, bool]:
+    """Which collective back-ends this torch build has (no process group needed)."""
+    ok = dist.is_available()
+    return {"distributed_available": ok, "gloo": ok and dist.is_gloo_available(),
+            "nccl": ok and dist.is_nccl_available()}
+
+
 def pick_device(local_rank: int) -> torch.device:
     """``cuda:LOCAL_RANK`` when CUDA is available (modulo the visible devices, for one-GPU-per-task
     Slurm binding where every task sees device 0), otherwise the CPU."""
