@@ -1,9 +1,18 @@
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# The Triton interpreter must be requested before triton's first import in this process, and test
+# modules import transformers (which may import triton) while they are collected: without a GPU the
+# kernel tests run interpreted, so ask for it here, before any of them. Children get a clean
+# environment (child_env drops the variable).
+if importlib.util.find_spec("triton") is not None and not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable

@@ -43,6 +43,8 @@ def test_zero_stages_follow_the_same_trajectory(results):
     # without letting a real difference (a missing gradient, a wrong average) through.
     base = torch.tensor(r["stage0"]["losses"])
     assert len(base) == 4
+    # the trainable FFN parameters, counted before ZeRO-3 partitions them (a count after would be 0)
+    assert r["stage0"]["trainable"] == r["stage2"]["trainable"] == r["stage3"]["trainable"] > 0
     for stage in ("stage2", "stage3"):
         torch.testing.assert_close(torch.tensor(r[stage]["losses"]), base, rtol=1e-5, atol=0)
 

@@ -134,6 +134,7 @@ class _Job:
     named: dict[str, nn.Parameter]   # the trainable parameters, by name
     gas: int                         # gradient-accumulation steps per optimizer step
     total: int                       # optimizer steps
+    trainable: int                   # trainable parameters (counted before ZeRO-3 partitions them)
 
 
 def _set_up(rt: Runtime, load_teacher: Callable[[], nn.Module], student: nn.Module, layers: Sequence[int],
@@ -163,8 +164,9 @@ def _set_up(rt: Runtime, load_teacher: Callable[[], nn.Module], student: nn.Modu
     teacher_layers = [layer_map[l] for l in layers] if layer_map is not None else None
     pair = DistillPair(teacher, student, layers, d.alpha, teacher_layers)
     optimizer = torch.optim.AdamW(param_groups(named, d.weight_decay), lr=d.lr, betas=(0.9, 0.999), eps=1e-8)
+    trainable = sum(p.numel() for p in named.values())
     engine = zero.initialize(pair, list(named.values()), optimizer, None, ds_config)
-    return _Job(engine, pair, named, gas, total_steps(run, d.batch_size, n_chunks))
+    return _Job(engine, pair, named, gas, total_steps(run, d.batch_size, n_chunks), trainable)
 
 
 def _resume(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun) -> tuple[int, list[float]]:
@@ -277,7 +279,7 @@ def run_distillation(rt: Runtime, load_teacher: Callable[[], nn.Module], student
         step_seconds=statistics.median(step_times[1:] or step_times) if step_times else 0.0,
         peak_memory_mb=_per_rank(rt, _peak_memory_mb(rt.device), f"{run.tag}/memory"),
         teacher_bytes_held=[int(v) for v in _per_rank(rt, held_bytes, f"{run.tag}/teacher-bytes")],
-        teacher_bytes_full=full_bytes, trainable_params=sum(p.numel() for p in job.named.values()))
+        teacher_bytes_full=full_bytes, trainable_params=job.trainable)
 
 
 def _in_layers(name: str, model: nn.Module, layers: Sequence[int]) -> bool:
