@@ -200,7 +200,17 @@ class FedConfig:
     align_fraction: float = _opt(0.02, help="alignment budget: share of one pass over the public text", gt=0)
     align_steps: int = _opt(0, help="alignment budget in steps (overrides align_fraction when > 0)", ge=0)
     align_score: Literal["mean_abs", "apoz"] = _opt(
-        "mean_abs", help="neuron activity on client data: mean |a| or 1 - APoZ (random tie-break)")
+        "mean_abs", help="neuron activity on client data: mean |a| or 1 - APoZ (random tie-break); the "
+                         "paper's code ranks by APoZ, which with GELU (exact zeros are rare) is mostly the tie-break")
+    align_alpha: float = _opt(0.0, help="weight of the W_out W_in term in alignment rounds (the paper's code: 0; "
+                                        "layer-level distillation uses distill.alpha)", ge=0)
+    align_lr: float = _opt(0.0, help="peak learning rate of alignment rounds; 0 = distill.lr", ge=0)
+    fidelity_every: int = _opt(
+        -1, help="gradient fidelity (cosine and relative error between the client model's and the FM's LoRA "
+                 "gradients on a fixed probe set) every this many rounds; -1 = in every evaluation round, 0 = never",
+        ge=-1)
+    fidelity_examples: int = _opt(64, help="probe examples of the gradient-fidelity monitor (a seeded subset of "
+                                           "the test set)", ge=1)
     eval_every: int = _opt(1, help="evaluate the FM with the global adapter every this many rounds", ge=1)
     eval_initial: bool = _opt(False, help="also evaluate the FM before round 1 (the starting adapter "
                                           "changes nothing): summary keys initial_*")

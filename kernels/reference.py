@@ -67,7 +67,7 @@ def _add_sumsq(m: Tensor, neuron_dim: int, sumsq: Tensor) -> None:
         # Neurons are the fast axis (a W_out column, or a transposed row matrix): reducing across
         # strided memory is slow in torch on CPU, so accumulate squares over blocks of K instead.
         kn = m if neuron_dim == 1 else m.T
-        buf = torch.empty((min(block, kn.shape[0]), kn.shape[1]), dtype=torch.float32)
+        buf = torch.empty((min(block, kn.shape[0]), kn.shape[1]), dtype=torch.float32, device=kn.device)
         for part in kn.split(block, dim=0):
             sq = buf[:part.shape[0]]
             sq.copy_(part)

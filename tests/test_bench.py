@@ -35,7 +35,7 @@ def test_bench_config_resolves():
 def test_bench_json_on_two_ranks(tmp_path):
     out = tmp_path / "b" / "bench.json"
     args = ["bench", "--config", CONFIG, f"run.dir={tmp_path / 'run'}", "dist.threads_per_rank=1",
-            "fed.rounds=3", "fed.align_every=3", "fed.eval_every=3", "bench.warmup_rounds=1",
+            "fed.rounds=4", "fed.align_every=2", "fed.eval_every=4", "bench.warmup_rounds=1",
             "bench.allreduce_iters=5", "bench.stats_steps=2", f"bench.out={out}"]
     proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "-m", "fedpft_dist", *args], cwd=REPO, env=child_env(), capture_output=True,
@@ -45,7 +45,7 @@ def test_bench_json_on_two_ranks(tmp_path):
     r = json.loads(out.read_text())
     for key in REQUIRED:
         assert key in r, key
-    assert r["world_size"] == 2 and r["rounds_measured"] == 2
+    assert r["world_size"] == 2 and r["rounds_measured"] == 3
     assert len(r["tokens_per_s_per_rank"]) == 2 and min(r["tokens_per_s_per_rank"]) > 0
     assert len(r["peak_memory_mb_per_rank"]) == 2 and min(r["peak_memory_mb_per_rank"]) > 100
     assert r["rounds_plain"] == 1 and r["round_s_median_all"] >= r["round_s_median"] > 0
@@ -60,7 +60,7 @@ def test_bench_json_on_two_ranks(tmp_path):
     assert r["evaluation_rounds"] == 1 and r["evaluation_s"] > 0
     assert math.isfinite(r["stats_overhead"]) and r["stats_overhead"] > -0.5
     assert len(r["stats_step_s_per_rank"]) == 2
-    assert len(r["per_round"]) == 3 and {"wait", "allreduce", "local_training"} <= set(r["per_round"][0])
+    assert len(r["per_round"]) == 4 and {"wait", "allreduce", "local_training"} <= set(r["per_round"][0])
     assert 1.0 <= r["load_imbalance_median"] < 3.0
 
 

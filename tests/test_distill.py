@@ -108,13 +108,27 @@ def test_neuron_level_freezes_the_most_active_neurons(results, proxy_dir):
         assert not torch.equal(after[w_out][:, trainable], before[w_out][:, trainable])
 
 
+def test_zero_learning_rate_returns_the_input_bit_for_bit(results):
+    # trained pieces come from the fp32 master weights, frozen neurons and the rest from the fp32 input
+    r, _ = results
+    for name in ("lr0-neuron", "lr0-layer"):
+        assert r["lr0"][name]["tensors"] > 0 and r["lr0"][name]["finite"] is True
+        assert r["lr0"][name]["same"] is True, name
+
+
 def test_distill_command_under_torchrun(tmp_path, proxy_dir):
     proc = _torchrun("-m", "fedpft_dist", "distill", "--config", "configs/tiny.yaml", f"run.dir={tmp_path}",
                      f"distill.proxy={proxy_dir}", "distill.zero_stage=3")
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads((tmp_path / "distill.json").read_text())
     assert report["world_size"] == 2 and report["zero_stage"] == 3 and report["steps"] == 4
-    assert report["hidden_error_after"] < report["hidden_error_before"]
+    assert report["hidden_error_after"] < report["hidden_error_before"] and report["finite"] is True
+    # gradient fidelity of the proxy against the FM, before and after, on the monitor's probe set
+    for when in ("fidelity_before", "fidelity_after"):
+        f = report[when]
+        assert -1 <= f["grad_cosine"] <= 1 and f["grad_rel_error"] > 0 and f["grad_probe_examples"] == 64
+        assert len(f["grad_cosine_per_layer"]) == 6
+    assert "LoRA gradient cosine with the FM" in proc.stdout
     log = [json.loads(line) for line in (tmp_path / "distill_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == [1, 2, 3, 4]
     # the saved proxy reloads without the FM and reproduces the reported held-out error

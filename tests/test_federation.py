@@ -102,7 +102,7 @@ def assert_same_rounds(a: list[dict], b: list[dict], loss_rel: float = 1e-6) -> 
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory) -> dict[int, Path]:
     """configs/tiny.yaml as it is (proxy, 4-step ZeRO-3 layer distillation, 2 rounds of 4 of 8 clients,
-    round 2 aligns) on 1 rank and on 2 ranks (torchrun)."""
+    round 1 aligns) on 1 rank and on 2 ranks (torchrun)."""
     root = tmp_path_factory.mktemp("tiny")
     train(root / "rank1")
     train(root / "rank2", ranks=2)
@@ -143,6 +143,10 @@ def test_one_rank_and_two_ranks_give_the_same_adapter(tiny_runs):
     m1, m2 = metrics(tiny_runs[1]), metrics(tiny_runs[2])
     assert [r["round"] for r in m1] == [1, 2]
     assert_same_rounds(m1, m2, loss_rel=1e-5)
+    # the probe set is sharded over ranks and its gradients summed: the same fidelity
+    for a, b in zip(m1, m2):
+        assert a["grad_cosine"] == pytest.approx(b["grad_cosine"], abs=1e-6)
+        assert a["grad_rel_error"] == pytest.approx(b["grad_rel_error"], rel=1e-5)
     assert summary(tiny_runs[1])["world_size"] == 1
     assert summary(tiny_runs[2])["world_size"] == 2
 
@@ -247,9 +251,9 @@ def test_resumed_summary_counts_the_rounds_before_the_interruption(align_resume)
 # ----------------------------------------------------------------------------------------------------
 
 def test_a_rank_without_clients(tmp_path):
-    # K = max(1, floor(8 * 0.125)) = 1: every round one of the 2 ranks trains nobody; round 2 aligns
+    # K = max(1, floor(8 * 0.125)) = 1: every round one of the 2 ranks trains nobody; round 1 aligns
     # (its activation statistics are all on the other rank).
-    over = ("fed.method=fedpft_no_layer_distill", "fed.client_fraction=0.125", "fed.align_every=2",
+    over = ("fed.method=fedpft_no_layer_distill", "fed.client_fraction=0.125", "fed.align_every=1",
             "fed.align_steps=1")
     train(tmp_path / "rank1", *over)
     train(tmp_path / "rank2", *over, ranks=2)
@@ -258,7 +262,7 @@ def test_a_rank_without_clients(tmp_path):
     assert max_abs_diff(one, two) <= 1e-5
     m1, m2 = metrics(tmp_path / "rank1"), metrics(tmp_path / "rank2")
     assert [r["clients"] for r in m2] == [1, 1]
-    assert all(k in m2[1] for k in ALIGN_KEYS)
+    assert all(k in m2[0] for k in ALIGN_KEYS)
     assert_same_rounds(m1, m2, loss_rel=1e-5)
     s = summary(tmp_path / "rank2")
     assert s["world_size"] == 2 and s["clients_per_round"] == 1 and s["excluded_clients"] == 0
@@ -355,10 +359,16 @@ def test_outputs_of_a_run(tiny_runs):
                         "accuracy", "macro_f1"):
                 assert key in r, (r["round"], key)
             assert r["clients"] == 4 and r["all_updates_finite"] is True
-        assert not any(k in rows[0] for k in ALIGN_KEYS)
-        assert all(k in rows[1] for k in ALIGN_KEYS)
+        # round 1 aligns; round 2, the last, does not (nothing would train on its alignment)
+        assert all(k in rows[0] for k in ALIGN_KEYS) and rows[0]["align_skipped"] is False
+        assert not any(k in rows[1] for k in ALIGN_KEYS)
         assert rows[1]["accuracy"] == s["final_accuracy"]
         assert max(r["accuracy"] for r in rows) == s["best_accuracy"]
+        # gradient fidelity in every evaluation round, LoRA and head apart, per layer
+        for r in rows:
+            assert 0 < r["grad_cosine"] <= 1 and r["grad_rel_error"] > 0 and -1 <= r["grad_cosine_head"] <= 1
+            assert len(r["grad_cosine_per_layer"]) == 6 and r["grad_probe_examples"] == 64
+        assert s["final_grad_cosine"] == rows[-1]["grad_cosine"] and s["align_skipped"] == 0
 
         cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
         assert cfg["peft_type"] == "LORA"
@@ -394,6 +404,7 @@ def test_an_early_stop_returns_the_summary_of_a_finished_run(tmp_path):
     assert stopped["stopped_early"] is True and stopped["rounds_done"] == 1 and stopped["rounds"] == 2
     assert done["stopped_early"] is False and done["rounds_done"] == 2
     assert stopped["final_accuracy"] is not None   # round 1 was evaluated (eval_every=1)
+    assert done["final_grad_cosine"] is None        # fedpetuning's clients hold the FM: nothing to monitor
     assert summary(tmp_path / "run") == done
 
 
@@ -405,3 +416,15 @@ def test_a_proxy_built_at_proxy_out_is_the_one_distilled(tmp_path):
     assert json.loads((run / "distill.json").read_text())["proxy_in"] == str(proxy)
     assert (run / "proxy_distilled" / "config.json").is_file()
     assert json.loads((run / "proxy.json").read_text())["proxy_dir"] == str(proxy)
+
+
+def test_a_non_finite_alignment_is_kept_out_and_counted(tmp_path):
+    # an absurd alignment learning rate: the distilled FFN weights overflow on every rank
+    train(tmp_path, "fed.method=fedpft_no_layer_distill", "fed.align_every=1", "fed.align_lr=1e30")
+    rows = metrics(tmp_path)
+    assert rows[0]["align_skipped"] is True and "align_ffn_bytes" not in rows[0]
+    # round 2 trains on the proxy as it was: every update finite, nobody excluded
+    assert rows[1]["all_updates_finite"] is True and rows[1]["excluded_clients"] == 0
+    assert rows[1]["train_loss"] == pytest.approx(rows[1]["train_loss"]) and rows[1]["accuracy"] > 0
+    s = summary(tmp_path)
+    assert s["align_skipped"] == 1 and s["alignment_rounds"] == 0 and s["excluded_clients"] == 0

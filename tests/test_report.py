@@ -121,6 +121,28 @@ def test_report_of_both_tasks_has_a_table_per_task(tmp_path):
     assert table[1]["final_accuracy_mean"] == "" and float(table[1]["final_perplexity_mean"]) == 12.5
 
 
+def test_report_shows_gradient_fidelity_where_runs_measured_it(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, cos in ((0, [0.5, 0.7]), (1, [0.6, 0.9])):
+        _fake_run(runs / f"p{seed}", "fedpft", seed, [0.5, 0.6])
+        rows = [json.loads(line) for line in (runs / f"p{seed}" / "metrics.jsonl").read_text().splitlines()]
+        for row, c in zip(rows, cos):
+            row["grad_cosine"] = c
+        (runs / f"p{seed}" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        summary = json.loads((runs / f"p{seed}" / "summary.json").read_text())
+        (runs / f"p{seed}" / "summary.json").write_text(json.dumps({**summary, "final_grad_cosine": cos[-1]}))
+    _fake_run(runs / "e0", "fedpetuning", 0, [0.6, 0.7])   # the FM itself: no fidelity to measure
+    proc = run_cli("report", str(runs), "--out", str(tmp_path / "out"), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    table = (tmp_path / "out" / "report.md").read_text()
+    assert "LoRA gradient cosine with the FM |" in table
+    assert "| fedpft / iid | 2 | 2 | 60.0 ± 0.0 | 60.0 ± 0.0 | 50.0 ± 0.0 | 0.800 ± 0.141 |" in table
+    assert "| fedpetuning / iid | 1 | 2 | 70.0 | 70.0 | 60.0 | – |" in table
+    assert (tmp_path / "out" / "fidelity.png").read_bytes()[:8] == PNG and "fidelity.png" in table
+    with open(tmp_path / "out" / "report.csv") as fh:
+        assert float({r["method"]: r["final_grad_cosine_mean"] for r in csv.DictReader(fh)}["fedpft"]) == pytest.approx(0.8)
+
+
 def test_report_of_a_missing_run_is_a_user_error(tmp_path):
     proc = run_cli("report", str(tmp_path / "nope"), timeout=60)
     assert proc.returncode == 2 and "run directory not found" in proc.stderr

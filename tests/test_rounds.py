@@ -31,10 +31,10 @@ def test_methods_say_what_the_clients_hold():
     assert not get_method("fedpetuning").uses_proxy and not get_method("fedpetuning").aligns
     for name in ("fedpft", "fedpft_no_layer_distill"):
         m = get_method(name)
-        assert m.uses_proxy and m.aligns and not m.ffn_lora_on_compressed and m.to_fm is None
+        assert m.uses_proxy and m.aligns and m.tune_compressed and m.to_fm is None
     assert get_method("fedpft_no_neuron_distill").uses_proxy and not get_method("fedpft_no_neuron_distill").aligns
     fedot = get_method("fedot")
-    assert fedot.uses_proxy and not fedot.aligns and fedot.to_fm is not None
+    assert fedot.uses_proxy and not fedot.aligns and not fedot.tune_compressed and fedot.to_fm is not None
     # the emulator's layer 1 is FM layer 2: its adapter is renamed onto the FM
     renamed = fedot.to_fm({"base_model.model.encoder.layer.1.attention.q.lora_A.weight": 1}, [0, 2, 5], "layer")
     assert list(renamed) == ["base_model.model.encoder.layer.2.attention.q.lora_A.weight"]

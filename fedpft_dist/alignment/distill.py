@@ -63,8 +63,8 @@ class DistillPair(nn.Module):
         self.teacher = teacher
         self.student = student
         self.layers = list(layers)
-        # The teacher layer each student layer imitates: the same index for a proxy; for an emulator
-        # with dropped layers, the FM layer the student layer came from.
+        # The teacher layer whose output each student layer imitates: the same index for a proxy; for
+        # an emulator with dropped layers, the last FM layer of the block the student layer stands for.
         self.teacher_layers = list(teacher_layers) if teacher_layers is not None else list(layers)
         self.alpha = alpha
         self.layout = layout_for(student.config.model_type)
@@ -79,10 +79,14 @@ class DistillPair(nn.Module):
         t_layers, s_layers = transformer_layers(self.teacher), transformer_layers(self.student)
         with torch.no_grad():
             ht = self._hidden(self.teacher, input_ids, attention_mask)
-            wt = [ffn_products(t_layers[l], self.layout) for l in self.teacher_layers]
         hs = self._hidden(self.student, input_ids, attention_mask)
         hidden = torch.stack([relative_sq_error_per_sample(ht[tl + 1], hs[l + 1], attention_mask).mean()
                               for l, tl in zip(self.layers, self.teacher_layers)])
+        if self.alpha == 0:  # no weight term (alignment as the paper's code does it; FedOT's emulator)
+            weight = torch.zeros_like(hidden)
+            return hidden.mean(), hidden.detach(), weight
+        with torch.no_grad():
+            wt = [ffn_products(t_layers[l], self.layout) for l in self.teacher_layers]
         weight = torch.stack([
             torch.stack([relative_sq_error(t, s) for t, s in zip(wt_l, ffn_products(s_layers[l], self.layout))]).mean()
             for l, wt_l in zip(self.layers, wt)])
@@ -156,12 +160,13 @@ class SplitLinear(nn.Module):
     The frozen part is a parameter with ``requires_grad=False`` that is never given to the optimizer,
     so neither Adam's moments nor weight decay can reach it. The layer's neurons are reordered
     (frozen, then trainable) consistently in W_in and W_out, which leaves the FFN's function
-    unchanged; :func:`normal_form` restores the plain layer in the original order.
+    unchanged; the distillation job writes the trained pieces back into the plain layer's tensors.
     """
 
     def __init__(self, linear: nn.Linear, frozen: torch.Tensor, trainable: torch.Tensor, dim: int):
         super().__init__()
         w = linear.weight.detach()
+        frozen, trainable = frozen.to(w.device), trainable.to(w.device)
         self.dim = dim
         self.in_features = linear.in_features if dim == 0 else len(frozen) + len(trainable)
         self.out_features = len(frozen) + len(trainable) if dim == 0 else linear.out_features
@@ -201,8 +206,11 @@ def plan_neuron_split(activity: torch.Tensor, keep: float, generator: torch.Gene
     """The most active ``keep`` share of neurons stays frozen; ties are broken at random."""
     n = activity.numel()
     k = min(n, max(0, round(keep * n)))
+    # Statistics live on the weights' device, the seeded generator on the CPU: the split is planned on
+    # the CPU (and its index tensors stay there; SplitLinear moves them to the weights).
+    activity = activity.detach().float().cpu()
     perm = torch.randperm(n, generator=generator)
-    order = perm[torch.argsort(activity.float()[perm], descending=True, stable=True)]
+    order = perm[torch.argsort(activity[perm], descending=True, stable=True)]
     frozen, _ = torch.sort(order[:k])
     trainable, _ = torch.sort(order[k:])
     return NeuronSplit(layer, frozen, trainable)
@@ -229,32 +237,3 @@ def apply_neuron_split(model: nn.Module, split: NeuronSplit) -> list[str]:
                     (layout.post_norm and n.startswith(layout.post_norm + ".")):
                 names.append(f"{prefix[id(layer)]}.{n}")
     return names
-
-
-
-def normal_form(state: dict[str, torch.Tensor], model: nn.Module, splits: Sequence[NeuronSplit]
-                ) -> dict[str, torch.Tensor]:
-    """Rewrite gathered SplitLinear tensors (``<path>.weight_frozen`` ...) as the plain Linear's
-    ``<path>.weight`` / ``<path>.bias`` in the original neuron order."""
-    if not splits:
-        return dict(state)
-    layout = layout_for(model.config.model_type)
-    prefix = {id(m): n for n, m in model.named_modules()}
-    out = dict(state)
-    for split in splits:
-        layer = transformer_layers(model)[split.layer]
-        order = torch.cat([split.frozen, split.trainable])
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(len(order))
-        for dim, paths in ((0, layout.rows), (1, layout.cols)):
-            for path in paths:
-                module = layer
-                for part in path.split("."):
-                    module = getattr(module, part)
-                base = prefix[id(module)]
-                w = torch.cat([out.pop(f"{base}.weight_frozen"), out.pop(f"{base}.weight_train")], dim=dim)
-                out[f"{base}.weight"] = w.index_select(dim, inverse)
-                if f"{base}.bias_train" in out:
-                    b = torch.cat([out.pop(f"{base}.bias_frozen"), out.pop(f"{base}.bias_train")])
-                    out[f"{base}.bias"] = b.index_select(0, inverse)
-    return out

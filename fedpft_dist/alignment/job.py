@@ -21,11 +21,12 @@ import torch.nn as nn
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..config import DistillConfig
+from ..models.families import layers_prefix, layout_for, transformer_layers
 from ..models.proxy import hidden_error_sums
 from ..runtime import Runtime
 from . import zero
 from .distill import (DistillPair, NeuronSplit, apply_neuron_split, ffn_parameter_names, freeze_all_but,
-                      linear_warmup_decay, normal_form, param_groups)
+                      linear_warmup_decay, param_groups)
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,11 @@ CKPT_PREFIX = "step-"
 @dataclass
 class DistillRun:
     """What differs between one distillation job and another; the shared settings (ZeRO stage,
-    batches, optimiser, loss weight) are the ``distill`` section of the config, passed as it is."""
+    batches, warm-up, weight decay, clipping) are the ``distill`` section of the config, passed as
+    it is."""
+    lr: float = 6e-4                # peak learning rate
+    alpha: float = 0.01             # weight of the W_out W_in term of the loss
+    whole_layers: bool = False      # every parameter of the distilled layers trains, not only the FFN
     steps: int = 0                  # > 0: exact number of optimizer steps
     epoch_fraction: float = 0.0     # used when steps == 0: this share of one pass over the text
     seed: int = 0
@@ -50,7 +55,11 @@ class DistillRun:
 
 @dataclass
 class DistillResult:
-    ffn_state: dict[str, torch.Tensor]          # distilled FFN tensors (normal form), full, every rank
+    # The distilled tensors of the distilled layers in their plain form, full and fp32 on every rank:
+    # the FFN's (the whole layers' with ``whole_layers``); trained ones from the optimizer's fp32
+    # master weights, the others as they came in.
+    state: dict[str, torch.Tensor]
+    finite: bool                                # every rank found the loss and the result finite
     steps: int
     losses: list[float]
     errors_before: list[float]
@@ -141,8 +150,10 @@ def _set_up(rt: Runtime, load_teacher: Callable[[], nn.Module], student: nn.Modu
             n_chunks: int, d: DistillConfig, run: DistillRun, splits: Sequence[NeuronSplit],
             layer_map: Optional[Sequence[int]]) -> _Job:
     """Teacher loaded (partitioned as it loads at ZeRO-3), student's trainable parameters chosen,
-    DeepSpeed engine built."""
-    bf16 = rt.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    DeepSpeed engine built. The precision is the student's as loaded (``model.dtype``): bf16 weights
+    train with DeepSpeed's bf16 mode (fp32 master weights) on GPUs; fp32 is the default, as in the
+    paper's code."""
+    bf16 = rt.device.type == "cuda" and next(student.parameters()).dtype == torch.bfloat16
     gas = accumulation_steps(d, rt.world_size)
     ds_config = zero.make_ds_config(d.zero_stage, d.micro_batch, rt.world_size, bf16, d.grad_clip, grad_accum=gas)
     zero.init_distributed(rt.backend)
@@ -150,20 +161,20 @@ def _set_up(rt: Runtime, load_teacher: Callable[[], nn.Module], student: nn.Modu
         teacher = load_teacher()
     teacher.eval()
     student.eval()  # dropout off; gradients still flow
-    if bf16:
-        student.to(torch.bfloat16)
     student.to(rt.device)
     if not any(zero.is_partitioned(p) for p in teacher.parameters()):
         teacher.to(rt.device)
 
     if splits:
         names = [n for sp in splits for n in apply_neuron_split(student, sp)]
+    elif run.whole_layers:
+        names = [n for n, _ in student.named_parameters() if _in_layers(n, student, layers)]
     else:
         names = ffn_parameter_names(student, layers)
     named = freeze_all_but(student, names)
     teacher_layers = [layer_map[l] for l in layers] if layer_map is not None else None
-    pair = DistillPair(teacher, student, layers, d.alpha, teacher_layers)
-    optimizer = torch.optim.AdamW(param_groups(named, d.weight_decay), lr=d.lr, betas=(0.9, 0.999), eps=1e-8)
+    pair = DistillPair(teacher, student, layers, run.alpha, teacher_layers)
+    optimizer = torch.optim.AdamW(param_groups(named, d.weight_decay), lr=run.lr, betas=(0.9, 0.999), eps=1e-8)
     trainable = sum(p.numel() for p in named.values())
     engine = zero.initialize(pair, list(named.values()), optimizer, None, ds_config)
     return _Job(engine, pair, named, gas, total_steps(run, d.batch_size, n_chunks), trainable)
@@ -186,7 +197,7 @@ def _resume(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun) -> tuple[
 def _step(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun, step: int, chunks: torch.Tensor) -> dict:
     """One optimizer step over this rank's share of the global batch; the loss terms averaged over
     ranks and micro-batches."""
-    lr = d.lr * linear_warmup_decay(step, job.total, d.warmup_ratio)
+    lr = run.lr * linear_warmup_decay(step, job.total, d.warmup_ratio)
     for group in job.engine.optimizer.param_groups:
         group["lr"] = lr
     idx = batch_indices(step, rt.rank, rt.world_size, d.batch_size, len(chunks), run.seed)
@@ -245,16 +256,54 @@ def _checkpoint(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun, step:
     rt.comm.barrier(name=f"{run.tag}/checkpoint")
 
 
-def _distilled_state(student: nn.Module, layers: Sequence[int], splits: Sequence[NeuronSplit]) -> dict[str, torch.Tensor]:
-    """Full values of every FFN tensor of the distilled layers (frozen parts included), in normal
-    form, on every rank (a gather at ZeRO-3)."""
-    params = dict(student.named_parameters())
-    state = {}
-    for n in (n for n in params if _in_layers(n, student, layers)):
-        with zero.gathered([params[n]]):
-            state[n] = params[n].detach().float().cpu().clone()
-    keep = set(ffn_parameter_names_normal(student, layers, splits))
-    return {k: v for k, v in normal_form(state, student, splits).items() if k in keep}
+def _snapshot(student: nn.Module, layers: Sequence[int]) -> dict[str, torch.Tensor]:
+    """fp32 copies of every parameter of ``layers`` (plain names), before anything is split or moved."""
+    return {n: p.detach().float().cpu().clone() for n, p in student.named_parameters() if _in_layers(n, student, layers)}
+
+
+def _distilled_state(job: _Job, student: nn.Module, layers: Sequence[int], splits: Sequence[NeuronSplit],
+                     original: dict[str, torch.Tensor], whole_layers: bool) -> dict[str, torch.Tensor]:
+    """The distilled layers' tensors in plain form: what trained from the fp32 master weights (a
+    bf16 copy would round every weight at every alignment), frozen neurons and everything else that
+    did not train from the fp32 input, so they come back bit for bit."""
+    masters = zero.full_fp32_params(job.engine, job.named)   # a collective at ZeRO >= 1
+    out = dict(original)
+    pieces = _split_pieces(student, splits)                # "<linear>.weight_train" -> (plain name, dim, ids)
+    for name, value in masters.items():
+        if name in pieces:
+            plain, dim, ids = pieces[name]
+            out[plain] = out[plain].index_copy(dim, ids, value)
+        else:
+            out[name] = value
+    keep = set(out) if whole_layers else set(ffn_parameter_names_plain(student, layers, splits))
+    return {k: v for k, v in out.items() if k in keep}
+
+
+def _split_pieces(student: nn.Module, splits: Sequence[NeuronSplit]) -> dict[str, tuple[str, int, torch.Tensor]]:
+    """For each trainable piece of a :class:`SplitLinear` (``<linear>.weight_train``,
+    ``<linear>.bias_train``): the plain tensor it belongs to, the neuron dimension and the neuron ids."""
+    if not splits:
+        return {}
+    layout = layout_for(student.config.model_type)
+    prefix = {id(m): n for n, m in student.named_modules()}
+    out = {}
+    for split in splits:
+        layer = transformer_layers(student)[split.layer]
+        for dim, paths in ((0, layout.rows), (1, layout.cols)):
+            for path in paths:
+                module = layer
+                for part in path.split("."):
+                    module = getattr(module, part)
+                base = prefix[id(module)]
+                out[f"{base}.weight_train"] = (f"{base}.weight", dim, split.trainable)
+                if dim == 0:
+                    out[f"{base}.bias_train"] = (f"{base}.bias", 0, split.trainable)
+    return out
+
+
+def _all_finite(rt: Runtime, losses: list[float], state: dict[str, torch.Tensor], tag: str) -> bool:
+    ok = all(math.isfinite(x) for x in losses) and all(bool(torch.isfinite(v).all()) for v in state.values())
+    return rt.comm.agree(ok, "min", name=f"{tag}/finite")
 
 
 def run_distillation(rt: Runtime, load_teacher: Callable[[], nn.Module], student: nn.Module,
@@ -266,15 +315,18 @@ def run_distillation(rt: Runtime, load_teacher: Callable[[], nn.Module], student
     as it loads), with the shared settings ``d`` (the config's ``distill`` section) and this job's
     ``run``. Layer level when ``splits`` is empty (all FFN parameters of ``layers`` train); neuron
     level otherwise (only the trainable neurons of each split layer, b_out and the norm).
-    ``layer_map[j]`` is the teacher layer that student layer j imitates (an emulator with dropped
-    layers); by default the same index."""
+    ``layer_map[j]`` is the teacher layer whose output student layer j imitates (an emulator's layer
+    imitates the last FM layer of the block it replaces); by default the same index. A result that is
+    not finite on some rank comes back with ``finite`` False on every rank: callers keep what they had."""
+    original = _snapshot(student, layers)
     job = _set_up(rt, load_teacher, student, layers, len(train_chunks), d, run, splits, layer_map)
     held_bytes, full_bytes = zero.held_bytes(job.pair.teacher)
     errors_before = _errors(rt, job.pair, held_chunks, run.eval_batch, f"{run.tag}/eval-before", layer_map)
     losses, step_times = _train(rt, job, d, run, train_chunks)
     errors_after = _errors(rt, job.pair, held_chunks, run.eval_batch, f"{run.tag}/eval-after", layer_map)
+    state = _distilled_state(job, student, layers, splits, original, run.whole_layers)
     return DistillResult(
-        ffn_state=_distilled_state(student, layers, splits), steps=job.total, losses=losses,
+        state=state, finite=_all_finite(rt, losses, state, run.tag), steps=job.total, losses=losses,
         errors_before=errors_before, errors_after=errors_after,
         step_seconds=statistics.median(step_times[1:] or step_times) if step_times else 0.0,
         peak_memory_mb=_per_rank(rt, _peak_memory_mb(rt.device), f"{run.tag}/memory"),
@@ -283,16 +335,12 @@ def run_distillation(rt: Runtime, load_teacher: Callable[[], nn.Module], student
 
 
 def _in_layers(name: str, model: nn.Module, layers: Sequence[int]) -> bool:
-    from ..models.families import layers_prefix
-
     prefix = layers_prefix(model)
     return any(name.startswith(f"{prefix}.{l}.") for l in layers)
 
 
-def ffn_parameter_names_normal(model: nn.Module, layers: Sequence[int], splits: Sequence[NeuronSplit]) -> list[str]:
+def ffn_parameter_names_plain(model: nn.Module, layers: Sequence[int], splits: Sequence[NeuronSplit]) -> list[str]:
     """Names of the FFN parameters of ``layers`` in their plain (unsplit) form."""
-    from ..models.families import layers_prefix, layout_for
-
     if not splits:
         return ffn_parameter_names(model, layers)
     layout = layout_for(model.config.model_type)

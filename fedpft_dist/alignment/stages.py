@@ -10,6 +10,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 import torch
 import torch.nn as nn
 
@@ -17,9 +18,11 @@ from ..config import Config, config_to_dict
 from ..data.public import public_chunks
 from ..errors import UserError
 from ..fsutil import atomic_write_json
-from ..models.adapters import merge_lora_into
+from ..data.tasks import prepare_task
+from ..models.adapters import get_adapter, merge_lora_into, with_lora
+from ..models.families import layers_prefix
 from ..models.build import make_emulator, make_proxy
-from ..models.loading import load_model, load_tokenizer, resolve_model_dir
+from ..models.loading import load_model, load_tokenizer, resolve_model_dir, resolve_task
 from ..models.proxy import load_proxy, read_proxy_meta, save_proxy
 from ..run_layout import RunLayout, is_model_dir
 from ..runtime import Runtime
@@ -66,10 +69,12 @@ def ensure_proxy(cfg: Config, rt: Runtime, layout: RunLayout, emulator: bool = F
 # Stage 2: layer-level distillation
 # ----------------------------------------------------------------------------------------------------
 
-def layer_level_run(cfg: Config, layout: RunLayout) -> DistillRun:
-    """The layer-level job: the config's step budget, checkpoints and log, the run's seed."""
+def layer_level_run(cfg: Config, layout: RunLayout, emulator: bool = False) -> DistillRun:
+    """The layer-level job: the distill section's learning rate, loss weight, step budget,
+    checkpoints and log, and the run's seed. FedOT's emulator distils the way Offsite-Tuning does:
+    every parameter of its middle layers trains, on the hidden-state term alone."""
     d = cfg.distill
-    return DistillRun(steps=d.steps, epoch_fraction=d.epoch_fraction, seed=cfg.run.seed,
+    return DistillRun(lr=d.lr, alpha=0.0 if emulator else d.alpha, whole_layers=emulator, steps=d.steps, epoch_fraction=d.epoch_fraction, seed=cfg.run.seed,
                       eval_batch=cfg.proxy.batch_size, tag="distill", checkpoint_every=d.checkpoint_every,
                       checkpoint_dir=str(layout.distill_checkpoints), resume=d.resume,
                       log_path=str(layout.distill_log))
@@ -83,7 +88,9 @@ class Distilled:
 
 def distill_proxy(cfg: Config, rt: Runtime, layout: RunLayout, emulator: bool = False) -> Distilled:
     """Layer-level distillation of the proxy (FedOT: of the emulator, each kept middle layer against
-    the FM layer it came from) on all ranks of ``rt``; rank 0 saves the result and ``distill.json``."""
+    the output of the block of FM layers it stands for) on all ranks of ``rt``; rank 0 saves the
+    result and ``distill.json``. A result that is not finite is not used: the proxy is saved as it
+    was, and the report says so."""
     t0 = time.perf_counter()
     source = ensure_proxy(cfg, rt, layout, emulator)
     meta = read_proxy_meta(source)
@@ -94,18 +101,25 @@ def distill_proxy(cfg: Config, rt: Runtime, layout: RunLayout, emulator: bool = 
     student, _ = load_proxy(source, task="base", dtype=cfg.model.dtype)
     layers = meta["compressed_layers"]
     result = run_distillation(rt, lambda: load_model(fm_dir, "base", cfg.model.dtype), student, layers,
-                              train, held, cfg.distill, layer_level_run(cfg, layout),
-                              layer_map=meta.get("layer_map"))
+                              train, held, cfg.distill, layer_level_run(cfg, layout, emulator),
+                              layer_map=meta.get("target_layers"))
     out = layout.emulator_distilled if emulator else layout.distilled
     report = {"proxy_in": str(source), "proxy_out": str(out), "fm_path": str(fm_dir),
               "world_size": rt.world_size, "zero_stage": cfg.distill.zero_stage,
               **distill_report(result, layers, train, held)}
+    if not emulator and cfg.fed.fidelity_every != 0 and result.finite:
+        report["fidelity_before"] = proxy_fidelity(cfg, rt, source, None)
+        report["fidelity_after"] = proxy_fidelity(cfg, rt, source, result.state)
+    if not result.finite:
+        log.warning("layer-level distillation gave non-finite values (loss or weights): the proxy is kept "
+                    "undistilled; lower distill.lr")
     if rt.is_main:
         plain, plain_meta = load_proxy(source, dtype=cfg.model.dtype)
-        _, unexpected = plain.base_model.load_state_dict(result.ffn_state, strict=False)
-        if unexpected:
-            raise RuntimeError(f"distilled tensors do not fit the proxy: {unexpected[:3]}")
-        plain_meta["distilled"] = {k: report[k] for k in ("steps", "zero_stage", "world_size",
+        if result.finite:
+            _, unexpected = plain.base_model.load_state_dict(result.state, strict=False)
+            if unexpected:
+                raise RuntimeError(f"distilled tensors do not fit the proxy: {unexpected[:3]}")
+        plain_meta["distilled"] = {k: report[k] for k in ("steps", "zero_stage", "world_size", "finite",
                                                            "hidden_error_before", "hidden_error_after")}
         save_proxy(plain, tokenizer, out, plain_meta)
         report["seconds"] = time.perf_counter() - t0
@@ -116,9 +130,34 @@ def distill_proxy(cfg: Config, rt: Runtime, layout: RunLayout, emulator: bool = 
     return Distilled(out, report)
 
 
+def proxy_fidelity(cfg: Config, rt: Runtime, proxy_dir: Path, ffn_state: Optional[dict]) -> dict:
+    """Gradient fidelity of the proxy at ``proxy_dir`` (with ``ffn_state`` loaded, when given) against
+    the FM, before any federated training: the clients' starting adapter (attention LoRA, B = 0, and a
+    fresh head, seeded as the federated run seeds it) on both, the monitor's probe set."""
+    from .fidelity import gradient_fidelity, probe_data, probe_indices
+
+    f = cfg.fed
+    fm_dir = resolve_model_dir(cfg.model.path)
+    kind = resolve_task(cfg, fm_dir)
+    task = prepare_task(cfg, load_tokenizer(fm_dir), kind)
+    lora = (f.lora_r, f.lora_alpha, f.lora_dropout)
+    torch.manual_seed(cfg.run.seed)
+    fm = with_lora(load_model(fm_dir, kind, cfg.model.dtype, num_labels=task.num_classes).to(rt.device), *lora, task=kind)
+    torch.manual_seed(cfg.run.seed)
+    proxy, _ = load_proxy(proxy_dir, task=kind, dtype=cfg.model.dtype, num_labels=task.num_classes)
+    if ffn_state is not None:
+        proxy.base_model.load_state_dict(ffn_state, strict=False)
+    client = with_lora(proxy.to(rt.device), *lora, task=kind)
+    probe = probe_data(task, probe_indices(task, f.fidelity_examples, cfg.run.seed))
+    token = layers_prefix(fm.get_base_model()).rsplit(".", 1)[-1]
+    return gradient_fidelity(rt, client, fm, get_adapter(client), lambda a: a, probe, f.eval_batch_size,
+                             task.causal_lm, token)
+
+
 def distill_report(result: DistillResult, layers: list[int], train: torch.Tensor, held: torch.Tensor) -> dict:
     return {
-        "steps": result.steps, "compressed_layers": layers, "trainable_params": result.trainable_params,
+        "steps": result.steps, "finite": result.finite, "compressed_layers": layers,
+        "trainable_params": result.trainable_params,
         "train_chunks": int(len(train)), "held_out_chunks": int(len(held)), "chunk_tokens": int(train.shape[1]),
         "loss_first": result.losses[0] if result.losses else None,
         "loss_last": result.losses[-1] if result.losses else None, "losses": result.losses,
@@ -144,8 +183,10 @@ def distilled_proxy(cfg: Config, rt: Runtime, layout: RunLayout, emulator: bool 
 # ----------------------------------------------------------------------------------------------------
 
 def alignment_run(cfg: Config, round_idx: int) -> DistillRun:
-    """An alignment job: the fed section's short budget, a seed of its own per round, no checkpoints."""
-    return DistillRun(steps=cfg.fed.align_steps, epoch_fraction=cfg.fed.align_fraction,
+    """An alignment job: the fed section's learning rate, loss weight and short budget, a seed of
+    its own per round, no checkpoints."""
+    f = cfg.fed
+    return DistillRun(lr=f.align_lr or cfg.distill.lr, alpha=f.align_alpha, steps=cfg.fed.align_steps, epoch_fraction=cfg.fed.align_fraction,
                       seed=cfg.run.seed * 7919 + round_idx, eval_batch=cfg.proxy.batch_size,
                       tag=f"align/round-{round_idx + 1}", progress=False)
 
@@ -157,7 +198,7 @@ def align_neurons(cfg: Config, rt: Runtime, proxy_dir: Path, backbone: nn.Module
     on client data (``stats``, summed over ranks), freeze the most active ``fed.align_keep`` share,
     distil the rest against the FM with the global adapter merged into both. ``backbone`` (the
     clients' proxy without its head, whose task model calls it ``prefix``) gives the current FFN
-    weights; the result's ``ffn_state`` holds the new ones."""
+    weights; the result's ``state`` holds the new ones."""
     f = cfg.fed
     scaling = f.lora_alpha / f.lora_r
     gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + round_idx)
@@ -186,7 +227,7 @@ def alignment_metrics(result: DistillResult) -> dict:
     return {"align_steps": result.steps, "align_loss_first": result.losses[0], "align_loss_last": result.losses[-1],
             "align_error_before": sum(result.errors_before) / len(result.errors_before),
             "align_error_after": sum(result.errors_after) / len(result.errors_after),
-            "align_ffn_bytes": sum(v.numel() * 4 for v in result.ffn_state.values())}
+            "align_ffn_bytes": sum(v.numel() * 4 for v in result.state.values())}
 
 
 def public_pair(cfg: Config, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:

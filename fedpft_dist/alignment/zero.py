@@ -155,6 +155,23 @@ def _optimizer_tensors(engine) -> list[torch.Tensor]:
     return [p for group in _base_optimizer(engine).param_groups for p in group["params"]]
 
 
+def full_fp32_params(engine, named_params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Full fp32 values of the trainable parameters, on the CPU: the optimizer's fp32 master weights
+    where it keeps them (ZeRO stages >= 1, bf16), the parameters themselves otherwise. A collective at
+    ZeRO stages >= 1 (every rank calls it with the same parameters)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = _zero_optimizer(engine) or engine.bfloat16_enabled()
+    out: dict[str, torch.Tensor] = {}
+    for name, p in named_params.items():
+        value = safe_get_full_fp32_param(p) if masters else None
+        if value is None:
+            with gathered([p]):
+                value = p.detach()
+        out[name] = value.detach().float().cpu().clone()
+    return out
+
+
 def get_full_train_state(engine, named_params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     """Full fp32 values and Adam moments of the trainable parameters, keys ``<name>``,
     ``<name>::exp_avg``, ``<name>::exp_avg_sq``. A collective at ZeRO stages >= 1 (every rank calls

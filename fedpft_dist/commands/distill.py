@@ -18,7 +18,13 @@ def run_distill(cfg: Config) -> int:
 
 
 def format_distilled(r: dict, layers: int) -> str:
-    return (f"distilled {layers} layers for {r['steps']} steps on {r['world_size']} rank(s), ZeRO-"
+    line = (f"distilled {layers} layers for {r['steps']} steps on {r['world_size']} rank(s), ZeRO-"
             f"{r['zero_stage']}: loss {r['loss_first']:.4f} -> {r['loss_last']:.4f}; "
             f"hidden-state error on held-out text {r['hidden_error_before']:.4f} -> "
-            f"{r['hidden_error_after']:.4f}; saved {r['proxy_out']}")
+            f"{r['hidden_error_after']:.4f}")
+    if "fidelity_after" in r:
+        line += (f"; LoRA gradient cosine with the FM {r['fidelity_before']['grad_cosine']:.4f} -> "
+                 f"{r['fidelity_after']['grad_cosine']:.4f}")
+    if not r["finite"]:
+        line += "; NOT FINITE: the proxy was saved undistilled (lower distill.lr)"
+    return line + f"; saved {r['proxy_out']}"

@@ -79,12 +79,16 @@ class TaskView:
     plots: tuple[tuple[str, str], ...]  # (file, alt text) of the per-round, cost and swept plots
 
 
+# Gradient fidelity of the client model (proxy or emulator) against the FM, per round and at the end.
+GRAD_COSINE = Metric("grad_cosine", "cosine of client-model and FM LoRA gradients", 1.0, 3)
+FINAL_GRAD_COSINE = Metric("final_grad_cosine", "LoRA gradient cosine with the FM", 1.0, 3, optional=True)
+
 VIEWS = {
     CLASSIFICATION: TaskView(
         title="Sequence classification",
         columns=(Metric("final_accuracy", "final accuracy (%)"), Metric("best_accuracy", "best accuracy (%)"),
-                 Metric("final_macro_f1", "final macro-F1 (%)")),
-        csv_metrics=("final_accuracy", "best_accuracy", "final_macro_f1"),
+                 Metric("final_macro_f1", "final macro-F1 (%)"), FINAL_GRAD_COSINE),
+        csv_metrics=("final_accuracy", "best_accuracy", "final_macro_f1", "final_grad_cosine"),
         per_round=Metric("accuracy", "test accuracy of the FM with the global adapter (%)"),
         final=Metric("final_accuracy", "final accuracy (%)"),
         initial=None,
@@ -95,9 +99,9 @@ VIEWS = {
         columns=(Metric("initial_perplexity", "initial perplexity", 1.0, 2, optional=True),
                  Metric("final_perplexity", "final perplexity", 1.0, 2),
                  Metric("best_perplexity", "best perplexity", 1.0, 2),
-                 Metric("final_next_token_accuracy", "final next-token accuracy (%)")),
+                 Metric("final_next_token_accuracy", "final next-token accuracy (%)"), FINAL_GRAD_COSINE),
         csv_metrics=("final_perplexity", "best_perplexity", "final_next_token_accuracy", "final_test_loss",
-                     "initial_perplexity", "initial_next_token_accuracy"),
+                     "initial_perplexity", "initial_next_token_accuracy", "final_grad_cosine"),
         per_round=Metric("perplexity", "test perplexity of FM + adapter (lower is better)", 1.0, 2),
         final=Metric("final_perplexity", "final perplexity (lower is better)", 1.0, 2),
         initial="initial_perplexity",
@@ -246,25 +250,29 @@ def write_csv(runs: Sequence[dict], path: Path) -> None:
                                  " ".join(r["dir"] for r in group)])
 
 
-def plot_rounds(runs: Sequence[dict], view: TaskView, path: Path) -> None:
-    """``view``'s metric per round, mean ± std over seeds, a line per group; the FM before training at
-    round 0 when the runs evaluated it (``view.initial``)."""
+def plot_rounds(runs: Sequence[dict], view: TaskView, path: Path, metric: Optional[Metric] = None) -> None:
+    """``metric`` per round (default: ``view``'s), mean ± std over seeds, a line per group (groups
+    without it are left out); for ``view``'s metric, the FM before training at round 0 when the runs
+    evaluated it (``view.initial``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = swept_keys(runs)
+    metric = metric or view.per_round
+    initial = view.initial if metric is view.per_round else None
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for (label, values), group in groups_of(runs, keys).items():
         by_round: dict[int, list[float]] = {}
-        metric = view.per_round
         for run in group:
-            if view.initial and run["summary"].get(view.initial) is not None:
-                by_round.setdefault(0, []).append(run["summary"][view.initial])
+            if initial and run["summary"].get(initial) is not None:
+                by_round.setdefault(0, []).append(run["summary"][initial])
             for row in run["metrics"]:
-                if metric.key in row:
+                if row.get(metric.key) is not None:
                     by_round.setdefault(row["round"], []).append(row[metric.key])
+        if not by_round:
+            continue
         xs = sorted(by_round)
         means = [statistics.fmean(by_round[x]) * metric.scale for x in xs]
         line, = ax.plot(xs, means, marker="o", markersize=3, label=group_name(label, keys, values))
@@ -273,7 +281,7 @@ def plot_rounds(runs: Sequence[dict], view: TaskView, path: Path) -> None:
             ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                             color=line.get_color(), alpha=0.15)
     ax.set_xlabel("round")
-    ax.set_ylabel(view.per_round.header)
+    ax.set_ylabel(metric.header)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: curves stay visible
     fig.tight_layout()
@@ -385,6 +393,11 @@ def run_report(run_dirs: Sequence[str], out: Optional[str] = None) -> int:
         plot_cost(task_runs, view, out_dir / cost_png)
         images = [f"![{rounds_alt}]({rounds_png})", f"![{cost_alt}]({cost_png})"]
         written += [rounds_png, cost_png]
+        if any(row.get(GRAD_COSINE.key) is not None for run in task_runs for row in run["metrics"]):
+            fidelity_png = "fidelity.png" if task == CLASSIFICATION else "perplexity-fidelity.png"
+            plot_rounds(task_runs, view, out_dir / fidelity_png, GRAD_COSINE)
+            images.append(f"![gradient fidelity per round]({fidelity_png})")
+            written.append(fidelity_png)
         keys = swept_keys(task_runs)
         if keys:
             plot_swept(task_runs, keys, view, out_dir / swept_png)

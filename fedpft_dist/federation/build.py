@@ -79,11 +79,15 @@ def build_models(cfg: Config, rt: Runtime, method: Method, layout: RunLayout, nu
     _checkpointing(proxy, f.gradient_checkpointing)
     client_params, nonemb = count_params(proxy), non_embedding_params(proxy)  # before LoRA is added
     layer_map = meta.get("layer_map")
-    client_ffn = _ffn_lora_layers(proxy, fm, meta, method) if ffn else []
-    fm_ffn = [layer_map[j] for j in client_ffn] if layer_map is not None else client_ffn
+    client_ffn = _ffn_lora_layers(proxy, fm, meta) if ffn else []
+    attention = None
+    if not method.tune_compressed:
+        attention = [j for j in range(len(transformer_layers(proxy))) if j not in meta["compressed_layers"]]
+    on_fm = (lambda layers: [layer_map[j] for j in layers]) if layer_map is not None else (lambda layers: layers)
     # LoRA's initialisation draws from the seeded generator: client model first, then the FM.
-    client = with_lora(proxy, *lora, task=task, ffn_layers=client_ffn)
-    evaluate = with_lora(fm, *lora, task=task, ffn_layers=fm_ffn)
+    client = with_lora(proxy, *lora, task=task, ffn_layers=client_ffn, attention_layers=attention)
+    evaluate = with_lora(fm, *lora, task=task, ffn_layers=on_fm(client_ffn),
+                         attention_layers=None if attention is None else on_fm(attention))
     models = Models(client, evaluate, proxy_dir, list(meta["compressed_layers"]), client_params, fm_params, nonemb)
     if layer_map is not None and method.to_fm is not None:  # an emulator numbers its layers differently
         token = layers_prefix(proxy)
@@ -91,12 +95,11 @@ def build_models(cfg: Config, rt: Runtime, method: Method, layout: RunLayout, nu
     return models
 
 
-def _ffn_lora_layers(proxy: nn.Module, fm: nn.Module, meta: dict, method: Method) -> list[int]:
-    """A proxy's compressed layers are narrower than the FM's (and alignment rewrites them), so FFN
-    LoRA goes on the layers the client holds whole: LoRA on W_gate/W_up/W_down there has the FM's
-    shapes and plugs in as it is."""
-    exclude = [] if method.ffn_lora_on_compressed else meta["compressed_layers"]
-    layers = full_width_layers(proxy, fm, meta.get("layer_map"), exclude=exclude)
+def _ffn_lora_layers(proxy: nn.Module, fm: nn.Module, meta: dict) -> list[int]:
+    """A proxy's compressed layers are narrower than the FM's (and alignment rewrites them; an
+    emulator's middle layers stand for several FM layers), so FFN LoRA goes on the layers the client
+    holds whole: LoRA on W_gate/W_up/W_down there has the FM's shapes and plugs in as it is."""
+    layers = full_width_layers(proxy, fm, meta.get("layer_map"), exclude=meta["compressed_layers"])
     if not layers:
         raise ConfigError("fed.lora_targets", "no layer of the client model keeps the FM's whole FFN "
                                               "(proxy.retained_layers is empty), so no FFN LoRA would fit the FM")

@@ -12,12 +12,10 @@ from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..data.tasks import ClientData
 from ..models.adapters import get_adapter, set_adapter
-
-IGNORE = -100  # target id that cross-entropy skips: padding, and a token whose predecessor is padding
+from ..models.lm import IGNORE, next_token_labels, next_token_sums  # noqa: F401  (IGNORE: part of this API)
 
 
 @dataclass
@@ -28,30 +26,6 @@ class ClientUpdate:
     steps: int
     tokens: int
     loss_count: float = 0.0   # what loss_sum sums over: examples x epochs, or next-token targets
-
-
-def next_token_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """``input_ids`` with IGNORE where position t is no target: padding, and a real token whose
-    predecessor is padding (a left-padded row's first token has no context to be predicted from)."""
-    keep = attention_mask.bool().clone()
-    keep[:, 1:] &= attention_mask[:, :-1].bool()
-    return input_ids.masked_fill(~keep, IGNORE)
-
-
-def next_token_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """(sum of next-token cross-entropy, correct argmax predictions, targets): the logits at position
-    t predict ``labels[:, t + 1]``; IGNORE targets count nowhere. Sums, so that batches and ranks
-    add up: perplexity = exp(loss sum / targets)."""
-    pred = logits[:, :-1].float()
-    target = labels[:, 1:]
-    valid = target != IGNORE
-    per_token = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE,
-                                reduction="none")
-    # Summed in float64: a row's contribution then hardly depends on which rows share its batch, so
-    # the sum over ranks matches one rank's to ~1e-15.
-    loss = per_token.sum(dtype=torch.float64)
-    correct = int(((pred.argmax(-1) == target) & valid).sum())
-    return loss, correct, int(valid.sum())
 
 
 def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data: ClientData, epochs: int,

@@ -4,8 +4,10 @@ round loop, calling the same collectives in the same order:
     sample   the round's clients, shared out over ranks (a pure function of seed and round)
     train    this rank's clients, one after another, from the global adapter
     aggregate  one all-reduce of every rank's weighted float64 sums gives every rank the new adapter
-    align    every ``fed.align_every`` rounds, neuron-level distillation of the proxy on all ranks
+    align    every ``fed.align_every`` rounds (not the last: nothing would train on it), neuron-level
+             distillation of the proxy on all ranks
     evaluate   the FM with the global adapter on the test set, sharded over ranks
+    fidelity   the client model's LoRA gradients against the FM's on a fixed probe set
     record   metrics row (rank 0), progress, round checkpoint
 
 The method (``fed.method``) decides what the clients hold and whether the run aligns; the aggregator
@@ -22,11 +24,13 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from ..alignment.fidelity import gradient_fidelity, probe_data, probe_indices
 from ..alignment.stages import align_neurons, alignment_metrics, public_pair
 from ..config import Config, write_resolved_config
 from ..data.tasks import Task, prepare_task
 from ..fsutil import atomic_write_json
 from ..models.adapters import adapter_bytes, get_adapter, set_adapter
+from ..models.families import layers_prefix
 from ..models.loading import load_tokenizer, resolve_model_dir, resolve_task
 from ..models.proxy import ActivationRecorder
 from ..run_layout import RunLayout
@@ -42,7 +46,7 @@ from .state import Checkpointer, RoundState
 
 log = logging.getLogger(__name__)
 
-PHASES = ("local_training", "aggregation", "alignment", "evaluation")
+PHASES = ("local_training", "aggregation", "alignment", "evaluation", "fidelity")
 
 
 @dataclass
@@ -65,6 +69,7 @@ class RoundPlan:
     lr: float
     align: bool
     evaluate: bool
+    fidelity: bool
 
 
 @dataclass
@@ -111,6 +116,10 @@ class Engine:
         self.primary = "perplexity" if self.task.causal_lm else "accuracy"
         self.aligning = self.method.aligns and f.align_every > 0
         self.public = public_pair(cfg, tokenizer) if self.aligning else None
+        # Gradient fidelity: the client model against the FM (the same model for fedpetuning: skipped).
+        self.monitoring = self.method.uses_proxy and f.fidelity_every != 0
+        self.probe = probe_data(self.task, probe_indices(self.task, f.fidelity_examples, cfg.run.seed))
+        self.layer_token = layers_prefix(self.models.evaluate.get_base_model()).rsplit(".", 1)[-1]
         # The starting adapter: rank 0's, so every rank begins from the same tensors.
         start = rt.comm.broadcast_state(get_adapter(self.models.client) if rt.is_main else None,
                                         name="broadcast/initial-adapter")
@@ -128,6 +137,7 @@ class Engine:
         self.phase = dict.fromkeys(PHASES, 0.0)
         self.progress = RoundProgress(rt.is_main, f.rounds, self.state.round, f"{f.method} rounds")
         self.last_eval: dict = {}
+        self.last_fidelity: dict = {}
         if f.eval_initial and self.state.round == 0:
             # The starting adapter changes nothing (LoRA B = 0; a classifier's head is fresh): the FM as it is.
             with self._timed({}, "evaluation"):
@@ -169,7 +179,12 @@ class Engine:
                     self.last_eval = self._evaluate()
                 row.update(self.last_eval)
                 self._track_best(self.last_eval[self.primary])
-            # -- 6. record: metrics row, progress, checkpoint ------------------------------------------
+            # -- 6. gradient fidelity of the client model ----------------------------------------------
+            if plan.fidelity:
+                with self._timed(seconds, "fidelity"):
+                    self.last_fidelity = self.fidelity()
+                row.update(self.last_fidelity)
+            # -- 7. record: metrics row, progress, checkpoint ------------------------------------------
             seconds["round"] = time.perf_counter() - t_round
             row["seconds"] = {k: round(v, 4) for k, v in seconds.items()}
             self.record(plan, local, row, seconds)
@@ -181,9 +196,13 @@ class Engine:
         f, rt = self.cfg.fed, self.rt
         sampled = sample_clients(f.num_clients, self.k_round, self.cfg.run.seed, t)
         mine = assign_to_ranks(sampled, [self.cost[c] for c in sampled], rt.world_size)[rt.rank]
+        evaluate = (t + 1) % f.eval_every == 0 or t + 1 == f.rounds
+        every = f.fidelity_every
         return RoundPlan(t, sampled, mine, round_lr(f.lr, f.lr_schedule, t, f.rounds),
-                         align=self.aligning and (t + 1) % f.align_every == 0,
-                         evaluate=(t + 1) % f.eval_every == 0 or t + 1 == f.rounds)
+                         # the FM is evaluated, not the proxy: aligning after the last round changes nothing
+                         align=self.aligning and (t + 1) % f.align_every == 0 and t + 1 < f.rounds,
+                         evaluate=evaluate,
+                         fidelity=self.monitoring and (evaluate if every < 0 else (t + 1) % every == 0))
 
     def train_clients(self, plan: RoundPlan) -> LocalResult:
         """Each of this rank's clients starts from the global adapter; its update goes into this rank's
@@ -246,12 +265,24 @@ class Engine:
         stats = {l: ActivationStats.from_flat(flat[f"layer{l}"]) for l in layers}
         result = align_neurons(self.cfg, self.rt, models.proxy_dir, models.client_backbone, models.client_prefix,
                                layers, self.state.global_adapter, stats, self.public, plan.index)
-        models.client_backbone.load_state_dict(result.ffn_state, strict=False)
+        if not result.finite:
+            # Every rank agreed: loaded, these weights would make every later client update non-finite.
+            log.warning("round %d: neuron-level alignment gave non-finite values; the proxy keeps its FFN "
+                        "weights (lower fed.align_lr)", plan.index + 1)
+            self.state.align_skipped += 1
+            return {"align_skipped": True, "align_steps": result.steps}
+        models.client_backbone.load_state_dict(result.state, strict=False)
         metrics = alignment_metrics(result)
-        self.state.proxy_ffn = result.ffn_state
+        self.state.proxy_ffn = result.state
         self.state.alignment_rounds += 1
         self.state.ffn_bytes_per_alignment = metrics["align_ffn_bytes"]
-        return metrics
+        return {"align_skipped": False, **metrics}
+
+    def fidelity(self) -> dict:
+        """Gradient fidelity of the client model with the global adapter (all ranks, one all-reduce)."""
+        m = self.models
+        return gradient_fidelity(self.rt, m.client, m.evaluate, self.state.global_adapter, m.to_fm, self.probe,
+                                 self.cfg.fed.eval_batch_size, self.task.causal_lm, self.layer_token)
 
     def _evaluate(self) -> dict:
         set_adapter(self.models.evaluate, self.models.to_fm(self.state.global_adapter))
@@ -321,6 +352,10 @@ class Engine:
             "bytes_down_per_client": self.up_bytes + (s.ffn_bytes_per_alignment * s.alignment_rounds / f.rounds
                                                       if s.alignment_rounds else 0),
             "ffn_bytes_per_alignment": s.ffn_bytes_per_alignment, "alignment_rounds": s.alignment_rounds,
+            "align_skipped": s.align_skipped,
+            # gradient fidelity of the client model at the last round that measured it (None: not measured)
+            "final_grad_cosine": self.last_fidelity.get("grad_cosine"),
+            "final_grad_rel_error": self.last_fidelity.get("grad_rel_error"),
             "client_params": models.client_params, "fm_params": models.fm_params,
             # ~6 FLOPs per non-embedding parameter per token for a training step (forward + backward)
             "client_train_flops_per_example": 6 * models.client_nonembedding_params * mean_tokens,

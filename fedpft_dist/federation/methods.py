@@ -29,9 +29,10 @@ class Method:
     client_model: Optional[ClientModelStage]
     # Neuron-level alignment of the proxy every fed.align_every rounds.
     aligns: bool = False
-    # FFN LoRA is kept off the compressed layers, which alignment rewrites (an emulator's middle
-    # layers are whole FM layers and take it).
-    ffn_lora_on_compressed: bool = False
+    # Clients put attention LoRA on the compressed layers too (a proxy's compressed layers keep the
+    # FM's attention); an emulator's middle layers stay frozen, as in Offsite-Tuning, where only the
+    # bottom and top layers (the adapters) are tuned and plugged into the FM.
+    tune_compressed: bool = True
     # Client adapter (module names of the client model) -> the FM's module names, given the client
     # model's layer_map (FM layer of each client layer) and the name of its layer list.
     to_fm: Optional[Callable[[dict, list[int], str], dict]] = None
@@ -71,9 +72,9 @@ def _distilled_emulator(cfg: Config, rt: Runtime, layout: RunLayout) -> Path:
 
 register(Method("fedpft", "proxy with layer-level distillation before and neuron-level alignment during "
                           "federated training", _distilled_proxy, aligns=True))
-register(Method("fedpetuning", "LoRA on the full FM at the clients", None, ffn_lora_on_compressed=True))
-register(Method("fedot", "offsite-tuning emulator (every other middle layer dropped), distilled",
-                _distilled_emulator, ffn_lora_on_compressed=True, to_fm=adapter_to_fm))
+register(Method("fedpetuning", "LoRA on the full FM at the clients", None))
+register(Method("fedot", "Offsite-Tuning emulator (every other middle layer dropped, distilled); clients tune the "
+                         "bottom and top layers", _distilled_emulator, tune_compressed=False, to_fm=adapter_to_fm))
 register(Method("fedpft_no_layer_distill", "fedpft without layer-level distillation", _undistilled_proxy,
                 aligns=True))
 register(Method("fedpft_no_neuron_distill", "fedpft without neuron-level alignment", _distilled_proxy))

@@ -29,13 +29,15 @@ class RoundState:
     best: Optional[float] = None                  # best value of the headline metric so far
     initial_eval: dict = field(default_factory=dict)
     alignment_rounds: int = 0
+    align_skipped: int = 0                        # alignment rounds whose result was not finite
     ffn_bytes_per_alignment: int = 0
     excluded_clients: int = 0
     # The compressed layers' FFN tensors of the clients' proxy after the latest alignment (None
     # until one ran: the proxy's own weights).
     proxy_ffn: Optional[dict[str, torch.Tensor]] = None
 
-    COUNTERS = ("round", "best", "initial_eval", "alignment_rounds", "ffn_bytes_per_alignment", "excluded_clients")
+    COUNTERS = ("round", "best", "initial_eval", "alignment_rounds", "align_skipped", "ffn_bytes_per_alignment",
+                "excluded_clients")
 
     def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         out = {"adapter": self.global_adapter}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -46,13 +46,19 @@ def full_width_layers(client: nn.Module, fm: nn.Module, layer_map: Sequence[int]
 
 
 def lora_config(model: nn.Module, r: int, alpha: float, dropout: float, task: str = "sequence-classification",
-                ffn_layers: Sequence[int] = ()):
-    """LoRA on the attention projections and the FFN projections of ``ffn_layers``. A classifier's
-    head trains in full; a causal LM's output layer (tied to the embeddings) stays frozen."""
+                ffn_layers: Sequence[int] = (), attention_layers: Optional[Sequence[int]] = None):
+    """LoRA on the attention projections (of every layer, or of ``attention_layers``) and the FFN
+    projections of ``ffn_layers``. A classifier's head trains in full; a causal LM's output layer
+    (tied to the embeddings) stays frozen."""
     from peft import LoraConfig
 
     layout = layout_for(model.config.model_type)
-    targets = list(layout.attention) + ffn_target_names(model, ffn_layers)
+    if attention_layers is None:
+        attention = list(layout.attention)
+    else:
+        prefix = layers_prefix(model)
+        attention = [f"{prefix}.{l}.{path}" for l in attention_layers for path in layout.attention]
+    targets = attention + ffn_target_names(model, ffn_layers)
     causal = task == "causal-lm"
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                       modules_to_save=None if causal else head_modules(model), bias="none",
@@ -60,12 +66,12 @@ def lora_config(model: nn.Module, r: int, alpha: float, dropout: float, task: st
 
 
 def with_lora(model: nn.Module, r: int, alpha: float, dropout: float, task: str = "sequence-classification",
-              ffn_layers: Sequence[int] = ()) -> nn.Module:
-    """``model`` wrapped by peft: LoRA on attention (and on the FFNs of ``ffn_layers``), a
-    classifier's head trainable, everything else frozen."""
+              ffn_layers: Sequence[int] = (), attention_layers: Optional[Sequence[int]] = None) -> nn.Module:
+    """``model`` wrapped by peft: LoRA on attention (of every layer, or of ``attention_layers``) and on
+    the FFNs of ``ffn_layers``, a classifier's head trainable, everything else frozen."""
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(model, r, alpha, dropout, task, ffn_layers))
+    return get_peft_model(model, lora_config(model, r, alpha, dropout, task, ffn_layers, attention_layers))
 
 
 def get_adapter(peft_model: nn.Module) -> dict[str, torch.Tensor]:
@@ -115,7 +121,7 @@ def merge_lora_into(model: nn.Module, state: dict[str, torch.Tensor], scaling: f
             continue
         ctx = gather([lin.weight]) if gather is not None else contextlib.nullcontext()
         with ctx, torch.no_grad():
-            lin.weight.add_((b.float() @ a.float()).to(lin.weight.dtype) * scaling)
+            lin.weight.add_((b.float() @ a.float()).to(lin.weight.device, lin.weight.dtype) * scaling)
         merged += 1
     return merged
 

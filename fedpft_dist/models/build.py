@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from ..config import Config
-from .emulator import build_emulator, emulator_layers
+from .emulator import build_emulator, emulator_layers, emulator_targets
 from .families import transformer_layers
 from .loading import default_task, load_model, load_tokenizer, resolve_model_dir
 from .proxy import (activation_saliency_scores, build_proxy, count_params, describe_layout, hidden_state_errors,
@@ -108,12 +108,13 @@ def make_emulator(cfg: Config, out: Path, public: Callable[[object, str, int], t
     n = len(transformer_layers(fm))
     kept = emulator_layers(n, cfg.fed.fedot_keep_bottom, cfg.fed.fedot_keep_top)
     emulator = build_emulator(fm, kept)
+    targets = emulator_targets(kept, n)
     b, t = cfg.fed.fedot_keep_bottom, cfg.fed.fedot_keep_top
     middle = list(range(b, len(kept) - t))
     held = public(tokenizer, "held_out", cfg.proxy.eval_chunks)
-    errors = hidden_state_errors(fm, emulator, held, cfg.proxy.batch_size, kept)
+    errors = hidden_state_errors(fm, emulator, held, cfg.proxy.batch_size, targets)
     report = {**describe_layout(fm), "kind": "emulator", "fm_path": str(fm_dir), "task": task, "num_layers": n,
-              "layer_map": kept, "compressed_layers": middle, "teacher_layers": [kept[j] for j in middle],
+              "layer_map": kept, "target_layers": targets, "compressed_layers": middle,
               "retained_layers": list(range(b)) + list(range(len(kept) - t, len(kept))),
               "fm_params": count_params(fm), "proxy_params": count_params(emulator),
               "hidden_error_per_layer": errors, "hidden_error_mean": sum(errors) / len(errors)}

@@ -3,8 +3,10 @@
 The bottom ``keep_bottom`` and top ``keep_top`` layers stay whole; of the middle layers, the first,
 third, fifth ... are kept. The emulator is a standard model of the FM's class with fewer layers, saved
 like a proxy (``fedpft_proxy.json`` with ``kind: emulator``), where ``layer_map[j]`` is the FM layer
-that emulator layer j came from, ``compressed_layers`` are the kept middle layers (they are distilled)
-and ``teacher_layers`` their FM counterparts.
+that emulator layer j came from, ``compressed_layers`` are the kept middle layers (they are distilled,
+and stay frozen at the clients) and ``target_layers[j]`` the last FM layer of the block that emulator
+layer j stands for: a kept middle layer replaces itself and the dropped layers after it, so it
+imitates that block's output (as Offsite-Tuning's emulator imitates the output of the dropped block).
 """
 from __future__ import annotations
 
@@ -24,6 +26,12 @@ def emulator_layers(num_layers: int, keep_bottom: int, keep_top: int) -> list[in
                                                    f"layer of a {num_layers}-layer model to drop")
     middle = list(range(keep_bottom, num_layers - keep_top))
     return list(range(keep_bottom)) + middle[::2] + list(range(num_layers - keep_top, num_layers))
+
+
+def emulator_targets(kept: Sequence[int], num_layers: int) -> list[int]:
+    """For each emulator layer j, the last FM layer of the block it stands for: the FM layers from
+    ``kept[j]`` up to the next kept one (the last emulator layer: up to the FM's last layer)."""
+    return [kept[j + 1] - 1 if j + 1 < len(kept) else num_layers - 1 for j in range(len(kept))]
 
 
 def build_emulator(fm: nn.Module, kept: Sequence[int]) -> nn.Module:

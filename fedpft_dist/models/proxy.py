@@ -120,6 +120,8 @@ def select_neurons(scores: torch.Tensor, k: int, generator: torch.Generator) -> 
     n = scores.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
+    # The generator is a CPU one (seeded the same on every rank): rank on the CPU, wherever the scores are.
+    scores = scores.detach().float().cpu()
     perm = torch.randperm(n, generator=generator)
     order = perm[torch.argsort(scores[perm], descending=True, stable=True)]
     return sorted(order[:k].tolist())
@@ -184,7 +186,7 @@ def build_proxy(fm: nn.Module, kept: dict[int, list[int]]) -> nn.Module:
     state = fm.state_dict()
     prefix = layers_prefix(fm)
     for l, idx in kept.items():
-        index = torch.as_tensor(idx, dtype=torch.long)
+        index = torch.as_tensor(idx, dtype=torch.long, device=state[f"{prefix}.{l}.{layout.rows[0]}.weight"].device)
         for path in layout.rows:
             key = f"{prefix}.{l}.{path}"
             state[f"{key}.weight"] = state[f"{key}.weight"].index_select(0, index)
