@@ -143,3 +143,17 @@ def test_distill_command_under_torchrun(tmp_path, proxy_dir):
     held = public_chunks(cfg, load_tokenizer(tmp_path / "proxy_distilled"), "held_out", cfg.distill.eval_chunks)
     errors = hidden_state_errors(load_model(resolve_model_dir("minilm"), "base"), distilled, held, 4)
     assert sum(errors) / len(errors) == pytest.approx(report["hidden_error_after"], rel=1e-4)
+
+
+def test_a_non_finite_distillation_leaves_the_proxy_as_it_was(tmp_path, proxy_dir):
+    from safetensors.torch import load_file
+
+    proc = run_cli("distill", "--config", "configs/tiny.yaml", f"run.dir={tmp_path}", f"distill.proxy={proxy_dir}",
+                   "distill.zero_stage=0", "distill.lr=1e30", "dist.threads_per_rank=1", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "distill.json").read_text())
+    assert report["finite"] is False and "fidelity_after" not in report
+    assert "NOT FINITE" in proc.stdout and "lower distill.lr" in proc.stderr
+    before = load_file(str(proxy_dir / "model.safetensors"))
+    after = load_file(str(tmp_path / "proxy_distilled" / "model.safetensors"))
+    assert sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
