@@ -408,6 +408,9 @@ def test_smollm2_saved_adapter_reproduces_the_logged_perplexity(smollm2_runs, sm
     assert int(sums[2]) == _metrics(run)[-1]["test_tokens"]
     assert ppl == pytest.approx(s["final_perplexity"], rel=1e-6)
     assert acc == s["final_next_token_accuracy"]
+    # batches of similar length (the default) against batches in row order: the same sums
+    plain = next_token_eval(model, task.test_ids, task.test_mask, cfg.fed.eval_batch_size, by_length=False)
+    assert plain[1:].tolist() == sums[1:].tolist() and float(plain[0]) == pytest.approx(float(sums[0]), rel=1e-9)
 
 
 @pytest.mark.slow

@@ -334,6 +334,8 @@ def test_saved_adapter_reproduces_the_logged_accuracy(tiny_runs):
     assert len(preds) == metrics(run)[-1]["test_examples"]
     assert acc == pytest.approx(s["final_accuracy"], abs=1e-9)
     assert f1 == pytest.approx(s["final_macro_f1"], abs=1e-9)
+    # batches of similar length (the default) predict what batches in row order predict
+    assert torch.equal(preds, predict(model, task.test_ids, task.test_mask, cfg.fed.eval_batch_size, by_length=False))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -89,13 +89,23 @@ def eval_batches(input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_si
         yield batch
 
 
+def length_order(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Row indices by falling real length, ties in row order: consecutive batches of this order hold
+    rows of similar length, so cutting each batch to its longest row leaves little padding. A pure
+    function of the rows, so every rank orders its shard the same way at any world size."""
+    return torch.sort(attention_mask.sum(1), descending=True, stable=True).indices
+
+
 @torch.no_grad()
 def next_token_eval(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int,
-                    device: Optional[torch.device] = None) -> torch.Tensor:
+                    device: Optional[torch.device] = None, by_length: bool = True) -> torch.Tensor:
     """float64 [loss sum, correct, targets] of next-token prediction over the rows (model in eval
-    mode)."""
+    mode), in batches of rows of similar length (``by_length``) or in row order."""
     model.eval()
     out = torch.zeros(3, dtype=torch.float64)
+    if by_length:
+        order = length_order(attention_mask)
+        input_ids, attention_mask = input_ids[order], attention_mask[order]
     for batch in eval_batches(input_ids, attention_mask, batch_size, device or next(model.parameters()).device):
         logits = model(**batch).logits
         loss, correct, count = next_token_sums(logits, next_token_labels(batch["input_ids"], batch["attention_mask"]))
@@ -115,13 +125,21 @@ def perplexity_and_accuracy(sums: torch.Tensor) -> tuple[float, float, float]:
 
 @torch.no_grad()
 def predict(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int,
-            device: Optional[torch.device] = None, token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Argmax class of every row (the model in eval mode)."""
+            device: Optional[torch.device] = None, token_type_ids: Optional[torch.Tensor] = None,
+            by_length: bool = True) -> torch.Tensor:
+    """Argmax class of every row, in the rows' order (the model in eval mode). ``by_length`` runs the
+    rows in batches of similar length (less padding to compute), then puts the predictions back."""
     model.eval()
     device = device or next(model.parameters()).device
-    preds = [model(**batch).logits.argmax(-1).cpu()
-             for batch in eval_batches(input_ids, attention_mask, batch_size, device, token_type_ids)]
-    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+    if len(input_ids) == 0:
+        return torch.zeros(0, dtype=torch.long)
+    order = length_order(attention_mask) if by_length else torch.arange(len(input_ids))
+    types = token_type_ids[order] if token_type_ids is not None else None
+    preds = torch.cat([model(**batch).logits.argmax(-1).cpu()
+                       for batch in eval_batches(input_ids[order], attention_mask[order], batch_size, device, types)])
+    out = torch.empty_like(preds)
+    out[order] = preds
+    return out
 
 
 def confusion_counts(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
