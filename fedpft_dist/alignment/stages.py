@@ -108,8 +108,7 @@ def distill_proxy(cfg: Config, rt: Runtime, layout: RunLayout, emulator: bool = 
               "world_size": rt.world_size, "zero_stage": cfg.distill.zero_stage,
               **distill_report(result, layers, train, held)}
     if not emulator and cfg.fed.fidelity_every != 0 and result.finite:
-        report["fidelity_before"] = proxy_fidelity(cfg, rt, source, None)
-        report["fidelity_after"] = proxy_fidelity(cfg, rt, source, result.state)
+        report["fidelity_before"], report["fidelity_after"] = proxy_fidelity(cfg, rt, source, [None, result.state])
     if not result.finite:
         log.warning("layer-level distillation gave non-finite values (loss or weights): the proxy is kept "
                     "undistilled; lower distill.lr")
@@ -130,10 +129,11 @@ def distill_proxy(cfg: Config, rt: Runtime, layout: RunLayout, emulator: bool = 
     return Distilled(out, report)
 
 
-def proxy_fidelity(cfg: Config, rt: Runtime, proxy_dir: Path, ffn_state: Optional[dict]) -> dict:
-    """Gradient fidelity of the proxy at ``proxy_dir`` (with ``ffn_state`` loaded, when given) against
-    the FM, before any federated training: the clients' starting adapter (attention LoRA, B = 0, and a
-    fresh head, seeded as the federated run seeds it) on both, the monitor's probe set."""
+def proxy_fidelity(cfg: Config, rt: Runtime, proxy_dir: Path, states: list[Optional[dict]]) -> list[dict]:
+    """Gradient fidelity against the FM of the proxy at ``proxy_dir`` with each of ``states`` (FFN
+    tensors; None: as saved) loaded, before any federated training: the clients' starting adapter
+    (attention LoRA, B = 0, and a fresh head, seeded as the federated run seeds it) on both, the
+    monitor's probe set. The task and the FM are prepared once for all states."""
     from .fidelity import gradient_fidelity, probe_data, probe_indices
 
     f = cfg.fed
@@ -141,17 +141,19 @@ def proxy_fidelity(cfg: Config, rt: Runtime, proxy_dir: Path, ffn_state: Optiona
     kind = resolve_task(cfg, fm_dir)
     task = prepare_task(cfg, load_tokenizer(fm_dir), kind)
     lora = (f.lora_r, f.lora_alpha, f.lora_dropout)
-    torch.manual_seed(cfg.run.seed)
     fm = with_lora(load_model(fm_dir, kind, cfg.model.dtype, num_labels=task.num_classes).to(rt.device), *lora, task=kind)
-    torch.manual_seed(cfg.run.seed)
-    proxy, _ = load_proxy(proxy_dir, task=kind, dtype=cfg.model.dtype, num_labels=task.num_classes)
-    if ffn_state is not None:
-        proxy.base_model.load_state_dict(ffn_state, strict=False)
-    client = with_lora(proxy.to(rt.device), *lora, task=kind)
     probe = probe_data(task, probe_indices(task, f.fidelity_examples, cfg.run.seed))
     token = layers_prefix(fm.get_base_model()).rsplit(".", 1)[-1]
-    return gradient_fidelity(rt, client, fm, get_adapter(client), lambda a: a, probe, f.eval_batch_size,
-                             task.causal_lm, token)
+    out = []
+    for state in states:
+        torch.manual_seed(cfg.run.seed)   # the same starting adapter for every state
+        proxy, _ = load_proxy(proxy_dir, task=kind, dtype=cfg.model.dtype, num_labels=task.num_classes)
+        if state is not None:
+            proxy.base_model.load_state_dict(state, strict=False)
+        client = with_lora(proxy.to(rt.device), *lora, task=kind)
+        out.append(gradient_fidelity(rt, client, fm, get_adapter(client), lambda a: a, probe, f.eval_batch_size,
+                                     task.causal_lm, token))
+    return out
 
 
 def distill_report(result: DistillResult, layers: list[int], train: torch.Tensor, held: torch.Tensor) -> dict:
