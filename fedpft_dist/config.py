@@ -127,7 +127,8 @@ class ProxyConfig:
 
 @dataclass
 class DistillConfig:
-    proxy: str = _opt("", help="proxy directory to distil; empty = <run.dir>/proxy (built first if missing)")
+    proxy: str = _opt("", help="proxy directory to distil; empty = where fedpft proxy puts it (proxy.out, else "
+                               "<run.dir>/proxy), built first if missing")
     out: str = _opt("", help="where to save the distilled proxy; empty = <run.dir>/proxy_distilled")
     zero_stage: int = _opt(3, help="DeepSpeed ZeRO stage (0-3); at 3 the FM is partitioned over ranks", ge=0, le=3)
     steps: int = _opt(0, help="optimizer steps; 0 = use epoch_fraction", ge=0)
