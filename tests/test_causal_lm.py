@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from conftest import PYTHON, REPO, child_env, run_cli
 from fedpft_dist.config import load_config
 from fedpft_dist.errors import ConfigError
-from fedpft_dist.federation.client import (IGNORE, next_token_eval, next_token_labels, next_token_sums,
-                                           perplexity_and_accuracy)
+from fedpft_dist.federation.client import next_token_eval, perplexity_and_accuracy
+from fedpft_dist.models.lm import IGNORE, next_token_labels, next_token_sums
 
 SMOLLM2 = "configs/smollm2-tiny.yaml"
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ..data.tasks import ClientData
 from ..models.adapters import get_adapter, set_adapter
-from ..models.lm import IGNORE, next_token_labels, next_token_sums  # noqa: F401  (IGNORE: part of this API)
+from ..models.lm import next_token_labels, next_token_sums
 
 
 @dataclass

@@ -58,23 +58,15 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def _undistilled_proxy(cfg: Config, rt: Runtime, layout: RunLayout) -> Path:
-    return ensure_proxy(cfg, rt, layout)
-
-
-def _distilled_proxy(cfg: Config, rt: Runtime, layout: RunLayout) -> Path:
-    return distilled_proxy(cfg, rt, layout)
-
-
 def _distilled_emulator(cfg: Config, rt: Runtime, layout: RunLayout) -> Path:
     return distilled_proxy(cfg, rt, layout, emulator=True)
 
 
 register(Method("fedpft", "proxy with layer-level distillation before and neuron-level alignment during "
-                          "federated training", _distilled_proxy, aligns=True))
+                          "federated training", distilled_proxy, aligns=True))
 register(Method("fedpetuning", "LoRA on the full FM at the clients", None))
 register(Method("fedot", "Offsite-Tuning emulator (every other middle layer dropped, distilled); clients tune the "
                          "bottom and top layers", _distilled_emulator, tune_compressed=False, to_fm=adapter_to_fm))
-register(Method("fedpft_no_layer_distill", "fedpft without layer-level distillation", _undistilled_proxy,
+register(Method("fedpft_no_layer_distill", "fedpft without layer-level distillation", ensure_proxy,
                 aligns=True))
-register(Method("fedpft_no_neuron_distill", "fedpft without neuron-level alignment", _distilled_proxy))
+register(Method("fedpft_no_neuron_distill", "fedpft without neuron-level alignment", distilled_proxy))
