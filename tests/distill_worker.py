@@ -13,6 +13,7 @@ import torch
 from fedpft_dist.alignment.distill import plan_neuron_split
 from fedpft_dist.alignment.job import DistillRun, run_distillation
 from fedpft_dist.config import DistillConfig
+from fedpft_dist.data.tasks import CLASSIFICATION
 from fedpft_dist.environment import prepare_process
 from fedpft_dist.data.public import load_public_text, split_held_out, token_chunks
 from fedpft_dist.models.loading import load_model, load_tokenizer, resolve_model_dir
@@ -74,6 +75,7 @@ def main(proxy_dir: str, out_dir: str) -> None:
                               micro_batch=2, warmup_ratio=0.0), run0, job_splits)
         unchanged[name] = {"same": all(torch.equal(v, ref[k]) for k, v in r0.state.items()),
                            "tensors": len(r0.state), "finite": r0.finite}
+    results["lent_teacher"] = lent_teacher(rt, proxy_dir, fm_dir, layers, train, held, splits)
     if rt.is_main:
         from safetensors.torch import save_file
 
@@ -87,6 +89,54 @@ def main(proxy_dir: str, out_dir: str) -> None:
         (out / "results.json").write_text(json.dumps(results))
     rt.comm.barrier()
     rt.shutdown()
+
+
+def lent_teacher(rt, proxy_dir, fm_dir, layers, train, held, splits) -> dict:
+    """A neuron-level job (ZeRO-0) against an FM held in memory with a LoRA adapter plugged in, and the
+    same job against the FM loaded with that adapter merged into its weights."""
+    from fedpft_dist.models.adapters import get_adapter, merge_lora_into, set_adapter, with_lora
+
+    fm = with_lora(load_model(fm_dir, CLASSIFICATION, num_labels=3), 8, 16, 0.1)   # as the engine holds it
+    adapter = get_adapter(fm)
+    gen = torch.Generator().manual_seed(3)
+    adapter = {k: torch.randn(v.shape, generator=gen) * 0.05 for k, v in adapter.items()}
+    set_adapter(fm, adapter)
+    prefix = fm.get_base_model().base_model_prefix
+    flags = {n: p.requires_grad for n, p in fm.named_parameters()}
+    ids = held[:2]
+    with torch.no_grad():
+        fm.eval()
+        out_before = fm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    fm.train()
+
+    def merged():
+        m = load_model(fm_dir, "base")
+        merge_lora_into(m, adapter, 16 / 8, strip=[prefix])
+        return m
+
+    d = DistillConfig(zero_stage=0, batch_size=4, micro_batch=2, warmup_ratio=0.0)
+    states = []
+    for teacher in (fm.get_base_model().base_model, merged):
+        st, _ = load_proxy(proxy_dir, task="base")
+        run = DistillRun(lr=1e-2, steps=3, seed=0, eval_batch=4, progress=False, tag="lent")
+        states.append(run_distillation(rt, teacher, st, layers, train, held, d, run, splits).state)
+    modes_kept = all(m.training for m in fm.modules())
+    with torch.no_grad():
+        fm.eval()
+        out_after = fm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    start, _ = load_proxy(proxy_dir, task="base")
+    start = start.state_dict()
+    diff = max(float((states[0][k] - states[1][k]).abs().max()) for k in states[0])
+    moved = max(float((states[1][k] - start[k]).abs().max()) for k in states[1])
+    with torch.no_grad():
+        lent = fm.get_base_model().base_model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        plain = merged()(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    hidden = float((lent - plain).norm() / plain.norm())
+    return {"max_state_diff": diff, "max_moved": moved, "hidden_rel_diff": hidden,
+            "keys_match": sorted(states[0]) == sorted(states[1]),
+            "flags_kept": flags == {n: p.requires_grad for n, p in fm.named_parameters()}, "modes_kept": modes_kept,
+            "any_trainable": any(flags.values()), "output_kept": bool(torch.equal(out_before, out_after)),
+            "merged_modules": merge_lora_into(load_model(fm_dir, "base"), adapter, 1.0, strip=[prefix])}
 
 
 if __name__ == "__main__":

@@ -108,6 +108,16 @@ def test_neuron_level_freezes_the_most_active_neurons(results, proxy_dir):
         assert not torch.equal(after[w_out][:, trainable], before[w_out][:, trainable])
 
 
+def test_a_teacher_in_memory_stands_for_the_loaded_merged_one(results):
+    r = results[0]["lent_teacher"]
+    # the same job, LoRA active on the held FM against LoRA merged into a loaded FM: float rounding apart
+    assert r["keys_match"] and r["merged_modules"] > 0
+    assert r["hidden_rel_diff"] < 1e-6
+    assert r["max_state_diff"] <= 1e-2 * r["max_moved"]
+    # and the held FM comes back as lent: trainable flags, modes and outputs
+    assert r["any_trainable"] and r["flags_kept"] and r["modes_kept"] and r["output_kept"]
+
+
 def test_zero_learning_rate_returns_the_input_bit_for_bit(results):
     # trained pieces come from the fp32 master weights, frozen neurons and the rest from the fp32 input
     r, _ = results

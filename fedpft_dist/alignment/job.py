@@ -7,6 +7,7 @@ resumed job sees exactly the batches it would have seen.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -14,7 +15,7 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -31,6 +32,10 @@ from .distill import (DistillPair, NeuronSplit, apply_neuron_split, ffn_paramete
 log = logging.getLogger(__name__)
 
 CKPT_PREFIX = "step-"
+
+# A teacher already in memory (unpartitioned: ZeRO stages 0-2), or a function that loads it (inside
+# the ZeRO-3 loading context at stage 3, so that it is partitioned as it loads).
+Teacher = Union[nn.Module, Callable[[], nn.Module]]
 
 
 @dataclass
@@ -146,19 +151,20 @@ class _Job:
     trainable: int                   # trainable parameters (counted before ZeRO-3 partitions them)
 
 
-def _set_up(rt: Runtime, load_teacher: Callable[[], nn.Module], student: nn.Module, layers: Sequence[int],
+def _set_up(rt: Runtime, teacher: Teacher, student: nn.Module, layers: Sequence[int],
             n_chunks: int, d: DistillConfig, run: DistillRun, splits: Sequence[NeuronSplit],
             layer_map: Optional[Sequence[int]]) -> _Job:
-    """Teacher loaded (partitioned as it loads at ZeRO-3), student's trainable parameters chosen,
-    DeepSpeed engine built. The precision is the student's as loaded (``model.dtype``): bf16 weights
-    train with DeepSpeed's bf16 mode (fp32 master weights) on GPUs; fp32 is the default, as in the
-    paper's code."""
+    """Teacher loaded (partitioned as it loads at ZeRO-3) unless it is already in memory, student's
+    trainable parameters chosen, DeepSpeed engine built. The precision is the student's as loaded
+    (``model.dtype``): bf16 weights train with DeepSpeed's bf16 mode (fp32 master weights) on GPUs;
+    fp32 is the default, as in the paper's code."""
     bf16 = rt.device.type == "cuda" and next(student.parameters()).dtype == torch.bfloat16
     gas = accumulation_steps(d, rt.world_size)
     ds_config = zero.make_ds_config(d.zero_stage, d.micro_batch, rt.world_size, bf16, d.grad_clip, grad_accum=gas)
     zero.init_distributed(rt.backend)
-    with zero.zero3_loading(ds_config):
-        teacher = load_teacher()
+    if not isinstance(teacher, nn.Module):
+        with zero.zero3_loading(ds_config):
+            teacher = teacher()
     teacher.eval()
     student.eval()  # dropout off; gradients still flow
     student.to(rt.device)
@@ -306,32 +312,55 @@ def _all_finite(rt: Runtime, losses: list[float], state: dict[str, torch.Tensor]
     return rt.comm.agree(ok, "min", name=f"{tag}/finite")
 
 
-def run_distillation(rt: Runtime, load_teacher: Callable[[], nn.Module], student: nn.Module,
+def run_distillation(rt: Runtime, teacher: Teacher, student: nn.Module,
                      layers: Sequence[int], train_chunks: torch.Tensor, held_chunks: torch.Tensor,
                      d: DistillConfig, run: DistillRun, splits: Sequence[NeuronSplit] = (),
                      layer_map: Optional[Sequence[int]] = None) -> DistillResult:
-    """Distil ``student`` (a plain, unpartitioned proxy; modified in place) against the teacher
-    that ``load_teacher`` loads (inside the ZeRO-3 loading context at stage 3, so it is partitioned
-    as it loads), with the shared settings ``d`` (the config's ``distill`` section) and this job's
+    """Distil ``student`` (a plain, unpartitioned proxy; modified in place) against ``teacher``: a
+    model the ranks already hold (it comes back as it was: same weights, modes and ``requires_grad``
+    flags) or a function that loads one (inside the ZeRO-3 loading context at stage 3, so it is
+    partitioned as it loads), with the shared settings ``d`` (the config's ``distill`` section) and this job's
     ``run``. Layer level when ``splits`` is empty (all FFN parameters of ``layers`` train); neuron
     level otherwise (only the trainable neurons of each split layer, b_out and the norm).
     ``layer_map[j]`` is the teacher layer whose output student layer j imitates (an emulator's layer
     imitates the last FM layer of the block it replaces); by default the same index. A result that is
     not finite on some rank comes back with ``finite`` False on every rank: callers keep what they had."""
     original = _snapshot(student, layers)
-    job = _set_up(rt, load_teacher, student, layers, len(train_chunks), d, run, splits, layer_map)
-    held_bytes, full_bytes = zero.held_bytes(job.pair.teacher)
-    errors_before = _errors(rt, job.pair, held_chunks, run.eval_batch, f"{run.tag}/eval-before", layer_map)
-    losses, step_times = _train(rt, job, d, run, train_chunks)
-    errors_after = _errors(rt, job.pair, held_chunks, run.eval_batch, f"{run.tag}/eval-after", layer_map)
-    state = _distilled_state(job, student, layers, splits, original, run.whole_layers)
+    with _lent(teacher):
+        t0 = time.perf_counter()
+        job = _set_up(rt, teacher, student, layers, len(train_chunks), d, run, splits, layer_map)
+        set_up_seconds = time.perf_counter() - t0
+        held_bytes, full_bytes = zero.held_bytes(job.pair.teacher)
+        errors_before = _errors(rt, job.pair, held_chunks, run.eval_batch, f"{run.tag}/eval-before", layer_map)
+        losses, step_times = _train(rt, job, d, run, train_chunks)
+        errors_after = _errors(rt, job.pair, held_chunks, run.eval_batch, f"{run.tag}/eval-after", layer_map)
+        state = _distilled_state(job, student, layers, splits, original, run.whole_layers)
     return DistillResult(
         state=state, finite=_all_finite(rt, losses, state, run.tag), steps=job.total, losses=losses,
         errors_before=errors_before, errors_after=errors_after,
         step_seconds=statistics.median(step_times[1:] or step_times) if step_times else 0.0,
         peak_memory_mb=_per_rank(rt, _peak_memory_mb(rt.device), f"{run.tag}/memory"),
         teacher_bytes_held=[int(v) for v in _per_rank(rt, held_bytes, f"{run.tag}/teacher-bytes")],
-        teacher_bytes_full=full_bytes, trainable_params=job.trainable)
+        teacher_bytes_full=full_bytes, trainable_params=job.trainable,
+        extra={"set_up_seconds": set_up_seconds, "teacher_in_memory": isinstance(teacher, nn.Module)})
+
+
+@contextlib.contextmanager
+def _lent(teacher: Teacher) -> Iterator[None]:
+    """A teacher the caller holds goes back as it came: the job freezes it and puts it in eval mode."""
+    if not isinstance(teacher, nn.Module):
+        yield
+        return
+    flags = [(p, p.requires_grad) for p in teacher.parameters()]
+    modes = [(m, m.training) for m in teacher.modules()]
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+            p.grad = None
+        for m, mode in modes:
+            m.training = mode
 
 
 def _in_layers(name: str, model: nn.Module, layers: Sequence[int]) -> bool:

@@ -195,12 +195,16 @@ def alignment_run(cfg: Config, round_idx: int) -> DistillRun:
 
 def align_neurons(cfg: Config, rt: Runtime, proxy_dir: Path, backbone: nn.Module, prefix: str,
                   layers: list[int], global_adapter: dict, stats: dict, public: tuple[torch.Tensor, torch.Tensor],
-                  round_idx: int) -> DistillResult:
+                  round_idx: int, fm: Optional[nn.Module] = None) -> DistillResult:
     """Neuron-level distillation on all ranks: rank the neurons of each compressed layer by activity
     on client data (``stats``, summed over ranks), freeze the most active ``fed.align_keep`` share,
-    distil the rest against the FM with the global adapter merged into both. ``backbone`` (the
-    clients' proxy without its head, whose task model calls it ``prefix``) gives the current FFN
-    weights; the result's ``state`` holds the new ones."""
+    distil the rest against the FM with the global adapter in both. ``backbone`` (the clients' proxy
+    without its head, whose task model calls it ``prefix``) gives the current FFN weights; the
+    result's ``state`` holds the new ones.
+
+    ``fm``: the FM backbone the ranks already hold, with the global adapter plugged in (its LoRA
+    layers active), used as the teacher as it is (ZeRO stages 0-2). Without it (ZeRO-3, or a caller
+    that holds no FM) the FM is loaded, partitioned at stage 3, and the adapter merged into it."""
     f = cfg.fed
     scaling = f.lora_alpha / f.lora_r
     gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + round_idx)
@@ -220,8 +224,8 @@ def align_neurons(cfg: Config, rt: Runtime, proxy_dir: Path, backbone: nn.Module
     names = set(ffn_parameter_names(student, layers))
     student.load_state_dict({k: v for k, v in backbone.state_dict().items() if k in names}, strict=False)
     merge_lora_into(student, global_adapter, scaling, strip=[prefix])
-    return run_distillation(rt, load_teacher, student, layers, public[0], public[1], cfg.distill,
-                            alignment_run(cfg, round_idx), splits)
+    return run_distillation(rt, fm if fm is not None else load_teacher, student, layers, public[0], public[1],
+                            cfg.distill, alignment_run(cfg, round_idx), splits)
 
 
 def alignment_metrics(result: DistillResult) -> dict:
@@ -229,7 +233,9 @@ def alignment_metrics(result: DistillResult) -> dict:
     return {"align_steps": result.steps, "align_loss_first": result.losses[0], "align_loss_last": result.losses[-1],
             "align_error_before": sum(result.errors_before) / len(result.errors_before),
             "align_error_after": sum(result.errors_after) / len(result.errors_after),
-            "align_ffn_bytes": sum(v.numel() * 4 for v in result.state.values())}
+            "align_ffn_bytes": sum(v.numel() * 4 for v in result.state.values()),
+            "align_step_seconds": result.step_seconds, "align_set_up_seconds": result.extra["set_up_seconds"],
+            "align_teacher_in_memory": result.extra["teacher_in_memory"]}
 
 
 def public_pair(cfg: Config, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:

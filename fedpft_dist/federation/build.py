@@ -37,6 +37,11 @@ class Models:
         return self.client.get_base_model().base_model
 
     @property
+    def fm_backbone(self) -> nn.Module:
+        """The FM of plug-in evaluation without its task head, its LoRA layers in place."""
+        return self.evaluate.get_base_model().base_model
+
+    @property
     def client_prefix(self) -> str:
         """The name under which the client's task model holds its backbone."""
         return self.client.get_base_model().base_model_prefix

@@ -263,8 +263,13 @@ class Engine:
         flat = {f"layer{l}": recorder.stats[l].to_flat() for l in layers}
         flat = self.rt.comm.all_reduce_sum(flat, name="aggregate/activations")
         stats = {l: ActivationStats.from_flat(flat[f"layer{l}"]) for l in layers}
+        fm = None
+        if self.cfg.distill.zero_stage < 3:
+            # The FM every rank holds for evaluation is the teacher, with the global adapter plugged in.
+            set_adapter(models.evaluate, models.to_fm(self.state.global_adapter))
+            fm = models.fm_backbone
         result = align_neurons(self.cfg, self.rt, models.proxy_dir, models.client_backbone, models.client_prefix,
-                               layers, self.state.global_adapter, stats, self.public, plan.index)
+                               layers, self.state.global_adapter, stats, self.public, plan.index, fm)
         if not result.finite:
             # Every rank agreed: loaded, these weights would make every later client update non-finite.
             log.warning("round %d: neuron-level alignment gave non-finite values; the proxy keeps its FFN "
