@@ -75,6 +75,9 @@ class BenchConfig:
         20, help="timed bare all-reduces of the aggregation's bytes (after 3 warm-up ones)", ge=1)
     stats_steps: int = _opt(
         6, help="local steps timed with and without activation-statistics collection, each", ge=1)
+    limit_reps: int = _opt(
+        3, help="timed repetitions of each phase's limit (bare training loop, bare inference, bare "
+                "distillation step), after one warm-up", ge=1)
     out: str = _opt("", help="where bench.json goes (default: run.dir/bench.json)")
 
 

@@ -151,7 +151,7 @@ def proxy_fidelity(cfg: Config, rt: Runtime, proxy_dir: Path, states: list[Optio
         if state is not None:
             proxy.base_model.load_state_dict(state, strict=False)
         client = with_lora(proxy.to(rt.device), *lora, task=kind)
-        out.append(gradient_fidelity(rt, client, fm, get_adapter(client), lambda a: a, probe, f.eval_batch_size,
+        out.append(gradient_fidelity(rt, client, fm, get_adapter(client), lambda a: a, probe, f.batch_size,
                                      task.causal_lm, token))
     return out
 

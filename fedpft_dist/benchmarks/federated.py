@@ -28,6 +28,7 @@ import torch
 from ..config import Config
 from ..errors import UserError
 from ..fsutil import atomic_write_json
+from ..models.adapters import set_adapter
 from ..run_layout import RunLayout
 from ..runtime import Runtime, init_from_config
 
@@ -127,8 +128,8 @@ def time_stats_overhead(cfg: Config, rt: Runtime, engine, steps: int, reps: int 
 
 def summarise(cfg: Config, rt: Runtime, rounds: list[dict]) -> dict:
     """Per-round records of every rank -> the medians and per-rank figures of bench.json."""
-    keys = ("round", "local_training", "wait", "allreduce", "aggregation", "alignment", "evaluation",
-            "tokens", "clients")
+    keys = ("round", "local_training", "wait", "allreduce", "aggregation", "alignment", "evaluation", "fidelity",
+            "tokens", "clients", "align_step_seconds", "align_set_up_seconds")
     table = [[r.get(k, 0.0) for k in keys] for r in rounds]
     flat = [x for row in table for x in row]
     gathered = gather_per_rank(rt, flat, name="bench/rounds")
@@ -151,13 +152,15 @@ def summarise(cfg: Config, rt: Runtime, rounds: list[dict]) -> dict:
         tokens_per_s.append(tok / sec if sec else 0.0)
     imbalance = [worst("local_training", i) / max(1e-12, statistics.fmean(
         per_rank[r][i]["local_training"] for r in range(rt.world_size))) for i in measured]
-    align = [worst("alignment", i) for i in range(len(rounds)) if worst("alignment", i) > 0]
-    evals = [worst("evaluation", i) for i in range(len(rounds)) if worst("evaluation", i) > 0]
+    align = [i for i in measured if worst("alignment", i) > 0]
+    evals = [worst("evaluation", i) for i in measured if worst("evaluation", i) > 0]
+    fidelity = [worst("fidelity", i) for i in measured if worst("fidelity", i) > 0]
     return {
         "rounds_measured": len(measured),
+        # the headline: whole rounds, whatever they do (train, aggregate, align, evaluate, fidelity)
+        "round_s_median_all": _median([worst("round", i) for i in measured]),
         "round_s_median": _median([worst("round", i) for i in (plain or measured)]),
         "rounds_plain": len(plain),
-        "round_s_median_all": _median([worst("round", i) for i in measured]),
         "train_round_s_median": _median(train_rounds),
         "local_training_s_median": _median([worst("local_training", i) for i in measured]),
         "wait_s_median": _median([worst("wait", i) for i in measured]),
@@ -169,8 +172,11 @@ def summarise(cfg: Config, rt: Runtime, rounds: list[dict]) -> dict:
                               / max(1e-12, sum(worst("round", i) for i in measured)),
         "clients_per_rank": [sum(per_rank[r][i]["clients"] for i in measured) / max(1, len(measured))
                              for r in range(rt.world_size)],
-        "alignment_s": _median(align), "alignment_rounds": len(align),
+        "alignment_s": _median([worst("alignment", i) for i in align]), "alignment_rounds": len(align),
+        "alignment_step_s": _median([worst("align_step_seconds", i) for i in align]),
+        "alignment_set_up_s": _median([worst("align_set_up_seconds", i) for i in align]),
         "evaluation_s": _median(evals), "evaluation_rounds": len(evals),
+        "fidelity_s": _median(fidelity), "fidelity_rounds": len(fidelity),
     }
 
 
@@ -189,7 +195,11 @@ def run_bench(cfg: Config, echo: Callable[[str], None] = print) -> dict:
         if summary["stopped_early"] or not rounds:
             raise UserError("fedpft bench needs a run that trains rounds: unset fed.stop_after and "
                             "fed.resume, or give a fresh run.dir")
+        # the run's own peak, before the measurements below add theirs
+        run_peak = gather_per_rank(rt, [peak_memory_mb(rt.device)], "bench/run-peak-memory")
         result = summarise(cfg, rt, rounds)
+        result["peak_memory_mb_per_rank"] = [row[0] for row in run_peak]
+        result["startup_s"] = max_per_key(rt, summary["startup_seconds"])
         result.update(measure_limits(cfg, rt, engine, int(rounds[-1]["aggregation_bytes"]), result))
     out = {
         "benchmark": "federated", "world_size": rt.world_size, "device": rt.device.type,
@@ -209,14 +219,21 @@ def run_bench(cfg: Config, echo: Callable[[str], None] = print) -> dict:
     return out
 
 
+def max_per_key(rt: Runtime, values: dict) -> dict:
+    """The slowest rank's value of each key (start-up: the first round begins when the last rank is ready)."""
+    return rt.comm.all_reduce_metrics(dict(values), op="max", name="bench/max-per-key")
+
+
 def measure_limits(cfg: Config, rt: Runtime, engine, agg_bytes: int, result: dict) -> dict:
     """Measurements of its own on the run's models and data: a bare all-reduce of the aggregation's
-    bytes, local steps with and without activation statistics, peak memory per rank."""
+    bytes, local steps with and without activation statistics, each phase's limit (module
+    :mod:`.limits`) and the phase's ratio to it."""
     log.info("timing a bare all-reduce of %d bytes", agg_bytes)
     bare = time_bare_allreduce(rt, agg_bytes, cfg.bench.allreduce_iters)
     log.info("timing local steps with and without activation statistics")
     stats = time_stats_overhead(cfg, rt, engine, cfg.bench.stats_steps)
     stats_all = gather_per_rank(rt, [stats["step_s_without"], stats["step_s_with"]], "bench/stats-overhead")
+    limits = phase_limits(cfg, rt, engine, result)
     peak = gather_per_rank(rt, [peak_memory_mb(rt.device)], "bench/peak-memory")
     return {
         "aggregation_bytes": agg_bytes,
@@ -226,8 +243,50 @@ def measure_limits(cfg: Config, rt: Runtime, engine, agg_bytes: int, result: dic
         "stats_overhead": statistics.fmean(w / p - 1.0 for p, w in stats_all),
         "stats_step_s_per_rank": [{"without": p, "with": w} for p, w in stats_all],
         "stats_steps": stats["steps"], "stats_layers": stats["layers"],
-        "peak_memory_mb_per_rank": [row[0] for row in peak],
+        "limits": limits,
+        "peak_memory_mb_per_rank_with_limits": [row[0] for row in peak],
         "peak_memory_kind": "cuda_max_allocated" if rt.device.type == "cuda" else "rss",
+    }
+
+
+def _ratio(limit: Optional[float], actual: Optional[float]) -> Optional[float]:
+    return limit / actual if limit and actual else None
+
+
+def phase_limits(cfg: Config, rt: Runtime, engine, result: dict) -> dict:
+    """Each phase against its limit, every rank measuring its own share: local training in tokens/s
+    (each rank's rounds against its bare loop; the slowest ratio counts), evaluation in seconds
+    (the slowest rank's bare pass against the phase), alignment in seconds per step."""
+    from . import limits as L
+
+    f, models, task, adapter = cfg.fed, engine.models, engine.task, engine.state.global_adapter
+    reps = cfg.bench.limit_reps
+    log.info("timing a bare training loop, bare inference and a bare distillation step")
+    data = task.client(rt.rank % f.num_clients)
+    train = L.bare_training(cfg, rt, models.client, adapter, data, reps) if not task.causal_lm else None
+    set_adapter(models.evaluate, models.to_fm(adapter))
+    idx = torch.arange(rt.rank, len(task.test_ids), rt.world_size)
+    types = task.test_types[idx] if task.test_types is not None else None
+    infer = L.bare_inference(rt, models.evaluate, task.test_ids[idx], task.test_mask[idx], types,
+                             f.eval_batch_size, reps) if not task.causal_lm else None
+    step = None
+    if result["alignment_rounds"] and engine.public is not None:
+        step = L.bare_distill_step(cfg, rt, models.fm_backbone, models.proxy_dir, models.client_prefix, adapter,
+                                   models.compressed_layers, engine.public[0], max(3, reps))
+    row = gather_per_rank(rt, [train["tokens_per_s"] if train else 0.0, infer or 0.0, step or 0.0],
+                          "bench/limits")
+    bare_tps = [r[0] for r in row]
+    train_ratios = [_ratio(tps, bare) for tps, bare in zip(result["tokens_per_s_per_rank"], bare_tps)]
+    bare_eval, bare_step = max(r[1] for r in row), max(r[2] for r in row)
+    return {
+        "local_training": {"tokens_per_s_per_rank": result["tokens_per_s_per_rank"],
+                           "bare_tokens_per_s_per_rank": bare_tps,
+                           "ratio": min((r for r in train_ratios if r is not None), default=None)},
+        "evaluation": {"seconds": result["evaluation_s"], "bare_seconds": bare_eval or None,
+                       "ratio": _ratio(bare_eval, result["evaluation_s"])},
+        "alignment": {"step_s": result["alignment_step_s"], "bare_step_s": bare_step or None,
+                      "ratio": _ratio(bare_step, result["alignment_step_s"]),
+                      "set_up_s": result["alignment_set_up_s"], "phase_s": result["alignment_s"]},
     }
 
 
@@ -235,27 +294,37 @@ def format_result(r: dict, path: Path) -> str:
     def s(x: Optional[float], unit: str = "s") -> str:
         return "n/a" if x is None else f"{x * 1000:.1f} ms" if unit == "s" and x < 1 else f"{x:.3g} {unit}"
 
+    def ratio(x: Optional[float]) -> str:
+        return "n/a" if x is None else f"{x:.2f} of its limit"
+
+    lim = r["limits"]
     bw = r["allreduce_bandwidth"]["algbw_gbps"]
     bare_bw = r["bare_allreduce_bandwidth"]["algbw_gbps"]
+    up = r["startup_s"]
     lines = [
         f"fedpft bench: {r['method']} on {r['world_size']} rank(s) ({r['device']}, {r['backend']}, "
         f"{r['threads_per_rank']} thread(s) per rank), {r['rounds_measured']} rounds measured",
-        (f"  round (median)            {s(r['round_s_median'])} over {r['rounds_plain']} training rounds; "
-         f"{s(r['round_s_median_all'])} over all" if r["rounds_plain"] else
-         f"  round (median)            {s(r['round_s_median'])} (every measured round also aligns or evaluates)")
-        + f" (training + aggregation {s(r['train_round_s_median'])})",
-        f"  local training tokens/s   per rank {', '.join(f'{x:.0f}' for x in r['tokens_per_s_per_rank'])}; "
-        f"total {r['tokens_per_s_total']:.0f}",
+        f"  round (median, all)       {s(r['round_s_median_all'])}"
+        + (f"; {s(r['round_s_median'])} over the {r['rounds_plain']} that only train and aggregate"
+           if r["rounds_plain"] else ""),
+        f"  local training            {s(r['local_training_s_median'])}; tokens/s per rank "
+        f"{', '.join(f'{x:.0f}' for x in r['tokens_per_s_per_rank'])}, "
+        f"{ratio(lim['local_training']['ratio'])} (bare loop)",
+        f"  alignment                 {s(r['alignment_s'])} ({r['alignment_rounds']} rounds); step "
+        f"{s(r['alignment_step_s'])}, {ratio(lim['alignment']['ratio'])} (bare KD step); set-up "
+        f"{s(r['alignment_set_up_s'])}",
+        f"  evaluation                {s(r['evaluation_s'])} ({r['evaluation_rounds']} rounds), "
+        f"{ratio(lim['evaluation']['ratio'])} (bare sorted inference)",
+        f"  fidelity                  {s(r['fidelity_s'])} ({r['fidelity_rounds']} rounds)",
         f"  load imbalance (max/mean) {r['load_imbalance_median']:.3f}",
-        f"  aggregation               {s(r['aggregation_s'])}, {r['aggregation_bytes'] / 2**20:.2f} MiB",
-        f"  all-reduce                {s(r['allreduce_s'])}"
-        + (f" ({bw:.2f} GB/s)" if bw else "") + f"; bare {s(r['bare_allreduce_s'])}"
-        + (f" ({bare_bw:.2f} GB/s)" if bare_bw else ""),
-        f"  alignment                 {s(r['alignment_s'])} ({r['alignment_rounds']} rounds)",
-        f"  evaluation                {s(r['evaluation_s'])} ({r['evaluation_rounds']} rounds)",
+        f"  aggregation               {s(r['aggregation_s'])}, {r['aggregation_bytes'] / 2**20:.2f} MiB; "
+        f"all-reduce {s(r['allreduce_s'])}" + (f" ({bw:.2f} GB/s)" if bw else "")
+        + f", bare {s(r['bare_allreduce_s'])}" + (f" ({bare_bw:.2f} GB/s)" if bare_bw else ""),
         f"  activation-stats overhead {r['stats_overhead'] * 100:+.1f}% per local step",
+        f"  time to first round       {s(up['total'])} (task {s(up['task'])}, models {s(up['models'])}, "
+        f"public text {s(up['public_text'])})",
         f"  peak memory per rank      {', '.join(f'{x:.0f}' for x in r['peak_memory_mb_per_rank'])} MiB "
-        f"({r['peak_memory_kind']})",
+        f"({r['peak_memory_kind']}; the run's, before the limits are measured)",
         f"  written to {path}",
     ]
     return "\n".join(lines)

@@ -28,6 +28,7 @@ from ..alignment.fidelity import gradient_fidelity, probe_data, probe_indices
 from ..alignment.stages import align_neurons, alignment_metrics, public_pair
 from ..config import Config, write_resolved_config
 from ..data.tasks import Task, prepare_task
+from ..environment import return_freed_memory
 from ..fsutil import atomic_write_json
 from ..models.adapters import adapter_bytes, get_adapter, set_adapter
 from ..models.families import layers_prefix
@@ -107,15 +108,24 @@ class Engine:
         self.method = get_method(f.method)
         if rt.is_main:
             write_resolved_config(cfg)
+        # Time to the first round, by part: tokenising the task, the models (with the proxy and its
+        # layer-level distillation when this run makes them), the public text for alignment.
+        self.startup: dict[str, float] = {}
+        t0 = time.perf_counter()
         fm_dir = resolve_model_dir(cfg.model.path)
         kind = resolve_task(cfg, fm_dir)
         tokenizer = load_tokenizer(fm_dir)
         self.task: Task = prepare_task(cfg, tokenizer, kind)
+        self.startup["task"] = time.perf_counter() - t0
         self.models: Models = build_models(cfg, rt, self.method, self.layout, self.task.num_classes, fm_dir, kind)
+        return_freed_memory()   # what building the client model (a distillation, say) left behind
+        self.startup["models"] = time.perf_counter() - t0 - self.startup["task"]
         # The headline metric: accuracy (higher is better) or perplexity (lower is better).
         self.primary = "perplexity" if self.task.causal_lm else "accuracy"
         self.aligning = self.method.aligns and f.align_every > 0
+        t1 = time.perf_counter()
         self.public = public_pair(cfg, tokenizer) if self.aligning else None
+        self.startup["public_text"] = time.perf_counter() - t1
         # Gradient fidelity: the client model against the FM (the same model for fedpetuning: skipped).
         self.monitoring = self.method.uses_proxy and f.fidelity_every != 0
         self.probe = probe_data(self.task, probe_indices(self.task, f.fidelity_examples, cfg.run.seed))
@@ -138,6 +148,7 @@ class Engine:
         self.progress = RoundProgress(rt.is_main, f.rounds, self.state.round, f"{f.method} rounds")
         self.last_eval: dict = {}
         self.last_fidelity: dict = {}
+        self.startup["total"] = time.perf_counter() - t0
         if f.eval_initial and self.state.round == 0:
             # The starting adapter changes nothing (LoRA B = 0; a classifier's head is fresh): the FM as it is.
             with self._timed({}, "evaluation"):
@@ -286,8 +297,9 @@ class Engine:
     def fidelity(self) -> dict:
         """Gradient fidelity of the client model with the global adapter (all ranks, one all-reduce)."""
         m = self.models
+        # in batches of the clients' size: a backward pass needs the activation memory training needs
         return gradient_fidelity(self.rt, m.client, m.evaluate, self.state.global_adapter, m.to_fm, self.probe,
-                                 self.cfg.fed.eval_batch_size, self.task.causal_lm, self.layer_token)
+                                 self.cfg.fed.batch_size, self.task.causal_lm, self.layer_token)
 
     def _evaluate(self) -> dict:
         set_adapter(self.models.evaluate, self.models.to_fm(self.state.global_adapter))
@@ -303,7 +315,8 @@ class Engine:
         self.progress.round_done(row, ("train_loss", self.primary))
         if self.hooks.after_round is not None:
             self.hooks.after_round({"round": plan.index + 1, "clients": len(plan.mine), "tokens": local.tokens,
-                                    "aggregation_bytes": row["aggregation_bytes"], **seconds})
+                                    "aggregation_bytes": row["aggregation_bytes"], **seconds,
+                                    **{k: row[k] for k in ("align_step_seconds", "align_set_up_seconds") if k in row}})
 
     def end_of_round(self, done: int) -> bool:
         """Checkpoint when due; True when ``fed.stop_after`` ends this invocation here."""
@@ -322,6 +335,8 @@ class Engine:
     def _timed(self, seconds: dict[str, float], phase: str) -> Iterator[None]:
         t0 = time.perf_counter()
         yield
+        if phase != "aggregation":
+            return_freed_memory()   # activations, teachers and optimizer states of the phase are gone
         seconds[phase] = time.perf_counter() - t0
         self.phase[phase] += seconds[phase]
 
@@ -364,7 +379,7 @@ class Engine:
             "client_params": models.client_params, "fm_params": models.fm_params,
             # ~6 FLOPs per non-embedding parameter per token for a training step (forward + backward)
             "client_train_flops_per_example": 6 * models.client_nonembedding_params * mean_tokens,
-            "wall_seconds": wall_seconds,
+            "wall_seconds": wall_seconds, "startup_seconds": self.startup,
             **s.initial_eval,
         }
         if task.causal_lm:
