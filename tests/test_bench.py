@@ -12,7 +12,9 @@ from fedpft_dist.benchmarks.federated import bandwidth
 CONFIG = "configs/tiny.yaml"
 REQUIRED = ("world_size", "round_s_median", "allreduce_s", "bare_allreduce_s", "stats_overhead",
             "tokens_per_s_per_rank", "aggregation_s", "aggregation_bytes", "allreduce_bandwidth",
-            "bare_allreduce_bandwidth", "alignment_s", "evaluation_s", "peak_memory_mb_per_rank")
+            "bare_allreduce_bandwidth", "alignment_s", "evaluation_s", "peak_memory_mb_per_rank",
+            "round_s_median_all", "alignment_step_s", "fidelity_s", "startup_s", "limits",
+            "peak_memory_mb_per_rank_with_limits")
 
 
 def test_bandwidth_is_bytes_over_time_and_ring_bus_factor():
@@ -30,11 +32,22 @@ def test_bench_config_resolves():
     assert cfg.dist.threads_per_rank == 1
 
 
+def test_w1_bench_config_aligns_and_evaluates_every_round():
+    from fedpft_dist.config import load_config
+
+    cfg = load_config(REPO / "configs/bench/w1.yaml")
+    f = cfg.fed
+    assert f.align_every == 1 and f.eval_every == 1 and cfg.dist.threads_per_rank == 1
+    assert (f.num_clients, round(f.num_clients * f.client_fraction), f.batch_size) == (20, 4, 8)
+    assert (cfg.data.max_train, cfg.data.max_test, cfg.proxy.keep_ratio) == (4000, 1000, 0.25)
+    assert cfg.distill.zero_stage < 3   # the alignment's teacher is the FM the ranks hold
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_bench_json_on_two_ranks(tmp_path):
     out = tmp_path / "b" / "bench.json"
-    args = ["bench", "--config", CONFIG, f"run.dir={tmp_path / 'run'}", "dist.threads_per_rank=1",
+    args = ["bench", "--config", CONFIG, f"run.dir={tmp_path / 'run'}", "dist.threads_per_rank=1", "distill.zero_stage=0",
             "fed.rounds=4", "fed.align_every=2", "fed.eval_every=4", "bench.warmup_rounds=1",
             "bench.allreduce_iters=5", "bench.stats_steps=2", f"bench.out={out}"]
     proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -62,6 +75,17 @@ def test_bench_json_on_two_ranks(tmp_path):
     assert len(r["stats_step_s_per_rank"]) == 2
     assert len(r["per_round"]) == 4 and {"wait", "allreduce", "local_training"} <= set(r["per_round"][0])
     assert 1.0 <= r["load_imbalance_median"] < 3.0
+    # every phase against its limit, measured in the same job
+    lim = r["limits"]
+    assert len(lim["local_training"]["bare_tokens_per_s_per_rank"]) == 2
+    for phase in ("local_training", "evaluation", "alignment"):
+        assert 0.1 < lim[phase]["ratio"] < 10, (phase, lim[phase])
+    assert lim["alignment"]["bare_step_s"] > 0 and r["alignment_step_s"] > 0 and r["alignment_set_up_s"] > 0
+    assert r["per_round"][1]["align_step_seconds"] == pytest.approx(r["alignment_step_s"], rel=0.5)
+    assert set(r["startup_s"]) == {"task", "models", "public_text", "total"}
+    assert r["startup_s"]["total"] >= r["startup_s"]["models"] > 0
+    assert min(r["peak_memory_mb_per_rank_with_limits"]) >= min(r["peak_memory_mb_per_rank"])
+    assert "time to first round" in proc.stdout and "of its limit" in proc.stdout
 
 
 def test_bench_on_one_rank_reports_no_bandwidth(tmp_path):
@@ -75,6 +99,7 @@ def test_bench_on_one_rank_reports_no_bandwidth(tmp_path):
     assert r["rounds_plain"] == 0 and r["round_s_median"] == r["round_s_median_all"]
     assert r["allreduce_bandwidth"] == {"algbw_gbps": None, "busbw_gbps": None}
     assert r["alignment_rounds"] == 0 and r["alignment_s"] is None
+    assert r["limits"]["alignment"]["ratio"] is None and r["limits"]["evaluation"]["ratio"] > 0
     # fedpetuning has no compressed layers: the statistics hooks go on every FM layer
     assert r["stats_layers"] == 6
 

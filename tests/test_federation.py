@@ -151,6 +151,20 @@ def test_one_rank_and_two_ranks_give_the_same_adapter(tiny_runs):
     assert summary(tiny_runs[2])["world_size"] == 2
 
 
+def test_the_held_fm_as_teacher_gives_the_same_adapter_on_one_and_two_ranks(tmp_path):
+    """ZeRO-0: the alignment round's teacher is the FM each rank holds for evaluation."""
+    for ranks in (1, 2):
+        train(tmp_path / f"rank{ranks}", "distill.zero_stage=0", ranks=ranks)
+    one, two = adapter(tmp_path / "rank1"), adapter(tmp_path / "rank2")
+    assert_trained(one)
+    assert max_abs_diff(one, two) <= 1e-5
+    m1, m2 = metrics(tmp_path / "rank1"), metrics(tmp_path / "rank2")
+    assert_same_rounds(m1, m2, loss_rel=1e-5)
+    aligned = [r for r in m1 + m2 if "align_steps" in r]
+    assert len(aligned) == 2 and all(r["align_teacher_in_memory"] for r in aligned)
+    assert m1[0]["align_loss_last"] == pytest.approx(m2[0]["align_loss_last"], rel=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------
 # 2. Seeds
 # ----------------------------------------------------------------------------------------------------

@@ -2,16 +2,20 @@
 
 The run is a real ``fedpft train`` run (same config tree, same engine) whose round hooks put a
 barrier before each aggregation, so that the all-reduce is timed without the wait for the slowest rank (the wait is
-reported on its own). After the last round the same job measures, on the same models and data:
+reported on its own). The headline is ``round_s_median_all``: the median whole round, whatever it does
+(train, aggregate, align, evaluate, fidelity). After the last round the same job measures, on the same
+models and data:
 
+* each phase's limit (:mod:`.limits`): a bare training loop, bare sorted inference, a bare
+  distillation step, and each phase's ratio to it;
 * a bare all-reduce of exactly the aggregation's bytes (one float64 buffer), to compare with the
   engine's all-reduce, which also packs the adapter into that buffer and unpacks it;
 * local training steps with and without activation-statistics collection (the hooks that feed
   neuron-level alignment), alternating, on every rank.
 
 Medians are over the rounds after ``bench.warmup_rounds``; ``round_s_median`` over those of them that
-only train and aggregate (alignment and evaluation have their own figures). Per-rank values (tokens/s, peak memory)
-are gathered with one all-reduce each, every rank filling its own slot.
+only train and aggregate. Per-rank values (tokens/s, peak memory) are gathered with one all-reduce
+each, every rank filling its own slot. The peak memory is the run's, taken before the measurements.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import torch
 from ..config import Config
 from ..errors import UserError
 from ..fsutil import atomic_write_json
+from ..federation.sampling import client_seed
 from ..models.adapters import set_adapter
 from ..run_layout import RunLayout
 from ..runtime import Runtime, init_from_config
@@ -200,7 +205,7 @@ def run_bench(cfg: Config, echo: Callable[[str], None] = print) -> dict:
         result = summarise(cfg, rt, rounds)
         result["peak_memory_mb_per_rank"] = [row[0] for row in run_peak]
         result["startup_s"] = max_per_key(rt, summary["startup_seconds"])
-        result.update(measure_limits(cfg, rt, engine, int(rounds[-1]["aggregation_bytes"]), result))
+        result.update(measure_limits(cfg, rt, engine, rounds, result))
     out = {
         "benchmark": "federated", "world_size": rt.world_size, "device": rt.device.type,
         "backend": rt.backend, "threads_per_rank": rt.threads, "host": platform.node(),
@@ -224,16 +229,17 @@ def max_per_key(rt: Runtime, values: dict) -> dict:
     return rt.comm.all_reduce_metrics(dict(values), op="max", name="bench/max-per-key")
 
 
-def measure_limits(cfg: Config, rt: Runtime, engine, agg_bytes: int, result: dict) -> dict:
+def measure_limits(cfg: Config, rt: Runtime, engine, rounds: list[dict], result: dict) -> dict:
     """Measurements of its own on the run's models and data: a bare all-reduce of the aggregation's
     bytes, local steps with and without activation statistics, each phase's limit (module
     :mod:`.limits`) and the phase's ratio to it."""
+    agg_bytes = int(rounds[-1]["aggregation_bytes"])
     log.info("timing a bare all-reduce of %d bytes", agg_bytes)
     bare = time_bare_allreduce(rt, agg_bytes, cfg.bench.allreduce_iters)
     log.info("timing local steps with and without activation statistics")
     stats = time_stats_overhead(cfg, rt, engine, cfg.bench.stats_steps)
     stats_all = gather_per_rank(rt, [stats["step_s_without"], stats["step_s_with"]], "bench/stats-overhead")
-    limits = phase_limits(cfg, rt, engine, result)
+    limits = phase_limits(cfg, rt, engine, result, rounds)
     peak = gather_per_rank(rt, [peak_memory_mb(rt.device)], "bench/peak-memory")
     return {
         "aggregation_bytes": agg_bytes,
@@ -253,17 +259,18 @@ def _ratio(limit: Optional[float], actual: Optional[float]) -> Optional[float]:
     return limit / actual if limit and actual else None
 
 
-def phase_limits(cfg: Config, rt: Runtime, engine, result: dict) -> dict:
+def phase_limits(cfg: Config, rt: Runtime, engine, result: dict, rounds: list[dict]) -> dict:
     """Each phase against its limit, every rank measuring its own share: local training in tokens/s
-    (each rank's rounds against its bare loop; the slowest ratio counts), evaluation in seconds
+    (each rank's last round against the bare loop over the same clients; the slowest ratio counts), evaluation in seconds
     (the slowest rank's bare pass against the phase), alignment in seconds per step."""
     from . import limits as L
 
     f, models, task, adapter = cfg.fed, engine.models, engine.task, engine.state.global_adapter
     reps = cfg.bench.limit_reps
     log.info("timing a bare training loop, bare inference and a bare distillation step")
-    data = task.client(rt.rank % f.num_clients)
-    train = L.bare_training(cfg, rt, models.client, adapter, data, reps) if not task.causal_lm else None
+    last = engine.plan(f.rounds - 1)   # the clients this rank trained in the last round, and their seeds
+    clients = [(task.client(c), client_seed(cfg.run.seed, last.index, c)) for c in last.mine]
+    train = L.bare_training(cfg, rt, models.client, adapter, clients) if not task.causal_lm else None
     set_adapter(models.evaluate, models.to_fm(adapter))
     idx = torch.arange(rt.rank, len(task.test_ids), rt.world_size)
     types = task.test_types[idx] if task.test_types is not None else None
@@ -273,14 +280,17 @@ def phase_limits(cfg: Config, rt: Runtime, engine, result: dict) -> dict:
     if result["alignment_rounds"] and engine.public is not None:
         step = L.bare_distill_step(cfg, rt, models.fm_backbone, models.proxy_dir, models.client_prefix, adapter,
                                    models.compressed_layers, engine.public[0], max(3, reps))
-    row = gather_per_rank(rt, [train["tokens_per_s"] if train else 0.0, infer or 0.0, step or 0.0],
+    final = rounds[-1]
+    round_tps = final["tokens"] / final["local_training"] if final["local_training"] else 0.0
+    row = gather_per_rank(rt, [train["tokens_per_s"] if train else 0.0, infer or 0.0, step or 0.0, round_tps],
                           "bench/limits")
-    bare_tps = [r[0] for r in row]
-    train_ratios = [_ratio(tps, bare) for tps, bare in zip(result["tokens_per_s_per_rank"], bare_tps)]
+    bare_tps, last_tps = [r[0] for r in row], [r[3] for r in row]
+    train_ratios = [_ratio(tps, bare) for tps, bare in zip(last_tps, bare_tps)]
     bare_eval, bare_step = max(r[1] for r in row), max(r[2] for r in row)
     return {
-        "local_training": {"tokens_per_s_per_rank": result["tokens_per_s_per_rank"],
-                           "bare_tokens_per_s_per_rank": bare_tps,
+        # the last round's clients on each rank, trained by the engine and by the bare loop
+        "local_training": {"tokens_per_s_per_rank": last_tps, "bare_tokens_per_s_per_rank": bare_tps,
+                           "ratio_per_rank": train_ratios,
                            "ratio": min((r for r in train_ratios if r is not None), default=None)},
         "evaluation": {"seconds": result["evaluation_s"], "bare_seconds": bare_eval or None,
                        "ratio": _ratio(bare_eval, result["evaluation_s"])},
@@ -308,8 +318,8 @@ def format_result(r: dict, path: Path) -> str:
         + (f"; {s(r['round_s_median'])} over the {r['rounds_plain']} that only train and aggregate"
            if r["rounds_plain"] else ""),
         f"  local training            {s(r['local_training_s_median'])}; tokens/s per rank "
-        f"{', '.join(f'{x:.0f}' for x in r['tokens_per_s_per_rank'])}, "
-        f"{ratio(lim['local_training']['ratio'])} (bare loop)",
+        f"{', '.join(f'{x:.0f}' for x in r['tokens_per_s_per_rank'])}; last round "
+        f"{ratio(lim['local_training']['ratio'])} (bare loop, same clients)",
         f"  alignment                 {s(r['alignment_s'])} ({r['alignment_rounds']} rounds); step "
         f"{s(r['alignment_step_s'])}, {ratio(lim['alignment']['ratio'])} (bare KD step); set-up "
         f"{s(r['alignment_set_up_s'])}",

@@ -1,15 +1,18 @@
 """What each phase of a round would cost with nothing but the arithmetic: the limits ``fedpft bench``
 compares the engine's phases with, measured in the same job on the same models and data.
 
-* local training: a bare PyTorch loop (forward, backward, AdamW step) over a client's batches, cut
-  to their longest row as the clients' are; tokens per second.
+* local training: a bare PyTorch loop (forward, backward, AdamW step, fresh optimizer per client)
+  over the batches of the clients this rank trained in the last round (which never aligns, so no
+  activation statistics are collected in it either), cut to their longest row as the clients' are;
+  tokens per second, against that round's.
 * evaluation: the FM with the global adapter on this rank's test shard, sorted by length, in
   batches of ``fed.eval_batch_size``, under ``torch.inference_mode``; seconds.
 * alignment: one plain data-parallel knowledge-distillation step (teacher forward, student forward
   and backward on this rank's micro-batches, one all-reduce of the gradients, clipping, AdamW) on
   the alignment's teacher, student and trainable neurons, without DeepSpeed; seconds per step.
 
-Each is timed ``reps`` times after a warm-up; the median counts.
+Inference and the distillation step are timed ``reps`` times after a warm-up (the median counts);
+the training loop once, after a short warm-up (it replays a whole round).
 """
 from __future__ import annotations
 
@@ -48,37 +51,48 @@ def _median_time(fn: Callable[[], None], device: torch.device, reps: int) -> flo
     return statistics.median(times)
 
 
-def bare_training(cfg: Config, rt: Runtime, model: nn.Module, adapter: dict, data: ClientData, reps: int) -> dict:
-    """Tokens per second of a bare LoRA training loop over ``data`` (one epoch, batches of
-    ``fed.batch_size`` in a seeded order, each cut to its longest row)."""
+def bare_training(cfg: Config, rt: Runtime, model: nn.Module, adapter: dict,
+                  clients: list[tuple[ClientData, int]]) -> dict:
+    """Tokens per second of a bare LoRA training loop over the ``(data, seed)`` of each client: one
+    epoch each, fresh AdamW, batches of ``fed.batch_size`` in the order ``train_client`` draws from
+    the seed, each cut to its longest row. Given the clients a rank trained in one round, it is the
+    limit of that round's local training; one warm-up pass over the first client's first batches."""
     f = cfg.fed
-    set_adapter(model, adapter)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    gen = torch.Generator().manual_seed(cfg.run.seed)
-    order = torch.randperm(len(data), generator=gen)
-    batches = []
-    for start in range(0, len(data), f.batch_size):
-        idx = order[start: start + f.batch_size]
-        width = int(data.attention_mask[idx].sum(1).max())
-        batch = {"input_ids": data.input_ids[idx, :width].to(rt.device),
-                 "attention_mask": data.attention_mask[idx, :width].to(rt.device),
-                 "labels": data.labels[idx].to(rt.device)}
-        if data.token_type_ids is not None:
-            batch["token_type_ids"] = data.token_type_ids[idx, :width].to(rt.device)
-        batches.append(batch)
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    runs = []
+    for data, seed in clients:
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+        batches = []
+        for start in range(0, len(data), f.batch_size):
+            idx = order[start: start + f.batch_size]
+            width = int(data.attention_mask[idx].sum(1).max())
+            batch = {"input_ids": data.input_ids[idx, :width].to(rt.device),
+                     "attention_mask": data.attention_mask[idx, :width].to(rt.device),
+                     "labels": data.labels[idx].to(rt.device)}
+            if data.token_type_ids is not None:
+                batch["token_type_ids"] = data.token_type_ids[idx, :width].to(rt.device)
+            batches.append(batch)
+        runs.append(batches)
+    tokens = sum(int(b["attention_mask"].sum()) for batches in runs for b in batches)
 
-    def loop() -> None:
+    def loop(batches: list[dict]) -> None:
+        set_adapter(model, adapter)
         opt = torch.optim.AdamW(params, lr=f.lr, weight_decay=f.weight_decay)
         for batch in batches:
             model(**batch).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    seconds = _median_time(loop, rt.device, reps)
+    loop(runs[0][:4] if runs else [])   # warm-up
+    _sync(rt.device)
+    t0 = time.perf_counter()
+    for batches in runs:
+        loop(batches)
+    _sync(rt.device)
+    seconds = time.perf_counter() - t0
     set_adapter(model, adapter)
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else 0.0}
 
 
 def bare_inference(rt: Runtime, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, types, batch_size: int,
