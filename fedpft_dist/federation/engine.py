@@ -118,7 +118,7 @@ class Engine:
         self.task: Task = prepare_task(cfg, tokenizer, kind)
         self.startup["task"] = time.perf_counter() - t0
         self.models: Models = build_models(cfg, rt, self.method, self.layout, self.task.num_classes, fm_dir, kind)
-        return_freed_memory()   # what building the client model (a distillation, say) left behind
+        return_freed_memory(collect=True)   # what building the client model (a distillation, say) left behind
         self.startup["models"] = time.perf_counter() - t0 - self.startup["task"]
         # The headline metric: accuracy (higher is better) or perplexity (lower is better).
         self.primary = "perplexity" if self.task.causal_lm else "accuracy"
@@ -336,7 +336,9 @@ class Engine:
         t0 = time.perf_counter()
         yield
         if phase != "aggregation":
-            return_freed_memory()   # activations, teachers and optimizer states of the phase are gone
+            # activations, teachers and optimizer states of the phase are gone (a distillation's
+            # DeepSpeed engine only once its reference cycles are collected)
+            return_freed_memory(collect=phase == "alignment")
         seconds[phase] = time.perf_counter() - t0
         self.phase[phase] += seconds[phase]
 
