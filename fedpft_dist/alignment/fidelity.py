@@ -127,14 +127,27 @@ def gradient_fidelity(rt: Runtime, client_model: nn.Module, fm_model: nn.Module,
     """The fidelity of ``client_model``'s adapter gradients against ``fm_model``'s, with
     ``client_adapter`` in the client model and ``to_fm(client_adapter)`` in the FM, on this rank's
     share of ``probe`` (every rank calls it; one all-reduce)."""
+    return fidelity_with_fm_gradients(rt, client_model, fm_model, client_adapter, to_fm, probe, batch_size, causal,
+                                      layer_token)[0]
+
+
+def fidelity_with_fm_gradients(rt: Runtime, client_model: nn.Module, fm_model: nn.Module, client_adapter: dict,
+                               to_fm: Callable[[dict], dict], probe: ClientData, batch_size: int, causal: bool,
+                               layer_token: str, fm_gradients: Optional[dict] = None) -> tuple[dict, dict]:
+    """:func:`gradient_fidelity`, and the FM's gradients summed over ranks, so that a caller comparing
+    several client models with the same FM and adapter computes the FM side once: given
+    ``fm_gradients`` (what an earlier call returned), the FM is not run again."""
     rows = torch.arange(rt.rank, len(probe), rt.world_size)
     share = ClientData(*(t[rows] if t is not None else None for t in
                          (probe.input_ids, probe.attention_mask, probe.labels, probe.token_type_ids)))
     loss_fn = next_token_loss if causal else classification_loss
     g_client = to_fm(adapter_gradients(client_model, client_adapter, share, batch_size, loss_fn))
-    g_fm = adapter_gradients(fm_model, to_fm(client_adapter), share, batch_size, loss_fn)
-    both = {**{f"client/{k}": v for k, v in g_client.items()}, **{f"fm/{k}": v for k, v in g_fm.items()}}
+    both = {f"client/{k}": v for k, v in g_client.items()}
+    if fm_gradients is None:
+        g_fm = adapter_gradients(fm_model, to_fm(client_adapter), share, batch_size, loss_fn)
+        both.update({f"fm/{k}": v for k, v in g_fm.items()})
     total = rt.comm.all_reduce_sum(both, name="fidelity/gradients")
     client = {k[len("client/"):]: v for k, v in total.items() if k.startswith("client/")}
-    fm = {k[len("fm/"):]: v for k, v in total.items() if k.startswith("fm/")}
-    return {**compare(client, fm, layer_token), "grad_probe_examples": len(probe)}
+    fm = fm_gradients if fm_gradients is not None else {k[len("fm/"):]: v for k, v in total.items()
+                                                        if k.startswith("fm/")}
+    return {**compare(client, fm, layer_token), "grad_probe_examples": len(probe)}, fm

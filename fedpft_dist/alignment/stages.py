@@ -134,7 +134,7 @@ def proxy_fidelity(cfg: Config, rt: Runtime, proxy_dir: Path, states: list[Optio
     tensors; None: as saved) loaded, before any federated training: the clients' starting adapter
     (attention LoRA, B = 0, and a fresh head, seeded as the federated run seeds it) on both, the
     monitor's probe set. The task and the FM are prepared once for all states."""
-    from .fidelity import gradient_fidelity, probe_data, probe_indices
+    from .fidelity import fidelity_with_fm_gradients, probe_data, probe_indices
 
     f = cfg.fed
     fm_dir = resolve_model_dir(cfg.model.path)
@@ -144,15 +144,21 @@ def proxy_fidelity(cfg: Config, rt: Runtime, proxy_dir: Path, states: list[Optio
     fm = with_lora(load_model(fm_dir, kind, cfg.model.dtype, num_labels=task.num_classes).to(rt.device), *lora, task=kind)
     probe = probe_data(task, probe_indices(task, f.fidelity_examples, cfg.run.seed))
     token = layers_prefix(fm.get_base_model()).rsplit(".", 1)[-1]
-    out = []
+    out, first, fm_grads = [], None, None
     for state in states:
         torch.manual_seed(cfg.run.seed)   # the same starting adapter for every state
         proxy, _ = load_proxy(proxy_dir, task=kind, dtype=cfg.model.dtype, num_labels=task.num_classes)
         if state is not None:
             proxy.base_model.load_state_dict(state, strict=False)
         client = with_lora(proxy.to(rt.device), *lora, task=kind)
-        out.append(gradient_fidelity(rt, client, fm, get_adapter(client), lambda a: a, probe, f.batch_size,
-                                     task.causal_lm, token))
+        adapter = get_adapter(client)
+        # The FM side depends only on the adapter: computed once when every state starts from the same one.
+        same = first is not None and adapter.keys() == first.keys() and all(
+            torch.equal(adapter[k], first[k]) for k in first)
+        metrics, fm_grads = fidelity_with_fm_gradients(rt, client, fm, adapter, lambda a: a, probe, f.batch_size,
+                                                       task.causal_lm, token, fm_grads if same else None)
+        first = first or adapter
+        out.append(metrics)
     return out
 
 
