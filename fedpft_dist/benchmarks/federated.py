@@ -36,14 +36,10 @@ from ..federation.sampling import client_seed
 from ..models.adapters import set_adapter
 from ..run_layout import RunLayout
 from ..runtime import Runtime, init_from_config
+from . import limits as L
+from .limits import sync_device
 
 log = logging.getLogger(__name__)
-
-
-def _sync(device: torch.device) -> None:
-    """Wait for queued device work, so wall-clock times cover it (CUDA launches are asynchronous)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _median(values: Sequence[float]) -> Optional[float]:
@@ -72,10 +68,10 @@ def time_bare_allreduce(rt: Runtime, num_bytes: int, iters: int, warmup: int = 3
     times = []
     for i in range(warmup + iters):
         rt.comm.barrier(name="bench/bare-allreduce-barrier")
-        _sync(buf.device)
+        sync_device(buf.device)
         t0 = time.perf_counter()
         rt.comm.all_reduce_(buf, name="bench/bare-allreduce")
-        _sync(buf.device)
+        sync_device(buf.device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     seconds = statistics.median(times)
@@ -113,10 +109,10 @@ def time_stats_overhead(cfg: Config, rt: Runtime, engine, steps: int, reps: int 
 
     def one(record: bool) -> float:
         recorder = ActivationRecorder(hf, layers, cfg.proxy.eps) if record else None
-        _sync(rt.device)
+        sync_device(rt.device)
         t0 = time.perf_counter()
         train_client(models.client, adapter, data, 1, f.batch_size, f.lr, f.weight_decay, cfg.run.seed, recorder)
-        _sync(rt.device)
+        sync_device(rt.device)
         seconds = time.perf_counter() - t0
         if recorder is not None:
             recorder.close()
@@ -263,8 +259,6 @@ def phase_limits(cfg: Config, rt: Runtime, engine, result: dict, rounds: list[di
     """Each phase against its limit, every rank measuring its own share: local training in tokens/s
     (each rank's last round against the bare loop over the same clients; the slowest ratio counts), evaluation in seconds
     (the slowest rank's bare pass against the phase), alignment in seconds per step."""
-    from . import limits as L
-
     f, models, task, adapter = cfg.fed, engine.models, engine.task, engine.state.global_adapter
     reps = cfg.bench.limit_reps
     log.info("timing a bare training loop, bare inference and a bare distillation step")

@@ -34,7 +34,8 @@ from ..models.proxy import load_proxy
 from ..runtime import Runtime
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for queued device work, so wall-clock times cover it (CUDA launches are asynchronous)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -43,10 +44,10 @@ def _median_time(fn: Callable[[], None], device: torch.device, reps: int) -> flo
     fn()  # warm-up
     times = []
     for _ in range(reps):
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync_device(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -63,17 +64,10 @@ def bare_training(cfg: Config, rt: Runtime, model: nn.Module, adapter: dict,
     runs = []
     for data, seed in clients:
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-        batches = []
-        for start in range(0, len(data), f.batch_size):
-            idx = order[start: start + f.batch_size]
-            width = int(data.attention_mask[idx].sum(1).max())
-            batch = {"input_ids": data.input_ids[idx, :width].to(rt.device),
-                     "attention_mask": data.attention_mask[idx, :width].to(rt.device),
-                     "labels": data.labels[idx].to(rt.device)}
-            if data.token_type_ids is not None:
-                batch["token_type_ids"] = data.token_type_ids[idx, :width].to(rt.device)
-            batches.append(batch)
-        runs.append(batches)
+        types = data.token_type_ids[order] if data.token_type_ids is not None else None
+        labels = data.labels[order].split(f.batch_size)
+        batches = list(eval_batches(data.input_ids[order], data.attention_mask[order], f.batch_size, rt.device, types))
+        runs.append([{**b, "labels": y.to(rt.device)} for b, y in zip(batches, labels)])
     tokens = sum(int(b["attention_mask"].sum()) for batches in runs for b in batches)
 
     def loop(batches: list[dict]) -> None:
@@ -85,11 +79,11 @@ def bare_training(cfg: Config, rt: Runtime, model: nn.Module, adapter: dict,
             opt.zero_grad(set_to_none=True)
 
     loop(runs[0][:4] if runs else [])   # warm-up
-    _sync(rt.device)
+    sync_device(rt.device)
     t0 = time.perf_counter()
     for batches in runs:
         loop(batches)
-    _sync(rt.device)
+    sync_device(rt.device)
     seconds = time.perf_counter() - t0
     set_adapter(model, adapter)
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else 0.0}
