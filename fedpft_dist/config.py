@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -43,6 +44,15 @@ class RunConfig:
     dir: str = _opt("runs/default", help="output directory of this run (config, logs, results)")
     seed: int = _opt(0, help="global seed: the same seed and world size give the same numbers", ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = _opt("info", help="log level on rank 0")
+    rebuild: bool = _opt(False, help="start afresh in a run dir an earlier run used: remake a proxy, emulator or "
+                                     "distilled proxy that was made with other settings, and move an earlier run's "
+                                     "checkpoints aside (to <dir>.stale-<UTC time>); default: stop with an error "
+                                     "naming the setting that differs")
+
+    def check(self, prefix: str) -> None:
+        # An empty dir would put config.yaml, checkpoints and results in the current directory.
+        if not self.dir.strip():
+            raise ConfigError(f"{prefix}dir", f"must be a directory path, got {self.dir!r}")
 
 
 @dataclass
@@ -221,6 +231,9 @@ class FedConfig:
     eval_batch_size: int = _opt(32, help="evaluation batch size", ge=1)
     checkpoint_every: int = _opt(0, help="checkpoint every this many rounds (0 = never)", ge=0)
     resume: bool = _opt(False, help="continue from the newest complete round checkpoint in <run.dir>/checkpoints/rounds")
+    max_excluded_rounds: int = _opt(
+        3, help="stop the run (exit code 3) after this many consecutive rounds in which every client's update was "
+                "non-finite (training has diverged: lower fed.lr); 0 = never", ge=0)
     stop_after: int = _opt(0, help="end this invocation after this many rounds, with a checkpoint (for jobs with a "
                                    "wall-clock limit: resubmit with fed.resume=true); 0 = run to the end", ge=0)
     fedot_keep_bottom: int = _opt(1, help="fedot: bottom layers kept whole", ge=0)
@@ -331,13 +344,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        number = None
+        try:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                number = float(value)
+            elif isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
+                number = float(value)
+        except OverflowError:  # an integer too large for a float
+            raise ConfigError(key, f"must be a finite number, got {value!r}") from None
+        except ValueError:
+            pass
+        if number is not None:
+            # inf passes one-sided bounds and nan slips through unbounded fields; no setting means either.
+            if not math.isfinite(number):
+                raise ConfigError(key, f"must be a finite number, got {number}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -413,17 +434,70 @@ def _apply_override(tree: dict, item: str) -> None:
     node[parts[-1]] = _Raw(text)
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _key_identity(constructor: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+    """What a mapping key becomes once constructed (``1`` and ``0x1`` collide, as in the dict)."""
+    try:
+        return constructor.construct_object(node, deep=True)
+    except yaml.YAMLError:  # construction of the document reports it
+        return (node.tag, node.value)
+
+
+def _check_unique_keys(constructor: yaml.SafeLoader, node: yaml.Node, p: Path, path: str = "",
+                       seen: set[int] | None = None) -> None:
+    """A UserError for the first key (in document order) that a mapping under ``node`` holds twice.
+
+    A plain YAML load keeps the last of two equal keys without a word, so a setting written twice
+    would silently lose one of its values.
+    """
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias of a node already walked (or a recursive one)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(constructor, item, p, f"{path}[{i}]", seen)
+    elif isinstance(node, yaml.MappingNode):
+        first: dict[Any, tuple[int, bool]] = {}
+        for key_node, value_node in node.value:
+            child = path
+            # Repeated merge keys ('<<') all merge; keys that are not scalars fail in construction.
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != _MERGE_TAG:
+                child = f"{path}.{key_node.value}" if path else str(key_node.value)
+                identity = _key_identity(constructor, key_node)
+                line = key_node.start_mark.line + 1
+                if identity in first:
+                    earlier, is_section = first[identity]
+                    kind = "section" if is_section else "key"
+                    raise UserError(f"{p}: {kind} '{child}' appears twice (lines {earlier} and {line})")
+                first[identity] = (line, isinstance(value_node, yaml.MappingNode))
+            _check_unique_keys(constructor, value_node, p, child, seen)
+
+
 def read_yaml(path: str | os.PathLike, what: str = "config file") -> Any:
-    """The parsed YAML of ``path``; a missing file or a syntax error is a one-line UserError."""
+    """The parsed YAML of ``path``; a missing file, a syntax error or a key given twice in one mapping
+    is a one-line UserError."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{what} not found: {p}")
+    loader, keys = yaml.SafeLoader(p.read_text(encoding="utf-8")), yaml.SafeLoader("")
     try:
-        return yaml.safe_load(p.read_text(encoding="utf-8"))
+        # Compose the node tree first: duplicate keys are only visible (with their lines) before the
+        # mappings are built. Keys are constructed apart, so that the document's construction starts clean.
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_unique_keys(keys, node, p)
+        return loader.construct_document(node)
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" (line {where.line + 1})" if where is not None else ""
         raise UserError(f"{p}: not valid YAML{at}") from None
+    finally:
+        loader.dispose()
+        keys.dispose()
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -432,8 +506,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     if path is not None:
         p = Path(path)
         loaded = read_yaml(p)
-        if loaded is None:
-            loaded = {}
+        if loaded is None:  # an empty file (or only comments) is more likely a mistake than a wish for defaults
+            raise UserError(f"{p}: the config file is empty; to run with the defaults leave out --config, "
+                            f"or write {{}} in it")
         if not isinstance(loaded, dict):
             raise UserError(f"{p}: the top level must be a mapping of sections")
         tree = loaded

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import REPO, run_cli
-from fedpft_dist.config import Config, config_from_dict, config_to_dict, load_config
+from fedpft_dist.config import Config, config_from_dict, config_to_dict, load_config, read_yaml
 from fedpft_dist.errors import ConfigError, UserError
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
@@ -128,3 +128,127 @@ def test_cli_help_lists_commands():
     proc = run_cli("--help", timeout=60)
     assert proc.returncode == 0
     assert "doctor" in proc.stdout
+
+
+# --- duplicate keys, empty files, run.dir, non-finite numbers -------------------------------------
+
+@pytest.mark.parametrize("text, message", [
+    ("run:\n  seed: 1\nfed:\n  lr: 0.1\n  rounds: 2\n  # the old value\n  lr: 0.2\n",
+     "key 'fed.lr' appears twice (lines 4 and 7)"),
+    ("fed:\n  lr: 0.1\nrun:\n  seed: 1\nfed:\n  rounds: 3\n", "section 'fed' appears twice (lines 1 and 5)"),
+    ("proxy:\n  keep_ratio: 0.5\n  retained_layers: [0]\n  keep_ratio: 0.25\n",
+     "key 'proxy.keep_ratio' appears twice (lines 2 and 4)"),
+    ("a:\n  b:\n    c: 1\n    d: 2\n    c: 3\n", "key 'a.b.c' appears twice (lines 3 and 5)"),
+])
+def test_duplicate_keys_name_the_dotted_key_and_both_lines(tmp_path, text, message):
+    f = tmp_path / "x.yaml"
+    f.write_text(text)
+    with pytest.raises(UserError) as info:
+        load_config(f)
+    assert str(info.value) == f"{f}: {message}"
+
+
+def test_same_key_in_two_sections_and_merge_keys_are_no_duplicates(tmp_path):
+    f = tmp_path / "x.yaml"
+    f.write_text("fed:\n  lr: 0.1\n  rounds: 2\ndistill:\n  lr: 0.2\n")
+    assert (load_config(f).fed.lr, load_config(f).distill.lr) == (0.1, 0.2)
+    g = tmp_path / "merge.yaml"
+    g.write_text("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  x: 3\n")
+    assert read_yaml(g) == {"a": {"x": 1, "y": 2}, "b": {"x": 3, "y": 2}}
+
+
+def test_duplicate_keys_in_a_sweep_spec(tmp_path):
+    from fedpft_dist.sweep import load_sweep
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"base: {REPO / 'configs' / 'tiny.yaml'}\ngrid:\n  proxy.keep_ratio: [0.25]\n"
+                    f"  proxy.keep_ratio: [0.5]\n")
+    with pytest.raises(UserError) as info:
+        load_sweep(spec)
+    assert str(info.value) == f"{spec}: key 'grid.proxy.keep_ratio' appears twice (lines 3 and 4)"
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n", "# nothing set yet\n\n# still nothing\n"])
+def test_empty_config_file_is_an_error(tmp_path, text):
+    f = tmp_path / "empty.yaml"
+    f.write_text(text)
+    with pytest.raises(UserError) as info:
+        load_config(f)
+    assert str(info.value) == (f"{f}: the config file is empty; to run with the defaults leave out --config, "
+                               f"or write {{}} in it")
+
+
+def test_braces_config_means_defaults(tmp_path):
+    f = tmp_path / "defaults.yaml"
+    f.write_text("# defaults\n{}\n")
+    assert load_config(f) == load_config()
+
+
+@pytest.mark.parametrize("overrides, text", [(["run.dir="], None), (["run.dir=   "], None),
+                                             ([], "run:\n  dir: ''\n"), ([], "run:\n  dir: ' '\n")])
+def test_run_dir_must_not_be_empty(tmp_path, overrides, text):
+    path = None
+    if text is not None:
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    assert info.value.key == "run.dir"
+    assert str(info.value).startswith("run.dir: must be a directory path, got '")
+
+
+@pytest.mark.parametrize("overrides, key, shown", [
+    (["fed.lr=inf"], "fed.lr", "inf"),
+    (["fed.lr=.nan"], "fed.lr", "nan"),
+    (["fed.lr=nan"], "fed.lr", "nan"),
+    (["fed.lr=-inf"], "fed.lr", "-inf"),
+    (["fed.lr=.inf"], "fed.lr", "inf"),
+    (["fed.alpha=1e999"], "fed.alpha", "inf"),
+    (["fed.size_sigma=-.inf"], "fed.size_sigma", "-inf"),
+    (["proxy.keep_ratios=[0.5, .nan]"], "proxy.keep_ratios[1]", "nan"),
+])
+def test_non_finite_floats_name_the_key(overrides, key, shown):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert info.value.key == key
+    assert str(info.value) == f"{key}: must be a finite number, got {shown}"
+
+
+@pytest.mark.parametrize("text, key, shown", [
+    ("fed:\n  lr: .inf\n", "fed.lr", "inf"),
+    ("fed:\n  lr: .NaN\n", "fed.lr", "nan"),
+    ("fed:\n  lr: -inf\n", "fed.lr", "-inf"),
+    ("dist:\n  timeout_s: .inf\n", "dist.timeout_s", "inf"),
+    ("proxy:\n  keep_ratios: [0.5, .inf, 0.25]\n", "proxy.keep_ratios[1]", "inf"),
+])
+def test_non_finite_floats_in_files(tmp_path, text, key, shown):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(f)
+    assert info.value.key == key
+    assert str(info.value) == f"{key}: must be a finite number, got {shown}"
+
+
+def test_finite_floats_still_load():
+    cfg = load_config(None, ["fed.lr=1e-3", "fed.alpha=100", "proxy.keep_ratios=[0.5, 1]"])
+    assert (cfg.fed.lr, cfg.fed.alpha, cfg.proxy.keep_ratios) == (1e-3, 100.0, [0.5, 1.0])
+
+
+@pytest.mark.parametrize("text, args, fragment", [
+    ("fed:\n  lr: 0.1\n  lr: 0.2\n", [], "key 'fed.lr' appears twice (lines 2 and 3)"),
+    ("fed:\n  lr: 0.1\nfed:\n  rounds: 1\n", [], "section 'fed' appears twice (lines 1 and 3)"),
+    ("# empty\n", [], "the config file is empty; to run with the defaults leave out --config, or write {} in it"),
+    ("{}\n", ["run.dir="], "run.dir: must be a directory path, got ''"),
+    ("{}\n", ["fed.lr=inf"], "fed.lr: must be a finite number, got inf"),
+    ("fed:\n  lr: .nan\n", [], "fed.lr: must be a finite number, got nan"),
+])
+def test_cli_config_mistakes_are_one_line(tmp_path, capsys, text, args, fragment):
+    from fedpft_dist.cli import main
+
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    assert main(["doctor", "--config", str(f), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fedpft: error: ") and fragment in err
+    assert "Traceback" not in err

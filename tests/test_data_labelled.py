@@ -115,6 +115,55 @@ def test_other_user_errors(tmp_path):
         load_labelled(str(numeric_text))
 
 
+# ---- label columns that hold no classes
+
+
+@pytest.mark.parametrize("name", ["scores.jsonl", "scores.csv"])
+def test_regression_target_is_rejected(tmp_path, name):
+    path = tmp_path / name
+    rows = [{"text": f"t{i}", "score": s} for i, s in enumerate([1.0, 0.37, 2.0, 1.0])]
+    if name.endswith(".csv"):
+        path.write_text("text,score\n" + "".join(f"{r['text']},{r['score']}\n" for r in rows), encoding="utf-8")
+    else:
+        write_jsonl(path, rows)
+    with pytest.raises(UserError) as err:
+        load_labelled(str(path), label_column="score")
+    assert str(err.value) == (f"labelled data file '{path}': labels in column 'score' must be class ids, found the "
+                              f"non-integer 0.37; fedpft trains classifiers, regression targets are not supported")
+
+
+def test_integer_valued_float_labels_are_classes(tmp_path):
+    import datasets
+
+    # A gap in a CSV column makes pandas read it as floats: 1.0, NaN, 0.0, ...
+    csv_path = tmp_path / "gaps.csv"
+    csv_path.write_text("text,label\na,1\nb,\nc,0\nd,1\ne,0\n", encoding="utf-8")
+    data = load_labelled(str(csv_path))
+    assert (data.texts, data.labels, data.num_classes) == (["a", "c", "d", "e"], [1, 0, 1, 0], 2)
+    parquet_path = tmp_path / "floats.parquet"
+    datasets.Dataset.from_dict({"text": list("abcdef"), "label": [1.0, 2.0, 0.0, 2.0, 1.0, 0.0]}).to_parquet(
+        str(parquet_path))
+    data = load_labelled(str(parquet_path))
+    assert (data.labels, data.num_classes) == ([1, 2, 0, 2, 1, 0], 3)
+
+
+def test_more_classes_than_half_the_rows_is_rejected(tmp_path):
+    ids = write_jsonl(tmp_path / "ids.jsonl", [{"text": f"t{i}", "label": i % 5} for i in range(9)])
+    with pytest.raises(UserError) as err:
+        load_labelled(str(ids))
+    assert str(err.value) == (f"labelled data file '{ids}': 5 distinct labels in column 'label' for 9 rows (fewer "
+                              f"than 2 examples per class on average); fedpft trains classifiers, regression "
+                              f"targets are not supported")
+    names = write_jsonl(tmp_path / "names.jsonl", [{"text": "a", "label": w} for w in ("x", "y", "z", "x")])
+    with pytest.raises(UserError, match=r"names\.jsonl': 3 distinct labels in column 'label' for 4 rows"):
+        load_labelled(str(names))
+    # Two examples per class on average is enough; so are two classes, however few the rows.
+    assert load_labelled(str(write_jsonl(tmp_path / "ok.jsonl", [{"text": f"t{i}", "label": i % 5}
+                                                                   for i in range(10)]))).num_classes == 5
+    assert load_labelled(str(write_jsonl(tmp_path / "two.jsonl", [{"text": "a", "label": 0},
+                                                                    {"text": "b", "label": 1}]))).num_classes == 2
+
+
 # ---- train/test split
 
 

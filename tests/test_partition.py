@@ -1,8 +1,11 @@
 import numpy as np
 import pytest
 
+from fedpft_dist.config import load_config
 from fedpft_dist.data.partition import (apply_size_imbalance, dirichlet, iid, label_skew, labels_per_client,
                                         partition)
+from fedpft_dist.data.tasks import split_clients
+from fedpft_dist.errors import ConfigError
 
 NUM_CLASSES = 10
 # 10 classes of unequal size (40..130 samples), interleaved as a real data set would be.
@@ -120,3 +123,49 @@ def test_partition_errors():
         partition([0, 1, 0], 4, "iid", seed=0)
     with pytest.raises(ValueError, match="num_clients must be >= 1"):
         iid(LABELS, 0, seed=0)
+
+
+# ---- the tasks' split: impossible settings are config errors naming the key
+
+
+def fed(*overrides):
+    return load_config(None, list(overrides)).fed
+
+
+SMALL = [i % 3 for i in range(120)]  # 3 classes of 40
+
+
+def test_split_clients_is_partition():
+    for overrides, kwargs in (((), {}), (("fed.partition=dirichlet", "fed.alpha=0.3", "fed.size_sigma=1"),
+                                          {"alpha": 0.3, "size_sigma": 1.0}),
+                              (("fed.partition=labels", "fed.labels_per_client=3"), {"k": 3})):
+        cfg = fed("fed.num_clients=12", *overrides)
+        assert split_clients(LABELS, cfg, 4) == partition(LABELS, 12, cfg.partition, 4, **kwargs)
+
+
+def test_impossible_dirichlet_split_names_fed_alpha():
+    with pytest.raises(ConfigError) as info:
+        split_clients(SMALL, fed("fed.partition=dirichlet", "fed.alpha=0.01", "fed.num_clients=100"), 0)
+    assert info.value.key == "fed.alpha"
+    assert str(info.value) == ("fed.alpha: dirichlet partition (alpha=0.01) found no split giving all 100 clients "
+                               ">= 1 samples in 1000 draws; raise alpha or lower num_clients or min_size")
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (("fed.labels_per_client=4", "fed.num_clients=10"),
+     r"labels-per-client k must be in \[1, 3\] \(the number of classes\), got 4"),
+    # 200 label slots dealt over 3 classes: 66 or 67 holders for 40 samples each
+    (("fed.labels_per_client=2", "fed.num_clients=100"),
+     r"labels-per-client: label \d has 40 samples for 6[67] clients; lower num_clients or k"),
+])
+def test_impossible_labels_split_names_fed_labels_per_client(overrides, pattern):
+    with pytest.raises(ConfigError, match=rf"^fed\.labels_per_client: {pattern}$") as info:
+        split_clients(SMALL, fed("fed.partition=labels", *overrides), 0)
+    assert info.value.key == "fed.labels_per_client"
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "labels"])
+def test_more_clients_than_samples_names_fed_num_clients(scheme):
+    with pytest.raises(ConfigError) as info:
+        split_clients(SMALL, fed(f"fed.partition={scheme}", "fed.num_clients=121", "fed.size_sigma=1"), 0)
+    assert str(info.value) == "fed.num_clients: 121 clients but only 120 training examples"

@@ -36,6 +36,10 @@ TWEETS_LABEL_COLUMN = "sentiment"
 SOURCES_HELP = (f"{' or '.join(repr(b) for b in BUILTINS)}, or a "
                 f"{'/'.join(sorted(TABLE_BUILDERS))} file")
 _WHITESPACE = re.compile(r"\s+")
+# Fewer examples than this per class on average means the label column does not hold classes (an id,
+# a score, free text): a class needs at least one train and one test example (see train_test_split).
+MIN_EXAMPLES_PER_CLASS = 2
+_NOT_CLASSES = "fedpft trains classifiers, regression targets are not supported"
 
 
 @dataclass
@@ -264,7 +268,11 @@ def _is_blank(path: Path) -> bool:
 
 
 def _encode_labels(raw: Sequence[Any], where: str, column: str) -> tuple[list[int], list[str]]:
-    """Map raw labels to ``0..C-1`` by their sorted distinct values (numbers sort numerically)."""
+    """Map raw labels to ``0..C-1`` by their sorted distinct values (numbers sort numerically).
+
+    Numbers must be integers (``1.0`` counts) and, beyond two classes, there must be at least
+    :data:`MIN_EXAMPLES_PER_CLASS` rows per class on average: else the column is no class label.
+    """
     kinds = {"text" if isinstance(v, str) else "number" if isinstance(v, (int, float, np.number)) else
              type(v).__name__ for v in raw}
     if kinds - {"text", "number"}:
@@ -272,7 +280,18 @@ def _encode_labels(raw: Sequence[Any], where: str, column: str) -> tuple[list[in
                         f"found {', '.join(sorted(kinds - {'text', 'number'}))}")
     if len(kinds) > 1:
         raise UserError(f"{where}: labels in {column} mix strings and numbers")
+    if kinds == {"number"}:
+        # Integer-valued floats (1.0 from a CSV or parquet column with gaps) are class ids like 1.
+        fraction = next((v for v in raw if not isinstance(v, (int, np.integer)) and not float(v).is_integer()),
+                        None)
+        if fraction is not None:
+            raise UserError(f"{where}: labels in {column} must be class ids, found the non-integer "
+                            f"{fraction}; {_NOT_CLASSES}")
     values = sorted(set(raw))
+    # Two classes are the smallest classification task, never an id or score column, however few rows.
+    if len(values) > 2 and len(values) * MIN_EXAMPLES_PER_CLASS > len(raw):
+        raise UserError(f"{where}: {len(values)} distinct labels in {column} for {len(raw)} rows (fewer "
+                        f"than {MIN_EXAMPLES_PER_CLASS} examples per class on average); {_NOT_CLASSES}")
     index = {v: i for i, v in enumerate(values)}
     return [index[v] for v in raw], [str(v) for v in values]
 

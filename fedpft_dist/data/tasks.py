@@ -11,12 +11,12 @@ from typing import Optional
 
 import torch
 
-from ..config import Config
+from ..config import Config, FedConfig
 from ..errors import ConfigError, UserError
 from ..resources import cache_dir
 from .labelled import load_labelled, tokenize_cached, train_test_split
 from .lm import LMText, check_examples, lm_examples, load_lm_text
-from .partition import partition
+from .partition import apply_size_imbalance, partition
 from .public import BUILTIN
 
 CAUSAL_LM = "causal-lm"
@@ -86,6 +86,28 @@ def _expand(path: str, key: str) -> str:
     return out
 
 
+# The setting to change when a scheme cannot split the train set (its message says how).
+_SCHEME_KEYS = {"iid": "fed.num_clients", "dirichlet": "fed.alpha", "labels": "fed.labels_per_client"}
+
+
+def split_clients(labels: list[int], fed: FedConfig, seed: int, scheme: Optional[str] = None) -> list[list[int]]:
+    """The clients' shares of the train set by ``scheme`` (default ``fed.partition``) and
+    ``fed.size_sigma``; settings that make the split impossible are a ConfigError naming the key."""
+    scheme = scheme or fed.partition
+    if fed.num_clients > len(labels):
+        raise ConfigError("fed.num_clients", f"{fed.num_clients} clients but only {len(labels)} training examples")
+    try:
+        parts = partition(labels, fed.num_clients, scheme, seed, alpha=fed.alpha, k=fed.labels_per_client)
+    except ValueError as exc:
+        raise ConfigError(_SCHEME_KEYS.get(scheme, "fed.partition"), str(exc)) from None
+    if fed.size_sigma > 0:  # as partition(..., size_sigma=) would, with its own key in the error
+        try:
+            parts = apply_size_imbalance(parts, fed.size_sigma, seed)
+        except ValueError as exc:
+            raise ConfigError("fed.size_sigma", str(exc)) from None
+    return parts
+
+
 def prepare_task(cfg: Config, tokenizer, kind: str) -> Task:
     """The clients' data for the task ``kind`` (:func:`~fedpft_dist.models.loading.resolve_task`)."""
     if kind == CAUSAL_LM:
@@ -124,8 +146,7 @@ def prepare_classification_task(cfg: Config, tokenizer) -> Task:
     train, test = tokens(data, train_idx), tokens(test_data, test_idx)
     train_labels = torch.tensor([data.labels[i] for i in train_idx], dtype=torch.long)
     test_labels = torch.tensor([test_data.labels[i] for i in test_idx], dtype=torch.long)
-    parts = partition(train_labels.tolist(), f.num_clients, f.partition, cfg.run.seed, alpha=f.alpha,
-                      k=f.labels_per_client, size_sigma=f.size_sigma)
+    parts = split_clients(train_labels.tolist(), f, cfg.run.seed)
     return Task(train["input_ids"], train["attention_mask"], train_labels, test["input_ids"],
                 test["attention_mask"], test_labels, list(data.label_names), parts,
                 train.get("token_type_ids"), test.get("token_type_ids"))
@@ -171,6 +192,6 @@ def prepare_lm_task(cfg: Config, tokenizer) -> Task:
     if f.num_clients > len(train_idx):
         raise ConfigError("fed.num_clients", f"{f.num_clients} clients but only {len(train_idx)} training examples")
     # IID needs only the number of examples; the "labels" it is given carry no meaning.
-    parts = partition([0] * len(train_idx), f.num_clients, "iid", cfg.run.seed, size_sigma=f.size_sigma)
+    parts = split_clients([0] * len(train_idx), f, cfg.run.seed, scheme="iid")
     return Task(train["input_ids"][train_idx], train["attention_mask"][train_idx], None,
                 test["input_ids"][test_idx], test["attention_mask"][test_idx], None, [], parts, kind=CAUSAL_LM)
