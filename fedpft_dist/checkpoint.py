@@ -1,44 +1,144 @@
 """Checkpoints: a directory of safetensors files plus ``state.json``, written to a temporary
 directory and renamed into place, so a checkpoint either exists completely or not at all. Nothing is
-pickled; loading never runs code from the files."""
+pickled; loading never runs code from the files.
+
+``state.json`` records every tensor file's size and SHA-256 (``files``). Loading verifies them, so a
+checkpoint damaged after it was written (a truncated copy, a lost file, a half-synced disk) is
+reported as such instead of failing inside the safetensors reader; :func:`newest_checkpoint` then
+falls back to the newest one that verifies.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from .errors import UserError
 from .fsutil import atomic_directory
 
+log = logging.getLogger(__name__)
+
 META = "state.json"
+FILES = "files"           # the key of state.json that lists each tensor file's size and hash
+
+
+class CheckpointInvalid(Exception):
+    """A checkpoint that does not verify; the message says why."""
+
+
+def file_record(path: Path) -> dict:
+    with open(path, "rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    return {"bytes": path.stat().st_size, "sha256": digest}
 
 
 def save_checkpoint(root: str | os.PathLike, name: str, tensors: dict[str, dict[str, torch.Tensor]],
                     meta: dict) -> Path:
-    """Write ``root/name/`` with one ``<file>.safetensors`` per entry of ``tensors`` and ``state.json``."""
+    """Write ``root/name/`` with one ``<file>.safetensors`` per entry of ``tensors`` and ``state.json``
+    (``meta`` plus each file's size and hash)."""
     from safetensors.torch import save_file
 
     final = Path(root) / name
     with atomic_directory(final) as tmp:
+        files = {}
         for fname, group in tensors.items():
-            save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(tmp / f"{fname}.safetensors"))
-        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+            path = tmp / f"{fname}.safetensors"
+            save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(path))
+            files[path.name] = file_record(path)
+        (tmp / META).write_text(json.dumps({**meta, FILES: files}, indent=2) + "\n")
     return final
 
 
-def latest_checkpoint(root: Optional[str | os.PathLike], prefix: str) -> Optional[Path]:
-    """The newest complete ``root/<prefix>NNN`` (names sort by their zero-padded number)."""
+def checkpoint_dirs(root: Optional[str | os.PathLike], prefix: str) -> list[Path]:
+    """Every ``root/<prefix>NNN`` directory, complete or not, newest first (names sort by their
+    zero-padded number; the temporary directories of a write in progress start with a dot)."""
     if not root or not Path(root).is_dir():
-        return None
-    done = sorted(p for p in Path(root).glob(f"{prefix}*") if (p / META).is_file())
-    return done[-1] if done else None
+        return []
+    return sorted((p for p in Path(root).glob(f"{prefix}*") if p.is_dir()), reverse=True)
+
+
+def read_meta(path: Path) -> dict:
+    """``state.json`` of the checkpoint at ``path``; :class:`CheckpointInvalid` when it is missing,
+    unreadable or not a JSON object."""
+    meta_path = path / META
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointInvalid(f"no {META}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointInvalid(f"{META} is unreadable ({exc.__class__.__name__})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointInvalid(f"{META} is not a JSON object")
+    return meta
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict:
+    """The checkpoint's ``state.json`` after checking every file it lists against its size and hash."""
+    path = Path(path)
+    meta = read_meta(path)
+    files = meta.get(FILES)
+    if not isinstance(files, dict):
+        raise CheckpointInvalid(f"{META} lists no file sizes and hashes (written by an older fedpft-dist)")
+    for name, want in sorted(files.items()):
+        f = path / name
+        if not f.is_file():
+            raise CheckpointInvalid(f"{name} is missing")
+        size = f.stat().st_size
+        if size != want.get("bytes"):
+            raise CheckpointInvalid(f"{name} has {size} bytes, {want.get('bytes')} were written")
+        if file_record(f)["sha256"] != want.get("sha256"):
+            raise CheckpointInvalid(f"{name} does not match the hash recorded when it was written")
+    return meta
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """(tensors by file, state.json) of a checkpoint that verifies; :class:`CheckpointInvalid` otherwise."""
     from safetensors.torch import load_file
 
     path = Path(path)
-    tensors = {p.name[: -len(".safetensors")]: load_file(str(p)) for p in sorted(path.glob("*.safetensors"))}
-    return tensors, json.loads((path / META).read_text())
+    meta = verify_checkpoint(path)
+    tensors = {name[: -len(".safetensors")]: load_file(str(path / name)) for name in sorted(meta[FILES])}
+    return tensors, meta
+
+
+def newest_checkpoint(root: Optional[str | os.PathLike], prefix: str, key: str
+                      ) -> Optional[tuple[Path, dict[str, dict[str, torch.Tensor]], dict]]:
+    """The newest ``root/<prefix>NNN`` that verifies, as (path, tensors, meta); None when there is no
+    checkpoint at all. Newer ones that do not verify are skipped with a warning; when none verifies
+    the error names ``key`` (the setting that asked to resume) and the newest one's fault."""
+    found = checkpoint_dirs(root, prefix)
+    faults = []
+    for path in found:
+        try:
+            tensors, meta = load_checkpoint(path)
+        except CheckpointInvalid as exc:
+            log.warning("%s: skipping checkpoint %s: %s", key, path, exc)
+            faults.append(f"{path.name}: {exc}")
+            continue
+        if faults:
+            log.warning("%s: resuming from %s, the newest checkpoint that verifies (%d newer skipped)",
+                        key, path.name, len(faults))
+        return path, tensors, meta
+    if faults:
+        raise UserError(f"{key}: none of the {len(faults)} checkpoints in {root} verifies (newest, "
+                        f"{faults[0]}); start afresh with run.rebuild=true, which moves them aside")
+    return None
+
+
+def move_aside(path: Path) -> Path:
+    """Rename ``path`` to ``<path>.stale-<UTC time>`` next to it (kept, never deleted); returns the new path."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path.with_name(f"{path.name}.stale-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.stale-{stamp}-{n}")
+    shutil.move(str(path), str(target))
+    return target

@@ -12,7 +12,9 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from . import __version__
-from .errors import EXIT_COLLECTIVE_ERROR, EXIT_USER_ERROR, CollectiveError, UserError
+from .fsutil import filesystem_error
+from .errors import (EXIT_COLLECTIVE_ERROR, EXIT_PREEMPTED, EXIT_RUN_FAILED, EXIT_USER_ERROR, CollectiveError,
+                     Preempted, TrainingDiverged, UserError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -158,6 +160,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as exc:
         sys.stderr.write(f"fedpft: error: {exc}\n")
         return EXIT_USER_ERROR
+    except OSError as exc:
+        message = filesystem_error(exc)
+        if message is None:
+            raise
+        sys.stderr.write(f"fedpft: error: {message}\n")
+        return EXIT_USER_ERROR
+    except TrainingDiverged as exc:
+        sys.stderr.write(f"fedpft: error: {exc}\n")
+        return EXIT_RUN_FAILED
+    except Preempted as exc:
+        sys.stderr.write(f"fedpft: {exc}\n")
+        return EXIT_PREEMPTED
     except CollectiveError as exc:
         # The process group is broken: skip interpreter teardown, whose destructors of the backend's
         # threads would abort or hang, and leave with the collective's error.

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
+import threading
 import warnings
+from typing import Optional
 
 
 def prepare_process() -> None:
@@ -56,3 +59,32 @@ def _malloc_trim():
         return ctypes.CDLL(name).malloc_trim
     except (OSError, AttributeError):
         return None
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGUSR1 (what Slurm sends before a time limit or a preemption, see
+    ``sbatch --signal``) do not kill the process: they are recorded in :attr:`received` (the first
+    one's name) for the round loop to act on at the end of the round. The previous handlers come back
+    on exit. Outside the main thread, where Python cannot install handlers, it does nothing."""
+
+    def __init__(self) -> None:
+        self.received: Optional[str] = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}

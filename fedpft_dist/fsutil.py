@@ -1,13 +1,16 @@
-"""Small file-system helpers: atomic writes so a crash never leaves a half-written file."""
+"""Small file-system helpers: atomic writes so a crash never leaves a half-written file, and one
+line for the file-system faults a user can fix."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -21,9 +24,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        fault = as_os_error(exc, path)
+        if fault is not None:
+            raise fault from exc
         raise
     return path
 
@@ -53,6 +59,60 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        fault = as_os_error(exc, target)
+        if fault is not None:
+            raise fault from exc
         raise
+
+
+def as_os_error(exc: BaseException, path: str | os.PathLike) -> Optional[OSError]:
+    """``exc`` as an ``OSError`` naming ``path``, when it is a file-system fault that does not say where
+    it happened: an ``OSError`` without a file name, or a library's wrapped one (safetensors reports
+    "I/O error: No space left on device (os error 28)"). None otherwise."""
+    if isinstance(exc, OSError):
+        return OSError(exc.errno, exc.strerror, str(path)) if exc.filename is None and exc.errno else None
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
+
+
+# File-system faults the person running the job can fix, and what to do about each.
+_FS_HINTS = {
+    errno.ENOSPC: "free space there, or point run.dir at another file system",
+    errno.EDQUOT: "free space within the quota, or point run.dir at another file system",
+    errno.EROFS: "point run.dir at a writable file system",
+    errno.EACCES: "point run.dir at a place you may write, or fix the permissions",
+    errno.EPERM: "point run.dir at a place you may write, or fix the permissions",
+    errno.ENOTDIR: "a part of the path is a file: choose another run.dir, or move the file",
+    errno.EEXIST: "a file is where a directory should be: choose another run.dir, or move the file",
+    errno.EISDIR: "a directory is where a file should be: choose another path",
+}
+
+
+def filesystem_error(exc: OSError) -> Optional[str]:
+    """One line for an ``OSError`` that is a fault of the file system or of a path (None for others):
+    which path, what happened, what to do. Checkpoints and results are written atomically, so what
+    was complete before the fault still is."""
+    hint = _FS_HINTS.get(exc.errno)
+    if hint is None:
+        return None
+    path = exc.filename if exc.filename is not None else "a file of the run"
+    what = (exc.strerror or os.strerror(exc.errno)).lower()
+    return f"{path}: {what}: {hint} (files completed before this are intact)"
+
+
+def run_dir_problem(run_dir: str | os.PathLike) -> Optional[str]:
+    """Why files cannot be written in ``run_dir`` (created if missing), as :func:`filesystem_error`
+    words it; None when they can."""
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=run_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return filesystem_error(exc) or f"{run_dir}: {exc}"
+    return None

@@ -114,9 +114,11 @@ def test_round_state_round_trips_through_a_checkpoint(tmp_path):
 
 
 def test_resume_refuses_another_runs_checkpoint(tmp_path):
-    Checkpointer(tmp_path, 1, {"method": "fedpft", "seed": 0}).save(RoundState({"w": torch.zeros(1)}, round=1), 1)
-    with pytest.raises(UserError, match="fed.resume: .* has seed 0, this run 1"):
-        Checkpointer(tmp_path, 1, {"method": "fedpft", "seed": 1}).load_latest()
+    ident = {"method": "fedpft", "seed": 0}
+    Checkpointer(tmp_path, 1, ident, {"fed.method": "fedpft", "run.seed": 0}).save(
+        RoundState({"w": torch.zeros(1)}, round=1), 1)
+    with pytest.raises(UserError, match=r"fed.resume: .* was written with run.seed=0, this config has 1"):
+        Checkpointer(tmp_path, 1, ident, {"fed.method": "fedpft", "run.seed": 1}).load_latest()
 
 
 def test_checkpoints_are_due_every_n_rounds_before_the_last_and_at_a_stop(tmp_path):

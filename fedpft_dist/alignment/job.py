@@ -15,13 +15,16 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..checkpoint import checkpoint_dirs, move_aside, newest_checkpoint, save_checkpoint
 from ..config import DistillConfig
+from ..errors import UserError
+from ..fingerprint import describe_difference, first_difference
 from ..models.families import layers_prefix, layout_for, transformer_layers
 from ..models.proxy import hidden_error_sums
 from ..runtime import Runtime
@@ -54,6 +57,12 @@ class DistillRun:
     checkpoint_every: int = 0
     checkpoint_dir: Optional[str] = None
     resume: bool = False
+    # What produced this job's result (fedpft_dist.fingerprint): stored with its checkpoints, which
+    # resume only on a match.
+    fingerprint: Optional[dict] = None
+    # A fresh job (resume False) finding checkpoints of an earlier one moves them aside instead of
+    # stopping with an error.
+    replace_stale: bool = False
     log_path: Optional[str] = None  # JSON lines, one per step (rank 0)
     progress: bool = True
 
@@ -187,14 +196,37 @@ def _set_up(rt: Runtime, teacher: Teacher, student: nn.Module, layers: Sequence[
 
 
 def _resume(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun) -> tuple[int, list[float]]:
-    """(first step, losses so far): from the newest checkpoint when ``run.resume``, else (0, [])."""
-    ckpt = latest_checkpoint(run.checkpoint_dir, CKPT_PREFIX) if run.resume else None
-    if ckpt is None:
+    """(first step, losses so far): from the newest checkpoint that verifies when ``run.resume``,
+    else (0, []). A fresh job never mixes with an earlier job's checkpoints: it stops, or moves them
+    aside with ``run.replace_stale``."""
+    if not (run.checkpoint_dir and (run.resume or run.checkpoint_every)):
         return 0, []
-    tensors, meta = load_checkpoint(ckpt)
-    if meta["world_size"] != rt.world_size or meta["zero_stage"] != d.zero_stage or meta["total_steps"] != job.total:
-        raise ValueError(f"checkpoint {ckpt} was written with world size {meta['world_size']}, ZeRO stage "
-                         f"{meta['zero_stage']}, {meta['total_steps']} steps; this job differs")
+    if not run.resume:
+        stale = rt.comm.agree(bool(checkpoint_dirs(run.checkpoint_dir, CKPT_PREFIX)), op="max",
+                              name=f"{run.tag}/stale-checkpoints")
+        if stale:
+            if not run.replace_stale:
+                raise UserError(f"distill.resume: {run.checkpoint_dir} holds checkpoints of an earlier distillation: "
+                                f"continue it with distill.resume=true, or set run.rebuild=true to move them aside")
+            if rt.is_main:
+                log.warning("%s: moved the earlier distillation's checkpoints to %s (run.rebuild=true)", run.tag,
+                            move_aside(Path(run.checkpoint_dir)))
+            rt.comm.barrier(name=f"{run.tag}/stale-moved")
+        return 0, []
+    found = newest_checkpoint(run.checkpoint_dir, CKPT_PREFIX, "distill.resume")
+    if found is None:
+        return 0, []
+    ckpt, tensors, meta = found
+    diff = None if run.fingerprint is None else first_difference(meta.get("fingerprint"), run.fingerprint)
+    if diff is not None:
+        raise UserError(f"distill.resume: checkpoint {ckpt} was written with {describe_difference(diff)}; resume "
+                        f"with its settings, or set run.rebuild=true to start afresh")
+    for key, mine in (("world_size", rt.world_size), ("zero_stage", d.zero_stage), ("total_steps", job.total)):
+        if meta.get(key) != mine:
+            name = {"world_size": "the world size", "zero_stage": "distill.zero_stage",
+                    "total_steps": "the step count (distill.steps, epoch_fraction, batch_size, max_chunks)"}[key]
+            raise UserError(f"distill.resume: checkpoint {ckpt} was written with {name} {meta.get(key)}, this job "
+                            f"has {mine}; resume with the same, or set run.rebuild=true to start afresh")
     zero.set_full_train_state(job.engine, job.named, tensors["train_state"], meta["step"])
     log.info("%s: resumed from %s (step %d of %d)", run.tag, ckpt, meta["step"], job.total)
     return meta["step"], list(meta["losses"])
@@ -258,7 +290,8 @@ def _checkpoint(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun, step:
     if rt.is_main:
         save_checkpoint(run.checkpoint_dir, f"{CKPT_PREFIX}{step:07d}", {"train_state": state},
                         {"step": step, "total_steps": job.total, "world_size": rt.world_size,
-                         "zero_stage": d.zero_stage, "losses": losses, "seed": run.seed})
+                         "zero_stage": d.zero_stage, "losses": losses, "seed": run.seed,
+                         "fingerprint": run.fingerprint})
     rt.comm.barrier(name=f"{run.tag}/checkpoint")
 
 

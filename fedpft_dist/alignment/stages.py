@@ -17,6 +17,8 @@ import torch.nn as nn
 from ..config import Config, config_to_dict
 from ..data.public import public_chunks
 from ..errors import UserError
+from ..fingerprint import (describe_difference, distilled_fingerprint, emulator_fingerprint, first_difference,
+                           proxy_fingerprint)
 from ..fsutil import atomic_write_json
 from ..data.tasks import prepare_task
 from ..models.adapters import get_adapter, merge_lora_into, with_lora
@@ -54,22 +56,61 @@ def build_proxy_artifact(cfg: Config, layout: RunLayout, emulator: bool = False)
 
 
 def ensure_proxy(cfg: Config, rt: Runtime, layout: RunLayout, emulator: bool = False) -> Path:
-    """The proxy to distil (FedOT: the emulator); rank 0 builds it first when it does not exist yet."""
+    """The proxy to distil (FedOT: the emulator); rank 0 builds it first when it does not exist yet,
+    or (``run.rebuild``) when it was built with other settings. A proxy named by ``distill.proxy`` is
+    used as it is."""
     source = layout.emulator if emulator else layout.distill_source
-    if rt.is_main and not is_model_dir(source):
-        if layout.source_given and not emulator:
+    if layout.source_given and not emulator:
+        if rt.is_main and not is_model_dir(source):
             raise UserError(f"distill.proxy: {source} is not a proxy directory")
-        log.info("no %s at %s yet: building it", "emulator" if emulator else "proxy", source)
-        build_proxy_artifact(cfg, layout, emulator)
+    else:
+        fm_dir = resolve_model_dir(cfg.model.path)
+        expected = (emulator_fingerprint if emulator else proxy_fingerprint)(cfg, fm_dir)
+        what = "the emulator" if emulator else "the proxy"
+        fresh = reusable(cfg, source, expected, what)
+        rt.comm.barrier(name="distill/proxy-checked")   # every rank has looked before rank 0 rewrites it
+        if not fresh and rt.is_main:
+            log.info("building %s at %s", what, source)
+            build_proxy_artifact(cfg, layout, emulator)
     rt.comm.barrier(name="distill/proxy-ready")
     return source
+
+
+def reusable(cfg: Config, path: Path, expected: dict, what: str) -> bool:
+    """True when the model directory at ``path`` exists and was made with the settings ``expected``
+    describes; False when it is missing, or was made otherwise and ``run.rebuild`` asks to make it
+    again. Made otherwise without ``run.rebuild``: an error naming the first setting that differs."""
+    if not is_model_dir(path):
+        return False
+    diff = first_difference(read_proxy_meta(path).get("fingerprint"), expected)
+    if diff is None:
+        return True
+    if cfg.run.rebuild:
+        log.warning("%s at %s was made with %s: making it again (run.rebuild=true)", what, path,
+                    describe_difference(diff))
+        return False
+    raise UserError(f"{what} at {path} was made with {describe_difference(diff)}: use a new run.dir, or set "
+                    f"run.rebuild=true to make it again")
+
+
+def source_fingerprint(cfg: Config, layout: RunLayout, emulator: bool = False) -> dict:
+    """The fingerprint of the model layer-level distillation starts from: the emulator or proxy this
+    config builds, or the one ``distill.proxy`` names (as it recorded itself)."""
+    fm_dir = resolve_model_dir(cfg.model.path)
+    if emulator:
+        return emulator_fingerprint(cfg, fm_dir)
+    if layout.source_given:
+        recorded = read_proxy_meta(layout.distill_source).get("fingerprint") if is_model_dir(layout.distill_source) else None
+        return recorded or {"distill.proxy": str(layout.distill_source.resolve())}
+    return proxy_fingerprint(cfg, fm_dir)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Stage 2: layer-level distillation
 # ----------------------------------------------------------------------------------------------------
 
-def layer_level_run(cfg: Config, layout: RunLayout, emulator: bool = False) -> DistillRun:
+def layer_level_run(cfg: Config, layout: RunLayout, emulator: bool = False,
+                    fingerprint: Optional[dict] = None) -> DistillRun:
     """The layer-level job: the distill section's learning rate, loss weight, step budget,
     checkpoints and log, and the run's seed. FedOT's emulator distils the way Offsite-Tuning does:
     every parameter of its middle layers trains, on the hidden-state term alone."""
@@ -77,7 +118,7 @@ def layer_level_run(cfg: Config, layout: RunLayout, emulator: bool = False) -> D
     return DistillRun(lr=d.lr, alpha=0.0 if emulator else d.alpha, whole_layers=emulator, steps=d.steps, epoch_fraction=d.epoch_fraction, seed=cfg.run.seed,
                       eval_batch=cfg.proxy.batch_size, tag="distill", checkpoint_every=d.checkpoint_every,
                       checkpoint_dir=str(layout.distill_checkpoints), resume=d.resume,
-                      log_path=str(layout.distill_log))
+                      fingerprint=fingerprint, replace_stale=cfg.run.rebuild, log_path=str(layout.distill_log))
 
 
 @dataclass
@@ -94,6 +135,7 @@ def distill_proxy(cfg: Config, rt: Runtime, layout: RunLayout, emulator: bool = 
     t0 = time.perf_counter()
     source = ensure_proxy(cfg, rt, layout, emulator)
     meta = read_proxy_meta(source)
+    fingerprint = distilled_fingerprint(cfg, source_fingerprint(cfg, layout, emulator))
     fm_dir = resolve_model_dir(cfg.model.path)
     tokenizer = load_tokenizer(source)
     train = public_chunks(cfg, tokenizer, "train", cfg.distill.max_chunks)
@@ -101,7 +143,7 @@ def distill_proxy(cfg: Config, rt: Runtime, layout: RunLayout, emulator: bool = 
     student, _ = load_proxy(source, task="base", dtype=cfg.model.dtype)
     layers = meta["compressed_layers"]
     result = run_distillation(rt, lambda: load_model(fm_dir, "base", cfg.model.dtype), student, layers,
-                              train, held, cfg.distill, layer_level_run(cfg, layout, emulator),
+                              train, held, cfg.distill, layer_level_run(cfg, layout, emulator, fingerprint),
                               layer_map=meta.get("target_layers"))
     out = layout.emulator_distilled if emulator else layout.distilled
     report = {"proxy_in": str(source), "proxy_out": str(out), "fm_path": str(fm_dir),
@@ -120,6 +162,7 @@ def distill_proxy(cfg: Config, rt: Runtime, layout: RunLayout, emulator: bool = 
                 raise RuntimeError(f"distilled tensors do not fit the proxy: {unexpected[:3]}")
         plain_meta["distilled"] = {k: report[k] for k in ("steps", "zero_stage", "world_size", "finite",
                                                            "hidden_error_before", "hidden_error_after")}
+        plain_meta["fingerprint"] = fingerprint
         save_proxy(plain, tokenizer, out, plain_meta)
         report["seconds"] = time.perf_counter() - t0
         atomic_write_json(layout.distill_report, {"config": config_to_dict(cfg), **report})
@@ -179,9 +222,11 @@ def distill_report(result: DistillResult, layers: list[int], train: torch.Tensor
 
 
 def distilled_proxy(cfg: Config, rt: Runtime, layout: RunLayout, emulator: bool = False) -> Path:
-    """The distilled proxy (FedOT: emulator): distilled now unless a previous run left it."""
+    """The distilled proxy (FedOT: emulator): distilled now unless a previous run left one made with
+    this config's settings."""
     done = layout.emulator_distilled if emulator else layout.distilled
-    if is_model_dir(done):
+    expected = distilled_fingerprint(cfg, source_fingerprint(cfg, layout, emulator))
+    if reusable(cfg, done, expected, "the distilled emulator" if emulator else "the distilled proxy"):
         return done
     return distill_proxy(cfg, rt, layout, emulator).path
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..config import Config
+from ..errors import Preempted
 from ..federation.engine import Engine
 from ..runtime import init_from_config
 
@@ -9,6 +10,9 @@ from ..runtime import init_from_config
 def run_train(cfg: Config) -> int:
     with init_from_config(cfg) as rt:
         summary = Engine(cfg, rt).run()
+        if summary["stop_reason"] == "signal":
+            raise Preempted(f"stopped after round {summary['rounds_done']} of {summary['rounds']} on a stop signal, "
+                            f"with a checkpoint in {cfg.run.dir}; continue with fed.resume=true")
         if rt.is_main:
             print(format_summary(summary, cfg.run.dir), flush=True)
     return 0

@@ -8,7 +8,8 @@ round loop, calling the same collectives in the same order:
              distillation of the proxy on all ranks
     evaluate   the FM with the global adapter on the test set, sharded over ranks
     fidelity   the client model's LoRA gradients against the FM's on a fixed probe set
-    record   metrics row (rank 0), progress, round checkpoint
+    record   metrics row (rank 0), progress, round checkpoint; a stop signal (SIGTERM, SIGUSR1) seen
+             by any rank ends the run here, after a checkpoint
 
 The method (``fed.method``) decides what the clients hold and whether the run aligns; the aggregator
 (``fed.aggregation``) how updates are weighted. Benchmarks and monitors attach through
@@ -26,10 +27,13 @@ import torch
 
 from ..alignment.fidelity import gradient_fidelity, probe_data, probe_indices
 from ..alignment.stages import align_neurons, alignment_metrics, public_pair
+from ..checkpoint import move_aside
 from ..config import Config, write_resolved_config
 from ..data.tasks import Task, prepare_task
-from ..environment import return_freed_memory
-from ..fsutil import atomic_write_json
+from ..environment import StopSignals, return_freed_memory
+from ..errors import TrainingDiverged, UserError
+from ..fingerprint import run_fingerprint
+from ..fsutil import atomic_directory, atomic_write_json, run_dir_problem
 from ..models.adapters import adapter_bytes, get_adapter, set_adapter
 from ..models.families import layers_prefix
 from ..models.loading import load_tokenizer, resolve_model_dir, resolve_task
@@ -94,8 +98,9 @@ class Engine:
 
     def run(self) -> dict:
         t_start = time.perf_counter()
-        self.prepare()
-        stopped = self.run_rounds()
+        with StopSignals() as self.signals:
+            self.prepare()
+            stopped = self.run_rounds()
         return self.finish(stopped, time.perf_counter() - t_start)
 
     # ------------------------------------------------------------------------------------------------
@@ -106,13 +111,28 @@ class Engine:
         cfg, rt, f = self.cfg, self.rt, self.cfg.fed
         self.layout = RunLayout.from_config(cfg)
         self.method = get_method(f.method)
+        if not hasattr(self, "signals"):
+            self.signals = StopSignals()   # prepared without run(): no handlers, nothing received
+        self.stop_reason: Optional[str] = None
+        # Rank 0 writes the run's files: a run dir it cannot write stops every rank now, not at the
+        # first checkpoint.
+        problem = run_dir_problem(self.layout.run_dir) if rt.is_main else None
+        if rt.comm.agree(problem is not None, op="max", name="run-dir/writable"):
+            raise UserError(problem or f"run.dir: rank 0 cannot write {self.layout.run_dir} (see its error)")
+        fm_dir = resolve_model_dir(cfg.model.path)
+        # Before anything is written: the run's fingerprint, and either the checkpoint it resumes
+        # from (which must have been written with the same) or a directory free of an earlier run's.
+        client = self.method.client_fingerprint(cfg, self.layout) if self.method.client_fingerprint else None
+        self.checkpointer = Checkpointer(self.layout.round_checkpoints, f.checkpoint_every,
+                                         {"method": f.method, "seed": cfg.run.seed},
+                                         run_fingerprint(cfg, fm_dir, client))
+        resumed = self._resume_point() if f.resume else self._clear_earlier_run()
         if rt.is_main:
             write_resolved_config(cfg)
         # Time to the first round, by part: tokenising the task, the models (with the proxy and its
         # layer-level distillation when this run makes them), the public text for alignment.
         self.startup: dict[str, float] = {}
         t0 = time.perf_counter()
-        fm_dir = resolve_model_dir(cfg.model.path)
         kind = resolve_task(cfg, fm_dir)
         tokenizer = load_tokenizer(fm_dir)
         self.task: Task = prepare_task(cfg, tokenizer, kind)
@@ -138,10 +158,10 @@ class Engine:
         self.k_round = clients_per_round(f.num_clients, f.client_fraction)
         self.cost = [float(self.task.train_mask[torch.as_tensor(p, dtype=torch.long)].sum()) * f.local_epochs
                      for p in self.task.parts]
-        self.checkpointer = Checkpointer(self.layout.round_checkpoints, f.checkpoint_every,
-                                         {"method": f.method, "seed": cfg.run.seed})
-        if f.resume:
-            self._resume()
+        if resumed is not None:
+            self.state = resumed
+            if resumed.proxy_ffn is not None:
+                self.models.client_backbone.load_state_dict(resumed.proxy_ffn, strict=False)
         self.start_round = self.state.round
         self.metrics = MetricsLog(self.layout.metrics, rt.is_main, self.state.round)
         self.phase = dict.fromkeys(PHASES, 0.0)
@@ -154,13 +174,35 @@ class Engine:
             with self._timed({}, "evaluation"):
                 self.state.initial_eval = {f"initial_{k}": v for k, v in self._evaluate().items()}
 
-    def _resume(self) -> None:
+    def _resume_point(self) -> Optional[RoundState]:
+        """The newest round checkpoint that verifies and was written with this run's fingerprint
+        (None: there is none, the run starts at round 1). Every rank reads it; one collective checks
+        that they all found the same round."""
         loaded = self.checkpointer.load_latest()
+        mine = -1 if loaded is None else loaded.round
+        seen = self.rt.comm.all_reduce_metrics({"newest": mine, "oldest": -mine}, op="max", name="resume/agree")
+        if seen["newest"] != -seen["oldest"]:
+            raise UserError(f"fed.resume: the ranks see different round checkpoints in {self.checkpointer.root} "
+                            f"(rounds {int(-seen['oldest'])} to {int(seen['newest'])}): it must be one shared directory")
         if loaded is None:
-            return
-        self.state = loaded
-        if loaded.proxy_ffn is not None:
-            self.models.client_backbone.load_state_dict(loaded.proxy_ffn, strict=False)
+            log.info("fed.resume: no round checkpoint in %s yet: starting at round 1", self.checkpointer.root)
+        return loaded
+
+    def _clear_earlier_run(self) -> None:
+        """A fresh run never mixes with an earlier run's checkpoints: it stops (rank 0 looks, every rank
+        learns what it saw), or with ``run.rebuild`` moves them aside. An earlier summary goes: it
+        would describe another run until this one ends."""
+        rt, root = self.rt, self.checkpointer.root
+        earlier = rt.comm.agree(rt.is_main and self.checkpointer.any(), op="max", name="checkpoint/earlier-run")
+        if earlier and not self.cfg.run.rebuild:
+            raise UserError(f"{root} holds round checkpoints of an earlier run: continue it with fed.resume=true, "
+                            f"start afresh in a new run.dir, or set run.rebuild=true to move them aside")
+        if rt.is_main:
+            if earlier:
+                log.warning("moved the earlier run's round checkpoints to %s (run.rebuild=true)", move_aside(root))
+            self.layout.summary.unlink(missing_ok=True)
+        rt.comm.barrier(name="checkpoint/earlier-run-cleared")
+        return None
 
     # ------------------------------------------------------------------------------------------------
     # The rounds
@@ -199,6 +241,7 @@ class Engine:
             seconds["round"] = time.perf_counter() - t_round
             row["seconds"] = {k: round(v, 4) for k, v in seconds.items()}
             self.record(plan, local, row, seconds)
+            self._check_progress(plan)
             if self.end_of_round(t + 1):
                 return True
         return False
@@ -257,11 +300,18 @@ class Engine:
         if red.mean is not None:
             self.state.global_adapter = red.mean
         self.state.excluded_clients += red.excluded
+        everyone_out = red.excluded >= len(plan.sampled)
+        self.state.excluded_streak = self.state.excluded_streak + 1 if everyone_out else 0
+        if everyone_out:
+            log.warning("round %d: every client's update was non-finite and left out (%d of %d): the global "
+                        "adapter did not change; lower fed.lr (now %g at this round)", plan.index + 1, red.excluded,
+                        len(plan.sampled), plan.lr)
         loss_sum, loss_count = red.extra["stats"].tolist()
         rank_seconds, rank_tokens = red.extra["per_rank"].tolist()
-        # train_loss: mean over examples (classification) or next-token targets (causal LM)
+        # train_loss: mean over examples (classification) or next-token targets (causal LM); NaN
+        # when no update counted (all excluded)
         return {"round": plan.index + 1, "lr": plan.lr, "clients": len(plan.sampled), "excluded_clients": red.excluded,
-                "all_updates_finite": red.all_finite, "train_loss": loss_sum / max(1.0, loss_count),
+                "all_updates_finite": red.all_finite, "train_loss": loss_sum / loss_count if loss_count else float("nan"),
                 "local_seconds_per_rank": [round(x, 4) for x in rank_seconds],
                 "tokens_per_rank": [int(x) for x in rank_tokens], "aggregation_bytes": red.payload_bytes}
 
@@ -318,17 +368,35 @@ class Engine:
                                     "aggregation_bytes": row["aggregation_bytes"], **seconds,
                                     **{k: row[k] for k in ("align_step_seconds", "align_set_up_seconds") if k in row}})
 
+    def _check_progress(self, plan: RoundPlan) -> None:
+        """Stop a run whose every client update was non-finite ``fed.max_excluded_rounds`` rounds in a
+        row (the streak comes from the all-reduce: every rank stops together)."""
+        limit, streak = self.cfg.fed.max_excluded_rounds, self.state.excluded_streak
+        if limit and streak >= limit:
+            first = plan.index + 2 - streak
+            raise TrainingDiverged(f"fed.max_excluded_rounds: every client update was non-finite in {streak} "
+                                   f"consecutive rounds ({first}-{plan.index + 1}), so training cannot progress; "
+                                   f"lower fed.lr (now {self.cfg.fed.lr:g})")
+
     def end_of_round(self, done: int) -> bool:
-        """Checkpoint when due; True when ``fed.stop_after`` ends this invocation here."""
+        """Checkpoint when due; True when this invocation ends here: ``fed.stop_after`` rounds are done,
+        or a stop signal reached any rank (one collective every round decides, on every rank)."""
         f, rt = self.cfg.fed, self.rt
         self.state.round = done
-        stopping = f.stop_after > 0 and done - self.start_round >= f.stop_after and done < f.rounds
+        signalled = rt.comm.agree(self.signals.received is not None, op="max", name="round/stop-signal")
+        planned = f.stop_after > 0 and done - self.start_round >= f.stop_after
+        stopping = (signalled or planned) and done < f.rounds
         if self.checkpointer.due(done, f.rounds, stopping):
             if rt.is_main:
                 self.checkpointer.save(self.state, rt.world_size)
             rt.comm.barrier(name="checkpoint/round")
         if stopping:
-            log.info("stopping after round %d as fed.stop_after asks; resume with fed.resume=true", done)
+            self.stop_reason = "signal" if signalled else "stop_after"
+            if signalled:
+                log.warning("stopping after round %d on %s: checkpoint written; resume with fed.resume=true", done,
+                            self.signals.received or "a stop signal (another rank)")
+            else:
+                log.info("stopping after round %d as fed.stop_after asks; resume with fed.resume=true", done)
         return stopping
 
     @contextlib.contextmanager
@@ -353,7 +421,8 @@ class Engine:
         summary = self.summary(phase, wall_seconds, stopped)
         if self.rt.is_main and not stopped:
             set_adapter(self.models.evaluate, self.models.to_fm(self.state.global_adapter))
-            self.models.evaluate.save_pretrained(str(self.layout.adapter))
+            with atomic_directory(self.layout.adapter) as tmp:
+                self.models.evaluate.save_pretrained(str(tmp))
             atomic_write_json(self.layout.summary, summary)
         self.rt.comm.barrier(name="summary/written")
         return summary
@@ -363,7 +432,8 @@ class Engine:
         mean_tokens = float(task.train_mask.sum()) / max(1, len(task.train_ids))
         out = {
             "method": f.method, "task": task.kind, "rounds": f.rounds, "rounds_done": s.round,
-            "stopped_early": stopped, "world_size": self.rt.world_size,
+            "stopped_early": stopped, "stop_reason": self.stop_reason if stopped else None,
+            "world_size": self.rt.world_size,
             "num_clients": f.num_clients, "clients_per_round": self.k_round, "dataset": self.cfg.data.dataset,
             "partition": f.partition, "lora_targets": f.lora_targets,
             # Classification keys stay None for a causal LM: next-token accuracy is not a class accuracy.

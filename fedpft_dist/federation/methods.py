@@ -9,15 +9,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..alignment.stages import distilled_proxy, ensure_proxy
+from ..alignment.stages import distilled_proxy, ensure_proxy, source_fingerprint
 from ..config import Config
 from ..errors import ConfigError
+from ..fingerprint import distilled_fingerprint
 from ..models.emulator import adapter_to_fm
 from ..run_layout import RunLayout
 from ..runtime import Runtime
 
 # What a method's clients hold instead of the FM: built (and distilled) once per run, reused after.
 ClientModelStage = Callable[[Config, Runtime, RunLayout], Path]
+# The fingerprint (fedpft_dist.fingerprint) that model has when it is built from the config: known
+# before it is built, so resume can check a checkpoint before anything runs.
+ClientFingerprint = Callable[[Config, RunLayout], dict]
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,7 @@ class Method:
     # Client adapter (module names of the client model) -> the FM's module names, given the client
     # model's layer_map (FM layer of each client layer) and the name of its layer list.
     to_fm: Optional[Callable[[dict, list[int], str], dict]] = None
+    client_fingerprint: Optional[ClientFingerprint] = None
 
     @property
     def uses_proxy(self) -> bool:
@@ -62,11 +67,21 @@ def _distilled_emulator(cfg: Config, rt: Runtime, layout: RunLayout) -> Path:
     return distilled_proxy(cfg, rt, layout, emulator=True)
 
 
+def _distilled(cfg: Config, layout: RunLayout) -> dict:
+    return distilled_fingerprint(cfg, source_fingerprint(cfg, layout))
+
+
+def _distilled_emulator_fingerprint(cfg: Config, layout: RunLayout) -> dict:
+    return distilled_fingerprint(cfg, source_fingerprint(cfg, layout, emulator=True))
+
+
 register(Method("fedpft", "proxy with layer-level distillation before and neuron-level alignment during "
-                          "federated training", distilled_proxy, aligns=True))
+                          "federated training", distilled_proxy, aligns=True, client_fingerprint=_distilled))
 register(Method("fedpetuning", "LoRA on the full FM at the clients", None))
 register(Method("fedot", "Offsite-Tuning emulator (every other middle layer dropped, distilled); clients tune the "
-                         "bottom and top layers", _distilled_emulator, tune_compressed=False, to_fm=adapter_to_fm))
+                         "bottom and top layers", _distilled_emulator, tune_compressed=False, to_fm=adapter_to_fm,
+                client_fingerprint=_distilled_emulator_fingerprint))
 register(Method("fedpft_no_layer_distill", "fedpft without layer-level distillation", ensure_proxy,
-                aligns=True))
-register(Method("fedpft_no_neuron_distill", "fedpft without neuron-level alignment", distilled_proxy))
+                aligns=True, client_fingerprint=source_fingerprint))
+register(Method("fedpft_no_neuron_distill", "fedpft without neuron-level alignment", distilled_proxy,
+                client_fingerprint=_distilled))

@@ -3,7 +3,8 @@
 :class:`RoundState` is exactly what a round checkpoint saves and what resume loads: the global
 adapter, the proxy's FFN weights once alignment has changed them, and the counters the summary
 reports. Checkpoints are safetensors + ``state.json`` written atomically by rank 0
-(:mod:`fedpft_dist.checkpoint`).
+(:mod:`fedpft_dist.checkpoint`), each with the run's fingerprint (:mod:`fedpft_dist.fingerprint`):
+resume takes the newest checkpoint that verifies and only when its fingerprint is this run's.
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from typing import Optional
 
 import torch
 
-from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..checkpoint import checkpoint_dirs, newest_checkpoint, save_checkpoint
 from ..errors import UserError
+from ..fingerprint import describe_difference, first_difference
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +34,13 @@ class RoundState:
     align_skipped: int = 0                        # alignment rounds whose result was not finite
     ffn_bytes_per_alignment: int = 0
     excluded_clients: int = 0
+    excluded_streak: int = 0                      # consecutive rounds up to now in which every update was excluded
     # The compressed layers' FFN tensors of the clients' proxy after the latest alignment (None
     # until one ran: the proxy's own weights).
     proxy_ffn: Optional[dict[str, torch.Tensor]] = None
 
     COUNTERS = ("round", "best", "initial_eval", "alignment_rounds", "align_skipped", "ffn_bytes_per_alignment",
-                "excluded_clients")
+                "excluded_clients", "excluded_streak")
 
     def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         out = {"adapter": self.global_adapter}
@@ -52,10 +55,12 @@ class RoundState:
 @dataclass
 class Checkpointer:
     """Round checkpoints of one run: when to write them, writing (rank 0), finding and loading the
-    newest. ``identity`` (method, seed, ...) is stored with each and must match on resume."""
+    newest that verifies. ``identity`` (method, seed) is stored for readers; ``fingerprint`` is
+    stored and must match on resume."""
     root: Path
     every: int
     identity: dict
+    fingerprint: dict = field(default_factory=dict)
 
     def due(self, done: int, rounds: int, stopping: bool) -> bool:
         """After round ``done`` (1-based) of ``rounds``: at a stop, and every ``every`` rounds before
@@ -64,16 +69,25 @@ class Checkpointer:
 
     def save(self, state: RoundState, world_size: int) -> Path:
         return save_checkpoint(self.root, f"{ROUND_PREFIX}{state.round:06d}", state.tensors(),
-                               {**self.identity, "world_size": world_size, **state.counters()})
+                               {**self.identity, "world_size": world_size, **state.counters(),
+                                "fingerprint": self.fingerprint})
+
+    def any(self) -> bool:
+        """Whether the directory holds round checkpoints (complete or not)."""
+        return bool(checkpoint_dirs(self.root, ROUND_PREFIX))
 
     def load_latest(self) -> Optional[RoundState]:
-        ckpt = latest_checkpoint(self.root, ROUND_PREFIX)
-        if ckpt is None:
+        """The newest checkpoint that verifies (None: there is none); an error when it was written by
+        a run with other settings."""
+        found = newest_checkpoint(self.root, ROUND_PREFIX, "fed.resume")
+        if found is None:
             return None
-        tensors, meta = load_checkpoint(ckpt)
-        for key, value in self.identity.items():
-            if meta.get(key) != value:
-                raise UserError(f"fed.resume: checkpoint {ckpt} has {key} {meta.get(key)!r}, this run {value!r}")
+        ckpt, tensors, meta = found
+        diff = first_difference(meta.get("fingerprint"), self.fingerprint)
+        if diff is not None:
+            raise UserError(f"fed.resume: checkpoint {ckpt} was written with {describe_difference(diff)}; resume "
+                            f"with the settings of its run (its config.yaml), or start afresh: a new run.dir, or "
+                            f"run.rebuild=true to move the old checkpoints aside")
         log.info("resumed from %s: continuing at round %d", ckpt, meta["round"] + 1)
         return RoundState(global_adapter=tensors["adapter"], proxy_ffn=tensors.get("proxy_ffn"),
-                          **{k: meta[k] for k in RoundState.COUNTERS})
+                          **{k: meta[k] for k in RoundState.COUNTERS if k in meta})

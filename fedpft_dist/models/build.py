@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from ..config import Config
+from ..fingerprint import emulator_fingerprint, proxy_fingerprint
 from .emulator import build_emulator, emulator_layers, emulator_targets
 from .families import transformer_layers
 from .loading import default_task, load_model, load_tokenizer, resolve_model_dir
@@ -91,6 +92,7 @@ def make_proxy(cfg: Config, out: Path, public: Callable[[object, str, int], torc
         report["sample_proxy"] = greedy_sample(proxy, tokenizer, p.sample_prompt, p.sample_tokens)
 
     meta = {k: v for k, v in report.items() if not k.startswith(("hidden_error", "sample_", "held_out", "chunk_"))}
+    meta["fingerprint"] = proxy_fingerprint(cfg, fm_dir)
     save_proxy(proxy, tokenizer, out, meta)
     report["proxy_dir"] = str(out)
     report["seconds"] = time.perf_counter() - t0
@@ -118,7 +120,9 @@ def make_emulator(cfg: Config, out: Path, public: Callable[[object, str, int], t
               "retained_layers": list(range(b)) + list(range(len(kept) - t, len(kept))),
               "fm_params": count_params(fm), "proxy_params": count_params(emulator),
               "hidden_error_per_layer": errors, "hidden_error_mean": sum(errors) / len(errors)}
-    save_proxy(emulator, tokenizer, out, {k: v for k, v in report.items() if not k.startswith("hidden_error")})
+    meta = {k: v for k, v in report.items() if not k.startswith("hidden_error")}
+    meta["fingerprint"] = emulator_fingerprint(cfg, fm_dir)
+    save_proxy(emulator, tokenizer, out, meta)
     report["proxy_dir"] = str(out)
     report["seconds"] = time.perf_counter() - t0
     return report

@@ -68,11 +68,43 @@ def resolve_model_dir(path: str, key: str = "model.path") -> Path:
     p = Path(os.path.expandvars(path)).expanduser()
     if "$" in str(p):
         raise UserError(f"{key}: {path} names an environment variable that is not set")
+    if p.is_file():
+        raise UserError(f"{key}: {p} is a file; it must be a Hugging Face model directory (config.json and "
+                        f"safetensors weights)")
     if not p.is_dir():
         raise UserError(f"{key}: model directory not found: {p} (built-in names: {', '.join(BUILTIN_MODELS)})")
     if not (p / "config.json").is_file():
         raise UserError(f"{key}: {p} has no config.json (not a Hugging Face model directory)")
+    _check_model_files(p, key)
     return p
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_model_files(p: Path, key: str) -> None:
+    """Weights fedpft can read without running code, and a word when the config asks for custom code."""
+    import json
+
+    names = sorted(f.name for f in p.iterdir() if f.is_file())
+    if not any(n.endswith(".safetensors") for n in names):
+        pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise UserError(f"{key}: {p} holds its weights only as pickle files ({', '.join(pickles[:3])}); fedpft "
+                            f"never unpickles model files, which can run code: convert them to safetensors where "
+                            f"you trust them (from_pretrained, then save_pretrained(dir, safe_serialization=True))")
+    try:
+        config = json.loads((p / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{key}: {p}/config.json is not readable JSON ({exc.__class__.__name__})") from None
+    if isinstance(config, dict) and config.get("auto_map") and str(p) not in _warned_auto_map:
+        _warned_auto_map.add(str(p))
+        log.warning("%s: %s/config.json names custom model code (auto_map); fedpft never runs a model's own code "
+                    "and loads it with transformers' built-in class for model_type %r", key, p,
+                    config.get("model_type"))
+
+
+_warned_auto_map: set[str] = set()
 
 
 def auto_class(task: str):
@@ -107,7 +139,7 @@ def resolve_task(cfg, fm_dir: Path) -> str:
 def load_model(model_dir: Path, task: str, dtype: str = "float32", num_labels: Optional[int] = None):
     """Load a FM or a proxy (the proxy classes register when this package is imported) from ``model_dir``."""
     quiet_transformers()
-    kwargs = {"dtype": DTYPES[dtype], "local_files_only": True}
+    kwargs = {"dtype": DTYPES[dtype], "local_files_only": True, "use_safetensors": True}
     if task == "sequence-classification" and num_labels is not None:
         kwargs["num_labels"] = num_labels
     try:

@@ -1,0 +1,150 @@
+"""Fingerprints of the artifacts a run reuses: what produced them, compared before they are reused.
+
+A fingerprint is a flat mapping of dotted config keys to the values that shaped an artifact, plus
+``model.weights``, the identity of the FM's weights (a content hash of its ``config.json`` and weight
+files). It is stored with the artifact (``fedpft_proxy.json`` of a proxy, emulator or distilled model;
+``state.json`` of a checkpoint). Reuse needs an exact match; otherwise the first key that differs
+is named, so that a changed ``proxy.keep_ratio`` or a different ``model.path`` never trains silently
+on an artifact of the old settings.
+
+Keys that only change reports or speed (evaluation sizes, ZeRO stage, micro-batch, checkpoint
+cadence, where outputs go) are left out: changing them keeps every artifact valid.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import Config, config_to_dict
+
+# Files whose bytes are the model: weights in every format transformers reads, and the config.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+# Files up to this size are hashed whole; larger ones (the shards of a 7B model) by SAMPLES blocks
+# spread evenly over the file plus their size: a model with other weights differs in every block,
+# and reading 64 MiB of a 5 GiB shard keeps the check under a second.
+WHOLE_FILE_BYTES = 256 << 20
+SAMPLES, SAMPLE_BYTES = 64, 1 << 20
+
+PUBLIC_TEXT = ("public_text.source", "public_text.text_column", "public_text.max_length",
+               "public_text.held_out_fraction")
+PROXY = ("model.dtype", "proxy.keep_ratio", "proxy.keep_ratios", "proxy.retained_layers", "proxy.saliency")
+# Activation saliency also reads calibration text, and breaks ties with the seed.
+PROXY_ACTIVATION = ("proxy.calibration_chunks", "proxy.eps", "run.seed", *PUBLIC_TEXT)
+EMULATOR = ("model.dtype", "fed.fedot_keep_bottom", "fed.fedot_keep_top")
+DISTILL = ("distill.steps", "distill.epoch_fraction", "distill.batch_size", "distill.lr", "distill.warmup_ratio",
+           "distill.weight_decay", "distill.grad_clip", "distill.alpha", "distill.max_chunks", "run.seed",
+           *PUBLIC_TEXT)
+# Left out of a federated run's fingerprint: how often it evaluates, measures or checkpoints, and
+# where its outputs go. Everything else in these sections shapes the trajectory of the adapter.
+RUN_SECTIONS = ("model", "data", "fed", "proxy", "distill", "public_text")
+RUN_IGNORED = ("model.path", "data.cache_dir", "fed.checkpoint_every", "fed.resume", "fed.stop_after",
+               "fed.eval_every", "fed.eval_initial", "fed.eval_batch_size", "fed.fidelity_every",
+               "fed.fidelity_examples", "fed.max_excluded_rounds", "proxy.out", "proxy.batch_size",
+               "proxy.eval_chunks", "proxy.sample_prompt", "proxy.sample_tokens", "distill.proxy", "distill.out",
+               "distill.zero_stage", "distill.micro_batch", "distill.eval_chunks", "distill.checkpoint_every",
+               "distill.resume")
+
+_weights_cache: dict[tuple, str] = {}
+
+
+def _file_digest(path: Path, size: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        if size <= WHOLE_FILE_BYTES:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+        step = (size - SAMPLE_BYTES) // (SAMPLES - 1)
+        for i in range(SAMPLES):
+            fh.seek(i * step)
+            h.update(fh.read(SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def weights_identity(model_dir: str | os.PathLike) -> str:
+    """A content hash of a model directory's ``config.json`` and weight files (names, sizes, bytes;
+    see :data:`WHOLE_FILE_BYTES`). Cached per process while the files keep their size and mtime."""
+    root = Path(model_dir)
+    files = sorted(p for p in root.iterdir() if p.is_file() and (p.name == "config.json" or p.suffix in WEIGHT_SUFFIXES))
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    key = (str(root.resolve()), tuple(stats))
+    if key not in _weights_cache:
+        h = hashlib.sha256()
+        for p, (name, size, _) in zip(files, stats):
+            h.update(f"{name}\0{size}\0{_file_digest(p, size)}\n".encode())
+        _weights_cache[key] = h.hexdigest()[:32]
+    return _weights_cache[key]
+
+
+def _values(cfg: Config, keys: tuple[str, ...]) -> dict[str, Any]:
+    tree = config_to_dict(cfg)
+    out = {}
+    for key in keys:
+        section, name = key.split(".", 1)
+        out[key] = tree[section][name]
+    return out
+
+
+def proxy_fingerprint(cfg: Config, fm_dir: Path) -> dict:
+    """What a proxy built by ``cfg`` from the FM at ``fm_dir`` depends on."""
+    fp = {"model.weights": weights_identity(fm_dir), **_values(cfg, PROXY)}
+    if cfg.proxy.saliency != "weight":
+        fp.update(_values(cfg, PROXY_ACTIVATION))
+    return fp
+
+
+def emulator_fingerprint(cfg: Config, fm_dir: Path) -> dict:
+    return {"model.weights": weights_identity(fm_dir), **_values(cfg, EMULATOR)}
+
+
+def distilled_fingerprint(cfg: Config, source: dict) -> dict:
+    """A layer-level distillation of the model whose fingerprint is ``source``, with ``cfg``'s settings."""
+    return {**source, **_values(cfg, DISTILL)}
+
+
+def run_fingerprint(cfg: Config, fm_dir: Path, client_model: Optional[dict]) -> dict:
+    """What a federated run's round checkpoints depend on: every setting that shapes the adapter's
+    trajectory, the FM's weights and the fingerprint of the model the clients train (None: the FM)."""
+    tree = config_to_dict(cfg)
+    fp: dict[str, Any] = {"run.seed": cfg.run.seed, "model.weights": weights_identity(fm_dir)}
+    for section in RUN_SECTIONS:
+        for name, value in tree[section].items():
+            if f"{section}.{name}" not in RUN_IGNORED:
+                fp[f"{section}.{name}"] = value
+    fp["client_model"] = None if client_model is None else digest(client_model)
+    return fp
+
+
+def digest(fp: dict) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def first_difference(stored: Optional[dict], current: dict) -> Optional[tuple[str, Any, Any]]:
+    """(key, stored value, current value) of the first key that differs, in sorted order (the digest of
+    the client model last: a setting it depends on is the better name); None when equal. A missing
+    fingerprint differs on the key ``fingerprint``."""
+    if not isinstance(stored, dict):
+        return ("fingerprint", None, "present")
+    # JSON turns tuples into lists: compare what was stored with what would be stored now.
+    current = json.loads(json.dumps(current))
+    for key in sorted(set(stored) | set(current), key=lambda k: (k == "client_model", k)):
+        if stored.get(key) != current.get(key):
+            return key, stored.get(key), current.get(key)
+    return None
+
+
+def describe_difference(diff: tuple[str, Any, Any]) -> str:
+    """'proxy.keep_ratio=0.25, this config has 0.5' (or the wording for a missing fingerprint)."""
+    key, old, new = diff
+    if key == "fingerprint":
+        return "no record of its settings (made by an older fedpft-dist)"
+    if key == "model.weights":
+        return "the weights of another FM (model.path: its config.json or weight files differ)"
+    if key == "client_model":
+        return "another client model (a proxy or emulator built or distilled with other settings)"
+    return f"{key}={_show(old)}, this config has {_show(new)}"
+
+
+def _show(value: Any) -> str:
+    return "(not set)" if value is None else json.dumps(value) if isinstance(value, str) else repr(value)
