@@ -55,9 +55,8 @@ def _file_digest(path: Path, size: int) -> str:
     with open(path, "rb") as fh:
         if size <= WHOLE_FILE_BYTES:
             return hashlib.file_digest(fh, "sha256").hexdigest()
-        step = (size - SAMPLE_BYTES) // (SAMPLES - 1)
-        for i in range(SAMPLES):
-            fh.seek(i * step)
+        for i in range(SAMPLES):   # the first block starts the file, the last one ends it
+            fh.seek(i * (size - SAMPLE_BYTES) // (SAMPLES - 1))
             h.update(fh.read(SAMPLE_BYTES))
     return h.hexdigest()
 

@@ -99,8 +99,13 @@ class Engine:
     def run(self) -> dict:
         t_start = time.perf_counter()
         with StopSignals() as self.signals:
-            self.prepare()
-            stopped = self.run_rounds()
+            try:
+                self.prepare()
+                stopped = self.run_rounds()
+            except BaseException:
+                if getattr(self, "progress", None) is not None:
+                    self.progress.close()   # an error's line starts a line of its own
+                raise
         return self.finish(stopped, time.perf_counter() - t_start)
 
     # ------------------------------------------------------------------------------------------------
@@ -158,6 +163,10 @@ class Engine:
         self.k_round = clients_per_round(f.num_clients, f.client_fraction)
         self.cost = [float(self.task.train_mask[torch.as_tensor(p, dtype=torch.long)].sum()) * f.local_epochs
                      for p in self.task.parts]
+        if rt.is_main and not f.resume:
+            # The models are in place, so this run goes ahead: an earlier run's summary would describe
+            # another run until this one writes its own.
+            self.layout.summary.unlink(missing_ok=True)
         if resumed is not None:
             self.state = resumed
             if resumed.proxy_ffn is not None:
@@ -190,17 +199,14 @@ class Engine:
 
     def _clear_earlier_run(self) -> None:
         """A fresh run never mixes with an earlier run's checkpoints: it stops (rank 0 looks, every rank
-        learns what it saw), or with ``run.rebuild`` moves them aside. An earlier summary goes: it
-        would describe another run until this one ends."""
+        learns what it saw), or with ``run.rebuild`` moves them aside."""
         rt, root = self.rt, self.checkpointer.root
         earlier = rt.comm.agree(rt.is_main and self.checkpointer.any(), op="max", name="checkpoint/earlier-run")
         if earlier and not self.cfg.run.rebuild:
             raise UserError(f"{root} holds round checkpoints of an earlier run: continue it with fed.resume=true, "
                             f"start afresh in a new run.dir, or set run.rebuild=true to move them aside")
-        if rt.is_main:
-            if earlier:
-                log.warning("moved the earlier run's round checkpoints to %s (run.rebuild=true)", move_aside(root))
-            self.layout.summary.unlink(missing_ok=True)
+        if rt.is_main and earlier:
+            log.warning("moved the earlier run's round checkpoints to %s (run.rebuild=true)", move_aside(root))
         rt.comm.barrier(name="checkpoint/earlier-run-cleared")
         return None
 
