@@ -341,6 +341,10 @@ def _slurm_conf(root: Path, hostname: str, node_line: str, ctld_port: int, slurm
         # Finished jobs leave the controller quickly, so `sbatch --wait` notices within seconds.
         "MinJobAge=5",
         "KillWait=5",
+        # `scontrol requeue` (the templates' answer to a stop signal) works on any batch job, and the
+        # requeued job may start again after cred_expire + 1 s instead of the default 121 s.
+        "JobRequeue=1",
+        "AuthInfo=cred_expire=10",
         f"{node_line} NodeAddr=127.0.0.1 State=UNKNOWN",
         f"PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
         "",

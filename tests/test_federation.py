@@ -5,6 +5,7 @@ All runs use dist.threads_per_rank=1 so that 1-rank and 2-rank runs use the same
 The "cheap" variant (fedpft_no_layer_distill, no alignment) builds a proxy and trains, nothing else.
 """
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -258,6 +259,41 @@ def test_a_stop_signal_ends_the_round_with_a_checkpoint_and_resume_finishes_the_
     resumed = train(run, *CHEAP_3, "fed.resume=true")
     assert "continuing at round 3" in resumed.stderr, _tail(resumed)
     assert max_abs_diff(adapter(cheap_3), adapter(run)) <= 1e-7
+    assert [r["round"] for r in metrics(run)] == [1, 2, 3]
+
+
+def _worker_pid(launcher_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker with RANK=rank."""
+    for child in subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split():
+        env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in env:
+            return int(child)
+    raise AssertionError(f"no worker with RANK={rank} under pid {launcher_pid}")
+
+
+def test_a_stop_signal_on_one_rank_stops_every_rank_at_the_same_round(cheap_3, tmp_path):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    args = ["train", "--config", CONFIG, f"run.dir={run}", "dist.threads_per_rank=1", *CHEAP_3,
+            "fed.checkpoint_every=0"]
+    proc = subprocess.Popen([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "fedpft_dist", *args], cwd=REPO, env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip()):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first round"
+        time.sleep(0.1)
+    os.kill(_worker_pid(proc.pid, 1), signal.SIGTERM)   # rank 1 only, during round 2 of 3
+    out, err = proc.communicate(timeout=240)
+    # both ranks stopped on the signal after round 2 (torchrun itself reports the workers' exit 75 as a failure)
+    assert err.count("stopped after round 2 of 3 on a stop signal") == 2, err[-4000:]
+    assert [p.name for p in (run / "checkpoints" / "rounds").iterdir() if p.name.startswith("round-")] == [
+        "round-000002"]
+    resumed = train(run, *CHEAP_3, "fed.resume=true", ranks=2)
+    assert "continuing at round 3" in resumed.stderr, _tail(resumed)
+    assert max_abs_diff(adapter(cheap_3), adapter(run)) <= 1e-5
     assert [r["round"] for r in metrics(run)] == [1, 2, 3]
 
 
