@@ -59,8 +59,10 @@ class Sweep:
     points: list[Point] = field(default_factory=list)
 
     def train_args(self, point: Point) -> list[str]:
-        """The arguments of ``fedpft`` (after the program name) that train ``point``."""
-        return ["train", "--config", self.base, *point.overrides]
+        """The arguments of ``fedpft`` (after the program name) that train ``point``. Points always
+        resume: one that was interrupted continues from its newest round checkpoint, one that never
+        ran starts at round 1 (the spec or the command line may still say fed.resume=false)."""
+        return ["train", "--config", self.base, "fed.resume=true", *point.overrides]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ def test_tiny_spec_points(monkeypatch):
     assert [p.run_dir for p in sweep.points] == ["runs/sweeps/tiny/000-keep_ratio=0.25",
                                                  "runs/sweeps/tiny/001-keep_ratio=0.5"]
     assert sweep.train_args(sweep.points[1]) == [
-        "train", "--config", "configs/tiny.yaml", "dist.threads_per_rank=1", "proxy.keep_ratio=0.5",
+        "train", "--config", "configs/tiny.yaml", "fed.resume=true", "dist.threads_per_rank=1", "proxy.keep_ratio=0.5",
         "run.dir=runs/sweeps/tiny/001-keep_ratio=0.5"]
 
 
@@ -94,7 +94,7 @@ def test_ablation_spec_order(monkeypatch):
 def test_print_gives_the_train_arguments_of_one_point():
     proc = run_cli("sweep", "--index", "1", "--print", TINY, "dist.timeout_s=60", timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert shlex.split(proc.stdout) == ["train", "--config", "configs/tiny.yaml", "dist.timeout_s=60",
+    assert shlex.split(proc.stdout) == ["train", "--config", "configs/tiny.yaml", "fed.resume=true", "dist.timeout_s=60",
                                         "proxy.keep_ratio=0.5", "run.dir=runs/sweeps/tiny/001-keep_ratio=0.5"]
 
 
@@ -198,7 +198,7 @@ def test_template_runs_the_array_task_point(tmp_path):
     assert proc.returncode == 0, proc.stderr
     run_dir = f"{tmp_path / 'runs'}/001-align_keep=0.5-dataset=my_data.csv"
     assert proc.stdout.splitlines()[1:] == [
-        "train", "--config", str(REPO / "configs/tiny.yaml"), "dist.timeout_s=60", "fed.align_keep=0.5",
+        "train", "--config", str(REPO / "configs/tiny.yaml"), "fed.resume=true", "dist.timeout_s=60", "fed.align_keep=0.5",
         "data.dataset=my data.csv", f"run.dir={run_dir}"]
     env.pop("SLURM_ARRAY_TASK_ID")
     proc = subprocess.run(["bash", str(TEMPLATE), str(spec)], cwd=REPO, env=env, capture_output=True, text=True)
@@ -277,7 +277,7 @@ def test_ranks_per_point_go_through_the_launcher(tmp_path):
                    timeout=60, FEDPFT_HOME=str(home), FEDPFT_PYTHON=sys.executable)
     assert proc.returncode == 7, proc.stderr
     assert proc.stdout.splitlines()[1:] == [
-        sys.executable, "2", "train", "--config", "configs/tiny.yaml", "proxy.keep_ratio=0.25",
+        sys.executable, "2", "train", "--config", "configs/tiny.yaml", "fed.resume=true", "proxy.keep_ratio=0.25",
         f"run.dir={tmp_path / 'runs'}/000-keep_ratio=0.25"]
 
 
