@@ -111,8 +111,32 @@ def run_fingerprint(cfg: Config, fm_dir: Path, client_model: Optional[dict]) -> 
         for name, value in tree[section].items():
             if f"{section}.{name}" not in RUN_IGNORED:
                 fp[f"{section}.{name}"] = value
+    # A local data file is named by its path: its contents say whether it is still the same data.
+    for key in ("data.dataset", "data.test_file", "public_text.source"):
+        content = local_data_identity(fp[key]) if key in fp else None
+        if content is not None:
+            fp[f"{key}:content"] = content
     fp["client_model"] = None if client_model is None else digest(client_model)
     return fp
+
+
+def local_data_identity(source: str) -> Optional[str]:
+    """A content hash of a local data file, or of the files of a data directory (sizes and bytes,
+    sampled as weights are); None for a built-in name or an empty setting."""
+    if not source:
+        return None
+    path = Path(os.path.expandvars(source)).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    else:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(path) if f != path else f.name}\0{size}\0{_file_digest(f, size)}\n".encode())
+    return h.hexdigest()[:32]
 
 
 def digest(fp: dict) -> str:
@@ -140,6 +164,8 @@ def describe_difference(diff: tuple[str, Any, Any]) -> str:
         return "no record of its settings (made by an older fedpft-dist)"
     if key == "model.weights":
         return "the weights of another FM (model.path: its config.json or weight files differ)"
+    if key.endswith(":content"):
+        return f"other contents of the file {key.split(':')[0]} names (it changed since)"
     if key == "client_model":
         return "another client model (a proxy or emulator built or distilled with other settings)"
     return f"{key}={_show(old)}, this config has {_show(new)}"

@@ -189,6 +189,20 @@ def test_a_run_fingerprint_leaves_out_what_does_not_change_the_adapter():
     assert first_difference(fp, run_fingerprint(base, fm, {"proxy.keep_ratio": 0.5}))[0] == "client_model"
 
 
+def test_a_local_data_file_is_fingerprinted_by_its_contents(tmp_path):
+    data = tmp_path / "data.csv"
+    data.write_text("text,label\na,0\nb,1\n")
+    cfg = load_config(CONFIG, [f"data.dataset={data}"])
+    fm = resolve_model_dir("minilm")
+    before = run_fingerprint(cfg, fm, None)
+    assert "data.dataset:content" in before and "data.test_file:content" not in before
+    assert "data.dataset:content" not in run_fingerprint(load_config(CONFIG), fm, None)   # built in: 'tweets'
+    data.write_text("text,label\na,1\nb,0\n")   # same path and size, other labels
+    diff = first_difference(before, run_fingerprint(cfg, fm, None))
+    assert diff[0] == "data.dataset:content" and "other contents of the file data.dataset names" in \
+        describe_difference(diff)
+
+
 def test_a_proxy_fingerprint_holds_calibration_settings_only_for_activation_saliency():
     fm = resolve_model_dir("minilm")
     weight = proxy_fingerprint(load_config(CONFIG), fm)
@@ -432,3 +446,28 @@ def test_a_full_disk_while_saving_the_proxy_is_one_line(tmp_path, small_fs):
     line = one_line_error(run_cli("proxy", "--config", CONFIG, f"run.dir={run}", timeout=300))
     assert line.startswith(f"fedpft: error: {run / 'proxy'}: no space left on device: free space there"), line
     assert (run / "config.yaml").is_file() and not (run / "proxy").exists()
+
+
+def test_a_model_directory_is_reused_only_with_its_fingerprint(tmp_path, caplog):
+    from fedpft_dist.alignment.stages import reusable
+    from fedpft_dist.fingerprint import emulator_fingerprint
+
+    fm = resolve_model_dir("minilm")
+    made = emulator_fingerprint(load_config(CONFIG), fm)
+    emu = tmp_path / "emulator"
+    emu.mkdir()
+    (emu / "config.json").write_text("{}")
+    (emu / "fedpft_proxy.json").write_text(json.dumps({"fingerprint": made}))
+    assert reusable(load_config(CONFIG), emu, made, "the emulator")
+    other = load_config(CONFIG, ["fed.fedot_keep_top=2"])
+    with pytest.raises(UserError, match=r"the emulator at .* was made with fed.fedot_keep_top=1, this config has 2: "
+                                        r"use a new run.dir, or set run.rebuild=true"):
+        reusable(other, emu, emulator_fingerprint(other, fm), "the emulator")
+    rebuild = load_config(CONFIG, ["fed.fedot_keep_top=2", "run.rebuild=true"])
+    with caplog.at_level(logging.WARNING):
+        assert not reusable(rebuild, emu, emulator_fingerprint(rebuild, fm), "the emulator")
+    assert any("making it again" in r.getMessage() for r in caplog.records)
+    assert not reusable(load_config(CONFIG), tmp_path / "missing", made, "the emulator")
+    (emu / "fedpft_proxy.json").write_text(json.dumps({"kind": "emulator"}))   # made before fingerprints
+    with pytest.raises(UserError, match="no record of its settings"):
+        reusable(load_config(CONFIG), emu, made, "the emulator")
