@@ -195,6 +195,20 @@ class FedConfig:
         "linear", help="over rounds: constant, 0.95^t, 1/(t+1), or linear to zero")
     weight_decay: float = _opt(0.0, help="client AdamW weight decay", ge=0)
     aggregation: Literal["weighted", "uniform"] = _opt("weighted", help="average weighted by client samples, or uniform")
+    server_optimizer: Literal["fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi"] = _opt(
+        "fedavg", help="how the weighted mean of the client adapters moves the global adapter (Reddi et al. 2021): "
+                       "fedavg (it becomes the global adapter), fedavgm (server momentum), or the adaptive "
+                       "fedadagrad, fedadam, fedyogi")
+    server_lr: float = _opt(0.0, help="server learning rate; 0 = the optimizer's default (1 for fedavg and fedavgm, "
+                                      "1e-2 for the adaptive ones)", ge=0)
+    server_momentum: float = _opt(0.9, help="fedavgm: momentum of the server update", ge=0, lt=1)
+    server_beta1: float = _opt(0.9, help="fedadagrad, fedadam, fedyogi: decay of the first moment", ge=0, lt=1)
+    server_beta2: float = _opt(0.99, help="fedadam, fedyogi: decay of the second moment", ge=0, lt=1)
+    server_tau: float = _opt(1e-3, help="adaptive server optimizers: added to sqrt(v) (their adaptivity; the "
+                                        "second moment starts at tau^2)", gt=0)
+    prox_mu: float = _opt(0.0, help="FedProx: weight mu of the proximal term mu/2 * |theta - theta_global|^2 on the "
+                                    "trainable adapter parameters in local training (0 = FedAvg's local training)",
+                          ge=0)
     partition: Literal["iid", "dirichlet", "labels"] = _opt("iid", help="how the train set is split over clients")
     alpha: float = _opt(1.0, help="Dirichlet concentration (smaller = more label skew)", gt=0)
     labels_per_client: int = _opt(2, help="labels per client for partition=labels", ge=1)

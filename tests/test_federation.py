@@ -297,6 +297,25 @@ def test_a_stop_signal_on_one_rank_stops_every_rank_at_the_same_round(cheap_3, t
     assert [r["round"] for r in metrics(run)] == [1, 2, 3]
 
 
+def test_a_server_optimizer_gives_one_adapter_on_one_and_two_ranks_and_after_a_resume(cheap_3, tmp_path):
+    args = (*CHEAP_3, "fed.server_optimizer=fedadam", "fed.server_lr=0.05")
+    full = tmp_path / "full"
+    train(full, *args)
+    two = tmp_path / "two"
+    train(two, *args, ranks=2)
+    assert max_abs_diff(adapter(full), adapter(two)) <= 1e-5
+    # the server's moments are part of the checkpoint: a resumed run takes the steps it would have
+    parts = tmp_path / "parts"
+    train(parts, *args, "fed.stop_after=1")
+    saved = load_file(str(parts / "checkpoints" / "rounds" / "round-000001" / "server_opt.safetensors"))
+    assert {k.split("/")[0] for k in saved} == {"m", "v"}
+    train(parts, *args, "fed.resume=true")
+    assert max_abs_diff(adapter(full), adapter(parts)) <= 1e-7
+    # and the adaptive steps took the adapter elsewhere than FedAvg's
+    assert summary(full)["server_optimizer"] == "fedadam"
+    assert max_abs_diff(adapter(cheap_3), adapter(full)) > 1e-3
+
+
 def test_resume_after_an_alignment_round_keeps_metrics_and_state(align_resume):
     r = align_resume
     assert "stopped after round 2 of 3" in r["stopped"].stdout, _tail(r["stopped"])

@@ -82,13 +82,15 @@ def test_ablation_spec_order(monkeypatch):
     """Sub-grids in turn, each a product: the reference seeds, then one factor at a time."""
     monkeypatch.chdir(REPO)
     sweep = load_sweep("sweeps/ablation.yaml")
-    assert len(sweep.points) == 33
+    assert len(sweep.points) == 45
     assert sweep.points[0].values == {"run.seed": 0}
     assert sweep.points[4].values == {"proxy.keep_ratio": 0.125, "run.seed": 1}
     assert sweep.points[4].run_dir == "runs/sweeps/ablation/004-keep_ratio=0.125-seed=1"
     assert sweep.points[4].overrides == ["fed.partition=dirichlet", "proxy.keep_ratio=0.125", "run.seed=1",
                                          "run.dir=runs/sweeps/ablation/004-keep_ratio=0.125-seed=1"]
     assert sweep.points[32].run_dir == "runs/sweeps/ablation/032-method=fedpft_no_neuron_distill-seed=2"
+    assert sweep.points[33].values == {"fed.server_optimizer": "fedavgm", "run.seed": 0}
+    assert sweep.points[44].run_dir == "runs/sweeps/ablation/044-server_optimizer=fedadagrad-seed=2"
 
 
 def test_print_gives_the_train_arguments_of_one_point():

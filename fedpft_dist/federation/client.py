@@ -29,17 +29,21 @@ class ClientUpdate:
 
 
 def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data: ClientData, epochs: int,
-                 batch_size: int, lr: float, weight_decay: float, seed: int, recorder=None) -> ClientUpdate:
+                 batch_size: int, lr: float, weight_decay: float, seed: int, recorder=None,
+                 prox_mu: float = 0.0) -> ClientUpdate:
     """Start from the global adapter, train ``epochs`` local epochs, return the new adapter.
 
     ``seed`` fixes the batch order and dropout, so the update depends only on (client, round), not on
     the rank that trains it. Each batch is cut to its longest real sequence. ``recorder`` (an
     :class:`~fedpft_dist.models.proxy.ActivationRecorder`) receives each batch's attention mask.
     The loss is the mean over the batch's examples (classification) or next-token targets (causal LM).
+    ``prox_mu`` > 0 adds FedProx's proximal term ``mu/2 * sum |theta - theta_global|^2`` over the
+    trainable parameters to what is minimised (not to the reported loss).
     """
     set_adapter(model, global_adapter)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -65,7 +69,11 @@ def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data
             else:
                 loss, count = model(input_ids=ids, attention_mask=mask, labels=data.labels[idx].to(device),
                                     **extra).loss, len(idx)
-            loss.backward()
+            if anchor is not None:
+                prox = sum(((p - p0) ** 2).sum() for p, p0 in zip(params, anchor))
+                (loss + 0.5 * prox_mu * prox).backward()
+            else:
+                loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             loss_sum += float(loss.detach()) * count

@@ -47,6 +47,7 @@ from .evaluation import evaluate
 from .methods import get_method
 from .recording import MetricsLog, RoundProgress
 from .sampling import assign_to_ranks, client_seed, clients_per_round, round_lr, sample_clients
+from .server_opt import ServerOptimizer, make_server_optimizer
 from .state import Checkpointer, RoundState
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,7 @@ class Engine:
         start = rt.comm.broadcast_state(get_adapter(self.models.client) if rt.is_main else None,
                                         name="broadcast/initial-adapter")
         self.state = RoundState({k: v.cpu() for k, v in start.items()})
+        self.server: ServerOptimizer = make_server_optimizer(f)
         self.up_bytes = adapter_bytes(self.state.global_adapter)
         self.k_round = clients_per_round(f.num_clients, f.client_fraction)
         self.cost = [float(self.task.train_mask[torch.as_tensor(p, dtype=torch.long)].sum()) * f.local_epochs
@@ -171,6 +173,8 @@ class Engine:
             self.state = resumed
             if resumed.proxy_ffn is not None:
                 self.models.client_backbone.load_state_dict(resumed.proxy_ffn, strict=False)
+            if resumed.server_opt:
+                self.server.load_state(resumed.server_opt)
         self.start_round = self.state.round
         self.metrics = MetricsLog(self.layout.metrics, rt.is_main, self.state.round)
         self.phase = dict.fromkeys(PHASES, 0.0)
@@ -277,7 +281,7 @@ class Engine:
         for c in plan.mine:
             upd = train_client(models.client, self.state.global_adapter, self.task.client(c), f.local_epochs,
                                f.batch_size, plan.lr, f.weight_decay, client_seed(self.cfg.run.seed, plan.index, c),
-                               recorder)
+                               recorder, f.prox_mu)
             self.progress.client_done()
             if local.aggregator.accumulate(upd.adapter, local.aggregator.weight(upd)):
                 local.loss_sum += upd.loss_sum
@@ -304,7 +308,9 @@ class Engine:
         red: Reduced = local.aggregator.reduce(rt.comm, extra)
         seconds["allreduce"] = red.allreduce_seconds
         if red.mean is not None:
-            self.state.global_adapter = red.mean
+            # the same mean and server state on every rank: the same step everywhere
+            self.state.global_adapter = self.server.step(self.state.global_adapter, red.mean)
+            self.state.server_opt = self.server.state()
         self.state.excluded_clients += red.excluded
         everyone_out = red.excluded >= len(plan.sampled)
         self.state.excluded_streak = self.state.excluded_streak + 1 if everyone_out else 0
@@ -441,7 +447,8 @@ class Engine:
             "stopped_early": stopped, "stop_reason": self.stop_reason if stopped else None,
             "world_size": self.rt.world_size,
             "num_clients": f.num_clients, "clients_per_round": self.k_round, "dataset": self.cfg.data.dataset,
-            "partition": f.partition, "lora_targets": f.lora_targets,
+            "partition": f.partition, "lora_targets": f.lora_targets, "server_optimizer": f.server_optimizer,
+            "prox_mu": f.prox_mu,
             # Classification keys stay None for a causal LM: next-token accuracy is not a class accuracy.
             "final_accuracy": last.get("accuracy"), "best_accuracy": None if task.causal_lm else s.best,
             "final_macro_f1": last.get("macro_f1"),

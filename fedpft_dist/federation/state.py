@@ -38,6 +38,8 @@ class RoundState:
     # The compressed layers' FFN tensors of the clients' proxy after the latest alignment (None
     # until one ran: the proxy's own weights).
     proxy_ffn: Optional[dict[str, torch.Tensor]] = None
+    # The server optimizer's moments (fedpft_dist.federation.server_opt; empty for FedAvg).
+    server_opt: dict[str, torch.Tensor] = field(default_factory=dict)
 
     COUNTERS = ("round", "best", "initial_eval", "alignment_rounds", "align_skipped", "ffn_bytes_per_alignment",
                 "excluded_clients", "excluded_streak")
@@ -46,6 +48,8 @@ class RoundState:
         out = {"adapter": self.global_adapter}
         if self.proxy_ffn is not None:
             out["proxy_ffn"] = self.proxy_ffn
+        if self.server_opt:
+            out["server_opt"] = self.server_opt
         return out
 
     def counters(self) -> dict:
@@ -90,4 +94,5 @@ class Checkpointer:
                             f"run.rebuild=true to move the old checkpoints aside")
         log.info("resumed from %s: continuing at round %d", ckpt, meta["round"] + 1)
         return RoundState(global_adapter=tensors["adapter"], proxy_ffn=tensors.get("proxy_ffn"),
+                          server_opt=tensors.get("server_opt", {}),
                           **{k: meta[k] for k in RoundState.COUNTERS if k in meta})
