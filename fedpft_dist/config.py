@@ -199,8 +199,8 @@ class FedConfig:
         "fedavg", help="how the weighted mean of the client adapters moves the global adapter (Reddi et al. 2021): "
                        "fedavg (it becomes the global adapter), fedavgm (server momentum), or the adaptive "
                        "fedadagrad, fedadam, fedyogi")
-    server_lr: float = _opt(0.0, help="server learning rate; 0 = the optimizer's default (1 for fedavg and fedavgm, "
-                                      "1e-2 for the adaptive ones)", ge=0)
+    server_lr: float = _opt(0.0, help="server learning rate; 0 = the optimizer's default: 1 for fedavg, "
+                                      "1 - server_momentum for fedavgm, 1e-3 for the adaptive ones", ge=0)
     server_momentum: float = _opt(0.9, help="fedavgm: momentum of the server update", ge=0, lt=1)
     server_beta1: float = _opt(0.9, help="fedadagrad, fedadam, fedyogi: decay of the first moment", ge=0, lt=1)
     server_beta2: float = _opt(0.99, help="fedadam, fedyogi: decay of the second moment", ge=0, lt=1)

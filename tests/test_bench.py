@@ -86,6 +86,10 @@ def test_bench_json_on_two_ranks(tmp_path):
     assert r["startup_s"]["total"] >= r["startup_s"]["models"] > 0
     assert min(r["peak_memory_mb_per_rank_with_limits"]) >= min(r["peak_memory_mb_per_rank"])
     assert "time to first round" in proc.stdout and "of its limit" in proc.stdout
+    # per client: 4 clients per round over the 3 measured rounds, fixed cost by part next to compute
+    assert r["clients_measured"] == 12
+    assert set(r["per_client_ms"]) == {"slice", "set_up", "compute", "collect", "accumulate", "fixed"}
+    assert r["per_client_ms"]["compute"] > 0 and r["per_client_ms"]["fixed"] > 0
 
 
 def test_bench_on_one_rank_reports_no_bandwidth(tmp_path):
@@ -109,3 +113,16 @@ def test_bench_key_errors_name_the_key(tmp_path):
     assert proc.returncode == 2
     assert "bench.warmup" in proc.stderr and "bench.warmup_rounds" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_the_many_clients_bench_at_a_small_size(tmp_path):
+    """configs/bench/many-clients.yaml with 60 clients of 8 tweets, 15 per round."""
+    proc = run_cli("bench", "--config", "configs/bench/many-clients.yaml", f"run.dir={tmp_path}",
+                   "fed.num_clients=60", "data.max_train=480", "fed.client_fraction=0.25", "fed.rounds=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "bench.json").read_text())
+    assert r["clients_per_round"] == 15 and r["clients_measured"] == 15
+    ms = r["per_client_ms"]
+    assert ms["fixed"] == pytest.approx(ms["slice"] + ms["set_up"] + ms["collect"] + ms["accumulate"])
+    assert ms["compute"] > 0 and all(ms[k] >= 0 for k in ms)
+    assert "per client                fixed" in proc.stdout

@@ -68,7 +68,8 @@ def test_state_round_trips_and_continues_the_same_steps(name):
 
 
 def test_the_adaptive_default_learning_rate_is_small():
-    assert _opt("fedadam").lr == 1e-2 and _opt("fedavgm").lr == 1.0 and _opt("fedadam", "fed.server_lr=0.5").lr == 0.5
+    assert _opt("fedadam").lr == 1e-3 and _opt("fedavg").lr == 1.0 and _opt("fedadam", "fed.server_lr=0.5").lr == 0.5
+    assert _opt("fedavgm").lr == pytest.approx(0.1) and _opt("fedavgm", "fed.server_momentum=0.5").lr == 0.5
 
 
 def test_a_server_state_of_another_optimizer_is_refused():

@@ -32,6 +32,7 @@ import torch
 from ..config import Config
 from ..errors import UserError
 from ..fsutil import atomic_write_json
+from ..federation.engine import CLIENT_PARTS
 from ..federation.sampling import client_seed
 from ..models.adapters import set_adapter
 from ..run_layout import RunLayout
@@ -129,8 +130,9 @@ def time_stats_overhead(cfg: Config, rt: Runtime, engine, steps: int, reps: int 
 
 def summarise(cfg: Config, rt: Runtime, rounds: list[dict]) -> dict:
     """Per-round records of every rank -> the medians and per-rank figures of bench.json."""
+    parts = [f"client_{k}" for k in CLIENT_PARTS]
     keys = ("round", "local_training", "wait", "allreduce", "aggregation", "alignment", "evaluation", "fidelity",
-            "tokens", "clients", "align_step_seconds", "align_set_up_seconds")
+            "tokens", "clients", "align_step_seconds", "align_set_up_seconds", *parts)
     table = [[r.get(k, 0.0) for k in keys] for r in rounds]
     flat = [x for row in table for x in row]
     gathered = gather_per_rank(rt, flat, name="bench/rounds")
@@ -156,6 +158,13 @@ def summarise(cfg: Config, rt: Runtime, rounds: list[dict]) -> dict:
     align = [i for i in measured if worst("alignment", i) > 0]
     evals = [worst("evaluation", i) for i in measured if worst("evaluation", i) > 0]
     fidelity = [worst("fidelity", i) for i in measured if worst("fidelity", i) > 0]
+    # Per client, over every rank's clients of the measured rounds: the fixed cost (everything but
+    # the batches) next to the compute.
+    clients = sum(per_rank[r][i]["clients"] for r in range(rt.world_size) for i in measured)
+    spent = {k[len("client_"):]: sum(per_rank[r][i][k] for r in range(rt.world_size) for i in measured)
+             for k in parts}
+    per_client_ms = {k: 1e3 * v / max(1, clients) for k, v in spent.items()}
+    per_client_ms["fixed"] = sum(v for k, v in per_client_ms.items() if k != "compute")
     return {
         "rounds_measured": len(measured),
         # the headline: whole rounds, whatever they do (train, aggregate, align, evaluate, fidelity)
@@ -178,6 +187,7 @@ def summarise(cfg: Config, rt: Runtime, rounds: list[dict]) -> dict:
         "alignment_set_up_s": _median([worst("align_set_up_seconds", i) for i in align]),
         "evaluation_s": _median(evals), "evaluation_rounds": len(evals),
         "fidelity_s": _median(fidelity), "fidelity_rounds": len(fidelity),
+        "clients_measured": clients, "per_client_ms": per_client_ms,
     }
 
 
@@ -320,6 +330,9 @@ def format_result(r: dict, path: Path) -> str:
         f"  evaluation                {s(r['evaluation_s'])} ({r['evaluation_rounds']} rounds), "
         f"{ratio(lim['evaluation']['ratio'])} (bare sorted inference)",
         f"  fidelity                  {s(r['fidelity_s'])} ({r['fidelity_rounds']} rounds)",
+        f"  per client                fixed {r['per_client_ms']['fixed']:.2f} ms (" + ", ".join(
+            f"{k} {r['per_client_ms'][k]:.2f}" for k in CLIENT_PARTS if k != "compute")
+        + f"), compute {r['per_client_ms']['compute']:.1f} ms, over {r['clients_measured']} clients",
         f"  load imbalance (max/mean) {r['load_imbalance_median']:.3f}",
         f"  aggregation               {s(r['aggregation_s'])}, {r['aggregation_bytes'] / 2**20:.2f} MiB; "
         f"all-reduce {s(r['allreduce_s'])}" + (f" ({bw:.2f} GB/s)" if bw else "")

@@ -7,7 +7,8 @@ it; the loss is the token-weighted mean next-token cross-entropy).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
@@ -26,6 +27,9 @@ class ClientUpdate:
     steps: int
     tokens: int
     loss_count: float = 0.0   # what loss_sum sums over: examples x epochs, or next-token targets
+    # where the client's time went: set_up (adapter in, optimizer), compute (the batches), collect
+    # (adapter out); all but compute is the per-client fixed cost
+    seconds: dict = field(default_factory=dict)
 
 
 def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data: ClientData, epochs: int,
@@ -40,6 +44,7 @@ def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data
     ``prox_mu`` > 0 adds FedProx's proximal term ``mu/2 * sum |theta - theta_global|^2`` over the
     trainable parameters to what is minimised (not to the reported loss).
     """
+    t0 = time.perf_counter()
     set_adapter(model, global_adapter)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -51,6 +56,7 @@ def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data
     n = len(data)
     causal = data.labels is None
     loss_sum, loss_count, steps, tokens = 0.0, 0.0, 0, 0
+    t1 = time.perf_counter()
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen)
         for start in range(0, n, batch_size):
@@ -80,7 +86,10 @@ def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data
             loss_count += count
             steps += 1
             tokens += int(mask.sum())
-    return ClientUpdate(get_adapter(model), n, loss_sum, steps, tokens, loss_count)
+    t2 = time.perf_counter()
+    adapter = get_adapter(model)
+    seconds = {"set_up": t1 - t0, "compute": t2 - t1, "collect": time.perf_counter() - t2}
+    return ClientUpdate(adapter, n, loss_sum, steps, tokens, loss_count, seconds)
 
 
 def eval_batches(input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int, device: torch.device,

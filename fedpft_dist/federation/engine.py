@@ -53,6 +53,7 @@ from .state import Checkpointer, RoundState
 log = logging.getLogger(__name__)
 
 PHASES = ("local_training", "aggregation", "alignment", "evaluation", "fidelity")
+CLIENT_PARTS = ("slice", "set_up", "compute", "collect", "accumulate")
 
 
 @dataclass
@@ -86,6 +87,9 @@ class LocalResult:
     loss_count: float = 0.0
     tokens: float = 0.0
     recorder: Optional[ActivationRecorder] = None
+    # seconds over this rank's clients by part: slice (the client's rows), set_up, compute, collect
+    # (ClientUpdate.seconds), accumulate (into the aggregator's sums)
+    client_seconds: dict = field(default_factory=lambda: dict.fromkeys(CLIENT_PARTS, 0.0))
 
 
 @dataclass
@@ -278,15 +282,23 @@ class Engine:
             recorder = ActivationRecorder(models.client.get_base_model(), models.compressed_layers, self.cfg.proxy.eps)
         local = LocalResult(make_aggregator(f.aggregation, self.state.global_adapter), recorder=recorder)
         self.progress.start_clients(plan.index + 1, len(plan.mine))
+        spent = local.client_seconds
         for c in plan.mine:
-            upd = train_client(models.client, self.state.global_adapter, self.task.client(c), f.local_epochs,
+            t0 = time.perf_counter()
+            data = self.task.client(c)
+            spent["slice"] += time.perf_counter() - t0
+            upd = train_client(models.client, self.state.global_adapter, data, f.local_epochs,
                                f.batch_size, plan.lr, f.weight_decay, client_seed(self.cfg.run.seed, plan.index, c),
                                recorder, f.prox_mu)
             self.progress.client_done()
+            t0 = time.perf_counter()
             if local.aggregator.accumulate(upd.adapter, local.aggregator.weight(upd)):
                 local.loss_sum += upd.loss_sum
                 local.loss_count += upd.loss_count
                 local.tokens += upd.tokens
+            spent["accumulate"] += time.perf_counter() - t0
+            for part, sec in upd.seconds.items():
+                spent[part] += sec
         self.progress.end_clients()
         if recorder is not None:
             recorder.close()
@@ -378,6 +390,7 @@ class Engine:
         if self.hooks.after_round is not None:
             self.hooks.after_round({"round": plan.index + 1, "clients": len(plan.mine), "tokens": local.tokens,
                                     "aggregation_bytes": row["aggregation_bytes"], **seconds,
+                                    **{f"client_{k}": v for k, v in local.client_seconds.items()},
                                     **{k: row[k] for k in ("align_step_seconds", "align_set_up_seconds") if k in row}})
 
     def _check_progress(self, plan: RoundPlan) -> None:

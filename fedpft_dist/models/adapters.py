@@ -74,14 +74,40 @@ def with_lora(model: nn.Module, r: int, alpha: float, dropout: float, task: str 
     return get_peft_model(model, lora_config(model, r, alpha, dropout, task, ffn_layers, attention_layers))
 
 
+def adapter_slots(peft_model: nn.Module) -> Optional[dict[str, nn.Parameter]]:
+    """The parameter behind each adapter tensor (peft's naming), found once per model and kept on it:
+    reading and writing them directly costs a fraction of a millisecond, where peft's state-dict
+    functions walk the whole model's state dict every time (about 10 ms per call for MiniLM, which
+    adds up over thousands of clients). None when some adapter tensor is not a parameter."""
+    slots = getattr(peft_model, "_fedpft_adapter_slots", None)
+    if slots is None:
+        from peft import get_peft_model_state_dict
+
+        by_storage = {(p.data_ptr(), tuple(p.shape)): p for p in peft_model.parameters()}
+        found = {k: by_storage.get((v.data_ptr(), tuple(v.shape))) for k, v in get_peft_model_state_dict(peft_model).items()}
+        slots = found if all(p is not None for p in found.values()) else {}
+        object.__setattr__(peft_model, "_fedpft_adapter_slots", slots)   # a plain attribute, not a submodule
+    return slots or None
+
+
 def get_adapter(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors (peft's own naming, as saved by ``save_pretrained``), detached copies."""
+    slots = adapter_slots(peft_model)
+    if slots is not None:
+        return {k: p.detach().clone() for k, p in slots.items()}
     from peft import get_peft_model_state_dict
 
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
 
 
 def set_adapter(peft_model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load adapter tensors (peft's naming) into the model, in place."""
+    slots = adapter_slots(peft_model)
+    if slots is not None and state.keys() == slots.keys():
+        with torch.no_grad():
+            for k, p in slots.items():
+                p.copy_(state[k])
+        return
     from peft import set_peft_model_state_dict
 
     result = set_peft_model_state_dict(peft_model, state)
