@@ -235,33 +235,6 @@ def test_resume_falls_back_past_a_corrupt_newest_checkpoint_to_the_uninterrupted
     assert [r["round"] for r in metrics(run)] == [1, 2, 3]
 
 
-def test_a_stop_signal_ends_the_round_with_a_checkpoint_and_resume_finishes_the_run(cheap_3, tmp_path):
-    import signal
-    import time
-
-    run = tmp_path / "run"
-    # no periodic checkpoints: the one resume finds is the one the signal wrote
-    args = ["train", "--config", CONFIG, f"run.dir={run}", "dist.threads_per_rank=1", *CHEAP_3,
-            "fed.checkpoint_every=0"]
-    proc = subprocess.Popen([PYTHON, "-m", "fedpft_dist", *args], cwd=REPO, env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip()):
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first round"
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)   # during round 2 of 3
-    out, err = proc.communicate(timeout=240)
-    assert proc.returncode == 75, f"exit {proc.returncode}\n{err[-3000:]}"
-    assert "fedpft: stopped after round 2 of 3 on a stop signal" in err and "fed.resume=true" in err, err[-3000:]
-    assert [p.name for p in (run / "checkpoints" / "rounds").iterdir() if p.name.startswith("round-")] == [
-        "round-000002"]
-    assert not (run / "summary.json").exists()
-    resumed = train(run, *CHEAP_3, "fed.resume=true")
-    assert "continuing at round 3" in resumed.stderr, _tail(resumed)
-    assert max_abs_diff(adapter(cheap_3), adapter(run)) <= 1e-7
-    assert [r["round"] for r in metrics(run)] == [1, 2, 3]
-
-
 def _worker_pid(launcher_pid: int, rank: int) -> int:
     """The pid of torchrun's worker with RANK=rank."""
     for child in subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split():

@@ -409,21 +409,26 @@ def test_run_rebuild_makes_a_stale_proxy_again(finished_run, tmp_path):
 def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(tmp_path):
     run = tmp_path / "run"
     rounds = run / "checkpoints" / "rounds"
-    first = train(run, "fed.rounds=3", "fed.checkpoint_every=1", "fed.stop_after=2")
-    assert first.returncode == 0 and sorted(p.name for p in checkpoint_dirs(rounds, "round-")) == [
-        "round-000001", "round-000002"], _tail(first)
-    line = one_line_error(train(run, "fed.rounds=3"))
+    first = train(run, "fed.rounds=2", "fed.checkpoint_every=1", "fed.stop_after=1")
+    assert first.returncode == 0 and [p.name for p in checkpoint_dirs(rounds, "round-")] == ["round-000001"], \
+        _tail(first)
+    line = one_line_error(train(run, "fed.rounds=2"))
     assert "holds round checkpoints of an earlier run: continue it with fed.resume=true" in line, line
-    again = train(run, "fed.rounds=3", "fed.checkpoint_every=1", "fed.stop_after=1", "run.rebuild=true")
+    # with run.rebuild the old checkpoints move aside (kept) and the new run starts at round 1
+    again = train(run, "fed.rounds=2", "fed.checkpoint_every=1", "fed.stop_after=1", "fed.lr=0.002",
+                  "run.rebuild=true")
     assert again.returncode == 0 and "moved the earlier run's round checkpoints" in again.stderr, _tail(again)
-    assert [p.name for p in checkpoint_dirs(rounds, "round-")] == ["round-000001"]
     (stale,) = run.glob("checkpoints/rounds.stale-*")
-    assert [p.name for p in checkpoint_dirs(stale, "round-")] == ["round-000002", "round-000001"]
-    # resume continues the new run (round 2), not the old one's round 2 checkpoint
-    resumed = train(run, "fed.rounds=3", "fed.checkpoint_every=1", "fed.resume=true")
+    assert [p.name for p in checkpoint_dirs(stale, "round-")] == ["round-000001"]
+    ours = json.loads((rounds / "round-000001" / "state.json").read_text())
+    assert ours["fingerprint"]["fed.lr"] == 0.002
+    # resume continues the new run and refuses to continue it with the old settings
+    line = one_line_error(train(run, "fed.rounds=2", "fed.resume=true"))
+    assert "fed.lr=0.002, this config has 0.001" in line, line
+    resumed = train(run, "fed.rounds=2", "fed.lr=0.002", "fed.resume=true")
     assert resumed.returncode == 0 and "continuing at round 2" in resumed.stderr, _tail(resumed)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert [r["round"] for r in rows] == [1, 2] and rows[0]["lr"] == pytest.approx(0.002)  # the new run's rows
 
 
 @pytest.mark.slow
