@@ -17,10 +17,6 @@ from ..runtime import Communicator
 from .client import ClientUpdate
 
 
-def is_finite(state: dict[str, torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(v).all()) for v in state.values())
-
-
 @dataclass
 class Reduced:
     """What the all-reduce gives every rank."""
@@ -45,8 +41,15 @@ class Aggregator:
 
     def __post_init__(self) -> None:
         # Sums in float64: the result then does not depend on how clients are split over ranks
-        # (fp32 partial sums in a different order would differ in the last bits).
-        self.sums = {k: torch.zeros_like(v, dtype=torch.float64, device="cpu") for k, v in self.template.items()}
+        # (fp32 partial sums in a different order would differ in the last bits). One flat buffer,
+        # with a view per tensor: adding a client is three tensor operations, not three per tensor.
+        self.keys = list(self.template)
+        self.flat = torch.zeros(sum(v.numel() for v in self.template.values()), dtype=torch.float64)
+        self.sums, offset = {}, 0
+        for k in self.keys:
+            n = self.template[k].numel()
+            self.sums[k] = self.flat[offset: offset + n].view(self.template[k].shape)
+            offset += n
 
     def weight(self, update: ClientUpdate) -> float:
         return float(update.num_samples)
@@ -54,11 +57,11 @@ class Aggregator:
     def accumulate(self, adapter: dict[str, torch.Tensor], weight: float) -> bool:
         """Add ``weight * adapter`` to this rank's sums; a non-finite adapter is counted as excluded
         instead. Returns whether it was added."""
-        if not is_finite(adapter):
+        flat = torch.cat([adapter[k].detach().reshape(-1).cpu() for k in self.keys]).double()
+        if not bool(torch.isfinite(flat).all()):
             self.excluded += 1
             return False
-        for k, v in adapter.items():
-            self.sums[k] += weight * v.double().cpu()
+        self.flat += weight * flat
         self.weight_sum += weight
         return True
 
