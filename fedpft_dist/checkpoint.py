@@ -128,7 +128,7 @@ def newest_checkpoint(root: Optional[str | os.PathLike], prefix: str, key: str
         return path, tensors, meta
     if faults:
         raise UserError(f"{key}: none of the {len(faults)} checkpoints in {root} verifies (newest, "
-                        f"{faults[0]}); start afresh with run.rebuild=true, which moves them aside")
+                        f"{faults[0]}); start afresh with {key}=false and run.rebuild=true, which moves them aside")
     return None
 
 

@@ -220,13 +220,13 @@ def _resume(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun) -> tuple[
     diff = None if run.fingerprint is None else first_difference(meta.get("fingerprint"), run.fingerprint)
     if diff is not None:
         raise UserError(f"distill.resume: checkpoint {ckpt} was written with {describe_difference(diff)}; resume "
-                        f"with its settings, or set run.rebuild=true to start afresh")
+                        f"with its settings, or start afresh with distill.resume=false and run.rebuild=true")
     for key, mine in (("world_size", rt.world_size), ("zero_stage", d.zero_stage), ("total_steps", job.total)):
         if meta.get(key) != mine:
             name = {"world_size": "the world size", "zero_stage": "distill.zero_stage",
                     "total_steps": "the step count (distill.steps, epoch_fraction, batch_size, max_chunks)"}[key]
             raise UserError(f"distill.resume: checkpoint {ckpt} was written with {name} {meta.get(key)}, this job "
-                            f"has {mine}; resume with the same, or set run.rebuild=true to start afresh")
+                            f"has {mine}; resume with the same, or start afresh with distill.resume=false and run.rebuild=true")
     zero.set_full_train_state(job.engine, job.named, tensors["train_state"], meta["step"])
     log.info("%s: resumed from %s (step %d of %d)", run.tag, ckpt, meta["step"], job.total)
     return meta["step"], list(meta["losses"])

@@ -90,8 +90,8 @@ class Checkpointer:
         diff = first_difference(meta.get("fingerprint"), self.fingerprint)
         if diff is not None:
             raise UserError(f"fed.resume: checkpoint {ckpt} was written with {describe_difference(diff)}; resume "
-                            f"with the settings of its run (its config.yaml), or start afresh: a new run.dir, or "
-                            f"run.rebuild=true to move the old checkpoints aside")
+                            f"with the settings of its run (its config.yaml), or start afresh without fed.resume: in "
+                            f"a new run.dir, or with run.rebuild=true, which moves the old checkpoints aside")
         log.info("resumed from %s: continuing at round %d", ckpt, meta["round"] + 1)
         return RoundState(global_adapter=tensors["adapter"], proxy_ffn=tensors.get("proxy_ffn"),
                           server_opt=tensors.get("server_opt", {}),
