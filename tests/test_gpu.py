@@ -1,6 +1,7 @@
 """The product on CUDA: device placement through the alignment path, the tiny pipeline end to end
 (proxy, distillation at ZeRO 0 and 3, an alignment round, evaluation, the fidelity monitor,
-checkpoint and resume), bf16, and the compiled Triton kernels against their references.
+checkpoint and resume, a server optimizer with FedProx stopped by a signal and resumed), bf16, and
+the compiled Triton kernels against their references.
 
 Skipped without CUDA. ``scripts/gpu-check.sh`` runs this file on a GPU machine with the kernel
 benchmark and an NCCL bandwidth check.
@@ -83,6 +84,34 @@ def test_bf16_distillation_keeps_frozen_neurons_exact(tmp_path):
     assert distill["finite"] and distill["hidden_error_after"] < distill["hidden_error_before"]
     rows = _rows(run)
     assert rows[0]["align_skipped"] is False and math.isfinite(rows[-1]["train_loss"])
+
+
+def test_server_optimizer_fedprox_and_a_stop_signal_on_cuda(tmp_path):
+    """The adaptive server step and its checkpointed moments with CUDA client models, FedProx's
+    anchor on the device, and resume after a run that a stop signal ended."""
+    import signal
+    import time
+
+    args = ("fed.method=fedpft_no_layer_distill", "fed.align_every=0", "fed.rounds=8", "fed.server_optimizer=fedadam",
+            "fed.prox_mu=0.01")
+    full = tmp_path / "full"
+    _train(full, *args)
+    parts = tmp_path / "parts"
+    proc = subprocess.Popen([PYTHON, "-m", "fedpft_dist", "train", "--config", CONFIG, f"run.dir={parts}", *args],
+                            cwd=REPO, env=_gpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not ((parts / "metrics.jsonl").is_file() and (parts / "metrics.jsonl").read_text().strip()):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first round"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)   # after round 1 of 8: acted on at the end of round 2 or so
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75 and "on a stop signal" in err, err[-3000:]
+    _train(parts, *args, "fed.resume=true")
+    from safetensors.torch import load_file
+
+    a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(parts / "adapter" / "adapter_model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs a device per rank")
