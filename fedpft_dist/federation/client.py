@@ -46,8 +46,7 @@ def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data
     """
     t0 = time.perf_counter()
     set_adapter(model, global_adapter)
-    if not model.training:   # walking every module costs ~1 ms: only when something put it in eval mode
-        model.train()
+    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
