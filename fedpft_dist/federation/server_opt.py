@@ -18,6 +18,7 @@ state (float64) is part of the round checkpoint, so a resumed run takes the step
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -100,11 +101,12 @@ class FedAvgM(ServerOptimizer):
         return self.lr * m[key]
 
 
-class _Adaptive(ServerOptimizer):
+class _Adaptive(ServerOptimizer, abc.ABC):
     slots = ("m", "v")
 
+    @abc.abstractmethod
     def second_moment(self, v: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The next v from the current one and delta^2 (what tells the three adaptive optimisers apart)."""
 
     def update(self, key: str, delta: torch.Tensor) -> torch.Tensor:
         m, v = self.moments["m"], self.moments["v"]
