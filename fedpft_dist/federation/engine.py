@@ -136,7 +136,11 @@ class Engine:
         self.checkpointer = Checkpointer(self.layout.round_checkpoints, f.checkpoint_every,
                                          {"method": f.method, "seed": cfg.run.seed},
                                          run_fingerprint(cfg, fm_dir, client))
-        resumed = self._resume_point() if f.resume else self._clear_earlier_run()
+        resumed = None
+        if f.resume:
+            resumed = self._resume_point()
+        else:
+            self._clear_earlier_run()
         if rt.is_main:
             write_resolved_config(cfg)
         # Time to the first round, by part: tokenising the task, the models (with the proxy and its
@@ -216,7 +220,6 @@ class Engine:
         if rt.is_main and earlier:
             log.warning("moved the earlier run's round checkpoints to %s (run.rebuild=true)", move_aside(root))
         rt.comm.barrier(name="checkpoint/earlier-run-cleared")
-        return None
 
     # ------------------------------------------------------------------------------------------------
     # The rounds
