@@ -100,10 +100,13 @@ class Engine:
     cfg: Config
     rt: Runtime
     hooks: RoundHooks = field(default_factory=RoundHooks)
+    # SIGTERM / SIGUSR1 seen while run() is active; what ended the rounds early ("signal", "stop_after")
+    signals: StopSignals = field(default_factory=StopSignals)
+    stop_reason: Optional[str] = None
 
     def run(self) -> dict:
         t_start = time.perf_counter()
-        with StopSignals() as self.signals:
+        with self.signals:
             try:
                 self.prepare()
                 stopped = self.run_rounds()
@@ -121,9 +124,6 @@ class Engine:
         cfg, rt, f = self.cfg, self.rt, self.cfg.fed
         self.layout = RunLayout.from_config(cfg)
         self.method = get_method(f.method)
-        if not hasattr(self, "signals"):
-            self.signals = StopSignals()   # prepared without run(): no handlers, nothing received
-        self.stop_reason: Optional[str] = None
         # Rank 0 writes the run's files: a run dir it cannot write stops every rank now, not at the
         # first checkpoint.
         problem = run_dir_problem(self.layout.run_dir) if rt.is_main else None
