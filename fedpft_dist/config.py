@@ -65,6 +65,10 @@ class DistConfig:
         0, help="torch threads per rank; 0 = cores of this node (or of the task's CPU binding) "
                 "divided by the local ranks", ge=0)
     log_all_ranks: bool = _opt(False, help="log INFO from every rank, not only rank 0")
+    ranks_per_client: int = _opt(
+        1, help="ranks that train one client together (a client group): each batch is split over them and "
+                "their gradients are summed every step; must divide the world size. The global batch per "
+                "step stays fed.batch_size", ge=1)
 
 
 @dataclass
@@ -101,6 +105,15 @@ class ModelConfig:
                      "a causal LM on next-token loss and a classifier on labels")
     dtype: Literal["float32", "bfloat16", "float16"] = _opt("float32", help="weights dtype")
     num_labels: int = _opt(2, help="classes of a sequence-classification head", ge=2)
+    dropout: float = _opt(
+        -1.0, help="dropout of the models federated training uses (hidden, attention and head dropout, every "
+                   "config key of the model that names a dropout); -1 = the model's own. With dropout > 0 a "
+                   "batch split over ranks (dist.ranks_per_client > 1) draws other masks, so results agree "
+                   "with 1 rank per client in distribution, not to the last bit; 0 makes them equal", ge=-1, lt=1)
+
+    def check(self, prefix: str) -> None:
+        if self.dropout != -1 and self.dropout < 0:
+            raise ConfigError(f"{prefix}dropout", f"must be -1 (the model's own) or in [0, 1), got {self.dropout:g}")
 
 
 @dataclass

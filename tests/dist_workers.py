@@ -105,3 +105,90 @@ def aggregation_suite(rank: int, out_dir: str, aggregation: str, clients_per_ran
                    "all_finite": red.all_finite, "total_weight": red.total_weight,
                    "rider": red.extra["rider"].tolist(), "bytes": red.payload_bytes}, fh)
     rt.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Client groups: toy clients trained with their batches split over the ranks of a group
+# ----------------------------------------------------------------------------------------------------
+
+class _Out:
+    def __init__(self, logits):
+        self.logits = logits
+
+
+class ToyClassifier(torch.nn.Module):
+    def __init__(self, vocab: int = 20, width: int = 8, classes: int = 3):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, width)
+        self.head = torch.nn.Linear(width, classes)
+
+    def forward(self, input_ids, attention_mask):
+        m = attention_mask.unsqueeze(-1).float()
+        return _Out(self.head((self.emb(input_ids) * m).sum(1) / m.sum(1)))
+
+
+class ToyCausalLM(torch.nn.Module):
+    def __init__(self, vocab: int = 20, width: int = 8):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, width)
+        self.mix = torch.nn.Linear(width, width)
+        self.out = torch.nn.Linear(width, vocab)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids)
+        return _Out(self.out(torch.tanh(self.mix(torch.cumsum(h, 1)))))
+
+
+def toy_client(kind: str, client: int):
+    """A toy model (seeded) and one client's data: 13 rows of ragged length, so that batches of 4
+    leave a last batch of one row (a rank of a 2-rank group then computes nothing)."""
+    from fedpft_dist.data.tasks import ClientData
+
+    g = torch.Generator().manual_seed(100 + client)
+    n, length = 13, 7
+    ids = torch.randint(0, 20, (n, length), generator=g)
+    lengths = torch.randint(2, length + 1, (n,), generator=g)
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    labels = None if kind == "causal" else torch.randint(0, 3, (n,), generator=g)
+    torch.manual_seed(7)
+    model = ToyCausalLM() if kind == "causal" else ToyClassifier()
+    return model, ClientData(input_ids=ids * mask, attention_mask=mask, labels=labels, token_type_ids=None)
+
+
+def toy_train(kind: str, client: int, group=None, prox_mu: float = 0.0):
+    """train_client on a toy client with plain state-dict adapters; returns the update."""
+    from fedpft_dist.federation import client as client_mod
+
+    model, data = toy_client(kind, client)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    set_adapter, get_adapter = client_mod.set_adapter, client_mod.get_adapter
+    client_mod.set_adapter = lambda m, a: m.load_state_dict(a, strict=False)
+    client_mod.get_adapter = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}
+    try:
+        return client_mod.train_client(model, start, data, 2, 4, 0.05, 0.01, seed=3 + client,
+                                       prox_mu=prox_mu, group=group)
+    finally:
+        client_mod.set_adapter, client_mod.get_adapter = set_adapter, get_adapter
+
+
+def client_groups_suite(rank: int, out_dir: str) -> None:
+    """4 ranks as 2 groups of 2: group g trains toy client g (both tasks, and FedProx); every rank
+    saves its adapters, loss share and tokens; the groups' own collectives are checked on the way."""
+    from safetensors.torch import save_file
+
+    rt = init_runtime(timeout_s=60, threads_per_rank=1)
+    groups = rt.client_groups(2)
+    own = groups.comm.all_reduce_sum({"x": torch.tensor([float(rank + 1)])})["x"].item()
+    sent = groups.comm.broadcast_state({"v": torch.tensor([10.0 * rank])} if groups.leader else None)["v"].item()
+    tensors, info = {}, {"rank": rank, "group": groups.index, "group_rank": groups.comm.rank,
+                         "count": groups.count, "leader": groups.leader, "group_sum": own, "group_broadcast": sent}
+    for kind, mu in (("classify", 0.0), ("causal", 0.0), ("classify", 5.0)):
+        upd = toy_train(kind, groups.index, groups.comm, mu)
+        tag = f"{kind}-{mu:g}"
+        tensors.update({f"{tag}/{k}": v for k, v in upd.adapter.items()})
+        info[tag] = {"loss_sum": upd.loss_sum, "loss_count": upd.loss_count, "tokens": upd.tokens,
+                     "steps": upd.steps, "num_samples": upd.num_samples}
+    save_file(tensors, os.path.join(out_dir, f"rank{rank}.safetensors"))
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(info, f)
+    rt.shutdown()

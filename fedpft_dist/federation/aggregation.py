@@ -54,16 +54,19 @@ class Aggregator:
     def weight(self, update: ClientUpdate) -> float:
         return float(update.num_samples)
 
-    def accumulate(self, adapter: dict[str, torch.Tensor], weight: float) -> bool:
+    def accumulate(self, adapter: dict[str, torch.Tensor], weight: float, contribute: bool = True) -> bool:
         """Add ``weight * adapter`` to this rank's sums; a non-finite adapter is counted as excluded
-        instead. Returns whether it was added."""
+        instead. Returns whether the update counts (is finite). With ``contribute`` False (a client
+        group's other ranks, which hold the same adapter as its leader) nothing is added or counted:
+        the group's update enters the all-reduce once."""
         flat = torch.cat([adapter[k].detach().reshape(-1).cpu() for k in self.keys]).double()
-        if not bool(torch.isfinite(flat).all()):
+        finite = bool(torch.isfinite(flat).all())
+        if contribute and not finite:
             self.excluded += 1
-            return False
-        self.flat += weight * flat
-        self.weight_sum += weight
-        return True
+        elif contribute:
+            self.flat += weight * flat
+            self.weight_sum += weight
+        return finite
 
     def reduce(self, comm: Communicator, extra: Optional[dict[str, torch.Tensor]] = None,
                name: str = "aggregate/adapter") -> Reduced:

@@ -66,8 +66,9 @@ def build_models(cfg: Config, rt: Runtime, method: Method, layout: RunLayout, nu
     Every rank loads the whole FM: evaluation runs on it, unpartitioned."""
     f = cfg.fed
     lora = (f.lora_r, f.lora_alpha, f.lora_dropout)
+    dropout = None if cfg.model.dropout < 0 else cfg.model.dropout
     torch.manual_seed(cfg.run.seed)  # the head's initialisation is part of the shared starting point
-    fm = load_model(fm_dir, task, cfg.model.dtype, num_labels=num_labels).to(rt.device)
+    fm = load_model(fm_dir, task, cfg.model.dtype, num_labels=num_labels, dropout=dropout).to(rt.device)
     fm_params = count_params(fm)
     ffn = f.lora_targets == "attention+ffn"
     if not method.uses_proxy:
@@ -79,7 +80,7 @@ def build_models(cfg: Config, rt: Runtime, method: Method, layout: RunLayout, nu
     proxy_dir = method.client_model(cfg, rt, layout)
     meta = read_proxy_meta(proxy_dir)
     torch.manual_seed(cfg.run.seed)
-    proxy, _ = load_proxy(proxy_dir, task=task, dtype=cfg.model.dtype, num_labels=num_labels)
+    proxy, _ = load_proxy(proxy_dir, task=task, dtype=cfg.model.dtype, num_labels=num_labels, dropout=dropout)
     proxy = proxy.to(rt.device)
     _checkpointing(proxy, f.gradient_checkpointing)
     client_params, nonemb = count_params(proxy), non_embedding_params(proxy)  # before LoRA is added

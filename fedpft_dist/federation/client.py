@@ -13,19 +13,21 @@ from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..data.tasks import ClientData
 from ..models.adapters import get_adapter, set_adapter
-from ..models.lm import next_token_labels, next_token_sums
+from ..models.lm import IGNORE, next_token_labels, next_token_sums
+from ..runtime import Communicator
 
 
 @dataclass
 class ClientUpdate:
     adapter: dict[str, torch.Tensor]
     num_samples: int
-    loss_sum: float
+    loss_sum: float           # this rank's share of the loss summed over loss_count (all of it without a group)
     steps: int
-    tokens: int
+    tokens: int               # real tokens this rank computed on
     loss_count: float = 0.0   # what loss_sum sums over: examples x epochs, or next-token targets
     # where the client's time went: set_up (adapter in, optimizer), compute (the batches), collect
     # (adapter out); all but compute is the per-client fixed cost
@@ -34,7 +36,7 @@ class ClientUpdate:
 
 def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data: ClientData, epochs: int,
                  batch_size: int, lr: float, weight_decay: float, seed: int, recorder=None,
-                 prox_mu: float = 0.0) -> ClientUpdate:
+                 prox_mu: float = 0.0, group: Optional[Communicator] = None) -> ClientUpdate:
     """Start from the global adapter, train ``epochs`` local epochs, return the new adapter.
 
     ``seed`` fixes the batch order and dropout, so the update depends only on (client, round), not on
@@ -43,6 +45,12 @@ def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data
     The loss is the mean over the batch's examples (classification) or next-token targets (causal LM).
     ``prox_mu`` > 0 adds FedProx's proximal term ``mu/2 * sum |theta - theta_global|^2`` over the
     trainable parameters to what is minimised (not to the reported loss).
+
+    ``group`` (a client group of G ranks, all calling this for the same client) splits every batch
+    into G consecutive row blocks, one per rank. Each rank's loss is its rows' loss sum divided by
+    the whole batch's count, so the sum of the G gradients, all-reduced inside the group before
+    every step, is the whole batch's gradient; every rank then takes the same step and ends with
+    the same adapter.
     """
     t0 = time.perf_counter()
     set_adapter(model, global_adapter)
@@ -55,41 +63,67 @@ def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data
     device = params[0].device
     n = len(data)
     causal = data.labels is None
+    split = group is not None and group.world_size > 1
     loss_sum, loss_count, steps, tokens = 0.0, 0.0, 0, 0
     t1 = time.perf_counter()
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen)
         for start in range(0, n, batch_size):
-            idx = order[start: start + batch_size]
-            mask = data.attention_mask[idx]
-            width = int(mask.sum(1).max())
-            mask = mask[:, :width].to(device)
-            ids = data.input_ids[idx, :width].to(device)
-            if recorder is not None:
-                recorder.mask = mask
-            extra = {} if data.token_type_ids is None else {"token_type_ids": data.token_type_ids[idx, :width].to(device)}
+            batch = order[start: start + batch_size]
+            # the whole batch's width and count, whichever rows this rank computes
+            width = int(data.attention_mask[batch].sum(1).max())
             if causal:
-                logits = model(input_ids=ids, attention_mask=mask, **extra).logits
-                total, _, count = next_token_sums(logits, next_token_labels(ids, mask))
-                loss = (total / max(1, count)).float()
+                count = int((next_token_labels(data.input_ids[batch, :width],
+                                               data.attention_mask[batch, :width])[:, 1:] != IGNORE).sum())
             else:
-                loss, count = model(input_ids=ids, attention_mask=mask, labels=data.labels[idx].to(device),
-                                    **extra).loss, len(idx)
+                count = len(batch)
+            rows = batch.tensor_split(group.world_size)[group.rank] if split else batch
+            if len(rows):
+                total = _loss_sum(model, data, rows, width, device, causal, recorder)
+                (total / max(1, count)).float().backward()
+                loss_sum += float(total.detach())
+                tokens += int(data.attention_mask[rows].sum())
+            if split:
+                _sum_gradients(params, group)
             if anchor is not None:
-                prox = sum(((p - p0) ** 2).sum() for p, p0 in zip(params, anchor))
-                (loss + 0.5 * prox_mu * prox).backward()
-            else:
-                loss.backward()
+                # d/dtheta of mu/2 |theta - theta_global|^2, added once (after the group's sum)
+                for p, p0 in zip(params, anchor):
+                    p.grad.add_(p.detach() - p0, alpha=prox_mu)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            loss_sum += float(loss.detach()) * count
             loss_count += count
             steps += 1
-            tokens += int(mask.sum())
     t2 = time.perf_counter()
     adapter = get_adapter(model)
     seconds = {"set_up": t1 - t0, "compute": t2 - t1, "collect": time.perf_counter() - t2}
     return ClientUpdate(adapter, n, loss_sum, steps, tokens, loss_count, seconds)
+
+
+def _loss_sum(model: nn.Module, data: ClientData, rows: torch.Tensor, width: int, device: torch.device,
+              causal: bool, recorder) -> torch.Tensor:
+    """The loss summed over ``rows`` (examples, or their next-token targets), cut to ``width``."""
+    mask = data.attention_mask[rows, :width].to(device)
+    ids = data.input_ids[rows, :width].to(device)
+    if recorder is not None:
+        recorder.mask = mask
+    extra = {} if data.token_type_ids is None else {"token_type_ids": data.token_type_ids[rows, :width].to(device)}
+    logits = model(input_ids=ids, attention_mask=mask, **extra).logits
+    if causal:
+        return next_token_sums(logits, next_token_labels(ids, mask))[0]
+    return F.cross_entropy(logits.float(), data.labels[rows].to(device), reduction="sum")
+
+
+def _sum_gradients(params: list[nn.Parameter], group: Communicator) -> None:
+    """One all-reduce of every trainable parameter's gradient inside the client group (a rank that
+    had no rows of this batch sends zeros)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads]).to(group.device)
+    group.all_reduce_(flat, name="client/gradients")
+    offset = 0
+    for p in params:
+        k = p.numel()
+        p.grad = flat[offset: offset + k].view_as(p).to(p.device, p.dtype)
+        offset += k
 
 
 def eval_batches(input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int, device: torch.device,

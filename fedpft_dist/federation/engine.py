@@ -1,8 +1,9 @@
 """The federated engine (Stage 3 and DESIGN §3). Every rank hosts virtual clients and runs the same
 round loop, calling the same collectives in the same order:
 
-    sample   the round's clients, shared out over ranks (a pure function of seed and round)
-    train    this rank's clients, one after another, from the global adapter
+    sample   the round's clients, shared out over client groups (a pure function of seed and round);
+             a group is one rank, or ``dist.ranks_per_client`` ranks that split each batch
+    train    this group's clients, one after another, from the global adapter
     aggregate  one all-reduce of every rank's weighted float64 sums gives every rank the new adapter
     align    every ``fed.align_every`` rounds (not the last: nothing would train on it), neuron-level
              distillation of the proxy on all ranks
@@ -39,7 +40,7 @@ from ..models.families import layers_prefix
 from ..models.loading import load_tokenizer, resolve_model_dir, resolve_task
 from ..models.proxy import ActivationRecorder
 from ..run_layout import RunLayout
-from ..runtime import Runtime, init_from_config
+from ..runtime import ClientGroups, Runtime, init_from_config
 from .aggregation import Aggregator, Reduced, make_aggregator
 from .build import Models, build_models
 from .client import train_client
@@ -124,6 +125,7 @@ class Engine:
         cfg, rt, f = self.cfg, self.rt, self.cfg.fed
         self.layout = RunLayout.from_config(cfg)
         self.method = get_method(f.method)
+        self.groups: ClientGroups = rt.client_groups(cfg.dist.ranks_per_client)
         # Rank 0 writes the run's files: a run dir it cannot write stops every rank now, not at the
         # first checkpoint.
         problem = run_dir_problem(self.layout.run_dir) if rt.is_main else None
@@ -264,9 +266,10 @@ class Engine:
         return False
 
     def plan(self, t: int) -> RoundPlan:
-        f, rt = self.cfg.fed, self.rt
+        f = self.cfg.fed
         sampled = sample_clients(f.num_clients, self.k_round, self.cfg.run.seed, t)
-        mine = assign_to_ranks(sampled, [self.cost[c] for c in sampled], rt.world_size)[rt.rank]
+        # shared out over client groups (one group per rank when dist.ranks_per_client is 1)
+        mine = assign_to_ranks(sampled, [self.cost[c] for c in sampled], self.groups.count)[self.groups.index]
         evaluate = (t + 1) % f.eval_every == 0 or t + 1 == f.rounds
         every = f.fidelity_every
         return RoundPlan(t, sampled, mine, round_lr(f.lr, f.lr_schedule, t, f.rounds),
@@ -277,9 +280,11 @@ class Engine:
 
     def train_clients(self, plan: RoundPlan) -> LocalResult:
         """Each of this rank's clients starts from the global adapter; its update goes into this rank's
-        aggregator (a non-finite one is counted and left out). In alignment rounds the proxy's
-        activation statistics are collected on the way."""
-        f, models = self.cfg.fed, self.models
+        aggregator (a non-finite one is counted and left out). In a client group every rank trains
+        the group's clients on its share of each batch, and only the leader adds the (identical)
+        adapters; every rank adds its share of the loss and tokens. In alignment rounds the proxy's
+        activation statistics are collected on the way (each rank over the rows it computed)."""
+        f, models, groups = self.cfg.fed, self.models, self.groups
         recorder = None
         if plan.align:
             recorder = ActivationRecorder(models.client.get_base_model(), models.compressed_layers, self.cfg.proxy.eps)
@@ -292,12 +297,12 @@ class Engine:
             spent["slice"] += time.perf_counter() - t0
             upd = train_client(models.client, self.state.global_adapter, data, f.local_epochs,
                                f.batch_size, plan.lr, f.weight_decay, client_seed(self.cfg.run.seed, plan.index, c),
-                               recorder, f.prox_mu)
+                               recorder, f.prox_mu, groups.comm)
             self.progress.client_done()
             t0 = time.perf_counter()
-            if local.aggregator.accumulate(upd.adapter, local.aggregator.weight(upd)):
+            if local.aggregator.accumulate(upd.adapter, local.aggregator.weight(upd), contribute=groups.leader):
                 local.loss_sum += upd.loss_sum
-                local.loss_count += upd.loss_count
+                local.loss_count += upd.loss_count if groups.leader else 0
                 local.tokens += upd.tokens
             spent["accumulate"] += time.perf_counter() - t0
             for part, sec in upd.seconds.items():

@@ -136,12 +136,25 @@ def resolve_task(cfg, fm_dir: Path) -> str:
     return cfg.model.task
 
 
-def load_model(model_dir: Path, task: str, dtype: str = "float32", num_labels: Optional[int] = None):
-    """Load a FM or a proxy (the proxy classes register when this package is imported) from ``model_dir``."""
+def dropout_overrides(model_config: dict, p: float) -> dict[str, float]:
+    """Every key of a model's config that sets a dropout probability (``hidden_dropout_prob``,
+    ``attention_probs_dropout_prob``, ``classifier_dropout``, ``attention_dropout``, ...), set to ``p``."""
+    return {k: p for k, v in model_config.items()
+            if "dropout" in k and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))}
+
+
+def load_model(model_dir: Path, task: str, dtype: str = "float32", num_labels: Optional[int] = None,
+               dropout: Optional[float] = None):
+    """Load a FM or a proxy (the proxy classes register when this package is imported) from ``model_dir``;
+    ``dropout`` (not None) replaces every dropout probability of its config."""
+    import json
+
     quiet_transformers()
     kwargs = {"dtype": DTYPES[dtype], "local_files_only": True, "use_safetensors": True}
     if task == "sequence-classification" and num_labels is not None:
         kwargs["num_labels"] = num_labels
+    if dropout is not None:
+        kwargs.update(dropout_overrides(json.loads((Path(model_dir) / "config.json").read_text()), dropout))
     try:
         return auto_class(task).from_pretrained(str(model_dir), **kwargs)
     except (OSError, ValueError) as exc:

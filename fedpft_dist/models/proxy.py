@@ -273,12 +273,12 @@ def read_proxy_meta(proxy_dir: str | os.PathLike) -> dict:
 
 
 def load_proxy(proxy_dir: str | os.PathLike, task: Optional[str] = None, dtype: str = "float32",
-               num_labels: Optional[int] = None):
+               num_labels: Optional[int] = None, dropout: Optional[float] = None):
     """Reload a saved proxy in one call, without the FM: returns (model, meta)."""
     from .loading import load_model
 
     meta = read_proxy_meta(proxy_dir)
-    model = load_model(Path(proxy_dir), task or meta["task"], dtype=dtype, num_labels=num_labels)
+    model = load_model(Path(proxy_dir), task or meta["task"], dtype=dtype, num_labels=num_labels, dropout=dropout)
     return model, meta
 
 

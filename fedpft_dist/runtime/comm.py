@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 import time
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -69,24 +69,64 @@ class _Watchdog:
                 os._exit(EXIT_COLLECTIVE_ERROR)
 
 
+# Subgroups by their global ranks, made once per process by make_subgroups.
+_SUBGROUPS: dict[tuple[int, ...], object] = {}
+
+
+def make_subgroups(partition: Sequence[Sequence[int]]) -> None:
+    """Create a process group for each block of global ranks (blocks of one rank need none). A
+    collective itself: every rank calls it with the same partition, and every rank creates every
+    group in the same order, as ``new_group`` requires."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for ranks in partition:
+        key = tuple(ranks)
+        if len(key) > 1 and key not in _SUBGROUPS:
+            _SUBGROUPS[key] = dist.new_group(list(key))
+
+
+def forget_subgroups() -> None:
+    """Drop the subgroups of a process group that is being destroyed."""
+    _SUBGROUPS.clear()
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else exc.__class__.__name__
 
 
 class Communicator:
-    """Collectives over the default process group (or a single process, where they are identities).
+    """Collectives over the default process group (or a single process, where they are identities),
+    or over one subgroup of it (:meth:`subgroup`).
 
     ``device`` is where buffers live for the backend: a CUDA device for NCCL, the CPU for gloo.
-    Results come back on the device of the inputs.
+    Results come back on the device of the inputs. ``rank`` and ``world_size`` are this process's
+    place in the communicator's group (for the default group: the global ones).
     """
 
-    def __init__(self, rank: int, world_size: int, device: torch.device, timeout_s: float):
+    def __init__(self, rank: int, world_size: int, device: torch.device, timeout_s: float,
+                 group: Optional[object] = None, label: str = "", watchdog: Optional[_Watchdog] = None):
         self.rank = rank
         self.world_size = world_size
         self.device = torch.device(device)
         self.timeout_s = timeout_s
-        self._watchdog = _Watchdog(timeout_s, rank)
+        self.group = group       # None: the default (world) group
+        self.label = label       # prefixed to collective names in errors, e.g. "client group 1"
+        self._watchdog = watchdog or _Watchdog(timeout_s, rank)
+
+    def subgroup(self, ranks: Sequence[int], label: str) -> "Communicator":
+        """A communicator over the global ``ranks``, which must include this process. The process
+        group itself is made by the runtime (every rank creates every subgroup, in the same order);
+        this binds one of them. It shares this communicator's watchdog: a process runs one
+        collective at a time."""
+        ranks = list(ranks)
+        me = dist.get_rank() if self.active else self.rank
+        if me not in ranks:
+            raise ValueError(f"rank {me} is not in the subgroup {ranks}")
+        group = _SUBGROUPS.get(tuple(ranks)) if self.active and len(ranks) > 1 else None
+        if self.active and len(ranks) > 1 and group is None:
+            raise ValueError(f"no process group for ranks {ranks}: create it with make_subgroups first")
+        return Communicator(ranks.index(me), len(ranks), self.device, self.timeout_s, group, label, self._watchdog)
 
     @property
     def is_main(self) -> bool:
@@ -97,14 +137,19 @@ class Communicator:
         """True when a process group is up; False for a single process without one."""
         return dist.is_available() and dist.is_initialized()
 
+    @property
+    def _parallel(self) -> bool:
+        return self.active and self.world_size > 1
+
     @contextlib.contextmanager
     def _collective(self, name: str) -> Iterator[None]:
-        with self._watchdog.track(name):
+        where = f"{self.label} " if self.label else ""
+        with self._watchdog.track(f"{where}{name}"):
             try:
                 yield
             except (RuntimeError, dist.DistError) as exc:  # DistBackendError, gloo/NCCL timeouts
                 raise CollectiveError(
-                    f"collective '{name}' failed on rank {self.rank}/{self.world_size} "
+                    f"collective '{name}' failed on {where}rank {self.rank}/{self.world_size} "
                     f"(timeout {self.timeout_s:g} s): {_first_line(exc)}") from exc
 
     # -- sums --------------------------------------------------------------------------------------
@@ -128,9 +173,9 @@ class Communicator:
             flat = torch.cat([tensors[k].detach().reshape(-1).to(self.device) for k in group]) \
                 if group else torch.empty(0, dtype=dtype, device=self.device)
             buffers.append((group, flat))
-        if self.active and self.world_size > 1:
+        if self._parallel:
             with self._collective(name):
-                works = [dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True) for _, flat in buffers]
+                works = [dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True) for _, flat in buffers]
                 for w in works:
                     w.wait()
         for group, flat in buffers:
@@ -145,9 +190,9 @@ class Communicator:
     def all_reduce_(self, buffer: torch.Tensor, name: str = "all_reduce") -> torch.Tensor:
         """In-place sum of one contiguous buffer on ``self.device``: the bare collective, without
         the packing of :meth:`all_reduce_sum` (benchmarks compare the two)."""
-        if self.active and self.world_size > 1:
+        if self._parallel:
             with self._collective(name):
-                dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+                dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.group)
         return buffer
 
     def all_reduce_metrics(self, metrics: Mapping[str, float], op: str = "sum",
@@ -157,22 +202,22 @@ class Communicator:
         if op not in ops:
             raise ValueError(f"op must be one of {sorted(ops)}, got {op!r}")
         keys = sorted(metrics)
-        if not (self.active and self.world_size > 1):
+        if not self._parallel:
             return {k: float(metrics[k]) for k in keys}
         buf = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.device)
         with self._collective(name):
-            dist.all_reduce(buf, op=ops[op])
+            dist.all_reduce(buf, op=ops[op], group=self.group)
         return dict(zip(keys, buf.cpu().tolist()))
 
     def agree(self, flag: bool, op: str = "min", name: str = "agree") -> bool:
         """Shared decision: ``min`` = true only if true on every rank, ``max`` = true on any rank."""
         if op not in ("min", "max"):
             raise ValueError(f"op must be 'min' or 'max', got {op!r}")
-        if not (self.active and self.world_size > 1):
+        if not self._parallel:
             return bool(flag)
         buf = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
         with self._collective(name):
-            dist.all_reduce(buf, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
+            dist.all_reduce(buf, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX, group=self.group)
         return bool(buf.item())
 
     # -- broadcast ---------------------------------------------------------------------------------
@@ -182,7 +227,7 @@ class Communicator:
         """Send a state dict from rank ``src`` to every rank. Other ranks pass None (or anything);
         they receive names, shapes and dtypes first (one small object broadcast), then one flat
         buffer per dtype. Returned tensors are on ``self.device``."""
-        if not (self.active and self.world_size > 1):
+        if not self._parallel:
             if state is None:
                 raise ValueError("broadcast_state on a single process needs the state")
             return {k: v.detach().to(self.device) for k, v in state.items()}
@@ -195,7 +240,7 @@ class Communicator:
             meta = None
         holder = [meta]
         with self._collective(f"{name}/meta"):
-            dist.broadcast_object_list(holder, src=src, device=self.device)
+            dist.broadcast_object_list(holder, group=self.group, device=self.device, group_src=src)
         meta = holder[0]
         by_dtype: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
         for k, shape, dt in meta:
@@ -210,7 +255,7 @@ class Communicator:
                 else:
                     total = sum(int(torch.Size(s).numel()) for _, s in group)
                     flat = torch.empty(total, dtype=dtype, device=self.device)
-                dist.broadcast(flat, src=src)
+                dist.broadcast(flat, group=self.group, group_src=src)
                 offset = 0
                 for k, shape in group:
                     n = int(torch.Size(shape).numel())
@@ -220,7 +265,7 @@ class Communicator:
 
     def barrier(self, name: str = "barrier") -> None:
         """All ranks reach this point; implemented as a tiny all-reduce so the timeout applies."""
-        if self.active and self.world_size > 1:
+        if self._parallel:
             buf = torch.zeros(1, dtype=torch.int32, device=self.device)
             with self._collective(name):
-                dist.all_reduce(buf)
+                dist.all_reduce(buf, group=self.group)

@@ -13,10 +13,25 @@ import torch
 import torch.distributed as dist
 
 from ..errors import CollectiveError, UserError
-from .comm import Communicator
+from .comm import Communicator, forget_subgroups, make_subgroups
 from .launch import LaunchInfo, detect_launch
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClientGroups:
+    """The world's ranks in blocks of ``size`` consecutive ranks; each block trains one client at a
+    time, its batch split over the block's ranks. ``comm`` is this rank's block; ``leader`` (the
+    block's first rank) is the one that contributes the block's client sums to the aggregation."""
+    size: int
+    count: int
+    index: int
+    comm: Communicator
+
+    @property
+    def leader(self) -> bool:
+        return self.comm.rank == 0
 
 
 @dataclass
@@ -43,8 +58,21 @@ class Runtime:
     def is_main(self) -> bool:
         return self.launch.rank == 0
 
+    def client_groups(self, size: int) -> ClientGroups:
+        """Blocks of ``size`` consecutive ranks (``size`` must divide the world size), their process
+        groups made once. A collective: every rank calls it with the same size."""
+        if size < 1 or self.world_size % size:
+            raise UserError(f"dist.ranks_per_client: {size} does not divide the world size {self.world_size} "
+                            f"(use a divisor, e.g. 1)")
+        blocks = [list(range(start, start + size)) for start in range(0, self.world_size, size)]
+        make_subgroups(blocks)
+        index = self.rank // size
+        return ClientGroups(size, len(blocks), index,
+                            self.comm.subgroup(blocks[index], f"client group {index}" if size > 1 else ""))
+
     def shutdown(self) -> None:
         if dist.is_available() and dist.is_initialized():
+            forget_subgroups()
             dist.destroy_process_group()
 
     def __enter__(self) -> "Runtime":
