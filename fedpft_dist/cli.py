@@ -77,7 +77,8 @@ MEMORY_HELP = ("per-rank memory of client training, layer-level distillation and
 def _cmd_memory_plan(cfg, args) -> int:
     from .commands.memory_plan import run_memory_plan
 
-    return run_memory_plan(cfg, args.model_config, args.world_size, args.json)
+    return run_memory_plan(cfg, args.model_config, args.world_size, args.json, args.ranks_per_client,
+                           args.client_sharding, args.device_gb)
 
 
 SWEEP_HELP = ("a grid of config overrides, one training run per point (spec: sweeps/*.yaml): list the points, "
@@ -124,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     p.add_argument("--model-config", metavar="FILE", help="the FM's config.json (default: <model.path>/config.json)")
     p.add_argument("--world-size", type=int, default=8, metavar="N", help="ranks the FM is sharded over")
+    p.add_argument("--ranks-per-client", type=int, metavar="G",
+                   help="ranks that train one client together (default: the config's dist.ranks_per_client)")
+    p.add_argument("--client-sharding", choices=("none", "fsdp"),
+                   help="how a client group holds the proxy: whole on every rank, or FSDP2 over the group's "
+                        "ranks (default: the config's fed.client_sharding, else none)")
+    p.add_argument("--device-gb", type=float, default=80.0, metavar="GB",
+                   help="device memory (10^9 bytes) the totals are checked against")
     p.add_argument("--json", metavar="FILE", help="also write the plan here")
     p.set_defaults(func=_cmd_memory_plan)
     p = sub.add_parser("report", help=REPORT_HELP, description=REPORT_HELP)

@@ -222,6 +222,10 @@ class FedConfig:
     prox_mu: float = _opt(0.0, help="FedProx: weight mu of the proximal term mu/2 * |theta - theta_global|^2 on the "
                                     "trainable adapter parameters in local training (0 = FedAvg's local training)",
                           ge=0)
+    client_sharding: Literal["none", "fsdp"] = _opt(
+        "none", help="fsdp: shard the client model (proxy or emulator) over the ranks of each client group "
+                     "(dist.ranks_per_client > 1) with PyTorch FSDP2, so a rank holds 1/G of its weights, "
+                     "adapter and optimizer state; none: every rank holds the whole client model")
     partition: Literal["iid", "dirichlet", "labels"] = _opt("iid", help="how the train set is split over clients")
     alpha: float = _opt(1.0, help="Dirichlet concentration (smaller = more label skew)", gt=0)
     labels_per_client: int = _opt(2, help="labels per client for partition=labels", ge=1)

@@ -42,7 +42,7 @@ DISTILL = ("distill.steps", "distill.epoch_fraction", "distill.batch_size", "dis
 RUN_SECTIONS = ("model", "data", "fed", "proxy", "distill", "public_text")
 RUN_IGNORED = ("model.path", "data.cache_dir", "fed.checkpoint_every", "fed.resume", "fed.stop_after",
                "fed.eval_every", "fed.eval_initial", "fed.eval_batch_size", "fed.fidelity_every",
-               "fed.fidelity_examples", "fed.max_excluded_rounds", "proxy.out", "proxy.batch_size",
+               "fed.fidelity_examples", "fed.max_excluded_rounds", "fed.client_sharding", "proxy.out", "proxy.batch_size",
                "proxy.eval_chunks", "proxy.sample_prompt", "proxy.sample_tokens", "distill.proxy", "distill.out",
                "distill.zero_stage", "distill.micro_batch", "distill.eval_chunks", "distill.checkpoint_every",
                "distill.resume")

@@ -1,6 +1,7 @@
 """Functions that run inside 2-rank jobs started by the tests (spawned or as scripts)."""
 from __future__ import annotations
 
+import collections
 import json
 import os
 import sys
@@ -111,9 +112,8 @@ def aggregation_suite(rank: int, out_dir: str, aggregation: str, clients_per_ran
 # Client groups: toy clients trained with their batches split over the ranks of a group
 # ----------------------------------------------------------------------------------------------------
 
-class _Out:
-    def __init__(self, logits):
-        self.logits = logits
+# a named tuple: FSDP finds the output tensors to hook its backward on by walking the output
+_Out = collections.namedtuple("_Out", "logits")
 
 
 class ToyClassifier(torch.nn.Module):
@@ -155,15 +155,20 @@ def toy_client(kind: str, client: int):
     return model, ClientData(input_ids=ids * mask, attention_mask=mask, labels=labels, token_type_ids=None)
 
 
-def toy_train(kind: str, client: int, group=None, prox_mu: float = 0.0):
-    """train_client on a toy client with plain state-dict adapters; returns the update."""
+def toy_train(kind: str, client: int, group=None, prox_mu: float = 0.0, shard: bool = False):
+    """train_client on a toy client whose adapter is all its parameters; returns the update (and,
+    with ``shard``, the model sharded over ``group`` first, the bytes of parameters this rank holds)."""
     from fedpft_dist.federation import client as client_mod
+    from fedpft_dist.runtime.shard import assign_full, full_value, local_parameter_bytes, shard_client_model
 
     model, data = toy_client(kind, client)
-    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    if shard:
+        shard_client_model(model, [], group)
+        toy_train.local_bytes = local_parameter_bytes(model)
     set_adapter, get_adapter = client_mod.set_adapter, client_mod.get_adapter
-    client_mod.set_adapter = lambda m, a: m.load_state_dict(a, strict=False)
-    client_mod.get_adapter = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}
+    client_mod.set_adapter = lambda m, a: [assign_full(p, a[k]) for k, p in m.named_parameters()]
+    client_mod.get_adapter = lambda m: {k: full_value(p.detach()).clone() for k, p in m.named_parameters()}
     try:
         return client_mod.train_client(model, start, data, 2, 4, 0.05, 0.01, seed=3 + client,
                                        prox_mu=prox_mu, group=group)
@@ -182,9 +187,12 @@ def client_groups_suite(rank: int, out_dir: str) -> None:
     sent = groups.comm.broadcast_state({"v": torch.tensor([10.0 * rank])} if groups.leader else None)["v"].item()
     tensors, info = {}, {"rank": rank, "group": groups.index, "group_rank": groups.comm.rank,
                          "count": groups.count, "leader": groups.leader, "group_sum": own, "group_broadcast": sent}
-    for kind, mu in (("classify", 0.0), ("causal", 0.0), ("classify", 5.0)):
-        upd = toy_train(kind, groups.index, groups.comm, mu)
-        tag = f"{kind}-{mu:g}"
+    for kind, mu, shard in (("classify", 0.0, False), ("causal", 0.0, False), ("classify", 5.0, False),
+                            ("classify", 0.0, True), ("causal", 5.0, True)):
+        upd = toy_train(kind, groups.index, groups.comm, mu, shard)
+        tag = f"{kind}-{mu:g}" + ("-fsdp" if shard else "")
+        if shard:
+            info[f"{tag}/local_bytes"] = toy_train.local_bytes
         tensors.update({f"{tag}/{k}": v for k, v in upd.adapter.items()})
         info[tag] = {"loss_sum": upd.loss_sum, "loss_count": upd.loss_count, "tokens": upd.tokens,
                      "steps": upd.steps, "num_samples": upd.num_samples}

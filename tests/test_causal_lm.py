@@ -234,6 +234,7 @@ def test_activation_statistics_count_a_batch_once_under_gradient_checkpointing()
 def test_memory_plan_counts_what_the_code_builds():
     from fedpft_dist.models.adapters import full_width_layers, with_lora
     from fedpft_dist.commands.memory_plan import decoder_counts, memory_plan
+    from fedpft_dist.models.families import transformer_layers
     from fedpft_dist.models.proxy import build_proxy, count_params, plan_proxy
 
     fm = _tiny_llama()
@@ -241,11 +242,16 @@ def test_memory_plan_counts_what_the_code_builds():
     plan = plan_proxy(fm, [0, -1], 0.25)
     proxy = build_proxy(fm, {l: list(range(k)) for l, k in plan.keep.items()})
     assert counts["fm"] == count_params(fm) and counts["proxy"] == count_params(proxy)
+    # the FSDP2 units: transformer layers and the root (before with_lora adds LoRA to the proxy)
+    layers = [sum(p.numel() for p in layer.parameters()) for layer in transformer_layers(proxy)]
+    assert counts["largest_layer"] == max(layers) and counts["root"] == count_params(proxy) - sum(layers)
     assert counts["compressed_layers"] == [1, 2] and counts["kept"] == [16] and counts["lora_ffn_layers"] == [0, 3]
     ffn = full_width_layers(proxy, fm, exclude=[1, 2])
     peft = with_lora(proxy, 4, 8.0, 0.0, task="causal-lm", ffn_layers=ffn)
     trainable = sum(p.numel() for p in peft.parameters() if p.requires_grad)
     assert trainable == counts["lora_attention"] + counts["lora_ffn"]
+    layer0 = transformer_layers(peft.get_base_model())[0]
+    assert sum(p.numel() for n, p in layer0.named_parameters() if "lora_" in n) == counts["largest_layer_lora"]
     assert counts["ffn_trainable"] == 2 * 3 * 32 * 16
     cfg = load_config(None, ["model.dtype=bfloat16", "proxy.keep_ratio=0.25", "fed.lora_r=4",
                              "fed.lora_targets=attention+ffn"])
@@ -265,6 +271,86 @@ def test_memory_plan_command(tmp_path):
     assert plan["world_size"] == 8 and plan["counts"]["layers"] == 32
     proc = run_cli("memory-plan", "--config", "configs/large/llama-7b.yaml", "--model-config", str(tmp_path / "no.json"))
     assert proc.returncode == 2 and "--model-config" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+LLAMA_70B = "configs/large/llama-2-70b-config.json"
+
+
+def _config_json(path: str):
+    from transformers import AutoConfig
+
+    raw = json.loads((REPO / path).read_text())
+    return AutoConfig.for_model(raw.pop("model_type"), **raw)
+
+
+def test_memory_plan_70b_client_groups():
+    """LLaMA-2-70B's shape over 64 ranks: with FSDP2 over a client group of G ranks a rank holds 1/G of
+    the proxy and its LoRA state plus the all-gathered layers, and the activations are those of the
+    rank's rows; G = 1 keeps the terms of a rank that trains its clients alone."""
+    from fedpft_dist.commands.memory_plan import memory_plan
+
+    h, i, kv, vocab = 8192, 28672, 1024, 32000
+    cfg = load_config(REPO / "configs/large/llama-70b.yaml")
+    model = _config_json(LLAMA_70B)
+    alone = memory_plan(cfg, model, 64, ranks_per_client=1, client_sharding="none")
+    c = alone["counts"]
+    assert c["layers"] == 80 and c["kept"] == [7168] and len(c["compressed_layers"]) == 78
+    # a whole retained layer: q, o (h x h), k, v (h x kv), gate, up, down (h x i), two RMSNorms
+    assert c["largest_layer"] == 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h and c["root"] == 2 * vocab * h + h
+    assert list(alone["client_training"]) == [
+        "proxy weights", "LoRA fp32 weights + grads + AdamW m, v (16 B/param)", "activations without checkpointing",
+        "activations with per-layer checkpointing", "FM for plug-in evaluation (resident in fedpft train)"]
+    assert alone["client_training"]["proxy weights"] == 2 * c["proxy"]
+    lora = c["lora_attention"] + c["lora_ffn"]
+
+    def terms(plan: dict, start: str) -> float:
+        return sum(v for k, v in plan["client_training"].items() if k.startswith(start))
+
+    gathered = None
+    for g in (2, 4, 8):
+        plan = memory_plan(cfg, model, 64, ranks_per_client=g, client_sharding="fsdp")
+        assert plan["client_groups"] == 64 // g and plan["client_rows_per_rank"] == 8 // g
+        assert terms(plan, "proxy weights") * g == terms(alone, "proxy weights")
+        assert terms(plan, "LoRA") * g == 16 * lora
+        # what FSDP adds to the 1/G share: two layers and the root, whole, independent of G
+        extra = terms(plan, "all-gathered")
+        assert extra == 2 * (2 * c["largest_layer"] + 4 * c["largest_layer_lora"]) + 2 * c["root"]
+        assert gathered in (None, extra)
+        gathered = extra
+        per_rank = terms(plan, "proxy weights") + terms(plan, "all-gathered")
+        assert abs(per_rank - terms(alone, "proxy weights") / g) <= extra
+        # 8 rows split over g ranks: the activation terms are linear in the rank's tokens
+        for key in ("activations without checkpointing", "activations with per-layer checkpointing"):
+            assert terms(plan, key) * g == pytest.approx(terms(alone, key), rel=1e-12)
+        assert terms(plan, "FM for plug-in") == terms(alone, "FM for plug-in") == 2 * c["fm"]
+    whole = memory_plan(cfg, model, 64, ranks_per_client=8, client_sharding="none")
+    assert terms(whole, "proxy weights") == terms(alone, "proxy weights")
+    assert terms(whole, "activations without") * 8 == pytest.approx(terms(alone, "activations without"), rel=1e-12)
+    # the config's layout: 8 x 8 ranks with FSDP fits 80 GB for client training, the replicated FM does not
+    plan = memory_plan(cfg, model, 64)
+    assert (plan["ranks_per_client"], plan["client_sharding"]) == (8, "fsdp")
+    fits = plan["fits"]["client_training"]
+    assert fits["client model, without checkpointing"] and not alone["fits"]["client_training"][
+        "client model, without checkpointing"]
+    assert not fits["fedpft train (client model + resident FM), with checkpointing"]
+    assert all(plan["fits"]["distillation"].values()) and not any(plan["fits"]["evaluation"].values())
+    assert plan["distillation"]["weight term (distill.alpha = 0: not computed)"] == 0
+
+
+def test_memory_plan_command_client_groups(tmp_path):
+    out = tmp_path / "plan.json"
+    proc = run_cli("memory-plan", "--config", "configs/large/llama-70b.yaml", "--model-config", LLAMA_70B,
+                   "--world-size", "64", "--device-gb", "141", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "client groups: 8 groups of 8 ranks, fed.client_sharding fsdp" in proc.stdout
+    assert "total: client model, without checkpointing: fits 141 GB" in proc.stdout
+    plan = json.loads(out.read_text())
+    assert plan["ranks_per_client"] == 8 and plan["device_gb"] == 141 and plan["counts"]["layers"] == 80
+    for bad, flag in ((("--ranks-per-client", "3"), "--ranks-per-client"),
+                      (("--ranks-per-client", "1", "--client-sharding", "fsdp"), "--client-sharding")):
+        proc = run_cli("memory-plan", "--config", "configs/large/llama-70b.yaml", "--model-config", LLAMA_70B,
+                       "--world-size", "64", *bad)
+        assert proc.returncode == 2 and flag in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------------------------------

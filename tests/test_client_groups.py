@@ -1,6 +1,7 @@
 """Client groups (dist.ranks_per_client): a client's batch split over the ranks of its group gives
-the update one rank computes alone, for classification, causal LM and FedProx; groups' own
-collectives stay inside the group. The end-to-end runs of configs/tiny.yaml are in test_federation.py."""
+the update one rank computes alone, for classification, causal LM and FedProx, with the model whole
+on every rank or sharded over the group (fed.client_sharding=fsdp); groups' own collectives stay
+inside the group. The end-to-end runs of configs/tiny.yaml are in test_federation.py."""
 import json
 
 import pytest
@@ -14,7 +15,8 @@ from dist_workers import client_groups_suite, toy_train
 
 pytestmark = pytest.mark.distributed
 
-CASES = (("classify", 0.0), ("causal", 0.0), ("classify", 5.0))
+CASES = (("classify", 0.0, False), ("causal", 0.0, False), ("classify", 5.0, False),
+         ("classify", 0.0, True), ("causal", 5.0, True))
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +37,10 @@ def test_the_ranks_form_consecutive_groups_with_their_own_collectives(four_ranks
     assert [i["group_broadcast"] for i in infos] == [0.0, 0.0, 20.0, 20.0]
 
 
-@pytest.mark.parametrize("kind,mu", CASES)
-def test_a_split_batch_gives_the_single_rank_update(four_ranks, kind, mu):
-    tag = f"{kind}-{mu:g}"
+@pytest.mark.parametrize("kind,mu,shard", CASES)
+def test_a_split_batch_gives_the_single_rank_update(four_ranks, kind, mu, shard):
+    """Each group's two ranks split every batch (sharded over the two with FSDP2, or whole on each)."""
+    tag = f"{kind}-{mu:g}" + ("-fsdp" if shard else "")
     for client in (0, 1):
         alone = toy_train(kind, client, prox_mu=mu)
         (info_a, a), (info_b, b) = four_ranks[2 * client], four_ranks[2 * client + 1]
@@ -53,6 +56,11 @@ def test_a_split_batch_gives_the_single_rank_update(four_ranks, kind, mu):
         assert ia["loss_count"] == ib["loss_count"] == alone.loss_count
         assert ia["steps"] == ib["steps"] == alone.steps == 8      # 2 epochs of ceil(13 / 4) batches
         assert ia["tokens"] + ib["tokens"] == alone.tokens
+        if shard:
+            # each rank holds its half of every parameter
+            whole = sum(v.numel() * v.element_size() for v in alone.adapter.values())
+            assert info_a[f"{tag}/local_bytes"] + info_b[f"{tag}/local_bytes"] == whole
+            assert abs(info_a[f"{tag}/local_bytes"] - whole / 2) <= whole * 0.05
 
 
 def test_a_group_size_that_does_not_divide_the_world_is_one_user_error():

@@ -119,15 +119,19 @@ GROUPS = {"1x2": ("model.dropout=0", "fed.lora_dropout=0"),
 
 
 @pytest.fixture(scope="module", params=["1x2", "2x2"])
-def group_runs(request, tmp_path_factory) -> tuple[str, Path, Path]:
-    """configs/tiny.yaml with GROUPS[layout] on 1 rank, and on 2 ranks as 1 client group of 2 or on
-    4 ranks as 2 x 2."""
+def group_runs(request, tmp_path_factory) -> tuple[str, Path, dict[str, Path]]:
+    """configs/tiny.yaml with GROUPS[layout] on 1 rank, and on 2 ranks as 1 client group of 2 (the
+    client model whole on each rank, and sharded over both with FSDP2), or on 4 ranks as 2 x 2."""
     layout = request.param
     root = tmp_path_factory.mktemp(f"groups-{layout}")
     train(root / "1", *GROUPS[layout])
     ranks = 2 if layout == "1x2" else 4
     train(root / layout, *GROUPS[layout], "dist.ranks_per_client=2", ranks=ranks, timeout=600)
-    return layout, root / "1", root / layout
+    runs = {layout: root / layout}
+    if layout == "1x2":
+        train(root / "fsdp", *GROUPS[layout], "dist.ranks_per_client=2", "fed.client_sharding=fsdp", ranks=2)
+        runs["fsdp"] = root / "fsdp"
+    return layout, root / "1", runs
 
 
 @pytest.fixture(scope="module")
@@ -173,20 +177,29 @@ def test_one_rank_and_two_ranks_give_the_same_adapter(tiny_runs):
 
 
 def test_client_groups_give_the_single_rank_adapter(group_runs):
-    layout, single, grouped_dir = group_runs
-    one, grouped = adapter(single), adapter(grouped_dir)
+    layout, single, runs = group_runs
+    one = adapter(single)
     assert_trained(one)
-    # each batch's gradient is the sum of its row blocks' (fp32 sums in another order) and AdamW
-    # carries that through two rounds and an alignment: measured 5.7e-6 (1x2) and 4.7e-6 (2x2)
-    assert max_abs_diff(one, grouped) <= 1e-5
-    m1, mg = metrics(single), metrics(grouped_dir)
-    assert_same_rounds(m1, mg, loss_rel=1e-5)
+    m1 = metrics(single)
     ranks = 2 if layout == "1x2" else 4
-    for row in mg:
-        # every rank computed rows of every round, and together the tokens one rank computes
-        assert len(row["tokens_per_rank"]) == ranks and min(row["tokens_per_rank"]) > 0
-    assert [sum(r["tokens_per_rank"]) for r in mg] == [sum(r["tokens_per_rank"]) for r in m1]
-    assert summary(grouped_dir)["world_size"] == ranks
+    for name, run in runs.items():
+        # each batch's gradient is the sum of its row blocks' (fp32 sums in another order) and AdamW
+        # carries that through two rounds and an alignment: measured 5.7e-6 (1x2, also sharded) and 4.7e-6 (2x2)
+        assert max_abs_diff(one, adapter(run)) <= 1e-5, name
+        mg = metrics(run)
+        assert_same_rounds(m1, mg, loss_rel=1e-5)
+        for a, b in zip(m1, mg):
+            # the sharded client model's fidelity: the group's probe rows split like a batch
+            assert b["grad_cosine"] == pytest.approx(a["grad_cosine"], abs=1e-5), name
+            # every rank computed rows of every round, and together the tokens one rank computes
+            assert len(b["tokens_per_rank"]) == ranks and min(b["tokens_per_rank"]) > 0
+            assert sum(b["tokens_per_rank"]) == sum(a["tokens_per_rank"])
+        assert summary(run)["world_size"] == ranks and summary(run)["ranks_per_client"] == 2
+    if "fsdp" in runs:
+        # a rank of the sharded group holds about half of the client model's parameters
+        whole, half = summary(runs[layout])["client_bytes_per_rank"], summary(runs["fsdp"])["client_bytes_per_rank"]
+        assert summary(single)["client_bytes_per_rank"] == whole
+        assert abs(half - whole / 2) <= 0.01 * whole, (half, whole)
 
 
 def test_the_held_fm_as_teacher_gives_the_same_adapter_on_one_and_two_ranks(tmp_path):

@@ -125,6 +125,22 @@ def test_two_ranks_equal_one_on_cuda(tmp_path):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-4
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs a device per rank")
+@pytest.mark.parametrize("sharding", ["none", "fsdp"])
+def test_a_client_group_on_cuda_equals_one_rank(tmp_path, sharding):
+    """A client group of 2 GPUs (NCCL subgroups; FSDP2 moves each rank's shards to its GPU)."""
+    same = ("model.dropout=0", "fed.lora_dropout=0")
+    _train(tmp_path / "one", *same)
+    _train(tmp_path / "group", *same, "dist.ranks_per_client=2", f"fed.client_sharding={sharding}", ranks=2)
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "group" / "adapter" / "adapter_model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-4
+    summary = json.loads((tmp_path / "group" / "summary.json").read_text())
+    assert summary["ranks_per_client"] == 2 and summary["client_sharding"] == sharding
+
+
 def test_compiled_triton_kernels_match_the_references(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([PYTHON, "-m", "fedpft_kernels.bench", "--out", str(out), "--device", "cuda",

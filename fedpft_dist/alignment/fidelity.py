@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from ..data.tasks import ClientData, Task
 from ..models.adapters import set_adapter
 from ..models.lm import next_token_labels, next_token_sums
-from ..runtime import Runtime
+from ..runtime import ClientGroups, Communicator, Runtime
+from ..runtime.shard import full_value
 
 LORA_MARK = (".lora_A.", ".lora_B.")
 
@@ -51,10 +52,15 @@ def _adapter_key(param_name: str) -> str:
 
 
 def adapter_gradients(model: nn.Module, adapter: dict[str, torch.Tensor], data: ClientData, batch_size: int,
-                      loss_fn: Callable[[nn.Module, dict, Optional[torch.Tensor]], torch.Tensor]) -> dict[str, torch.Tensor]:
+                      loss_fn: Callable[[nn.Module, dict, Optional[torch.Tensor]], torch.Tensor],
+                      group: Optional[Communicator] = None) -> dict[str, torch.Tensor]:
     """Sum over ``data``'s examples of d(loss)/d(adapter tensor), float64 on the CPU, keyed like the
     adapter. ``loss_fn(model, batch, labels)`` returns the batch's summed loss. The model's
-    gradients are cleared before and after; its train/eval mode is restored."""
+    gradients are cleared before and after; its train/eval mode is restored.
+
+    ``group``: the model is sharded over this client group, whose ranks all call this with the same
+    ``data``; each computes its row block of every batch (the sharded backward sums them), and the
+    group's first rank returns the sums (the others zeros), so that summing over ranks counts them once."""
     set_adapter(model, adapter)
     was_training = model.training
     model.eval()
@@ -63,16 +69,24 @@ def adapter_gradients(model: nn.Module, adapter: dict[str, torch.Tensor], data: 
         p.grad = None
     device = next(iter(params.values())).device
     for start in range(0, len(data), batch_size):
-        idx = slice(start, start + batch_size)
+        idx = torch.arange(start, min(start + batch_size, len(data)))
+        weight = 1.0
+        if group is not None:
+            rows = idx.tensor_split(group.world_size)[group.rank]
+            # every rank of a sharded model runs each forward and backward: one row at weight 0 if none
+            idx, weight = (rows, 1.0) if len(rows) else (idx[:1], 0.0)
         mask = data.attention_mask[idx]
-        width = max(1, int(mask.sum(1).max()))
+        width = max(1, int(data.attention_mask[start: start + batch_size].sum(1).max()))
         batch = {"input_ids": data.input_ids[idx, :width].to(device), "attention_mask": mask[:, :width].to(device)}
         if data.token_type_ids is not None:
             batch["token_type_ids"] = data.token_type_ids[idx, :width].to(device)
         labels = data.labels[idx].to(device) if data.labels is not None else None
-        loss_fn(model, batch, labels).backward()
-    grads = {k: (p.grad.detach().double().cpu() if p.grad is not None else torch.zeros(p.shape, dtype=torch.float64))
-             for k, p in params.items()}
+        (weight * loss_fn(model, batch, labels)).backward()
+    keep = group is None or group.rank == 0
+    grads = {}
+    for k, p in params.items():
+        g = full_value(p.grad.detach()) if p.grad is not None else torch.zeros(p.shape)
+        grads[k] = g.double().cpu() if keep else torch.zeros(p.shape, dtype=torch.float64)
     for p in params.values():
         p.grad = None
     model.train(was_training)
@@ -121,27 +135,37 @@ def _pair_stats(client: dict, fm: dict, keys: list[str]) -> dict:
     return {"grad_cosine": cos, "grad_rel_error": rel}
 
 
+def _rows(data: ClientData, rows: torch.Tensor) -> ClientData:
+    return ClientData(*(t[rows] if t is not None else None for t in
+                        (data.input_ids, data.attention_mask, data.labels, data.token_type_ids)))
+
+
 def gradient_fidelity(rt: Runtime, client_model: nn.Module, fm_model: nn.Module, client_adapter: dict,
                       to_fm: Callable[[dict], dict], probe: ClientData, batch_size: int, causal: bool,
-                      layer_token: str) -> dict:
+                      layer_token: str, sharded_over: Optional[ClientGroups] = None) -> dict:
     """The fidelity of ``client_model``'s adapter gradients against ``fm_model``'s, with
     ``client_adapter`` in the client model and ``to_fm(client_adapter)`` in the FM, on this rank's
-    share of ``probe`` (every rank calls it; one all-reduce)."""
+    share of ``probe`` (every rank calls it; one all-reduce). ``sharded_over``: the client groups
+    the client model is sharded over (its share of the probe is then the group's)."""
     return fidelity_with_fm_gradients(rt, client_model, fm_model, client_adapter, to_fm, probe, batch_size, causal,
-                                      layer_token)[0]
+                                      layer_token, sharded_over=sharded_over)[0]
 
 
 def fidelity_with_fm_gradients(rt: Runtime, client_model: nn.Module, fm_model: nn.Module, client_adapter: dict,
                                to_fm: Callable[[dict], dict], probe: ClientData, batch_size: int, causal: bool,
-                               layer_token: str, fm_gradients: Optional[dict] = None) -> tuple[dict, dict]:
+                               layer_token: str, fm_gradients: Optional[dict] = None,
+                               sharded_over: Optional[ClientGroups] = None) -> tuple[dict, dict]:
     """:func:`gradient_fidelity`, and the FM's gradients summed over ranks, so that a caller comparing
     several client models with the same FM and adapter computes the FM side once: given
     ``fm_gradients`` (what an earlier call returned), the FM is not run again."""
-    rows = torch.arange(rt.rank, len(probe), rt.world_size)
-    share = ClientData(*(t[rows] if t is not None else None for t in
-                         (probe.input_ids, probe.attention_mask, probe.labels, probe.token_type_ids)))
+    share = _rows(probe, torch.arange(rt.rank, len(probe), rt.world_size))
     loss_fn = next_token_loss if causal else classification_loss
-    g_client = to_fm(adapter_gradients(client_model, client_adapter, share, batch_size, loss_fn))
+    if sharded_over is None:
+        g_client = adapter_gradients(client_model, client_adapter, share, batch_size, loss_fn)
+    else:
+        group_share = _rows(probe, torch.arange(sharded_over.index, len(probe), sharded_over.count))
+        g_client = adapter_gradients(client_model, client_adapter, group_share, batch_size, loss_fn, sharded_over.comm)
+    g_client = to_fm(g_client)
     both = {f"client/{k}": v for k, v in g_client.items()}
     if fm_gradients is None:
         g_fm = adapter_gradients(fm_model, to_fm(client_adapter), share, batch_size, loss_fn)

@@ -28,6 +28,7 @@ from ..models.loading import load_model, load_tokenizer, resolve_model_dir, reso
 from ..models.proxy import load_proxy, read_proxy_meta, save_proxy
 from ..run_layout import RunLayout, is_model_dir
 from ..runtime import Runtime
+from ..runtime.shard import full_value
 from . import zero
 from .distill import ffn_parameter_names, plan_neuron_split
 from .job import DistillResult, DistillRun, run_distillation
@@ -273,7 +274,8 @@ def align_neurons(cfg: Config, rt: Runtime, proxy_dir: Path, backbone: nn.Module
 
     student, _ = load_proxy(proxy_dir, task="base", dtype=cfg.model.dtype)
     names = set(ffn_parameter_names(student, layers))
-    student.load_state_dict({k: v for k, v in backbone.state_dict().items() if k in names}, strict=False)
+    # whole tensors (gathered, in the same order on every rank, where the client model is sharded)
+    student.load_state_dict({k: full_value(v) for k, v in backbone.state_dict().items() if k in names}, strict=False)
     merge_lora_into(student, global_adapter, scaling, strip=[prefix])
     return run_distillation(rt, fm if fm is not None else load_teacher, student, layers, public[0], public[1],
                             cfg.distill, alignment_run(cfg, round_idx), splits)

@@ -30,7 +30,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..config import Config
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 from ..fsutil import atomic_write_json
 from ..federation.engine import CLIENT_PARTS
 from ..federation.sampling import client_seed
@@ -195,6 +195,10 @@ def run_bench(cfg: Config, echo: Callable[[str], None] = print) -> dict:
     """Run the workload of ``cfg`` and write bench.json (rank 0); returns the result on every rank."""
     from ..federation.engine import Engine, RoundHooks
 
+    if cfg.dist.ranks_per_client > 1:
+        # its limits (the bare loop, the statistics overhead) time one rank training whole batches
+        raise ConfigError("dist.ranks_per_client", "fedpft bench measures one rank per client; client groups are "
+                                                   "measured by fedpft train's per-rank timings (metrics.jsonl)")
     with init_from_config(cfg) as rt:
         rounds: list[dict] = []
         hooks = RoundHooks(before_aggregate=lambda: rt.comm.barrier(name="aggregate/wait-for-ranks"),

@@ -7,18 +7,27 @@ on the meta device (no memory, no weights) from a ``config.json``, the proxy wit
 engine targets. Byte counts follow what the code keeps alive and what autograd saves for each
 operation (listed next to each term); activation sizes are estimates of that kind, not profiles.
 
+Client groups (``dist.ranks_per_client`` G) split each batch into G row blocks, so a rank's
+activations are those of ceil(batch / G) rows; with ``fed.client_sharding: fsdp`` (FSDP2 over the
+group) a rank holds 1/G of every proxy parameter and of the LoRA's AdamW state, plus the full
+weights of the layers being all-gathered.
+
     fedpft memory-plan --config configs/large/llama-7b.yaml \
         --model-config configs/large/llama-2-7b-config.json --world-size 8
+    fedpft memory-plan --config configs/large/llama-70b.yaml \
+        --model-config configs/large/llama-2-70b-config.json --world-size 64
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 GB = 1e9
+SHARDINGS = ("none", "fsdp")
 
 
 def decoder_counts(config, keep_ratio: float, retained_layers, lora_r: int, lora_ffn: bool) -> dict:
@@ -43,13 +52,20 @@ def decoder_counts(config, keep_ratio: float, retained_layers, lora_r: int, lora
         return sum(lora_r * (m.in_features + m.out_features) for m in mods)
 
     n = len(transformer_layers(fm))
+    # FSDP2 units: each transformer layer is one all-gather; the rest (embeddings, final norm, output
+    # layer) is the root's
+    layer_params = [sum(p.numel() for p in layer.parameters()) for layer in transformer_layers(proxy)]
+    layer_lora = [lora([l], layout.attention) + (lora([l], (*layout.rows, *layout.cols)) if l in ffn_layers else 0)
+                  for l in range(n)]
+    biggest = max(range(n), key=lambda l: (layer_params[l], layer_lora[l]))
     ffn_trainable = sum(p.numel() for l in plan.compressed
                         for m in sum(ffn_modules(transformer_layers(proxy)[l], layout), []) for p in m.parameters())
     return {"fm": count_params(fm), "proxy": count_params(proxy), "layers": n, "compressed_layers": plan.compressed,
             "kept": sorted(set(plan.keep.values())), "ffn_trainable": ffn_trainable,
             "embedding": fm.get_input_embeddings().weight.numel(),
             "lora_attention": lora(range(n), layout.attention), "lora_ffn": lora(ffn_layers, (*layout.rows, *layout.cols)),
-            "lora_ffn_layers": ffn_layers}
+            "lora_ffn_layers": ffn_layers, "largest_layer": layer_params[biggest],
+            "largest_layer_lora": layer_lora[biggest], "root": count_params(proxy) - sum(layer_params)}
 
 
 def _get(module, path: str):
@@ -78,10 +94,98 @@ def layer_activation_bytes(h: int, kv: int, i: int, lora_attention: bool, lora_f
     return total
 
 
-def memory_plan(cfg, model_config, world_size: int) -> dict:
-    """Per-rank bytes of client training, distillation (layer level) and evaluation for ``cfg`` (a
-    :class:`~fedpft_dist.config.Config`) on the FM of ``model_config`` over ``world_size`` ranks."""
+def client_setting(cfg, ranks_per_client: Optional[int] = None, client_sharding: Optional[str] = None) -> tuple[int, str]:
+    """The client-group size and sharding: the arguments when given, else the config's
+    ``dist.ranks_per_client`` and ``fed.client_sharding`` (1 and none for a config without them)."""
+    g = ranks_per_client if ranks_per_client is not None else getattr(cfg.dist, "ranks_per_client", 1)
+    mode = client_sharding if client_sharding is not None else getattr(cfg.fed, "client_sharding", "none")
+    return int(g), str(mode)
+
+
+def client_training_terms(cfg, model_config, c: dict, g: int, sharded: bool, b: int) -> tuple[dict, dict, int, int]:
+    """Per-rank bytes of client training in groups of ``g`` ranks (sharded with FSDP2 or whole on
+    each), from the counts ``c`` of :func:`decoder_counts` and ``b`` bytes per weight: the terms, the
+    totals, and the rows and tokens one rank computes per step."""
+    f = cfg.fed
+    h, inter, vocab = model_config.hidden_size, model_config.intermediate_size, model_config.vocab_size
+    kv = model_config.num_key_value_heads * (h // model_config.num_attention_heads)
+    k = c["kept"][0] if c["kept"] else inter
+    n, comp = c["layers"], len(c["compressed_layers"])
+    drop = f.lora_dropout > 0
+    lora = c["lora_attention"] + c["lora_ffn"]
+    share = g if sharded else 1
+    # a batch of fed.batch_size rows is cut into g row blocks (tensor_split): the first rank's is the largest
+    rows = math.ceil(f.batch_size / g)
+    tokens = rows * cfg.data.max_length
+    per_layer = (comp * layer_activation_bytes(h, kv, k, True, False, drop)
+                 + len(c["lora_ffn_layers"]) * layer_activation_bytes(h, kv, inter, True, True, drop)
+                 + (n - comp - len(c["lora_ffn_layers"])) * layer_activation_bytes(h, kv, inter, True, False, drop))
+    biggest = layer_activation_bytes(h, kv, inter, True, bool(c["lora_ffn_layers"]), drop)
+    head = 2 * vocab + 4 * vocab + 4 * vocab   # bf16 logits, their fp32 copy for the loss, its gradient
+    of_g = f", 1/{g} shard (FSDP2)" if sharded else ""
+    of_rows = f" ({rows} of {f.batch_size} rows)" if g > 1 else ""
+    weights = {"proxy weights" + of_g: b * c["proxy"] / share,
+               "LoRA fp32 weights + grads + AdamW m, v (16 B/param)" + of_g: 16 * lora / share}
+    if sharded:
+        # FSDP2 gathers one layer for its forward or backward and prefetches the next; the root
+        # (embeddings, final norm, output layer) is gathered while the embeddings and the head
+        # compute (runtime.shard reshards it after forward too), counted whole as the peak
+        layer = b * c["largest_layer"] + 4 * c["largest_layer_lora"]
+        weights["all-gathered full weights of 2 layers (the one computed + the prefetched one)"] = 2 * layer
+        weights["all-gathered root: embeddings, final norm, output layer (while they compute)"] = b * c["root"]
+    elif g > 1:
+        weights["flat fp32 copy of the LoRA gradients for the group's all-reduce"] = 4 * lora
+    act = {"activations without checkpointing" + of_rows: tokens * (per_layer + head),
+           "activations with per-layer checkpointing" + of_rows: tokens * (n * 2 * h + biggest + head)}
+    resident_fm = {"FM for plug-in evaluation (resident in fedpft train)": b * c["fm"]}
+    client = {**weights, **act, **resident_fm}
+    model_bytes = sum(weights.values())
+    act_plain, act_ckpt = act.values()
+    client_totals = {
+        "client model, without checkpointing": model_bytes + act_plain,
+        "client model, with checkpointing": model_bytes + act_ckpt,
+        "fedpft train (client model + resident FM), without checkpointing": model_bytes + act_plain + b * c["fm"],
+        "fedpft train (client model + resident FM), with checkpointing": model_bytes + act_ckpt + b * c["fm"],
+    }
+    return client, client_totals, rows, tokens
+
+
+def zero3_job_terms(c: dict, b: int, world_size: int, dtok: int, student_act: float, model_config,
+                    trainable: float, alpha: float) -> tuple[dict, dict]:
+    """A ZeRO-3 distillation job's terms (``trainable`` FFN parameters, loss weight ``alpha``, ``dtok``
+    tokens per micro-batch) and what of them is held at once: the steady step, and the peak before
+    the student is partitioned."""
+    h, n, comp = model_config.hidden_size, c["layers"], len(c["compressed_layers"])
+    k = c["kept"][0] if c["kept"] else model_config.intermediate_size
+    terms = {
+        "teacher (FM) shard": b * c["fm"] / world_size,
+        "student (proxy) shard": b * c["proxy"] / world_size,
+        "whole student before deepspeed.initialize partitions it": b * c["proxy"],
+        "trainable FFN: bf16 param + grad, fp32 master + Adam m, v (16 B/param), sharded":
+            16 * trainable / world_size,
+        "gathered parameters (stage3_max_live_parameters = 1e9 elements, upper bound)":
+            b * min(10**9, c["fm"]),
+        "student activations (per micro-batch)": dtok * student_act,
+        "hidden states of both models + fp32 loss terms": dtok * ((n + 1) * 2 * h * 2 + comp * 4 * h),
+    }
+    if alpha > 0:
+        # every rank computes every compressed layer's W_out W_in (d x d) for gate and up, the
+        # teacher's without a graph, the student's keeping W_in^T (d x k) and the fp32 difference (d x d)
+        terms["weight term: teacher products"] = comp * 2 * h * h * b
+        terms["weight term: student graph"] = comp * 2 * (b * h * k + 4 * h * h)
+    held = [v for key, v in terms.items() if key != "whole student before deepspeed.initialize partitions it"]
+    return terms, {"steady": sum(held),
+                   "initialisation peak (teacher shard + whole student)": terms["teacher (FM) shard"] + b * c["proxy"]}
+
+
+def memory_plan(cfg, model_config, world_size: int, ranks_per_client: Optional[int] = None,
+                client_sharding: Optional[str] = None, device_gb: float = 80.0) -> dict:
+    """Per-rank bytes of client training, distillation (layer level), alignment and evaluation for
+    ``cfg`` (a :class:`~fedpft_dist.config.Config`) on the FM of ``model_config`` over ``world_size``
+    ranks, with clients trained by groups of ``ranks_per_client`` ranks sharded by ``client_sharding``
+    (defaults: the config's), and each phase's totals checked against ``device_gb``."""
     f, d = cfg.fed, cfg.distill
+    g, sharding = client_setting(cfg, ranks_per_client, client_sharding)
     c = decoder_counts(model_config, cfg.proxy.keep_ratio, cfg.proxy.retained_layers, f.lora_r,
                        f.lora_targets == "attention+ffn")
     b = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.model.dtype]
@@ -89,44 +193,46 @@ def memory_plan(cfg, model_config, world_size: int) -> dict:
     kv = model_config.num_key_value_heads * (h // model_config.num_attention_heads)
     k = c["kept"][0] if c["kept"] else inter
     n, comp = c["layers"], len(c["compressed_layers"])
-    drop = f.lora_dropout > 0
     lora = c["lora_attention"] + c["lora_ffn"]
+    sharded = sharding == "fsdp"
+    if sharded and g < 2:
+        raise ValueError("client_sharding fsdp shards over a client group: ranks_per_client must be >= 2")
+    share = g if sharded else 1
 
-    # -- client training: one rank trains its clients one after another ----------------------------
-    tokens = f.batch_size * cfg.data.max_length
-    per_layer = (comp * layer_activation_bytes(h, kv, k, True, False, drop)
-                 + len(c["lora_ffn_layers"]) * layer_activation_bytes(h, kv, inter, True, True, drop)
-                 + (n - comp - len(c["lora_ffn_layers"])) * layer_activation_bytes(h, kv, inter, True, False, drop))
-    biggest = layer_activation_bytes(h, kv, inter, True, bool(c["lora_ffn_layers"]), drop)
-    head = 2 * vocab + 4 * vocab + 4 * vocab   # bf16 logits, their fp32 copy for the loss, its gradient
-    client = {
-        "proxy weights": b * c["proxy"],
-        "LoRA fp32 weights + grads + AdamW m, v (16 B/param)": 16 * lora,
-        "activations without checkpointing": tokens * (per_layer + head),
-        "activations with per-layer checkpointing": tokens * (n * 2 * h + biggest + head),
-        "FM for plug-in evaluation (resident in fedpft train)": b * c["fm"],
-    }
+    # -- client training: one rank (or client group) trains its clients one after another ------------
+    client, client_totals, rows, tokens = client_training_terms(cfg, model_config, c, g, sharded, b)
+    resident_fm = {"FM for plug-in evaluation (resident in fedpft train)": b * c["fm"]}
+    of_g = f", 1/{g} shard (FSDP2)" if sharded else ""
 
     # -- layer-level distillation: ZeRO-3 over all ranks ---------------------------------------------
     dtok = d.micro_batch * cfg.public_text.max_length
     student_act = (comp * layer_activation_bytes(h, kv, k, False, False, False, ffn_trainable=True)
                    + (n - comp) * layer_activation_bytes(h, kv, inter, False, False, False))
-    distill = {
-        "teacher (FM) shard": b * c["fm"] / world_size,
-        "student (proxy) shard": b * c["proxy"] / world_size,
-        "whole student before deepspeed.initialize partitions it": b * c["proxy"],
-        "trainable FFN: bf16 param + grad, fp32 master + Adam m, v (16 B/param), sharded":
-            16 * c["ffn_trainable"] / world_size,
-        "gathered parameters (stage3_max_live_parameters = 1e9 elements, upper bound)":
-            b * min(10**9, c["fm"]),
-        "student activations (per micro-batch)": dtok * student_act,
-        "hidden states of both models + fp32 loss terms": dtok * ((n + 1) * 2 * h * 2 + comp * 4 * h),
-        # every rank computes every compressed layer's W_out W_in (d x d) for gate and up, the
-        # teacher's without a graph, the student's keeping W_in^T (d x k) and the fp32 difference (d x d)
-        "weight term: teacher products": comp * 2 * h * h * b,
-        "weight term: student graph": comp * 2 * (b * h * k + 4 * h * h),
-        "host RAM: distilled FFN tensors gathered to every rank (fp32)": 4 * c["ffn_trainable"],
-    }
+
+    def zero3_terms(trainable: float, alpha: float) -> tuple[dict, dict]:
+        return zero3_job_terms(c, b, world_size, dtok, student_act, model_config, trainable, alpha)
+
+    distill, distill_totals = zero3_terms(c["ffn_trainable"], d.alpha)
+    if d.alpha == 0:
+        distill["weight term (distill.alpha = 0: not computed)"] = 0
+    distill["host RAM: distilled FFN tensors gathered to every rank (fp32)"] = 4 * c["ffn_trainable"]
+
+    # -- alignment: the same ZeRO-3 job for the non-frozen neurons, next to what fedpft train holds ---
+    align, align_totals = zero3_terms(c["ffn_trainable"] * (1 - f.align_keep), f.align_alpha)
+    if f.align_alpha == 0:
+        align["weight term (fed.align_alpha = 0: not computed)"] = 0
+    engine = (b * c["proxy"] + 4 * lora) / share
+    align["client model kept by the engine: proxy weights + LoRA fp32 weights" + of_g] = engine
+    align.update(resident_fm)
+    if sharded:
+        # the student takes the clients' FFN weights: every compressed layer's FFN tensors are gathered
+        # whole from the sharded client model, all of them before they are loaded into the student
+        align["compressed layers' FFN gathered whole from the sharded client model (once, at the start)"] = \
+            b * c["ffn_trainable"]
+        align_totals["FFN gathered from the client model"] = b * c["ffn_trainable"]
+    align_totals = {**{f"{key} + the engine's client model": v + engine for key, v in align_totals.items()},
+                    **{f"{key} + the engine's client model and FM": v + engine + b * c["fm"]
+                       for key, v in align_totals.items()}}
 
     # -- evaluation: every rank holds the whole FM -----------------------------------------------------
     etok = f.eval_batch_size * cfg.data.max_length
@@ -134,23 +240,41 @@ def memory_plan(cfg, model_config, world_size: int) -> dict:
     # SiLU(gate) and their product
     evaluate = {"FM weights": b * c["fm"], "one layer's activations (no graph)": etok * b * (2 * h + 2 * kv + 4 * inter),
                 "logits + fp32 copy + log-softmax": etok * (2 + 4 + 4) * vocab}
-    return {"counts": c, "world_size": world_size, "dtype_bytes": b, "client_tokens": tokens,
-            "distill_tokens_per_micro_batch": dtok, "eval_tokens": etok,
-            "client_training": client, "distillation": distill, "evaluation": evaluate}
+    totals = {"client_training": client_totals, "distillation": distill_totals, "alignment": align_totals,
+              "evaluation": {"FM + activations": sum(evaluate.values())}}
+    fits = {phase: {key: v <= device_gb * GB for key, v in t.items()} for phase, t in totals.items()}
+    return {"counts": c, "world_size": world_size, "ranks_per_client": g, "client_sharding": sharding,
+            "client_groups": world_size // g, "dtype_bytes": b, "batch_size": f.batch_size, "client_rows_per_rank": rows,
+            "client_tokens": tokens, "distill_tokens_per_micro_batch": dtok, "eval_tokens": etok,
+            "client_training": client, "distillation": distill, "alignment": align, "evaluation": evaluate,
+            "device_gb": device_gb, "totals": totals, "fits": fits}
+
+
+PHASES = ("client_training", "distillation", "alignment", "evaluation")
 
 
 def format_plan(plan: dict) -> str:
+    """The plan as text: the counts, each phase's terms, its totals and whether they fit the device."""
     c = plan["counts"]
     lines = [f"FM {c['fm']:,} params; proxy {c['proxy']:,} ({c['proxy'] / c['fm']:.1%}); {len(c['compressed_layers'])} "
              f"of {c['layers']} layers keep {c['kept']} FFN neurons; trainable FFN {c['ffn_trainable']:,}; "
              f"LoRA attention {c['lora_attention']:,}, FFN {c['lora_ffn']:,} (layers {c['lora_ffn_layers']})"]
-    for phase in ("client_training", "distillation", "evaluation"):
+    g = plan["ranks_per_client"]
+    if g > 1:
+        lines.append(f"client groups: {plan['client_groups']} groups of {g} ranks, fed.client_sharding "
+                     f"{plan['client_sharding']}; a rank computes at most {plan['client_rows_per_rank']} of each "
+                     f"batch's {plan['batch_size']} rows ({plan['client_tokens']:,} tokens)")
+    for phase in PHASES:
         lines.append(f"\n{phase} (per rank, {plan['world_size']} ranks):")
         lines += [f"  {v / GB:9.2f} GB  {k}" for k, v in plan[phase].items()]
+        lines += [f"  {v / GB:9.2f} GB  total: {k}: {'fits' if plan['fits'][phase][k] else 'does not fit'} "
+                  f"{plan['device_gb']:g} GB" for k, v in plan["totals"][phase].items()]
     return "\n".join(lines)
 
 
-def run_memory_plan(cfg, model_config: Optional[str], world_size: int, json_out: Optional[str]) -> int:
+def run_memory_plan(cfg, model_config: Optional[str], world_size: int, json_out: Optional[str],
+                    ranks_per_client: Optional[int] = None, client_sharding: Optional[str] = None,
+                    device_gb: float = 80.0) -> int:
     """Print the plan for ``cfg`` on the FM whose config.json is ``model_config`` (default:
     ``<model.path>/config.json``); also write it as JSON to ``json_out``."""
     from transformers import AutoConfig
@@ -159,12 +283,22 @@ def run_memory_plan(cfg, model_config: Optional[str], world_size: int, json_out:
 
     if world_size < 1:
         raise UserError(f"--world-size must be >= 1, got {world_size}")
+    g, sharding = client_setting(cfg, ranks_per_client, client_sharding)
+    if g < 1 or world_size % g:
+        raise UserError(f"--ranks-per-client: {g} must be >= 1 and divide --world-size {world_size}")
+    if sharding not in SHARDINGS:
+        raise UserError(f"--client-sharding must be one of {', '.join(SHARDINGS)}, got {sharding!r}")
+    if sharding == "fsdp" and g < 2:
+        raise UserError("--client-sharding fsdp shards the client model over a client group: "
+                        "--ranks-per-client (dist.ranks_per_client) must be >= 2")
+    if device_gb <= 0:
+        raise UserError(f"--device-gb must be > 0, got {device_gb:g}")
     path = Path(model_config) if model_config else Path(cfg.model.path) / "config.json"
     if not path.is_file():
         raise UserError(f"--model-config: {path} not found (give the FM's config.json)")
     raw = json.loads(path.read_text())
     model_config_obj = AutoConfig.for_model(raw.pop("model_type"), **raw)
-    plan = memory_plan(cfg, model_config_obj, world_size)
+    plan = memory_plan(cfg, model_config_obj, world_size, g, sharding, device_gb)
     print(format_plan(plan))
     if json_out:
         Path(json_out).write_text(json.dumps(plan, indent=2) + "\n")

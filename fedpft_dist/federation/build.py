@@ -11,12 +11,13 @@ import torch.nn as nn
 
 from ..config import Config
 from ..errors import ConfigError
-from ..models.adapters import full_width_layers, with_lora
+from ..models.adapters import adapter_slots, full_width_layers, rebind_adapter_slots, with_lora
 from ..models.families import layers_prefix, transformer_layers
 from ..models.loading import load_model
 from ..models.proxy import count_params, load_proxy, read_proxy_meta
 from ..run_layout import RunLayout
-from ..runtime import Runtime
+from ..runtime import ClientGroups, Runtime
+from ..runtime.shard import local_parameter_bytes, shard_client_model
 from .methods import Method
 
 
@@ -29,6 +30,7 @@ class Models:
     client_params: int              # transformer + head parameters a client holds
     fm_params: int
     client_nonembedding_params: int = 0
+    client_bytes_per_rank: int = 0  # parameter bytes of the client model one rank holds (1/G when sharded)
     to_fm: Callable[[dict], dict] = lambda adapter: adapter  # client adapter -> FM module names
 
     @property
@@ -60,11 +62,27 @@ def _checkpointing(model: nn.Module, on: bool) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
-def build_models(cfg: Config, rt: Runtime, method: Method, layout: RunLayout, num_labels: int, fm_dir: Path,
-                 task: str) -> Models:
-    """The clients' peft model and the FM's (for plug-in evaluation) for ``method`` and ``task``.
-    Every rank loads the whole FM: evaluation runs on it, unpartitioned."""
+def check_client_sharding(cfg: Config, method: Method, groups: Optional[ClientGroups]) -> None:
+    """``fed.client_sharding`` needs client groups of 2 or more ranks, and a client model of its own."""
     f = cfg.fed
+    if f.client_sharding == "none":
+        return
+    if groups is None or groups.size < 2:
+        raise ConfigError("fed.client_sharding", f"{f.client_sharding!r} shards the client model over a client group: "
+                                                 "set dist.ranks_per_client to 2 or more")
+    if not method.uses_proxy:
+        raise ConfigError("fed.client_sharding", f"fed.method={f.method} trains the FM itself, which evaluation uses "
+                                                 "whole on every rank: sharding is for proxy and emulator clients")
+
+
+def build_models(cfg: Config, rt: Runtime, method: Method, layout: RunLayout, num_labels: int, fm_dir: Path,
+                 task: str, groups: Optional[ClientGroups] = None) -> Models:
+    """The clients' peft model and the FM's (for plug-in evaluation) for ``method`` and ``task``.
+    Every rank loads the whole FM: evaluation runs on it, unpartitioned. With ``fed.client_sharding``
+    the client model is sharded over the ranks of this rank's client group (``groups``)."""
+    f = cfg.fed
+    check_client_sharding(cfg, method, groups)
+    sharding = f.client_sharding != "none"
     lora = (f.lora_r, f.lora_alpha, f.lora_dropout)
     dropout = None if cfg.model.dropout < 0 else cfg.model.dropout
     torch.manual_seed(cfg.run.seed)  # the head's initialisation is part of the shared starting point
@@ -76,12 +94,13 @@ def build_models(cfg: Config, rt: Runtime, method: Method, layout: RunLayout, nu
         _checkpointing(fm, f.gradient_checkpointing)
         every_layer = list(range(len(transformer_layers(fm)))) if ffn else []
         model = with_lora(fm, *lora, task=task, ffn_layers=every_layer)
-        return Models(model, model, None, [], fm_params, fm_params, nonemb)
+        return Models(model, model, None, [], fm_params, fm_params, nonemb, local_parameter_bytes(model))
     proxy_dir = method.client_model(cfg, rt, layout)
     meta = read_proxy_meta(proxy_dir)
     torch.manual_seed(cfg.run.seed)
     proxy, _ = load_proxy(proxy_dir, task=task, dtype=cfg.model.dtype, num_labels=num_labels, dropout=dropout)
-    proxy = proxy.to(rt.device)
+    if not sharding:
+        proxy = proxy.to(rt.device)   # sharded: fully_shard moves each rank's shards there, not the whole proxy
     _checkpointing(proxy, f.gradient_checkpointing)
     client_params, nonemb = count_params(proxy), non_embedding_params(proxy)  # before LoRA is added
     layer_map = meta.get("layer_map")
@@ -94,7 +113,12 @@ def build_models(cfg: Config, rt: Runtime, method: Method, layout: RunLayout, nu
     client = with_lora(proxy, *lora, task=task, ffn_layers=client_ffn, attention_layers=attention)
     evaluate = with_lora(fm, *lora, task=task, ffn_layers=on_fm(client_ffn),
                          attention_layers=None if attention is None else on_fm(attention))
-    models = Models(client, evaluate, proxy_dir, list(meta["compressed_layers"]), client_params, fm_params, nonemb)
+    if sharding:
+        adapter_slots(client)   # found by storage, which only plain tensors have: before sharding
+        shard_client_model(client, transformer_layers(client.get_base_model()), groups.comm)
+        rebind_adapter_slots(client)
+    models = Models(client, evaluate, proxy_dir, list(meta["compressed_layers"]), client_params, fm_params, nonemb,
+                    client_bytes_per_rank=local_parameter_bytes(client))
     if layer_map is not None and method.to_fm is not None:  # an emulator numbers its layers differently
         token = layers_prefix(proxy)
         models.to_fm = lambda adapter: method.to_fm(adapter, layer_map, token)

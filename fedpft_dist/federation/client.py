@@ -19,6 +19,7 @@ from ..data.tasks import ClientData
 from ..models.adapters import get_adapter, set_adapter
 from ..models.lm import IGNORE, next_token_labels, next_token_sums
 from ..runtime import Communicator
+from ..runtime.shard import is_sharded
 
 
 @dataclass
@@ -50,7 +51,8 @@ def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data
     into G consecutive row blocks, one per rank. Each rank's loss is its rows' loss sum divided by
     the whole batch's count, so the sum of the G gradients, all-reduced inside the group before
     every step, is the whole batch's gradient; every rank then takes the same step and ends with
-    the same adapter.
+    the same adapter. A model sharded over the group (``fed.client_sharding``) sums the gradients in
+    its own backward pass instead.
     """
     t0 = time.perf_counter()
     set_adapter(model, global_adapter)
@@ -64,6 +66,7 @@ def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data
     n = len(data)
     causal = data.labels is None
     split = group is not None and group.world_size > 1
+    sharded = split and is_sharded(params[0])
     loss_sum, loss_count, steps, tokens = 0.0, 0.0, 0, 0
     t1 = time.perf_counter()
     for _ in range(epochs):
@@ -78,13 +81,16 @@ def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data
             else:
                 count = len(batch)
             rows = batch.tensor_split(group.world_size)[group.rank] if split else batch
-            if len(rows):
-                total = _loss_sum(model, data, rows, width, device, causal, recorder)
+            if len(rows) or sharded:
+                # a sharded model's forward and backward are collectives of the group: a rank without
+                # rows of this batch runs one row at weight 0 (recording nothing)
+                total = _loss_sum(model, data, rows if len(rows) else batch[:1], width, device, causal, recorder,
+                                  weight=1.0 if len(rows) else 0.0)
                 (total / max(1, count)).float().backward()
                 loss_sum += float(total.detach())
                 tokens += int(data.attention_mask[rows].sum())
-            if split:
-                _sum_gradients(params, group)
+            if split and not sharded:
+                _sum_gradients(params, group)   # a sharded model's backward sums them (reduce-scatter)
             if anchor is not None:
                 # d/dtheta of mu/2 |theta - theta_global|^2, added once (after the group's sum)
                 for p, p0 in zip(params, anchor):
@@ -100,17 +106,18 @@ def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data
 
 
 def _loss_sum(model: nn.Module, data: ClientData, rows: torch.Tensor, width: int, device: torch.device,
-              causal: bool, recorder) -> torch.Tensor:
-    """The loss summed over ``rows`` (examples, or their next-token targets), cut to ``width``."""
+              causal: bool, recorder, weight: float = 1.0) -> torch.Tensor:
+    """``weight`` x the loss summed over ``rows`` (examples, or their next-token targets), cut to
+    ``width``; the recorder sees the rows only at weight 1."""
     mask = data.attention_mask[rows, :width].to(device)
     ids = data.input_ids[rows, :width].to(device)
     if recorder is not None:
-        recorder.mask = mask
+        recorder.mask = mask if weight else torch.zeros_like(mask)
     extra = {} if data.token_type_ids is None else {"token_type_ids": data.token_type_ids[rows, :width].to(device)}
     logits = model(input_ids=ids, attention_mask=mask, **extra).logits
     if causal:
-        return next_token_sums(logits, next_token_labels(ids, mask))[0]
-    return F.cross_entropy(logits.float(), data.labels[rows].to(device), reduction="sum")
+        return weight * next_token_sums(logits, next_token_labels(ids, mask))[0]
+    return weight * F.cross_entropy(logits.float(), data.labels[rows].to(device), reduction="sum")
 
 
 def _sum_gradients(params: list[nn.Parameter], group: Communicator) -> None:

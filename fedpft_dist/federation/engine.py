@@ -41,8 +41,9 @@ from ..models.loading import load_tokenizer, resolve_model_dir, resolve_task
 from ..models.proxy import ActivationRecorder
 from ..run_layout import RunLayout
 from ..runtime import ClientGroups, Runtime, init_from_config
+from ..runtime.shard import load_full_state
 from .aggregation import Aggregator, Reduced, make_aggregator
-from .build import Models, build_models
+from .build import Models, build_models, check_client_sharding
 from .client import train_client
 from .evaluation import evaluate
 from .methods import get_method
@@ -126,6 +127,7 @@ class Engine:
         self.layout = RunLayout.from_config(cfg)
         self.method = get_method(f.method)
         self.groups: ClientGroups = rt.client_groups(cfg.dist.ranks_per_client)
+        check_client_sharding(cfg, self.method, self.groups)
         # Rank 0 writes the run's files: a run dir it cannot write stops every rank now, not at the
         # first checkpoint.
         problem = run_dir_problem(self.layout.run_dir) if rt.is_main else None
@@ -153,7 +155,8 @@ class Engine:
         tokenizer = load_tokenizer(fm_dir)
         self.task: Task = prepare_task(cfg, tokenizer, kind)
         self.startup["task"] = time.perf_counter() - t0
-        self.models: Models = build_models(cfg, rt, self.method, self.layout, self.task.num_classes, fm_dir, kind)
+        self.models: Models = build_models(cfg, rt, self.method, self.layout, self.task.num_classes, fm_dir, kind,
+                                           self.groups)
         return_freed_memory(collect=True)   # what building the client model (a distillation, say) left behind
         self.startup["models"] = time.perf_counter() - t0 - self.startup["task"]
         # The headline metric: accuracy (higher is better) or perplexity (lower is better).
@@ -167,8 +170,9 @@ class Engine:
         self.probe = probe_data(self.task, probe_indices(self.task, f.fidelity_examples, cfg.run.seed))
         self.layer_token = layers_prefix(self.models.evaluate.get_base_model()).rsplit(".", 1)[-1]
         # The starting adapter: rank 0's, so every rank begins from the same tensors.
-        start = rt.comm.broadcast_state(get_adapter(self.models.client) if rt.is_main else None,
-                                        name="broadcast/initial-adapter")
+        # (every rank reads it: reading a sharded adapter is a collective of the client group)
+        initial = get_adapter(self.models.client)
+        start = rt.comm.broadcast_state(initial if rt.is_main else None, name="broadcast/initial-adapter")
         self.state = RoundState({k: v.cpu() for k, v in start.items()})
         self.server: ServerOptimizer = make_server_optimizer(f)
         self.up_bytes = adapter_bytes(self.state.global_adapter)
@@ -182,7 +186,7 @@ class Engine:
         if resumed is not None:
             self.state = resumed
             if resumed.proxy_ffn is not None:
-                self.models.client_backbone.load_state_dict(resumed.proxy_ffn, strict=False)
+                load_full_state(self.models.client_backbone, resumed.proxy_ffn)
             if resumed.server_opt:
                 self.server.load_state(resumed.server_opt)
         self.start_round = self.state.round
@@ -369,7 +373,7 @@ class Engine:
                         "weights (lower fed.align_lr)", plan.index + 1)
             self.state.align_skipped += 1
             return {"align_skipped": True, "align_steps": result.steps}
-        models.client_backbone.load_state_dict(result.state, strict=False)
+        load_full_state(models.client_backbone, result.state)
         metrics = alignment_metrics(result)
         self.state.proxy_ffn = result.state
         self.state.alignment_rounds += 1
@@ -380,8 +384,9 @@ class Engine:
         """Gradient fidelity of the client model with the global adapter (all ranks, one all-reduce)."""
         m = self.models
         # in batches of the clients' size: a backward pass needs the activation memory training needs
+        sharded = self.groups if self.cfg.fed.client_sharding != "none" else None
         return gradient_fidelity(self.rt, m.client, m.evaluate, self.state.global_adapter, m.to_fm, self.probe,
-                                 self.cfg.fed.batch_size, self.task.causal_lm, self.layer_token)
+                                 self.cfg.fed.batch_size, self.task.causal_lm, self.layer_token, sharded)
 
     def _evaluate(self) -> dict:
         set_adapter(self.models.evaluate, self.models.to_fm(self.state.global_adapter))
@@ -483,6 +488,9 @@ class Engine:
             "final_grad_cosine": self.last_fidelity.get("grad_cosine"),
             "final_grad_rel_error": self.last_fidelity.get("grad_rel_error"),
             "client_params": models.client_params, "fm_params": models.fm_params,
+            # client groups: ranks per client, and the client model's parameter bytes one rank holds
+            "ranks_per_client": self.groups.size, "client_sharding": f.client_sharding,
+            "client_bytes_per_rank": models.client_bytes_per_rank,
             # ~6 FLOPs per non-embedding parameter per token for a training step (forward + backward)
             "client_train_flops_per_example": 6 * models.client_nonembedding_params * mean_tokens,
             "wall_seconds": wall_seconds, "startup_seconds": self.startup,

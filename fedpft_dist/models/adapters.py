@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ..runtime.shard import assign_full, full_value
 from .families import ffn_width, layers_prefix, layout_for, transformer_layers
 
 ADAPTER_PREFIX = "base_model.model."
@@ -83,30 +84,44 @@ def adapter_slots(peft_model: nn.Module) -> Optional[dict[str, nn.Parameter]]:
     if slots is None:
         from peft import get_peft_model_state_dict
 
-        by_storage = {(p.data_ptr(), tuple(p.shape)): p for p in peft_model.parameters()}
-        found = {k: by_storage.get((v.data_ptr(), tuple(v.shape))) for k, v in get_peft_model_state_dict(peft_model).items()}
-        slots = found if all(p is not None for p in found.values()) else {}
-        object.__setattr__(peft_model, "_fedpft_adapter_slots", slots)   # a plain attribute, not a submodule
+        by_storage = {(p.data_ptr(), tuple(p.shape)): name for name, p in peft_model.named_parameters()}
+        names = {k: by_storage.get((v.data_ptr(), tuple(v.shape))) for k, v in get_peft_model_state_dict(peft_model).items()}
+        names = names if all(n is not None for n in names.values()) else {}
+        object.__setattr__(peft_model, "_fedpft_adapter_names", names)
+        slots = rebind_adapter_slots(peft_model)
     return slots or None
 
 
+def rebind_adapter_slots(peft_model: nn.Module) -> dict[str, nn.Parameter]:
+    """Point the cached slots at the model's current parameters by name: sharding replaces every
+    parameter object (with a DTensor of the same name)."""
+    names = getattr(peft_model, "_fedpft_adapter_names", None)
+    if names is None:
+        raise RuntimeError("rebind_adapter_slots: call adapter_slots before the parameters are replaced")
+    params = dict(peft_model.named_parameters())
+    slots = {k: params[n] for k, n in names.items()}
+    object.__setattr__(peft_model, "_fedpft_adapter_slots", slots)   # a plain attribute, not a submodule
+    return slots
+
+
 def get_adapter(peft_model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors (peft's own naming, as saved by ``save_pretrained``), detached copies."""
+    """The adapter's tensors (peft's own naming, as saved by ``save_pretrained``), detached copies.
+    Sharded parameters are gathered first (a collective of the client group)."""
     slots = adapter_slots(peft_model)
     if slots is not None:
-        return {k: p.detach().clone() for k, p in slots.items()}
+        return {k: full_value(p.detach()).clone() for k, p in slots.items()}
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    return {k: full_value(v.detach()).clone() for k, v in get_peft_model_state_dict(peft_model).items()}
 
 
 def set_adapter(peft_model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load adapter tensors (peft's naming) into the model, in place."""
+    """Load adapter tensors (peft's naming) into the model, in place (into this rank's shards when
+    the model is sharded)."""
     slots = adapter_slots(peft_model)
     if slots is not None and state.keys() == slots.keys():
-        with torch.no_grad():
-            for k, p in slots.items():
-                p.copy_(state[k])
+        for k, p in slots.items():
+            assign_full(p, state[k])
         return
     from peft import set_peft_model_state_dict
 
