@@ -1,11 +1,14 @@
 """fedpft report: groups runs by method and partition (mean ± std over seeds), writes table and plots;
-causal-LM runs get perplexity columns and plots, and a report of both tasks has a table per task."""
+causal-LM runs get perplexity columns and plots, and a report of both tasks has a table per task; groups
+that differ in one setting are compared seed by seed (paired differences with a t-interval)."""
 import csv
 import json
+import math
 
 import pytest
 
 from conftest import run_cli
+from fedpft_dist.commands.report import paired_stats, t_quantile
 
 
 def _fake_run(path, method, seed, accs, partition="iid"):
@@ -99,15 +102,23 @@ def test_report_of_both_tasks_has_a_table_per_task(tmp_path):
     out = tmp_path / "out"
     report = (out / "report.md").read_text()
     cls, lm = report.split("## Sequence classification\n")[1].split("## Causal LM\n")
+    lm_table, lm_paired = lm.split("### Paired differences (same seeds)\n")
     # Swept keys are each task's own: the LM runs' model.task and proxy.keep_ratio are no classification
     # column, and classification keeps today's rows.
     assert "| fedpft / iid | 2 | 2 | 70.0 ± 14.1 | 70.0 ± 14.1 | 60.0 ± 14.1 | 19.0M | 5.00 | 10 |" in cls
     assert "perplexity" not in cls and "accuracy" not in lm.replace("next-token accuracy", "")
-    assert [line for line in lm.splitlines() if line.startswith("| ")] == [
+    assert [line for line in lm_table.splitlines() if line.startswith("| ")] == [
         "| method / partition | proxy.keep_ratio | seeds | rounds | final perplexity | best perplexity "
         "| final next-token accuracy (%) | client params | client GFLOPs / example | wall s |",
         "| fedpft / iid | 0.25 | 2 | 2 | 12.50 ± 0.71 | 12.50 ± 0.71 | 40.0 ± 0.0 | 60.0M | 25.00 | 20 |",
         "| fedpft / iid | 0.5 | 2 | 2 | 10.00 ± 0.00 | 10.00 ± 0.00 | 50.0 ± 0.0 | 60.0M | 25.00 | 20 |"]
+    # keep_ratio 0.25 − 0.5 per seed: 12 − 10, 13 − 10; mean 2.5, sd √0.5, 2.5 ± 12.7062 · √0.5 / √2
+    assert [line for line in lm_paired.splitlines() if line.startswith("| fedpft")] == [
+        "| fedpft / iid, keep_ratio=0.25 | fedpft / iid, keep_ratio=0.5 | proxy.keep_ratio | final perplexity "
+        "| 2 | 0 | 2.50 | 0.71 | [-3.85, 8.85] | no |",
+        "| fedpft / iid, keep_ratio=0.25 | fedpft / iid, keep_ratio=0.5 | proxy.keep_ratio | best perplexity "
+        "| 2 | 0 | 2.50 | 0.71 | [-3.85, 8.85] | no |"]
+    assert "Paired" not in cls  # one classification group: nothing to pair
     assert "![accuracy per round](accuracy.png)" in cls and "![perplexity per round](perplexity.png)" in lm
     assert "![final perplexity against the swept keys](perplexity-swept.png)" in lm and "swept.png" not in cls
     for png in ("accuracy.png", "cost.png", "perplexity.png", "perplexity-cost.png", "perplexity-swept.png"):
@@ -153,3 +164,128 @@ def test_help_lists_the_commands():
     proc = run_cli("--help", timeout=60)
     for command in ("doctor", "proxy", "distill", "train", "report"):
         assert command in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------------
+# Paired differences over seeds
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("df,expected", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (29, 2.0452),
+                                         (100, 1.9840), (1000, 1.9623)])
+def test_t_quantile_matches_the_tables(df, expected):
+    assert t_quantile(0.975, df) == pytest.approx(expected, abs=1e-3)
+    assert t_quantile(0.025, df) == pytest.approx(-expected, abs=1e-3)
+
+
+def test_t_quantile_matches_closed_forms():
+    # df = 1 is Cauchy: tan(π(p − ½)); df = 2: (2p − 1) / √(2p(1 − p))
+    for p in (0.6, 0.9, 0.975, 0.995, 0.9999):
+        assert t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-9)
+        assert t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-9)
+    assert t_quantile(0.5, 7) == pytest.approx(0.0, abs=1e-12)
+    assert t_quantile(0.975, 1e7) == pytest.approx(1.959964, abs=1e-5)  # the normal limit
+    with pytest.raises(ValueError):
+        t_quantile(1.0, 3)
+
+
+def test_paired_stats_is_the_t_interval():
+    mean, sd, lo, hi = paired_stats([1.0, 2.0, 3.0, 4.0, 5.0])
+    half = 2.7764451052 * math.sqrt(2.5) / math.sqrt(5)
+    assert (mean, sd) == (3.0, pytest.approx(math.sqrt(2.5)))
+    assert (lo, hi) == (pytest.approx(3.0 - half, abs=1e-9), pytest.approx(3.0 + half, abs=1e-9))
+    with pytest.raises(ValueError):
+        paired_stats([1.0])
+
+
+def _seeded_run(path, method, seed, final, optimizer="sgd"):
+    """A classification run whose final and best accuracy are ``final``, with fed.server_optimizer set."""
+    _fake_run(path, method, seed, [0.5, final])
+    (path / "config.yaml").write_text(f"run:\n  seed: {seed}\nfed:\n  partition: iid\n  alpha: 1.0\n"
+                                      f"  server_optimizer: {optimizer}\n")
+
+
+# Final accuracies (%) per seed. fedpft − fedavg = 1, 2, 3, 4, 5 points on seeds 0-4: mean 3, sd √2.5,
+# 95 % CI 3 ± 2.7764 · √2.5 / √5 = [1.04, 4.96] (z = 1.96 would give [1.61, 4.39]). fedpft with adam ran
+# seeds 0-3 and 5: sgd − adam = −1, 0, 1, 2 points on the 4 common seeds, seeds 4 and 5 left out; mean
+# 0.5, sd √(5/3), CI 0.5 ± 3.1824 · √(5/3) / 2 = [−1.55, 2.55], which holds 0.
+FEDPFT = {0: 80.0, 1: 82.0, 2: 84.0, 3: 86.0, 4: 88.0}
+FEDAVG = {s: FEDPFT[s] - d for s, d in zip(range(5), (1, 2, 3, 4, 5))}
+ADAM = {**{s: FEDPFT[s] - d for s, d in zip(range(4), (-1, 0, 1, 2))}, 5: 70.0}
+PAIRED_ROWS = [
+    "| fedpft / iid, server_optimizer=sgd | fedavg / iid, server_optimizer=sgd | fed.method "
+    "| final accuracy (points) | 5 | 0 | 3.00 | 1.58 | [1.04, 4.96] | yes |",
+    "| fedpft / iid, server_optimizer=sgd | fedpft / iid, server_optimizer=adam | fed.server_optimizer "
+    "| final accuracy (points) | 4 | 2 | 0.50 | 1.29 | [-1.55, 2.55] | no |"]
+
+
+def test_report_pairs_groups_that_differ_in_one_setting(tmp_path):
+    runs = tmp_path / "runs"
+    for name, method, optimizer, accs in (("a", "fedpft", "sgd", FEDPFT), ("b", "fedavg", "sgd", FEDAVG),
+                                          ("c", "fedpft", "adam", ADAM)):
+        for seed, acc in accs.items():
+            _seeded_run(runs / f"{name}{seed}", method, seed, acc / 100, optimizer)
+    proc = run_cli("report", str(runs), "--out", str(tmp_path / "out"), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = (tmp_path / "out" / "report.md").read_text()
+    main, paired = report.split("## Paired differences (same seeds)\n")
+    # no run measured gradient fidelity: no cosine column
+    assert "| method / partition | fed.server_optimizer | seeds | rounds | final accuracy (%) | best accuracy (%) " \
+           "| final macro-F1 (%) | client params |" in main
+    assert "mean ± t(0.975, n − 1) · sd / √n" in paired
+    rows = [line for line in paired.splitlines() if line.startswith("| ")]
+    # fedavg and fedpft/adam differ in two settings: no pair; best accuracy equals final accuracy here
+    assert rows == ["| A | B | differs in | metric | seeds | left out | A − B | sd | 95 % CI | CI excludes 0 |",
+                    *PAIRED_ROWS, *(r.replace("final accuracy", "best accuracy") for r in PAIRED_ROWS)]
+    assert "## Paired differences" in proc.stdout
+    with (tmp_path / "out" / "paired.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [(r["metric"], r["differs_in"], r["seeds"], r["left_out"], r["common_seeds"], r["left_out_seeds"])
+            for r in table] == [
+        ("final_accuracy", "fed.method", "5", "0", "0 1 2 3 4", ""),
+        ("final_accuracy", "fed.server_optimizer", "4", "2", "0 1 2 3", "4 5"),
+        ("best_accuracy", "fed.method", "5", "0", "0 1 2 3 4", ""),
+        ("best_accuracy", "fed.server_optimizer", "4", "2", "0 1 2 3", "4 5")]
+    half = 2.7764451052 * math.sqrt(2.5) / math.sqrt(5) / 100  # fractions, as in report.csv
+    row = table[0]
+    assert row["task"] == "sequence-classification" and row["ci_excludes_zero"] == "True"
+    assert float(row["mean_diff"]) == pytest.approx(0.03, abs=1e-9)
+    assert float(row["sd"]) == pytest.approx(math.sqrt(2.5) / 100, abs=1e-9)
+    assert float(row["ci95_low"]) == pytest.approx(0.03 - half, abs=1e-9)
+    assert float(row["ci95_high"]) == pytest.approx(0.03 + half, abs=1e-9)
+    half = 3.1824463053 * math.sqrt(5 / 3) / 2 / 100
+    assert (float(table[1]["ci95_low"]), float(table[1]["ci95_high"])) == (
+        pytest.approx(0.005 - half, abs=1e-9), pytest.approx(0.005 + half, abs=1e-9))
+    assert table[1]["ci_excludes_zero"] == "False"
+
+
+def test_report_needs_two_common_seeds_to_pair(tmp_path):
+    runs = tmp_path / "runs"
+    _seeded_run(runs / "a0", "fedpft", 0, 0.8)
+    _seeded_run(runs / "a1", "fedpft", 1, 0.9)
+    _seeded_run(runs / "b1", "fedavg", 1, 0.7)
+    _seeded_run(runs / "b2", "fedavg", 2, 0.7)
+    proc = run_cli("report", str(runs), "--out", str(tmp_path / "out"), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paired" not in (tmp_path / "out" / "report.md").read_text()
+    assert (tmp_path / "out" / "paired.csv").read_text().count("\n") == 1  # the header
+
+
+def test_report_pairs_causal_lm_runs_on_perplexity(tmp_path):
+    runs = tmp_path / "runs"
+    # fedpft − fedot final perplexity per seed: −2, −3, −4; mean −3, sd 1, CI −3 ± 4.3027 / √3
+    for seed, (a, b) in enumerate(((12.0, 14.0), (13.0, 16.0), (11.0, 15.0))):
+        _fake_lm_run(runs / f"a{seed}", "fedpft", seed, [20.0, a], [0.3, 0.4])
+        _fake_lm_run(runs / f"b{seed}", "fedot", seed, [20.0, b], [0.3, 0.4])
+    proc = run_cli("report", str(runs), "--out", str(tmp_path / "out"), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    paired = (tmp_path / "out" / "report.md").read_text().split("## Paired differences (same seeds)\n")[1]
+    rows = [line for line in paired.splitlines() if line.startswith("| fedpft")]
+    assert rows == ["| fedpft / iid | fedot / iid | fed.method | final perplexity | 3 | 0 | -3.00 | 1.00 "
+                    "| [-5.48, -0.52] | yes |",
+                    "| fedpft / iid | fedot / iid | fed.method | best perplexity | 3 | 0 | -3.00 | 1.00 "
+                    "| [-5.48, -0.52] | yes |"]
+    assert "accuracy" not in paired
+    with (tmp_path / "out" / "paired.csv").open() as f:
+        row = next(csv.DictReader(f))
+    assert row["task"] == "causal-lm" and row["metric"] == "final_perplexity"
+    assert float(row["ci95_high"]) == pytest.approx(-3.0 + 4.3026527297 / math.sqrt(3), abs=1e-9)

@@ -236,7 +236,8 @@ def test_report_has_a_column_per_swept_key(tmp_path):
     _fake_run(runs / "004-retained_layers=0,5-seed=0", 0, 0.2, proxy__retained_layers=[0, 5])
     proc = run_cli("report", str(runs), timeout=120)
     assert proc.returncode == 0, proc.stderr
-    rows = [line for line in (runs / "report.md").read_text().splitlines() if line.startswith("| ")]
+    main, paired = (runs / "report.md").read_text().split("## Paired differences")
+    rows = [line for line in main.splitlines() if line.startswith("| ")]
     assert rows == [
         "| method / partition | proxy.keep_ratio | proxy.retained_layers | fed.alpha | fed.align_keep | seeds "
         "| rounds | final accuracy (%) | best accuracy (%) | final macro-F1 (%) | client params "
@@ -257,6 +258,12 @@ def test_report_has_a_column_per_swept_key(tmp_path):
         ("1.0", "0.25", "[0, -1]", "0.75", "2"), ("0.1", "0.25", "[0, -1]", "0.5", "1"),
         ("1.0", "0.25", "[0, 5]", "0.5", "1")]
     assert float(table[0]["final_accuracy_mean"]) == pytest.approx(0.55)
+    # the reference point against each point that changes one key, over their 2 common seeds:
+    # keep_ratio 0.25 - 0.5 is -10 and 0 points (seeds 0, 1), align_keep 0.5 - 0.75 is +10 and +20
+    paired_rows = [line for line in paired.splitlines() if line.startswith("| fedpft")]
+    final = [r for r in paired_rows if "| final accuracy" in r]
+    assert len(final) == 2 and "| proxy.keep_ratio |" in final[0] and "| fed.align_keep |" in final[1]
+    assert "| 2 | 0 | -5.00 | 7.07 |" in final[0] and "| 2 | 0 | 15.00 | 7.07 |" in final[1]
     for png in ("accuracy.png", "cost.png", "swept.png"):
         assert (runs / png).read_bytes()[:8] == PNG, png
     assert "![final accuracy against the swept keys](swept.png)" in (runs / "report.md").read_text()

@@ -6,6 +6,11 @@ table, beside the method / partition label. Plots: accuracy per round for every 
 against client-side cost (parameters a client holds and training FLOPs per example) and, when there
 are swept keys, final accuracy against each of them.
 
+Paired differences: every seed gives every method the same data split and client partition, so two
+groups that differ in one setting are compared seed by seed. Over the seeds both ran, the table under
+the main one has the mean of the per-seed differences A − B, their standard deviation and a 95 %
+t-interval; the rows also go to ``paired.csv``.
+
 Causal-LM runs (``"task": "causal-lm"`` in summary.json) show perplexity instead (lower is better): the
 table has final and best perplexity, final next-token accuracy and, when ``fed.eval_initial`` was on,
 the FM's perplexity before training; the plots draw perplexity. Runs of different tasks get a table
@@ -19,6 +24,7 @@ import math
 import statistics
 from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import combinations
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -77,6 +83,7 @@ class TaskView:
     final: Metric
     initial: Optional[str]  # summary key of the FM before training, drawn at round 0 when present
     plots: tuple[tuple[str, str], ...]  # (file, alt text) of the per-round, cost and swept plots
+    paired: tuple[Metric, ...]  # compared seed by seed between groups, the headline metric first
 
 
 # Gradient fidelity of the client model (proxy or emulator) against the FM, per round and at the end.
@@ -93,7 +100,10 @@ VIEWS = {
         final=Metric("final_accuracy", "final accuracy (%)"),
         initial=None,
         plots=(("accuracy.png", "accuracy per round"), ("cost.png", "accuracy against client cost"),
-               ("swept.png", "final accuracy against the swept keys"))),
+               ("swept.png", "final accuracy against the swept keys")),
+        # Differences of a few points: one more decimal than the main table.
+        paired=(Metric("final_accuracy", "final accuracy (points)", 100.0, 2),
+                Metric("best_accuracy", "best accuracy (points)", 100.0, 2))),
     CAUSAL_LM: TaskView(
         title="Causal LM",
         columns=(Metric("initial_perplexity", "initial perplexity", 1.0, 2, optional=True),
@@ -106,7 +116,9 @@ VIEWS = {
         final=Metric("final_perplexity", "final perplexity (lower is better)", 1.0, 2),
         initial="initial_perplexity",
         plots=(("perplexity.png", "perplexity per round"), ("perplexity-cost.png", "perplexity against client cost"),
-               ("perplexity-swept.png", "final perplexity against the swept keys"))),
+               ("perplexity-swept.png", "final perplexity against the swept keys")),
+        paired=(Metric("final_perplexity", "final perplexity", 1.0, 2),
+                Metric("best_perplexity", "best perplexity", 1.0, 2))),
 }
 
 
@@ -125,12 +137,17 @@ def runs_by_task(runs: Sequence[dict]) -> "OrderedDict[str, list[dict]]":
     return tasks
 
 
-def group_key(run: dict, with_alpha: bool = True) -> str:
+def _label_parts(run: dict, with_alpha: bool = True) -> tuple[str, str]:
+    """The run's method and partition, as its group's label shows them."""
     s, fed = run["summary"], run["config"].get("fed", {})
     part = s.get("partition", fed.get("partition", "?"))
     if part == "dirichlet" and with_alpha:
         part = f"dirichlet(α={fed.get('alpha')})"
-    return f"{s['method']} / {part}"
+    return s["method"], part
+
+
+def group_key(run: dict, with_alpha: bool = True) -> str:
+    return " / ".join(_label_parts(run, with_alpha))
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -250,6 +267,169 @@ def write_csv(runs: Sequence[dict], path: Path) -> None:
                                  " ".join(r["dir"] for r in group)])
 
 
+# ----------------------------------------------------------------------------------------------------
+# Paired differences over seeds
+# ----------------------------------------------------------------------------------------------------
+
+PAIRED_TITLE = "Paired differences (same seeds)"
+MIN_PAIRED_SEEDS = 2  # a standard deviation needs two differences
+
+
+def _beta_fraction(a: float, b: float, x: float) -> float:
+    """The continued fraction of the incomplete beta function, by the modified Lentz method (Numerical
+    Recipes, betacf): terms d_{2m} = m(b−m)x / ((a+2m−1)(a+2m)), d_{2m+1} = −(a+m)(a+b+m)x / ((a+2m)(a+2m+1))."""
+    tiny = 1e-300  # keeps a vanishing denominator from dividing by zero
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 10_000):
+        for term in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                     -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + term * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + term / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    # The fraction converges quickly below x = (a+1)/(a+b+2); above it, I_x(a, b) = 1 − I_{1−x}(b, a).
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _beta_fraction(a, b, x) / a
+    return 1.0 - front * _beta_fraction(b, a, 1.0 - x) / b
+
+
+def t_upper_tail(t: float, df: float) -> float:
+    """P(T > t) for t >= 0, T Student's t with ``df`` degrees of freedom: ½ I_{df/(df+t²)}(df/2, ½)."""
+    return 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The t with P(T <= t) = p: bisection on the upper tail (monotone in t, so it always converges);
+    the tail rather than the CDF keeps p near 1 accurate."""
+    if not 0.0 < p < 1.0 or not df > 0:
+        raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0, got p={p}, df={df}")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    tail = 1.0 - p
+    lo, hi = 0.0, 1.0
+    while t_upper_tail(hi, df) > tail:
+        lo, hi = hi, 2.0 * hi
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        lo, hi = (mid, hi) if t_upper_tail(mid, df) > tail else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def paired_stats(diffs: Sequence[float], level: float = 0.95) -> tuple[float, float, float, float]:
+    """Mean and sample standard deviation of paired differences (n >= 2), and the two-sided t-interval
+    mean ± t_{(1+level)/2, n−1} · sd / √n."""
+    n = len(diffs)
+    if n < 2:
+        raise ValueError(f"paired_stats needs at least 2 differences, got {n}")
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    half = t_quantile((1.0 + level) / 2.0, n - 1) * sd / math.sqrt(n)
+    return mean, sd, mean - half, mean + half
+
+
+@dataclass(frozen=True)
+class PairedDiff:
+    """One metric's per-seed differences A − B between two groups that differ in one setting."""
+    a: str
+    b: str
+    key: str  # the setting they differ in
+    metric: Metric
+    seeds: tuple  # the seeds both groups ran (with the metric)
+    left_out: tuple  # seeds only one of them ran
+    mean: float
+    sd: float
+    lo: float  # the 95 % t-interval of the mean difference
+    hi: float
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.lo > 0 or self.hi < 0
+
+
+def _by_seed(group: Sequence[dict], key: str) -> dict[object, float]:
+    """The group's ``key`` per seed (the mean, should a seed have run twice); a run without a seed in its
+    config.yaml cannot be paired."""
+    values: dict[object, list[float]] = {}
+    for run in group:
+        seed, value = run["config"].get("run", {}).get("seed"), run["summary"].get(key)
+        if seed is not None and value is not None:
+            values.setdefault(seed, []).append(value)
+    return {seed: statistics.fmean(v) for seed, v in values.items()}
+
+
+def _settings(run: dict, keys: Sequence[str], values: Sequence[object]) -> dict[str, object]:
+    """What a group computes: its method, partition and swept values."""
+    method, partition = _label_parts(run, with_alpha=ALPHA not in keys)
+    return {"fed.method": method, "fed.partition": partition, **dict(zip(keys, values))}
+
+
+def paired_differences(runs: Sequence[dict], view: TaskView) -> list[PairedDiff]:
+    """``view.paired``'s metrics compared seed by seed for every two groups of ``runs`` that differ in
+    exactly one setting and share at least MIN_PAIRED_SEEDS seeds; A is the group the table shows first."""
+    keys = swept_keys(runs)
+    groups = [(group_name(label, keys, values), _settings(group[0], keys, values), group)
+              for (label, values), group in groups_of(runs, keys).items()]
+    pairs = []
+    for metric in view.paired:
+        for (name_a, set_a, runs_a), (name_b, set_b, runs_b) in combinations(groups, 2):
+            differ = [k for k in set_a if set_a[k] != set_b[k]]
+            a, b = _by_seed(runs_a, metric.key), _by_seed(runs_b, metric.key)
+            common = sorted(a.keys() & b.keys())
+            if len(differ) != 1 or len(common) < MIN_PAIRED_SEEDS:
+                continue
+            pairs.append(PairedDiff(name_a, name_b, differ[0], metric, tuple(common),
+                                    tuple(sorted(a.keys() ^ b.keys())), *paired_stats([a[s] - b[s] for s in common])))
+    return pairs
+
+
+def _shown(value: float, metric: Metric) -> str:
+    return f"{value * metric.scale:.{metric.digits}f}"
+
+
+def paired_table(pairs: Sequence[PairedDiff], heading: str) -> str:
+    """The pairs as a Markdown table under ``heading`` (values as the metric shows them); "" without pairs."""
+    if not pairs:
+        return ""
+    rows = [heading, "", "A − B over the seeds both groups ran; 95 % CI: mean ± t(0.975, n − 1) · sd / √n.", "",
+            "| A | B | differs in | metric | seeds | left out | A − B | sd | 95 % CI | CI excludes 0 |",
+            "|---|" + "---|" * 9]
+    for p in pairs:
+        rows.append(f"| {p.a} | {p.b} | {p.key} | {p.metric.header} | {len(p.seeds)} | {len(p.left_out)} "
+                    f"| {_shown(p.mean, p.metric)} | {_shown(p.sd, p.metric)} "
+                    f"| [{_shown(p.lo, p.metric)}, {_shown(p.hi, p.metric)}] | {'yes' if p.excludes_zero else 'no'} |")
+    return "\n".join(rows) + "\n"
+
+
+def write_paired_csv(pairs: "OrderedDict[str, list[PairedDiff]]", path: Path) -> None:
+    """Every task's pairs, unrounded (accuracies as fractions, as in report.csv); a header alone when no
+    two groups pair."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["task", "a", "b", "differs_in", "metric", "seeds", "left_out", "mean_diff", "sd",
+                         "ci95_low", "ci95_high", "ci_excludes_zero", "common_seeds", "left_out_seeds"])
+        for task, task_pairs in pairs.items():
+            for p in task_pairs:
+                writer.writerow([task, p.a, p.b, p.key, p.metric.key, len(p.seeds), len(p.left_out), p.mean, p.sd,
+                                 p.lo, p.hi, p.excludes_zero, " ".join(map(str, p.seeds)),
+                                 " ".join(map(str, p.left_out))])
+
+
 def plot_rounds(runs: Sequence[dict], view: TaskView, path: Path, metric: Optional[Metric] = None) -> None:
     """``metric`` per round (default: ``view``'s), mean ± std over seeds, a line per group (groups
     without it are left out); for ``view``'s metric, the FM before training at round 0 when the runs
@@ -364,7 +544,7 @@ def plot_swept(runs: Sequence[dict], keys: Sequence[str], view: TaskView, path: 
     plt.close(fig)
 
 
-def run_report(run_dirs: Sequence[str], out: Optional[str] = None) -> int:
+def _find_runs(run_dirs: Sequence[str]) -> list[dict]:
     runs = []
     for d in run_dirs:
         p = Path(d)
@@ -378,33 +558,47 @@ def run_report(run_dirs: Sequence[str], out: Optional[str] = None) -> int:
             if not found:
                 raise UserError(f"{p} holds no finished run (no summary.json)")
             runs.extend(load_run(q) for q in found)
+    return runs
+
+
+def _plots(task: str, task_runs: Sequence[dict], out_dir: Path) -> list[tuple[str, str]]:
+    """Draws the task's plots into ``out_dir``: (file, alt text) of each."""
+    view = VIEWS[task]
+    (rounds_png, rounds_alt), (cost_png, cost_alt), (swept_png, swept_alt) = view.plots
+    plot_rounds(task_runs, view, out_dir / rounds_png)
+    plot_cost(task_runs, view, out_dir / cost_png)
+    drawn = [(rounds_png, rounds_alt), (cost_png, cost_alt)]
+    if any(row.get(GRAD_COSINE.key) is not None for run in task_runs for row in run["metrics"]):
+        fidelity_png = "fidelity.png" if task == CLASSIFICATION else "perplexity-fidelity.png"
+        plot_rounds(task_runs, view, out_dir / fidelity_png, GRAD_COSINE)
+        drawn.append((fidelity_png, "gradient fidelity per round"))
+    keys = swept_keys(task_runs)
+    if keys:
+        plot_swept(task_runs, keys, view, out_dir / swept_png)
+        drawn.append((swept_png, swept_alt))
+    return drawn
+
+
+def run_report(run_dirs: Sequence[str], out: Optional[str] = None) -> int:
+    runs = _find_runs(run_dirs)
     out_dir = Path(out) if out else Path(run_dirs[0]) if len(run_dirs) == 1 else Path("report")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(runs, out_dir / "report.csv")
     # A table and plots per task: accuracy and perplexity do not share columns or axes.
     tasks = runs_by_task(runs)
-    sections, tables, written = [], [], ["report.md", "report.csv"]
+    pairs: "OrderedDict[str, list[PairedDiff]]" = OrderedDict()
+    sections, tables, written = [], [], ["report.md", "report.csv", "paired.csv"]
     for task, task_runs in tasks.items():
         view = VIEWS[task]
         heading = f"## {view.title}\n\n" if len(tasks) > 1 else ""
-        table = markdown_table(task_runs, view)
-        (rounds_png, rounds_alt), (cost_png, cost_alt), (swept_png, swept_alt) = view.plots
-        plot_rounds(task_runs, view, out_dir / rounds_png)
-        plot_cost(task_runs, view, out_dir / cost_png)
-        images = [f"![{rounds_alt}]({rounds_png})", f"![{cost_alt}]({cost_png})"]
-        written += [rounds_png, cost_png]
-        if any(row.get(GRAD_COSINE.key) is not None for run in task_runs for row in run["metrics"]):
-            fidelity_png = "fidelity.png" if task == CLASSIFICATION else "perplexity-fidelity.png"
-            plot_rounds(task_runs, view, out_dir / fidelity_png, GRAD_COSINE)
-            images.append(f"![gradient fidelity per round]({fidelity_png})")
-            written.append(fidelity_png)
-        keys = swept_keys(task_runs)
-        if keys:
-            plot_swept(task_runs, keys, view, out_dir / swept_png)
-            images.append(f"![{swept_alt}]({swept_png})")
-            written.append(swept_png)
-        sections.append(heading + table + "\n" + "\n\n".join(images) + "\n")
+        pairs[task] = paired_differences(task_runs, view)
+        paired = paired_table(pairs[task], ("### " if len(tasks) > 1 else "## ") + PAIRED_TITLE)
+        table = markdown_table(task_runs, view) + ("\n" + paired if paired else "")
+        drawn = _plots(task, task_runs, out_dir)
+        written += [png for png, _ in drawn]
+        sections.append(heading + table + "\n" + "\n\n".join(f"![{alt}]({png})" for png, alt in drawn) + "\n")
         tables.append(heading + table)
+    write_paired_csv(pairs, out_dir / "paired.csv")
     (out_dir / "report.md").write_text("# Results\n\n" + "\n".join(sections))
     print("\n".join(tables), end="")
     print("wrote " + ", ".join(str(out_dir / name) for name in written))
