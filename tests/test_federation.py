@@ -91,7 +91,8 @@ def summary(run_dir: Path) -> dict:
 def assert_same_rounds(a: list[dict], b: list[dict], loss_rel: float = 1e-6) -> None:
     assert [r["round"] for r in a] == [r["round"] for r in b]
     for ra, rb in zip(a, b):
-        for key in ("lr", "clients", "excluded_clients", "all_updates_finite", "accuracy", "macro_f1"):
+        for key in ("lr", "clients", "excluded_clients", "all_updates_finite", "accuracy", "macro_f1",
+                    "predicted_per_class"):
             assert ra.get(key) == rb.get(key), (ra["round"], key, ra.get(key), rb.get(key))
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=loss_rel), ra["round"]
 
@@ -465,6 +466,8 @@ def test_saved_adapter_reproduces_the_logged_accuracy(tiny_runs):
     assert len(preds) == metrics(run)[-1]["test_examples"]
     assert acc == pytest.approx(s["final_accuracy"], abs=1e-9)
     assert f1 == pytest.approx(s["final_macro_f1"], abs=1e-9)
+    assert torch.bincount(preds, minlength=task.num_classes).tolist() == s["final_predicted_per_class"]
+    assert metrics(run)[-1]["predicted_classes"] == sum(1 for x in s["final_predicted_per_class"] if x)
     # batches of similar length (the default) predict what batches in row order predict
     assert torch.equal(preds, predict(model, task.test_ids, task.test_mask, cfg.fed.eval_batch_size, by_length=False))
 

@@ -477,7 +477,7 @@ class Engine:
             "prox_mu": f.prox_mu,
             # Classification keys stay None for a causal LM: next-token accuracy is not a class accuracy.
             "final_accuracy": last.get("accuracy"), "best_accuracy": None if task.causal_lm else s.best,
-            "final_macro_f1": last.get("macro_f1"),
+            "final_macro_f1": last.get("macro_f1"), "final_predicted_per_class": last.get("predicted_per_class"),
             "excluded_clients": s.excluded_clients, "phase_seconds": phase,
             "bytes_up_per_client": self.up_bytes,
             "bytes_down_per_client": self.up_bytes + (s.ffn_bytes_per_alignment * s.alignment_rounds / f.rounds

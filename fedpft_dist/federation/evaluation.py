@@ -11,7 +11,8 @@ from .client import accuracy_and_macro_f1, confusion_counts, next_token_eval, pe
 
 def evaluate(rt: Runtime, model: nn.Module, task: Task, batch_size: int) -> dict:
     """``model`` on the test set, sharded over ranks (rank r takes rows r, r+W, ...), with one
-    all-reduce of sums: accuracy and macro-F1 from per-class counts (classification), or mean
+    all-reduce of sums: accuracy, macro-F1 and the predictions per class from per-class counts
+    (classification), or mean
     next-token loss, perplexity and next-token accuracy from (loss sum, correct, targets) (causal LM).
     Sums first, divisions after: the result does not depend on the number of ranks."""
     idx = torch.arange(rt.rank, len(task.test_ids), rt.world_size)
@@ -26,4 +27,7 @@ def evaluate(rt: Runtime, model: nn.Module, task: Task, batch_size: int) -> dict
     counts = confusion_counts(preds, task.test_labels[idx], task.num_classes)
     counts = rt.comm.all_reduce_sum(counts, name="evaluate/counts")
     acc, f1 = accuracy_and_macro_f1(counts)
-    return {"accuracy": acc, "macro_f1": f1, "test_examples": int((counts["tp"] + counts["fn"]).sum())}
+    # how many test rows the model assigns to each class: [n, 0, 0] is a model that predicts one class
+    predicted = [int(x) for x in (counts["tp"] + counts["fp"]).tolist()]
+    return {"accuracy": acc, "macro_f1": f1, "test_examples": int((counts["tp"] + counts["fn"]).sum()),
+            "predicted_per_class": predicted, "predicted_classes": sum(1 for x in predicted if x > 0)}
