@@ -206,6 +206,9 @@ class FedConfig:
     lr: float = _opt(8e-4, help="client learning rate at round 0", gt=0)
     lr_schedule: Literal["constant", "exponential", "inverse", "linear"] = _opt(
         "linear", help="over rounds: constant, 0.95^t, 1/(t+1), or linear to zero")
+    head_lr_scale: float = _opt(
+        1.0, help="the task head's learning rate as a multiple of the round's client learning rate (the head "
+                  "is trained in full from a fresh initialisation; LoRA keeps the round's rate)", gt=0)
     weight_decay: float = _opt(0.0, help="client AdamW weight decay", ge=0)
     aggregation: Literal["weighted", "uniform"] = _opt("weighted", help="average weighted by client samples, or uniform")
     server_optimizer: Literal["fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi"] = _opt(

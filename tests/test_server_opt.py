@@ -127,3 +127,46 @@ def test_fedprox_with_mu_zero_is_fedavg_local_training_bit_for_bit(monkeypatch):
 
     # the proximal term keeps the client nearer the global adapter
     assert 0 < dist(prox.adapter) < dist(plain.adapter)
+
+
+def test_the_head_learning_rate_scale_moves_only_the_head_slower():
+    from peft import LoraConfig, get_peft_model
+
+    from fedpft_dist.federation.client import train_client
+    from fedpft_dist.models.adapters import get_adapter
+
+    _, data = _toy()
+
+    class Out(dict):
+        @property
+        def logits(self):
+            return self["logits"]
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(20, 8)
+            self.proj = torch.nn.Linear(8, 8)
+            self.head = torch.nn.Linear(8, 2)
+
+        def forward(self, input_ids, attention_mask):
+            return Out(logits=self.head(torch.tanh(self.proj(self.emb(input_ids).mean(1)))))
+
+    def run(scale):
+        torch.manual_seed(0)
+        model = get_peft_model(Toy(), LoraConfig(r=2, lora_alpha=4, target_modules=["proj"], modules_to_save=["head"]))
+        start = get_adapter(model)
+        upd = train_client(model, start, data, 2, 4, 0.05, 0.0, seed=3, head_lr_scale=scale)
+        moved = {k: float((upd.adapter[k] - start[k]).norm()) for k in start}
+        return upd, moved
+
+    _, moved_default = run(1.0)
+    _, moved_slow = run(0.1)
+    head = [k for k in moved_default if "head" in k]
+    lora = [k for k in moved_default if "lora_" in k]
+    assert head and lora
+    for k in head:
+        # Adam's steps are about lr each: a tenth of the rate moves the head about a tenth as far
+        assert 0 < moved_slow[k] < 0.3 * moved_default[k], k
+    for k in lora:
+        assert moved_slow[k] > 0.3 * moved_default[k], k

@@ -37,7 +37,8 @@ class ClientUpdate:
 
 def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data: ClientData, epochs: int,
                  batch_size: int, lr: float, weight_decay: float, seed: int, recorder=None,
-                 prox_mu: float = 0.0, group: Optional[Communicator] = None) -> ClientUpdate:
+                 prox_mu: float = 0.0, group: Optional[Communicator] = None,
+                 head_lr_scale: float = 1.0) -> ClientUpdate:
     """Start from the global adapter, train ``epochs`` local epochs, return the new adapter.
 
     ``seed`` fixes the batch order and dropout, so the update depends only on (client, round), not on
@@ -45,7 +46,8 @@ def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data
     :class:`~fedpft_dist.models.proxy.ActivationRecorder`) receives each batch's attention mask.
     The loss is the mean over the batch's examples (classification) or next-token targets (causal LM).
     ``prox_mu`` > 0 adds FedProx's proximal term ``mu/2 * sum |theta - theta_global|^2`` over the
-    trainable parameters to what is minimised (not to the reported loss).
+    trainable parameters to what is minimised (not to the reported loss). ``head_lr_scale`` scales
+    the learning rate of the task head (peft's ``modules_to_save``) against the LoRA tensors'.
 
     ``group`` (a client group of G ranks, all calling this for the same client) splits every batch
     into G consecutive row blocks, one per rank. Each rank's loss is its rows' loss sum divided by
@@ -59,7 +61,7 @@ def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(_param_groups(model, lr, head_lr_scale), lr=lr, weight_decay=weight_decay)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     device = params[0].device
@@ -103,6 +105,17 @@ def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data
     adapter = get_adapter(model)
     seconds = {"set_up": t1 - t0, "compute": t2 - t1, "collect": time.perf_counter() - t2}
     return ClientUpdate(adapter, n, loss_sum, steps, tokens, loss_count, seconds)
+
+
+def _param_groups(model: nn.Module, lr: float, head_lr_scale: float) -> list[dict]:
+    """The trainable parameters in model order; with a head scale other than 1, the head (peft's
+    ``modules_to_save`` copy) in a group of its own at ``lr * head_lr_scale``."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if head_lr_scale == 1.0:
+        return [{"params": [p for _, p in named]}]
+    head = [p for n, p in named if ".modules_to_save." in n]
+    rest = [p for n, p in named if ".modules_to_save." not in n]
+    return [g for g in ({"params": rest}, {"params": head, "lr": lr * head_lr_scale}) if g["params"]]
 
 
 def _loss_sum(model: nn.Module, data: ClientData, rows: torch.Tensor, width: int, device: torch.device,
