@@ -59,9 +59,10 @@ def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data
     t0 = time.perf_counter()
     set_adapter(model, global_adapter)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
-    opt = torch.optim.AdamW(_param_groups(model, lr, head_lr_scale), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(_param_groups(named, lr, head_lr_scale), lr=lr, weight_decay=weight_decay)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     device = params[0].device
@@ -107,10 +108,9 @@ def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data
     return ClientUpdate(adapter, n, loss_sum, steps, tokens, loss_count, seconds)
 
 
-def _param_groups(model: nn.Module, lr: float, head_lr_scale: float) -> list[dict]:
-    """The trainable parameters in model order; with a head scale other than 1, the head (peft's
-    ``modules_to_save`` copy) in a group of its own at ``lr * head_lr_scale``."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+def _param_groups(named: list[tuple[str, nn.Parameter]], lr: float, head_lr_scale: float) -> list[dict]:
+    """The trainable ``(name, parameter)``s in model order; with a head scale other than 1, the head
+    (peft's ``modules_to_save`` copy) in a group of its own at ``lr * head_lr_scale``."""
     if head_lr_scale == 1.0:
         return [{"params": [p for _, p in named]}]
     head = [p for n, p in named if ".modules_to_save." in n]
