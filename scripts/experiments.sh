@@ -1,30 +1,51 @@
 #!/usr/bin/env bash
-# The runs behind docs/results.md: 5 methods x {IID, Dirichlet alpha=1} x seeds 0 1 2, each a
-# 2-rank job on this machine, then one report over all of them.
-#   bash scripts/experiments.sh            (about 40-60 minutes on 2 CPU cores)
-#   SEEDS="0" METHODS="fedpft fedot" bash scripts/experiments.sh
-# Per seed, the proxy is built and distilled once and shared by the three fedpft variants.
+# The runs behind docs/results.md, each a 2-rank job on this machine, then one report over all:
+#   tweets (configs/experiments/tweets.yaml), seeds 0-4, about 30 minutes per seed on 2 CPU cores:
+#     IID split:               FedPFT, FedPETuning, FedOT, FedPFT without layer-level distillation,
+#                              FedPFT without neuron-level alignment
+#     Dirichlet alpha=1 split: FedPFT, FedPETuning, FedOT
+#   Austen next-token training on SmolLM2-135M (configs/smollm2-austen.yaml), seeds 0-2, about
+#   16 minutes per seed: FedPFT, FedPETuning, FedOT
+#   bash scripts/experiments.sh                       everything, then the report
+#   PARTS=tweets SEEDS="0 1" bash scripts/experiments.sh
+# It resumes: a finished run (summary.json) is skipped, an interrupted one continues from its newest
+# round checkpoint. Per seed, the proxy is built and distilled once and shared by the FedPFT variants.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CONFIG=${CONFIG:-configs/experiments/tweets.yaml}
-OUT=${OUT:-runs/experiments}
-SEEDS=${SEEDS:-0 1 2}
-METHODS=${METHODS:-fedpft fedpetuning fedot fedpft_no_layer_distill fedpft_no_neuron_distill}
-PARTITIONS=${PARTITIONS:-iid dirichlet}
-run() { launcher/torchrun.sh 2 "$@"; }
+PARTS=${PARTS:-tweets austen}
+PY=${FEDPFT_PYTHON:-.venv/bin/python}
+REPORT=${REPORT:-1}
+run() { FEDPFT_PYTHON=$PY launcher/torchrun.sh 2 "$@"; }
 
-for seed in $SEEDS; do
-  shared=$OUT/shared/seed$seed
-  if [ ! -f "$shared/proxy_distilled/config.json" ]; then
-    run distill --config "$CONFIG" run.dir="$shared" run.seed="$seed"
-  fi
-  for part in $PARTITIONS; do
-    for method in $METHODS; do
-      dir=$OUT/$method-$part-seed$seed
-      if [ -f "$dir/summary.json" ]; then continue; fi
-      run train --config "$CONFIG" run.dir="$dir" run.seed="$seed" fed.method="$method" fed.partition="$part" \
-        distill.proxy="$shared/proxy" distill.out="$shared/proxy_distilled"
-    done
+# experiment CONFIG OUT "SEEDS" "IID METHODS" "DIRICHLET METHODS" [OVERRIDE ...]
+experiment() {
+  local config=$1 out=$2 seeds=$3 iid=$4 noniid=$5; shift 5
+  local seed shared method
+  for seed in $seeds; do
+    shared=$out/shared/seed$seed
+    if [ ! -f "$shared/proxy_distilled/config.json" ]; then
+      run distill --config "$config" run.dir="$shared" run.seed="$seed" "$@"
+    fi
+    for method in $noniid; do train "$config" "$out" "$seed" dirichlet "$method" "$@"; done
+    for method in $iid; do train "$config" "$out" "$seed" iid "$method" "$@"; done
   done
+}
+
+train() {  # train CONFIG OUT SEED PARTITION METHOD [OVERRIDE ...]
+  local config=$1 out=$2 seed=$3 part=$4 method=$5; shift 5
+  local dir=$out/$method-$part-seed$seed shared=$out/shared/seed$seed
+  if [ -f "$dir/summary.json" ]; then return; fi
+  run train --config "$config" run.dir="$dir" run.seed="$seed" fed.method="$method" fed.partition="$part" \
+    fed.resume=true distill.proxy="$shared/proxy" distill.out="$shared/proxy_distilled" "$@"
+}
+
+for part in $PARTS; do
+  case $part in
+    tweets) experiment configs/experiments/tweets.yaml runs/experiments/tweets "${SEEDS:-0 1 2 3 4}" \
+              "fedpft fedpetuning fedot fedpft_no_layer_distill fedpft_no_neuron_distill" "fedpft fedpetuning fedot" ;;
+    austen) experiment configs/smollm2-austen.yaml runs/experiments/austen "${SEEDS:-0 1 2}" \
+              "fedpft fedpetuning fedot" "" fed.checkpoint_every=2 ;;
+    *) echo "PARTS: unknown part '$part' (tweets, austen)" >&2; exit 2 ;;
+  esac
 done
-.venv/bin/fedpft report "$OUT" --out docs/results
+if [ "$REPORT" = 1 ]; then "$PY" -m fedpft_dist report runs/experiments/tweets runs/experiments/austen --out docs/results; fi

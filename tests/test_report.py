@@ -289,3 +289,27 @@ def test_report_pairs_causal_lm_runs_on_perplexity(tmp_path):
         row = next(csv.DictReader(f))
     assert row["task"] == "causal-lm" and row["metric"] == "final_perplexity"
     assert float(row["ci95_high"]) == pytest.approx(-3.0 + 4.3026527297 / math.sqrt(3), abs=1e-9)
+
+
+def test_report_pairs_gradient_fidelity_and_counts_one_class_runs(tmp_path):
+    runs = tmp_path / "runs"
+    # fedpft − fedot final gradient cosine per seed: 0.1, 0.2, 0.3; mean 0.2, sd 0.1,
+    # CI 0.2 ± 4.3027 · 0.1 / √3 = [−0.048, 0.448]. fedot's seed 2 ends predicting one class.
+    for seed, (a, b) in enumerate(((0.8, 0.7), (0.7, 0.5), (0.9, 0.6))):
+        for name, method, cosine, counts in (("a", "fedpft", a, [5, 3, 2]), ("b", "fedot", b, [5, 5, 0])):
+            path = runs / f"{name}{seed}"
+            _fake_run(path, method, seed, [0.5, 0.6])
+            summary = json.loads((path / "summary.json").read_text())
+            if method == "fedot" and seed == 2:
+                counts = [10, 0, 0]
+            summary.update(final_grad_cosine=cosine, final_predicted_per_class=counts)
+            (path / "summary.json").write_text(json.dumps(summary))
+    proc = run_cli("report", str(runs), "--out", str(tmp_path / "out"), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    main, paired = (tmp_path / "out" / "report.md").read_text().split("## Paired differences (same seeds)\n")
+    assert "| final macro-F1 (%) | LoRA gradient cosine with the FM | runs ending at one class | client params |" in main
+    assert "| fedpft / iid | 3 | 2 | 60.0 ± 0.0 | 60.0 ± 0.0 | 50.0 ± 0.0 | 0.800 ± 0.100 | 0 of 3 | 19.0M |" in main
+    assert "| fedot / iid | 3 | 2 | 60.0 ± 0.0 | 60.0 ± 0.0 | 50.0 ± 0.0 | 0.600 ± 0.100 | 1 of 3 | 19.0M |" in main
+    rows = [line for line in paired.splitlines() if "gradient cosine" in line]
+    assert rows == ["| fedpft / iid | fedot / iid | fed.method | LoRA gradient cosine with the FM | 3 | 0 | 0.200 "
+                    "| 0.100 | [-0.048, 0.448] | no |"]

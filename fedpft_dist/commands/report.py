@@ -103,7 +103,7 @@ VIEWS = {
                ("swept.png", "final accuracy against the swept keys")),
         # Differences of a few points: one more decimal than the main table.
         paired=(Metric("final_accuracy", "final accuracy (points)", 100.0, 2),
-                Metric("best_accuracy", "best accuracy (points)", 100.0, 2))),
+                Metric("best_accuracy", "best accuracy (points)", 100.0, 2), FINAL_GRAD_COSINE)),
     CAUSAL_LM: TaskView(
         title="Causal LM",
         columns=(Metric("initial_perplexity", "initial perplexity", 1.0, 2, optional=True),
@@ -118,7 +118,7 @@ VIEWS = {
         plots=(("perplexity.png", "perplexity per round"), ("perplexity-cost.png", "perplexity against client cost"),
                ("perplexity-swept.png", "final perplexity against the swept keys")),
         paired=(Metric("final_perplexity", "final perplexity", 1.0, 2),
-                Metric("best_perplexity", "best perplexity", 1.0, 2))),
+                Metric("best_perplexity", "best perplexity", 1.0, 2), FINAL_GRAD_COSINE)),
 }
 
 
@@ -218,13 +218,27 @@ def groups_of(runs: Sequence[dict], keys: Optional[Sequence[str]] = None
     return groups
 
 
+def predicts_one_class(run: dict) -> Optional[bool]:
+    """Whether the run's final model predicted a single class on the whole test set (None: not logged)."""
+    counts = run["summary"].get("final_predicted_per_class")
+    return None if counts is None else sum(1 for c in counts if c > 0) <= 1
+
+
+def _one_class_cell(group: Sequence[dict]) -> str:
+    flags = [f for f in (predicts_one_class(r) for r in group) if f is not None]
+    return f"{sum(flags)} of {len(flags)}" if flags else "–"
+
+
 def markdown_table(runs: Sequence[dict], view: TaskView) -> str:
-    """One row per group of ``runs`` (all of ``view``'s task): its swept values, then ``view``'s columns."""
+    """One row per group of ``runs`` (all of ``view``'s task): its swept values, then ``view``'s columns,
+    and for classification runs that logged their predictions, how many ended predicting one class."""
     keys = swept_keys(runs)
     columns = [m for m in view.columns if not m.optional or any(r["summary"].get(m.key) is not None for r in runs)]
+    one_class = any(predicts_one_class(r) is not None for r in runs)
     rows = ["| method / partition | " + "".join(f"{k} | " for k in keys) + "seeds | rounds | "
-            + "".join(f"{m.header} | " for m in columns) + "client params | client GFLOPs / example | wall s |",
-            "|---|" + "---|" * (len(keys) + len(columns) + 5)]
+            + "".join(f"{m.header} | " for m in columns) + ("runs ending at one class | " if one_class else "")
+            + "client params | client GFLOPs / example | wall s |",
+            "|---|" + "---|" * (len(keys) + len(columns) + 5 + one_class)]
     for (label, values), group in groups_of(runs, keys).items():
         s0 = group[0]["summary"]
         flops = s0.get("client_train_flops_per_example")
@@ -232,6 +246,7 @@ def markdown_table(runs: Sequence[dict], view: TaskView) -> str:
             f"| {label} | " + "".join(f"{_cell(v)} | " for v in values)
             + f"{len(group)} | {s0['rounds']} | "
             + "".join(f"{_fmt([r['summary'].get(m.key) for r in group], m.scale, m.digits)} | " for m in columns)
+            + (f"{_one_class_cell(group)} | " if one_class else "")
             + f"{s0.get('client_params', 0) / 1e6:.1f}M | {'–' if flops is None else f'{flops / 1e9:.2f}'} "
             f"| {statistics.fmean(r['summary']['wall_seconds'] for r in group):.0f} |")
     return "\n".join(rows) + "\n"
