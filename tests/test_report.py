@@ -76,7 +76,11 @@ def test_report_of_causal_lm_runs_shows_perplexity(tmp_path):
         LM_HEADER,
         "| fedpft / iid | 2 | 3 | 31.00 ± 1.41 | 13.00 ± 1.41 | 12.00 ± 1.41 | 41.0 ± 1.4 | 60.0M | 25.00 | 20 |",
         # no fed.eval_initial: no initial perplexity, and 1 seed: no ± std
-        "| fedot / dirichlet(α=1.0) | 1 | 2 | – | 15.50 | 15.50 | 35.0 | 60.0M | 25.00 | 20 |"]
+        "| fedot / dirichlet(α=1.0) | 1 | 2 | – | 15.50 | 15.50 | 35.0 | 60.0M | 25.00 | 20 |",
+        # perplexity per round, mean over seeds; round 0 is initial_perplexity where the runs have it
+        "| group | round 0 | round 1 | round 2 | round 3 |",
+        "| fedpft / iid | 31.00 | 20.00 | 12.00 | 13.00 |",
+        "| fedot / dirichlet(α=1.0) | – | 18.00 | 15.50 | – |"]
     assert "##" not in (out / "report.md").read_text()  # one task: no per-task headings
     for png in ("perplexity.png", "perplexity-cost.png"):
         data = (out / png).read_bytes()
@@ -111,7 +115,10 @@ def test_report_of_both_tasks_has_a_table_per_task(tmp_path):
         "| method / partition | proxy.keep_ratio | seeds | rounds | final perplexity | best perplexity "
         "| final next-token accuracy (%) | client params | client GFLOPs / example | wall s |",
         "| fedpft / iid | 0.25 | 2 | 2 | 12.50 ± 0.71 | 12.50 ± 0.71 | 40.0 ± 0.0 | 60.0M | 25.00 | 20 |",
-        "| fedpft / iid | 0.5 | 2 | 2 | 10.00 ± 0.00 | 10.00 ± 0.00 | 50.0 ± 0.0 | 60.0M | 25.00 | 20 |"]
+        "| fedpft / iid | 0.5 | 2 | 2 | 10.00 ± 0.00 | 10.00 ± 0.00 | 50.0 ± 0.0 | 60.0M | 25.00 | 20 |",
+        "| group | round 1 | round 2 |",
+        "| fedpft / iid, keep_ratio=0.25 | 20.00 | 12.50 |",
+        "| fedpft / iid, keep_ratio=0.5 | 20.00 | 10.00 |"]
     # keep_ratio 0.25 − 0.5 per seed: 12 − 10, 13 − 10; mean 2.5, sd √0.5, 2.5 ± 12.7062 · √0.5 / √2
     assert [line for line in lm_paired.splitlines() if line.startswith("| fedpft")] == [
         "| fedpft / iid, keep_ratio=0.25 | fedpft / iid, keep_ratio=0.5 | proxy.keep_ratio | final perplexity "
@@ -313,3 +320,30 @@ def test_report_pairs_gradient_fidelity_and_counts_one_class_runs(tmp_path):
     rows = [line for line in paired.splitlines() if "gradient cosine" in line]
     assert rows == ["| fedpft / iid | fedot / iid | fed.method | LoRA gradient cosine with the FM | 3 | 0 | 0.200 "
                     "| 0.100 | [-0.048, 0.448] | no |"]
+
+
+def test_report_tables_accuracy_and_fidelity_per_round(tmp_path):
+    """Per evaluated round, the mean over seeds: accuracy with the FM before training as round 0 (from
+    initial_accuracy), and the gradient cosine of the rounds that measured it."""
+    runs = tmp_path / "runs"
+    for seed, (initial, cosines) in enumerate(((0.2, (0.9, 0.7)), (0.3, (0.8, 0.5)))):
+        path = runs / f"a{seed}"
+        _fake_run(path, "fedpft", seed, [0.5, 0.6 + 0.2 * seed])
+        rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+        for row, cosine in zip(rows, cosines):
+            row["grad_cosine"] = cosine
+        (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        summary = json.loads((path / "summary.json").read_text())
+        summary.update(initial_accuracy=initial, final_grad_cosine=cosines[-1])
+        (path / "summary.json").write_text(json.dumps(summary))
+    _fake_run(runs / "b0", "fedpetuning", 0, [0.4, 0.5])  # no fidelity: no row in the cosine table
+    proc = run_cli("report", str(runs), "--out", str(tmp_path / "out"), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = (tmp_path / "out" / "report.md").read_text().splitlines()
+    at = lines.index("test accuracy of the FM with the global adapter (%), mean over seeds:")
+    assert lines[at + 2:at + 6] == ["| group | round 0 | round 1 | round 2 |", "|---|---|---|---|",
+                                    "| fedpft / iid | 25.0 | 50.0 | 70.0 |", "| fedpetuning / iid | – | 40.0 | 50.0 |"]
+    at = lines.index("cosine of client-model and FM LoRA gradients, mean over seeds:")
+    assert lines[at + 2:at + 5] == ["| group | round 1 | round 2 |", "|---|---|---|",
+                                    "| fedpft / iid | 0.850 | 0.600 |"]
+    assert lines[at + 5] == ""

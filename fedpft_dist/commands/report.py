@@ -98,7 +98,7 @@ VIEWS = {
         csv_metrics=("final_accuracy", "best_accuracy", "final_macro_f1", "final_grad_cosine"),
         per_round=Metric("accuracy", "test accuracy of the FM with the global adapter (%)"),
         final=Metric("final_accuracy", "final accuracy (%)"),
-        initial=None,
+        initial="initial_accuracy",
         plots=(("accuracy.png", "accuracy per round"), ("cost.png", "accuracy against client cost"),
                ("swept.png", "final accuracy against the swept keys")),
         # Differences of a few points: one more decimal than the main table.
@@ -445,6 +445,38 @@ def write_paired_csv(pairs: "OrderedDict[str, list[PairedDiff]]", path: Path) ->
                                  " ".join(map(str, p.left_out))])
 
 
+def per_round(group: Sequence[dict], metric: Metric, initial: Optional[str]) -> dict[int, list[float]]:
+    """``metric`` of every run of ``group`` by round; round 0 is the FM before training (``initial``, a
+    summary key) where the runs evaluated it."""
+    by_round: dict[int, list[float]] = {}
+    for run in group:
+        if initial and run["summary"].get(initial) is not None:
+            by_round.setdefault(0, []).append(run["summary"][initial])
+        for row in run["metrics"]:
+            if row.get(metric.key) is not None:
+                by_round.setdefault(row["round"], []).append(row[metric.key])
+    return by_round
+
+
+def rounds_table(runs: Sequence[dict], view: TaskView, metric: Metric) -> str:
+    """``metric`` per evaluated round, mean over each group's seeds (round 0: before training); "" when
+    no run logged it."""
+    keys = swept_keys(runs)
+    initial = view.initial if metric is view.per_round else None
+    groups = [(group_name(label, keys, values), per_round(group, metric, initial))
+              for (label, values), group in groups_of(runs, keys).items()]
+    groups = [(name, by_round) for name, by_round in groups if by_round]
+    rounds = sorted({r for _, by_round in groups for r in by_round})
+    if not rounds:
+        return ""
+    rows = [f"{metric.header}, mean over seeds:", "", "| group | " + " | ".join(f"round {r}" for r in rounds) + " |",
+            "|---|" + "---|" * len(rounds)]
+    for name, by_round in groups:
+        rows.append(f"| {name} | " + " | ".join(
+            _shown(statistics.fmean(by_round[r]), metric) if r in by_round else "–" for r in rounds) + " |")
+    return "\n".join(rows) + "\n"
+
+
 def plot_rounds(runs: Sequence[dict], view: TaskView, path: Path, metric: Optional[Metric] = None) -> None:
     """``metric`` per round (default: ``view``'s), mean ± std over seeds, a line per group (groups
     without it are left out); for ``view``'s metric, the FM before training at round 0 when the runs
@@ -459,13 +491,7 @@ def plot_rounds(runs: Sequence[dict], view: TaskView, path: Path, metric: Option
     initial = view.initial if metric is view.per_round else None
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for (label, values), group in groups_of(runs, keys).items():
-        by_round: dict[int, list[float]] = {}
-        for run in group:
-            if initial and run["summary"].get(initial) is not None:
-                by_round.setdefault(0, []).append(run["summary"][initial])
-            for row in run["metrics"]:
-                if row.get(metric.key) is not None:
-                    by_round.setdefault(row["round"], []).append(row[metric.key])
+        by_round = per_round(group, metric, initial)
         if not by_round:
             continue
         xs = sorted(by_round)
@@ -608,7 +634,10 @@ def run_report(run_dirs: Sequence[str], out: Optional[str] = None) -> int:
         heading = f"## {view.title}\n\n" if len(tasks) > 1 else ""
         pairs[task] = paired_differences(task_runs, view)
         paired = paired_table(pairs[task], ("### " if len(tasks) > 1 else "## ") + PAIRED_TITLE)
-        table = markdown_table(task_runs, view) + ("\n" + paired if paired else "")
+        per_round_tables = [t for t in (rounds_table(task_runs, view, view.per_round),
+                                        rounds_table(task_runs, view, GRAD_COSINE)) if t]
+        table = markdown_table(task_runs, view) + "".join("\n" + t for t in per_round_tables) \
+            + ("\n" + paired if paired else "")
         drawn = _plots(task, task_runs, out_dir)
         written += [png for png, _ in drawn]
         sections.append(heading + table + "\n" + "\n\n".join(f"![{alt}]({png})" for png, alt in drawn) + "\n")
