@@ -48,11 +48,26 @@ class RunConfig:
                                      "distilled proxy that was made with other settings, and move an earlier run's "
                                      "checkpoints aside (to <dir>.stale-<UTC time>); default: stop with an error "
                                      "naming the setting that differs")
+    report_to: list[Literal["jsonl", "tensorboard", "wandb"]] = _opt(
+        ["jsonl"], help="where rank 0 writes each round's metrics row, with the round as the step: jsonl "
+                        "(<dir>/metrics.jsonl, always written, listed or not), tensorboard (event files in "
+                        "<dir>/tensorboard; needs the tensorboard package), wandb (a Weights & Biases run in "
+                        "<dir>/wandb; needs the wandb package)")
+    wandb_mode: Literal["offline", "online", "disabled"] = _opt(
+        "offline", help="wandb in report_to: offline (files only, no network; upload later with `wandb sync "
+                        "<dir>/wandb/offline-run-*`), online (needs a W&B login), or disabled")
+    wandb_project: str = _opt("fedpft", help="wandb in report_to: the W&B project of the run (named after the "
+                                             "run dir)")
 
     def check(self, prefix: str) -> None:
         # An empty dir would put config.yaml, checkpoints and results in the current directory.
         if not self.dir.strip():
             raise ConfigError(f"{prefix}dir", f"must be a directory path, got {self.dir!r}")
+        for i, name in enumerate(self.report_to):
+            if name in self.report_to[:i]:
+                raise ConfigError(f"{prefix}report_to", f"names {name!r} twice, got {self.report_to!r}")
+        if not self.wandb_project.strip():
+            raise ConfigError(f"{prefix}wandb_project", f"must be a project name, got {self.wandb_project!r}")
 
 
 @dataclass

@@ -9,6 +9,7 @@
       checkpoints/rounds/    federated round checkpoints
       checkpoints/distill/   layer-level distillation checkpoints
       metrics.jsonl, summary.json, adapter/   federated training
+      tensorboard/, wandb/   the trackers of run.report_to (fedpft_dist.federation.trackers)
       bench.json             fedpft bench (bench.out overrides)
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ class RunLayout:
     emulator_distilled: Path
     round_checkpoints: Path
     metrics: Path
+    tensorboard: Path
     summary: Path
     adapter: Path
     bench: Path
@@ -52,7 +54,8 @@ class RunLayout:
             emulator=run / "emulator", emulator_report=run / "emulator.json",
             emulator_distilled=run / "emulator_distilled",
             round_checkpoints=run / "checkpoints" / "rounds",
-            metrics=run / "metrics.jsonl", summary=run / "summary.json", adapter=run / "adapter",
+            metrics=run / "metrics.jsonl", tensorboard=run / "tensorboard", summary=run / "summary.json",
+            adapter=run / "adapter",
             bench=Path(cfg.bench.out) if cfg.bench.out else run / "bench.json")
 
 

@@ -34,7 +34,7 @@ from ..data.tasks import Task, prepare_task
 from ..environment import StopSignals, return_freed_memory
 from ..errors import TrainingDiverged, UserError
 from ..fingerprint import run_fingerprint
-from ..fsutil import atomic_directory, atomic_write_json, run_dir_problem
+from ..fsutil import atomic_directory, atomic_write_json, filesystem_error, run_dir_problem
 from ..models.adapters import adapter_bytes, get_adapter, set_adapter
 from ..models.families import layers_prefix
 from ..models.loading import load_tokenizer, resolve_model_dir, resolve_task
@@ -48,6 +48,7 @@ from .client import train_client
 from .evaluation import evaluate
 from .methods import get_method
 from .recording import MetricsLog, RoundProgress
+from .trackers import missing_package, open_trackers
 from .sampling import assign_to_ranks, client_seed, clients_per_round, round_lr, sample_clients
 from .server_opt import ServerOptimizer, make_server_optimizer
 from .state import Checkpointer, RoundState
@@ -108,15 +109,23 @@ class Engine:
 
     def run(self) -> dict:
         t_start = time.perf_counter()
-        with self.signals:
-            try:
-                self.prepare()
-                stopped = self.run_rounds()
-            except BaseException:
-                if getattr(self, "progress", None) is not None:
-                    self.progress.close()   # an error's line starts a line of its own
-                raise
-        return self.finish(stopped, time.perf_counter() - t_start)
+        ok = False
+        try:
+            with self.signals:
+                try:
+                    self.prepare()
+                    stopped = self.run_rounds()
+                except BaseException:
+                    if getattr(self, "progress", None) is not None:
+                        self.progress.close()   # an error's line starts a line of its own
+                    raise
+            summary = self.finish(stopped, time.perf_counter() - t_start)
+            ok = True
+            return summary
+        finally:
+            # the trackers' files are complete whether the run ended well or not
+            if getattr(self, "metrics", None) is not None:
+                self.metrics.close(ok)
 
     # ------------------------------------------------------------------------------------------------
     # Before the first round
@@ -128,11 +137,7 @@ class Engine:
         self.method = get_method(f.method)
         self.groups: ClientGroups = rt.client_groups(cfg.dist.ranks_per_client)
         check_client_sharding(cfg, self.method, self.groups)
-        # Rank 0 writes the run's files: a run dir it cannot write stops every rank now, not at the
-        # first checkpoint.
-        problem = run_dir_problem(self.layout.run_dir) if rt.is_main else None
-        if rt.comm.agree(problem is not None, op="max", name="run-dir/writable"):
-            raise UserError(problem or f"run.dir: rank 0 cannot write {self.layout.run_dir} (see its error)")
+        self._check_outputs()
         fm_dir = resolve_model_dir(cfg.model.path)
         # Before anything is written: the run's fingerprint, and either the checkpoint it resumes
         # from (which must have been written with the same) or a directory free of an earlier run's.
@@ -190,7 +195,7 @@ class Engine:
             if resumed.server_opt:
                 self.server.load_state(resumed.server_opt)
         self.start_round = self.state.round
-        self.metrics = MetricsLog(self.layout.metrics, rt.is_main, self.state.round)
+        self.metrics = self._open_metrics()
         self.phase = dict.fromkeys(PHASES, 0.0)
         self.progress = RoundProgress(rt.is_main, f.rounds, self.state.round, f"{f.method} rounds")
         self.last_eval: dict = {}
@@ -200,6 +205,33 @@ class Engine:
             # The starting adapter changes nothing (LoRA B = 0; a classifier's head is fresh): the FM as it is.
             with self._timed({}, "evaluation"):
                 self.state.initial_eval = {f"initial_{k}": v for k, v in self._evaluate().items()}
+
+    def _check_outputs(self) -> None:
+        """Rank 0 writes the run's files and feeds the trackers: a run dir it cannot write stops every
+        rank now, not at the first checkpoint, and a tracker package it lacks before the models take
+        minutes to build."""
+        rt, run_dir = self.rt, self.layout.run_dir
+        problem = run_dir_problem(run_dir) if rt.is_main else None
+        if rt.comm.agree(problem is not None, op="max", name="run-dir/writable"):
+            raise UserError(problem or f"run.dir: rank 0 cannot write {run_dir} (see its error)")
+        missing = missing_package(self.cfg.run.report_to) if rt.is_main else None
+        if rt.comm.agree(missing is not None, op="max", name="trackers/packages"):
+            raise UserError(missing or "run.report_to: rank 0 lacks a tracker's package (see its error)")
+
+    def _open_metrics(self) -> MetricsLog:
+        """metrics.jsonl and the trackers of ``run.report_to`` (rank 0). A tracker that cannot start
+        there stops every rank (one collective), before metrics.jsonl is touched."""
+        rt, problem, trackers = self.rt, None, []
+        if rt.is_main:
+            try:
+                trackers = open_trackers(self.cfg, self.layout, self.state.round)
+            except UserError as exc:
+                problem = str(exc)
+            except OSError as exc:   # tensorboard/ not writable, a full disk
+                problem = filesystem_error(exc) or f"run.report_to: {exc}"
+        if rt.comm.agree(problem is not None, op="max", name="trackers/started"):
+            raise UserError(problem or "run.report_to: a tracker did not start on rank 0 (see its error)")
+        return MetricsLog(self.layout.metrics, rt.is_main, self.state.round, trackers)
 
     def _resume_point(self) -> Optional[RoundState]:
         """The newest round checkpoint that verifies and was written with this run's fingerprint

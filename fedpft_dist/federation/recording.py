@@ -1,18 +1,24 @@
-"""What the round loop records on rank 0: metrics rows (JSON lines) and progress bars. On other ranks
-both are silent, so the loop calls them the same way everywhere."""
+"""What the round loop records on rank 0: metrics rows (JSON lines, and the trackers of
+``run.report_to``) and progress bars. On other ranks both are silent, so the loop calls them the same
+way everywhere."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
+
+from .trackers import Tracker, close_trackers
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one row per round, appended as the round ends. A resumed run keeps the rows
-    of the rounds it resumes after and drops any later ones (they were never checkpointed)."""
+    """``metrics.jsonl``: one row per round, appended as the round ends, and the same row to each
+    tracker. A resumed run keeps the rows of the rounds it resumes after and drops any later ones
+    (they were never checkpointed)."""
 
-    def __init__(self, path: Path, active: bool, resume_after: int = 0):
+    def __init__(self, path: Path, active: bool, resume_after: int = 0, trackers: Sequence[Tracker] = ()):
         self.path, self.active = path, active
         self.rows: list[dict] = []
+        self.trackers: list[Tracker] = list(trackers) if active else []
         if not active:
             return
         kept = []
@@ -27,6 +33,13 @@ class MetricsLog:
         self.rows.append(row)
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
+        for tracker in self.trackers:
+            tracker.log(row)
+
+    def close(self, ok: bool = True) -> None:
+        """Flush and close the trackers (``ok``: the run ended without an error); later calls do nothing."""
+        trackers, self.trackers = self.trackers, []
+        close_trackers(trackers, ok)
 
 
 class RoundProgress:
