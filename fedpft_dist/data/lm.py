@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from ..errors import ConfigError
+from .hub import is_hub_source
 from .labelled import BUILTINS as LABELLED_BUILTINS
 from .labelled import load_labelled, tokenize_cached
 from .public import BUILTIN, TEXT_SUFFIXES, load_public_text, split_held_out, token_chunks
@@ -54,7 +55,9 @@ def load_lm_text(source: str, text_column: str, public_source: str, held_out_fra
     else:
         docs = load_public_text(source, text_column)
         path = Path(source).expanduser()
-        packed = source == BUILTIN or path.is_dir() or path.name.endswith(TEXT_SUFFIXES)
+        # A dataset's rows, like a table's, are examples of their own.
+        packed = source == BUILTIN or (not is_hub_source(source) and (path.is_dir()
+                                                                      or path.name.endswith(TEXT_SUFFIXES)))
     held = same_corpus(source, public_source)
     if held:
         docs = split_held_out(docs, held_out_fraction, seed)[1]

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Sequence, TypeVar
 
 import torch
 
+from fedpft_dist.data.dropped import DroppedRows
+from fedpft_dist.data.hub import is_hub_source, load_split
 from fedpft_dist.errors import UserError
 
 if TYPE_CHECKING:
@@ -37,22 +39,29 @@ AUSTEN_FILES = (
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 # File suffix -> the `datasets` builder that reads it.
 TABLE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-SOURCES_HELP = (f"'{BUILTIN}', a .txt file, a directory of .txt files, or a "
-                f"{'/'.join(sorted(TABLE_BUILDERS))} file")
+SOURCES_HELP = (f"'{BUILTIN}', a .txt file, a directory of .txt files, a "
+                f"{'/'.join(sorted(TABLE_BUILDERS))} file, or a Hugging Face dataset")
 _BLANK_LINE = re.compile(r"\n[ \t\f\v]*\n")
 
 
-def load_public_text(source: str = BUILTIN, text_column: str = "text") -> list[str]:
+def load_public_text(source: str = BUILTIN, text_column: str = "text",
+                     splits: Sequence[str] = ("train",)) -> list[str]:
     """Documents of ``source`` in a deterministic order.
 
     ``source`` is ``"austen"`` (the built-in corpus, one document per paragraph), a ``.txt`` (or
     ``.txt.gz``) file whose paragraphs are separated by blank lines, a directory of such files (read in
-    sorted name order, not recursively), or a ``.json``/``.jsonl``/``.csv``/``.parquet`` file whose
-    ``text_column`` holds one document per row. Empty documents are dropped. Mistakes in ``source``
-    raise :class:`~fedpft_dist.errors.UserError`.
+    sorted name order, not recursively), a ``.json``/``.jsonl``/``.csv``/``.parquet`` file whose
+    ``text_column`` holds one document per row, or a Hugging Face dataset (:mod:`fedpft_dist.data.hub`;
+    without ``@SPLIT`` the first of ``splits`` it has) with such a column. Empty documents are dropped;
+    rows of a table or dataset that hold none are counted and reported in one warning (a corpus of
+    lines, like WikiText, has many blank ones: that is no error unless nothing is left). Mistakes in
+    ``source`` raise :class:`~fedpft_dist.errors.UserError`.
     """
     if source == BUILTIN:
         return _load_builtin()
+    if is_hub_source(source):
+        table, where = load_split(source, splits)
+        return _table_docs(table, where, text_column)
     path = Path(source).expanduser()
     if not path.exists():
         raise UserError(f"public text source '{source}' does not exist (expected {SOURCES_HELP})")
@@ -178,18 +187,25 @@ def _load_table(path: Path, builder: str, text_column: str) -> list[str]:
         table = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as exc:  # any parse failure of a user's file is the user's to fix
         raise UserError(f"could not read public text file '{path}' as {builder}: {_root_cause(exc)}") from exc
+    return _table_docs(table, f"public text file '{path}'", text_column)
+
+
+def _table_docs(table, where: str, text_column: str) -> list[str]:
     if text_column not in table.column_names:
-        raise UserError(f"public text file '{path}' has no column '{text_column}' "
+        raise UserError(f"{where} has no column '{text_column}' "
                         f"(columns: {', '.join(table.column_names) or 'none'})")
     docs = []
-    for row, value in enumerate(table[text_column]):
-        if value is None:
-            continue
-        if not isinstance(value, str):
-            raise UserError(f"column '{text_column}' of '{path}' must hold text, "
-                            f"row {row} holds {type(value).__name__}")
-        if value.strip():
+    dropped = DroppedRows(where)
+    for value in table[text_column]:
+        number = dropped.seen()
+        if value is not None and not isinstance(value, str):
+            raise UserError(f"column '{text_column}' of {where} must hold text, "
+                            f"row {number} holds {type(value).__name__}")
+        if value is None or not value.strip():
+            dropped.drop(number, "without text")
+        else:
             docs.append(value.strip())
+    dropped.check(max_fraction=1.0)
     return docs
 
 

@@ -21,6 +21,8 @@ from .public import BUILTIN
 
 CAUSAL_LM = "causal-lm"
 CLASSIFICATION = "sequence-classification"
+# The split a Hugging Face dataset named as data.test_file gives where the name does not say.
+TEST_SPLITS = ("validation", "test")
 
 
 @dataclass
@@ -122,10 +124,11 @@ def prepare_classification_task(cfg: Config, tokenizer) -> Task:
     if d.dataset == BUILTIN:
         raise ConfigError("data.dataset", f"'{BUILTIN}' is unlabelled text, for causal-LM fine-tuning "
                                           f"(model.task=causal-lm with a decoder model)")
-    data = load_labelled(_expand(d.dataset, "data.dataset"), d.text_column, d.label_column, d.text_pair_column)
+    data = load_labelled(_expand(d.dataset, "data.dataset"), d.text_column, d.label_column, d.text_pair_column,
+                         d.max_dropped_fraction)
     if d.test_file:
         test_data = load_labelled(_expand(d.test_file, "data.test_file"), d.text_column, d.label_column,
-                                  d.text_pair_column)
+                                  d.text_pair_column, d.max_dropped_fraction, splits=TEST_SPLITS)
         if test_data.label_names != data.label_names:
             raise UserError(f"data.test_file: labels {test_data.label_names} differ from data.dataset's "
                             f"{data.label_names}")

@@ -134,14 +134,19 @@ def pick_backend(requested: str, device: torch.device) -> str:
     return requested
 
 
+# ``log.warning(..., extra={ONCE: True})``: a warning every rank reaches alike (about input data they all
+# read) is printed by rank 0 only.
+ONCE = "fedpft_once"
+
+
 class _RankFilter(logging.Filter):
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str, rank: int):
         super().__init__()
-        self.prefix = prefix
+        self.prefix, self.rank = prefix, rank
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.rank_prefix = self.prefix
-        return True
+        return self.rank == 0 or not getattr(record, ONCE, False)
 
 
 def setup_logging(rank: int, world_size: int, level: str = "info", all_ranks: bool = False) -> None:
@@ -153,7 +158,7 @@ def setup_logging(rank: int, world_size: int, level: str = "info", all_ranks: bo
             root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
     handler._fedpft = True  # type: ignore[attr-defined]
-    handler.addFilter(_RankFilter(f"[rank {rank}/{world_size}]" if world_size > 1 else ""))
+    handler.addFilter(_RankFilter(f"[rank {rank}/{world_size}]" if world_size > 1 else "", rank))
     handler.setFormatter(logging.Formatter("%(asctime)s %(rank_prefix)s %(levelname)s %(name)s: %(message)s",
                                            datefmt="%H:%M:%S"))
     root.addHandler(handler)
