@@ -1,7 +1,10 @@
-"""A real one-node Slurm cluster for tests (a helper, not a test module).
+"""A real Slurm cluster for tests (a helper, not a test module): one node on this machine, or
+several nodes given as :class:`Node` (e.g. the network namespaces of tests/netns_nodes.py).
 
     with slurm_cluster(install=False) as cluster:
         cluster.run(["sbatch", "--wait", ...], timeout=90)
+    with two_nodes() as nodes, slurm_cluster(nodes=nodes) as cluster:
+        ...
 
 What it does (see "A real one-node Slurm for tests" in the shared ENVIRONMENT.md):
 
@@ -14,7 +17,10 @@ What it does (see "A real one-node Slurm for tests" in the shared ENVIRONMENT.md
   ports for slurmctld/slurmd) and passes it to daemons and clients through SLURM_CONF;
 * reuses a running munged, otherwise creates /etc/munge/munge.key if missing and starts munged as
   user munge;
-* starts ``slurmctld -D -i`` and ``slurmd -D`` and waits until ``sinfo`` shows the node idle;
+* starts ``slurmctld -D -i`` and ``slurmd -D -N <node>`` and waits until ``sinfo`` shows the node idle;
+* with ``nodes``: slurmctld runs on the first node (which is also where clients such as sbatch run,
+  through :meth:`SlurmCluster.run`), one slurmd per node with spool, pid and log file per node name;
+  /etc/hosts is left alone: every node name must already resolve on every node;
 * on exit, even after a failure: cancels the jobs, SIGTERMs slurmd and slurmctld (SIGKILL after a
   grace period), kills every process still carrying this cluster's SLURM_CONF in its environment
   (slurmstepd and job processes outlive slurmd otherwise), stops munged if it started it, and
@@ -48,6 +54,16 @@ MUNGE_RUN_DIR = Path("/run/munge")
 ETC_HOSTS = Path("/etc/hosts")
 HOSTS_MARK = "# added by fedpft-dist tests/slurm_cluster.py"
 PARTITION = "debug"
+
+
+@dataclass(frozen=True)
+class Node:
+    """One Slurm node: its NodeName (also the host name its processes see), its NodeAddr, and the
+    command prefix that runs a program on it (empty: on this machine as it is)."""
+
+    name: str
+    addr: str
+    prefix: tuple[str, ...] = ()
 
 
 class SlurmUnavailable(RuntimeError):
@@ -161,13 +177,15 @@ def _terminate(proc: subprocess.Popen, grace: float) -> None:
 
 @dataclass
 class SlurmCluster:
-    """A running one-node cluster. ``env`` carries SLURM_CONF: use it for every Slurm client."""
+    """A running cluster. ``env`` carries SLURM_CONF: use it for every Slurm client. ``nodes[0]``
+    runs slurmctld and the clients; ``cpus`` is what each node offers."""
 
     root: Path
     conf: Path
     hostname: str
     cpus: int
     env: dict[str, str]
+    nodes: list[Node] = field(default_factory=list)
     partition: str = PARTITION
     _procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     _munged: Optional[subprocess.Popen] = None
@@ -176,16 +194,24 @@ class SlurmCluster:
 
     def run(self, args: Sequence[str], timeout: float = 60, env: Optional[Mapping[str, str]] = None,
             cwd: Optional[str] = None) -> subprocess.CompletedProcess:
-        """Run a command (e.g. sbatch) against this cluster, with ``timeout`` around it."""
+        """Run a command (e.g. sbatch) against this cluster on its first node, with ``timeout``
+        around it."""
         full_env = dict(self.env if env is None else env)
         full_env["SLURM_CONF"] = str(self.conf)
-        cmd = ["timeout", "-k", "5", str(int(timeout)), *args]
+        cmd = ["timeout", "-k", "5", str(int(timeout)), *self.nodes[0].prefix, *args]
         return subprocess.run(cmd, env=full_env, cwd=cwd, capture_output=True, text=True,
                               timeout=timeout + 15)
 
+    def _client(self, args: Sequence[str]) -> subprocess.CompletedProcess:
+        """A quick Slurm client call of the harness itself (sinfo, squeue, scancel) on the first node."""
+        return subprocess.run([*self.nodes[0].prefix, which(args[0]), *args[1:]], env=self.env,
+                              capture_output=True, text=True, timeout=15)
+
     def diagnostics(self) -> str:
         parts = []
-        for name in ("slurmctld.log", "slurmd.log", "slurmctld.stderr", "slurmd.stderr"):
+        names = ["slurmctld.log", *(f"slurmd-{n.name}.log" for n in self.nodes), "slurmctld.stderr",
+                 *(f"slurmd-{n.name}.stderr" for n in self.nodes)]
+        for name in names:
             text = _tail(self.root / name)
             if text.strip():
                 parts.append(f"--- {name} (tail) ---\n{text}")
@@ -195,8 +221,9 @@ class SlurmCluster:
     def _start(self, timeout: float) -> None:
         self._stepd_before = set(_pids_named("slurmstepd"))
         self._start_munge()
-        for name, args in (("slurmctld", [which("slurmctld"), "-D", "-i"]),
-                           ("slurmd", [which("slurmd"), "-D", "-N", self.hostname])):
+        daemons = [("slurmctld", [*self.nodes[0].prefix, which("slurmctld"), "-D", "-i"])]
+        daemons += [(f"slurmd-{n.name}", [*n.prefix, which("slurmd"), "-D", "-N", n.name]) for n in self.nodes]
+        for name, args in daemons:
             err = open(self.root / f"{name}.stderr", "wb")
             self._procs[name] = subprocess.Popen(args, env=self.env, stdin=subprocess.DEVNULL,
                                                  stdout=err, stderr=subprocess.STDOUT,
@@ -209,13 +236,12 @@ class SlurmCluster:
                 if proc.poll() is not None:
                     raise SlurmUnavailable(f"{name} exited with {proc.returncode} at start-up:\n"
                                            f"{self.diagnostics()}")
-            out = subprocess.run([which("sinfo"), "-h", "-N", "-o", "%t"], env=self.env,
-                                 capture_output=True, text=True, timeout=15)
+            out = self._client(["sinfo", "-h", "-N", "-o", "%t"])
             state = out.stdout.strip()
-            if out.returncode == 0 and state == "idle":
+            if out.returncode == 0 and state.split() == ["idle"] * len(self.nodes):
                 return
             time.sleep(0.5)
-        raise SlurmUnavailable(f"node not idle after {timeout:.0f} s (sinfo state {state!r}):\n"
+        raise SlurmUnavailable(f"nodes not idle after {timeout:.0f} s (sinfo states {state!r}):\n"
                                f"{self.diagnostics()}")
 
     def _start_munge(self) -> None:
@@ -263,16 +289,15 @@ class SlurmCluster:
             ours |= set(_pids_named("slurmstepd")) - self._stepd_before
         with contextlib.suppress(Exception):
             if self._procs.get("slurmctld") is not None and self._procs["slurmctld"].poll() is None:
-                subprocess.run([which("scancel"), "--user", pwd.getpwuid(os.getuid()).pw_name],
-                               env=self.env, capture_output=True, timeout=15)
+                self._client(["scancel", "--user", pwd.getpwuid(os.getuid()).pw_name])
                 deadline = time.monotonic() + 5
                 while time.monotonic() < deadline:
-                    q = subprocess.run([which("squeue"), "-h", "-o", "%i"], env=self.env,
-                                       capture_output=True, text=True, timeout=15)
+                    q = self._client(["squeue", "-h", "-o", "%i"])
                     if q.returncode != 0 or not q.stdout.strip():
                         break
                     time.sleep(0.3)
-        for name in ("slurmd", "slurmctld"):
+        # The slurmds first: a slurmd that outlives slurmctld keeps retrying to register.
+        for name in [n for n in self._procs if n != "slurmctld"] + ["slurmctld"]:
             proc = self._procs.pop(name, None)
             if proc is not None:
                 with contextlib.suppress(Exception):
@@ -308,22 +333,24 @@ class SlurmCluster:
             self._hosts_added = None
 
 
-def _slurm_conf(root: Path, hostname: str, node_line: str, ctld_port: int, slurmd_port: int) -> str:
+def _slurm_conf(root: Path, controller: Node, node_lines: Sequence[str], ctld_port: int,
+                slurmd_port: int) -> str:
     return "\n".join([
-        "# one-node test cluster written by fedpft-dist tests/slurm_cluster.py",
+        "# test cluster written by fedpft-dist tests/slurm_cluster.py",
         "ClusterName=fedpft-test",
-        f"SlurmctldHost={hostname}(127.0.0.1)",
+        f"SlurmctldHost={controller.name}({controller.addr})",
         f"SlurmctldPort={ctld_port}",
         f"SlurmdPort={slurmd_port}",
         "SlurmUser=root",
         "SlurmdUser=root",
         "AuthType=auth/munge",
         f"StateSaveLocation={root}/state",
-        f"SlurmdSpoolDir={root}/spool",
+        # %n: the node name, so that several slurmd on one machine keep apart.
+        f"SlurmdSpoolDir={root}/spool/%n",
         f"SlurmctldPidFile={root}/slurmctld.pid",
-        f"SlurmdPidFile={root}/slurmd.pid",
+        f"SlurmdPidFile={root}/slurmd-%n.pid",
         f"SlurmctldLogFile={root}/slurmctld.log",
-        f"SlurmdLogFile={root}/slurmd.log",
+        f"SlurmdLogFile={root}/slurmd-%n.log",
         "SlurmctldDebug=info",
         "SlurmdDebug=info",
         "ProctrackType=proctrack/linuxproc",
@@ -347,17 +374,55 @@ def _slurm_conf(root: Path, hostname: str, node_line: str, ctld_port: int, slurm
         "JobRequeue=1",
         "AuthInfo=cred_expire=10",
         "SchedulerParameters=sched_interval=2",
-        f"{node_line} NodeAddr=127.0.0.1 State=UNKNOWN",
+        *node_lines,
         f"PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
         "",
     ])
 
 
+def _resolve_nodes(cluster: SlurmCluster) -> None:
+    """One node: make the short hostname resolve (it becomes MASTER_ADDR through SLURM_JOB_NODELIST).
+    Several: check that every node name resolves on every node (they are the caller's to set up)."""
+    if len(cluster.nodes) > 1:
+        for node in cluster.nodes:
+            for other in cluster.nodes:
+                proc = subprocess.run([*node.prefix, "getent", "hosts", other.name], capture_output=True,
+                                      text=True, timeout=15)
+                if proc.returncode != 0:
+                    raise SlurmUnavailable(f"node name {other.name!r} does not resolve on {node.name}")
+        return
+    hostname = cluster.hostname
+    if not _resolves(hostname):
+        line = f"127.0.0.1 {hostname} {HOSTS_MARK}\n"
+        current = ETC_HOSTS.read_text() if ETC_HOSTS.exists() else ""
+        with open(ETC_HOSTS, "a") as f:
+            f.write(("\n" if current and not current.endswith("\n") else "") + line)
+        cluster._hosts_added = line
+        if not _resolves(hostname):
+            raise SlurmUnavailable(f"short hostname {hostname!r} does not resolve, even after adding "
+                                   f"it to {ETC_HOSTS}")
+
+
+def _node_lines(cluster: SlurmCluster) -> list[str]:
+    """slurm.conf node lines: what `slurmd -C` finds on this machine, for every node (the nodes of a
+    multi-node test cluster share this machine's CPUs and memory). Sets ``cluster.cpus``."""
+    probe = subprocess.run([which("slurmd"), "-C"], capture_output=True, text=True, timeout=30)
+    node_line = next((ln.strip() for ln in probe.stdout.splitlines() if ln.startswith("NodeName=")), None)
+    if probe.returncode != 0 or node_line is None:
+        raise SlurmUnavailable(f"`slurmd -C` failed ({probe.returncode}): {probe.stderr[-500:]}")
+    fields = dict(item.split("=", 1) for item in node_line.split() if "=" in item)
+    cluster.cpus = int(fields.get("CPUs", "1"))
+    rest = node_line.split(None, 1)[1] if " " in node_line else ""
+    return [f"NodeName={n.name} {rest} NodeAddr={n.addr} State=UNKNOWN" for n in cluster.nodes]
+
+
 @contextlib.contextmanager
-def slurm_cluster(install: bool = False, start_timeout: float = 30) -> Iterator[SlurmCluster]:
-    """Start a one-node Slurm cluster, yield it, stop it (also when the body fails).
+def slurm_cluster(install: bool = False, start_timeout: float = 30,
+                  nodes: Optional[Sequence[Node]] = None) -> Iterator[SlurmCluster]:
+    """Start a Slurm cluster, yield it, stop it (also when the body fails).
 
     ``install``: apt-get install missing Slurm/munge packages first (root only).
+    ``nodes``: the cluster's nodes (default: this machine, named by its short hostname, at 127.0.0.1).
     Raises SlurmUnavailable (before yielding) when it cannot run here.
     """
     if os.geteuid() != 0:
@@ -369,39 +434,29 @@ def slurm_cluster(install: bool = False, start_timeout: float = 30) -> Iterator[
     if missing:
         raise SlurmUnavailable(f"Slurm not installed: missing {', '.join(missing)} "
                                f"(`{' '.join(APT_COMMAND)}`, or set FEDPFT_TEST_INSTALL_SLURM=1)")
-    hostname = short_hostname()
+    node_list = list(nodes) if nodes else [Node(short_hostname(), "127.0.0.1")]
     root = Path(tempfile.mkdtemp(prefix="fedpft-slurm-"))
     os.chmod(root, 0o755)
-    for sub in ("state", "spool"):
+    for sub in ("state", "spool", *(f"spool/{n.name}" for n in node_list)):
         (root / sub).mkdir()
     conf = root / "slurm.conf"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env["SLURM_CONF"] = str(conf)
     env["PATH"] = SEARCH_PATH
-    cluster = SlurmCluster(root=root, conf=conf, hostname=hostname, cpus=1, env=env)
+    cluster = SlurmCluster(root=root, conf=conf, hostname=node_list[0].name, cpus=1, env=env, nodes=node_list)
     try:
-        if not _resolves(hostname):
-            line = f"127.0.0.1 {hostname} {HOSTS_MARK}\n"
-            current = ETC_HOSTS.read_text() if ETC_HOSTS.exists() else ""
-            with open(ETC_HOSTS, "a") as f:
-                f.write(("\n" if current and not current.endswith("\n") else "") + line)
-            cluster._hosts_added = line
-            if not _resolves(hostname):
-                raise SlurmUnavailable(f"short hostname {hostname!r} does not resolve, even after adding "
-                                       f"it to {ETC_HOSTS}")
-        probe = subprocess.run([which("slurmd"), "-C"], capture_output=True, text=True, timeout=30)
-        node_line = next((ln.strip() for ln in probe.stdout.splitlines() if ln.startswith("NodeName=")), None)
-        if probe.returncode != 0 or node_line is None:
-            raise SlurmUnavailable(f"`slurmd -C` failed ({probe.returncode}): {probe.stderr[-500:]}")
-        fields = dict(item.split("=", 1) for item in node_line.split() if "=" in item)
-        if fields.get("NodeName") != hostname:
-            node_line = node_line.replace(f"NodeName={fields.get('NodeName')}", f"NodeName={hostname}", 1)
-        cluster.cpus = int(fields.get("CPUs", "1"))
+        _resolve_nodes(cluster)
+        node_lines = _node_lines(cluster)
         ctld_port = _free_port()
         slurmd_port = _free_port()
         while slurmd_port == ctld_port:
             slurmd_port = _free_port()
-        conf.write_text(_slurm_conf(root, hostname, node_line, ctld_port, slurmd_port))
+        conf.write_text(_slurm_conf(root, node_list[0], node_lines, ctld_port, slurmd_port))
+        if any(n.prefix for n in node_list):
+            # slurmd 22.05 starts its cgroup plugin even with proctrack/linuxproc and task/none, and
+            # "autodetect" fails where no cgroup file system is mounted, as in the fresh /sys that
+            # `ip netns exec` mounts; the v1 plugin touches no file system until a cgroup plugin uses it.
+            (root / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\n")
         cluster._start(start_timeout)
     except BaseException as exc:
         cluster.stop()

@@ -79,9 +79,10 @@ def _report(cluster: SlurmCluster, tmp: Path, job_id: str, *lines: str) -> str:
 
 
 def submit(cluster: SlurmCluster, tmp: Path, template: str, sbatch_args: list[str],
-           fedpft_args: list[str], env_extra: dict[str, str] | None = None) -> tuple[str, str]:
+           fedpft_args: list[str], env_extra: dict[str, str] | None = None,
+           timeout: float = JOB_TIMEOUT_S) -> tuple[str, str]:
     """sbatch --wait the template from the repository root; returns (job id, report for asserts)."""
-    cmd, proc, job_id = _sbatch(cluster, tmp, template, sbatch_args, fedpft_args, env_extra, JOB_TIMEOUT_S,
+    cmd, proc, job_id = _sbatch(cluster, tmp, template, sbatch_args, fedpft_args, env_extra, timeout,
                                 wait=True)
     report = _report(cluster, tmp, job_id, f"$ {' '.join(cmd)}", f"exit {proc.returncode}",
                      f"stdout: {proc.stdout}", f"stderr: {proc.stderr}")
