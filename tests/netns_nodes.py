@@ -27,14 +27,13 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Iterator
 
 try:
-    from .slurm_cluster import SEARCH_PATH, Node
+    from .slurm_cluster import SEARCH_PATH, Node, signal_until_gone
 except ImportError:
-    from slurm_cluster import SEARCH_PATH, Node
+    from slurm_cluster import SEARCH_PATH, Node, signal_until_gone
 
 SUBNET = "10.237.0"
 NETNS_ETC = Path("/etc/netns")
@@ -67,16 +66,7 @@ def _namespace_pids(ns: str) -> list[int]:
 def _kill_namespace(ns: str) -> None:
     """SIGTERM, then SIGKILL, whatever still runs in the namespace (a namespace with processes in it
     outlives `ip netns del`, and so would its veth end)."""
-    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
-        pids = _namespace_pids(ns)
-        if not pids:
-            return
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and _namespace_pids(ns):
-            time.sleep(0.1)
+    signal_until_gone(lambda: _namespace_pids(ns), ((signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)))
 
 
 @contextlib.contextmanager

@@ -164,6 +164,21 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def signal_until_gone(find_pids, waits=((signal.SIGTERM, 3.0), (signal.SIGKILL, 2.0))) -> None:
+    """Send each signal of ``waits`` to the processes ``find_pids()`` names, waiting up to its seconds
+    for them to go before the next, harder one."""
+    for sig, wait in waits:
+        pids = [p for p in find_pids() if _alive(p)]
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and any(_alive(p) for p in find_pids()):
+            time.sleep(0.1)
+
+
 def _terminate(proc: subprocess.Popen, grace: float) -> None:
     if proc.poll() is not None:
         return
@@ -304,16 +319,7 @@ class SlurmCluster:
                     _terminate(proc, grace=10)
         # slurmstepd and job processes outlive slurmd: every process with this SLURM_CONF is ours.
         with contextlib.suppress(Exception):
-            for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 2.0)):
-                pids = [p for p in _pids_with_env("SLURM_CONF", str(self.conf)) if _alive(p)]
-                if not pids:
-                    break
-                for pid in pids:
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.kill(pid, sig)
-                deadline = time.monotonic() + wait
-                while time.monotonic() < deadline and any(_alive(p) for p in pids):
-                    time.sleep(0.1)
+            signal_until_gone(lambda: _pids_with_env("SLURM_CONF", str(self.conf)))
         # Zombies left by slurmd are reaped by init once slurmd is gone: wait, so that a caller
         # checking `pgrep slurm` right after sees nothing.
         deadline = time.monotonic() + 5
