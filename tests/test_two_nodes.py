@@ -38,7 +38,8 @@ REQUIRED = os.environ.get("FEDPFT_REQUIRE_SLURM") == "1"
 TRAIN = ("train", "--config", "configs/tiny.yaml", "dist.threads_per_rank=1", "dist.timeout_s=60",
          "dist.log_all_ranks=true", "fed.method=fedpft_no_layer_distill", "fed.align_every=0", "fed.rounds=1",
          "fed.client_fraction=0.25", "fed.fidelity_every=0", "data.max_test=32")
-DOCTOR = ("doctor", "--config", "configs/tiny.yaml", "doctor.allreduce_mb=1", "doctor.iters=2",
+# 16 MiB, median of 5: the gloo bandwidth over the veth pair (printed; `pytest -s` shows it)
+DOCTOR = ("doctor", "--config", "configs/tiny.yaml", "doctor.allreduce_mb=16", "doctor.iters=5",
           "dist.timeout_s=60")
 # A run takes 20-30 s on 2 quiet cores (both nodes share them), 50 s on a busy machine.
 RUN_TIMEOUT_S = 240
@@ -157,8 +158,12 @@ def test_torchrun_doctor_on_two_nodes(nodes, tmp_path):
     assert [[host for _, host in lines] for lines in seen] == [[node.name] for node in nodes], report
     assert sorted(rank for lines in seen for rank, _ in lines) == ["0", "1"], report
     doctor = json.loads((run / "doctor.json").read_text())
-    assert doctor["allreduce"]["world_size"] == 2 and doctor["allreduce"]["sum_ok"] is True, report
+    res = doctor["allreduce"]
+    assert res["world_size"] == 2 and res["sum_ok"] is True, report
     assert doctor["environment"]["launch"]["kind"] == "torchrun", report
+    assert res["bytes"] == 16 << 20 and res["iters"] == 5 and 0 < res["algbw_GBps"] < 1e3, res
+    print(f"two-node all-reduce over the veth pair: {res['bytes'] >> 20} MiB fp32, median {res['median_s']:.4f} s "
+          f"of {res['iters']}: algbw {res['algbw_GBps']:.3f} GB/s, busbw {res['busbw_GBps']:.3f} GB/s")
 
 
 def test_torchrun_train_on_two_nodes_equals_one_rank(nodes, reference, tmp_path):
