@@ -1,15 +1,18 @@
 """The ``fedpft`` command (also ``python -m fedpft_dist``).
 
-Every subcommand takes ``--config FILE`` and ``dotted.key=value`` overrides and writes the resolved
-config to ``run.dir/config.yaml``. User errors print one line and exit 2; a collective that fails or
-times out prints one line naming it and exits 3.
+This module parses the command line and hands the result to the subcommand's handler in
+:mod:`fedpft_dist.commands`. The subcommands that run a job take ``--config FILE`` and
+``dotted.key=value`` overrides and write the resolved config to ``run.dir/config.yaml``. User errors
+print one line and exit 2; a collective that fails or times out prints one line naming it and exits 3.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
 from . import __version__
 from .fsutil import filesystem_error
@@ -25,101 +28,69 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USER_ERROR)
 
 
-def _cmd_doctor(cfg, args) -> int:
-    from .doctor import run_doctor
+@dataclass(frozen=True)
+class Handler:
+    """The function of ``fedpft_dist.commands.<module>`` that runs a subcommand, and where each of its
+    parameters comes from: ``cfg`` is the resolved config, any other source an attribute of the parsed
+    arguments. The module is imported only when its subcommand runs, so that ``fedpft --help`` and
+    ``fedpft report`` do not load torch."""
+    module: str
+    function: str
+    arguments: tuple[tuple[str, str], ...] = (("cfg", "cfg"),)
 
-    return run_doctor(cfg)
+    def resolve(self) -> Callable[..., int]:
+        return getattr(importlib.import_module(f"{__package__}.commands.{self.module}"), self.function)
 
-
-def _cmd_proxy(cfg, args) -> int:
-    from .runtime import detect_launch
-
-    if detect_launch(os.environ).distributed:
-        raise UserError("fedpft proxy runs as one process: start it without torchrun/srun/mpirun")
-    from .commands.proxy import run_proxy
-
-    return run_proxy(cfg)
-
-
-def _cmd_distill(cfg, args) -> int:
-    from .commands.distill import run_distill
-
-    return run_distill(cfg)
+    def __call__(self, cfg: Any, args: argparse.Namespace) -> int:
+        values = {param: cfg if source == "cfg" else getattr(args, source) for param, source in self.arguments}
+        return int(self.resolve()(**values) or 0)
 
 
-def _cmd_train(cfg, args) -> int:
-    from .commands.train import run_train
-
-    return run_train(cfg)
-
-
-def _cmd_bench(cfg, args) -> int:
-    from .benchmarks.federated import run_bench
-
-    run_bench(cfg)
-    return 0
-
-
-REPORT_HELP = ("Markdown table (mean ± std over seeds) and PNG plots (accuracy per round, accuracy against "
-               "client-side cost) of finished runs")
-
-
-def _cmd_report(cfg, args) -> int:
-    from .commands.report import run_report
-
-    return run_report(args.runs, args.out)
-
+# Subcommands that take only --config and overrides.
+COMMANDS: dict[str, tuple[Handler, str]] = {
+    "doctor": (Handler("doctor", "run_doctor"),
+               "report the environment (torch/CUDA, NCCL/gloo, DeepSpeed, Triton, MPI, launcher variables, "
+               "offline models and data) and test an all-reduce over ranks"),
+    "proxy": (Handler("proxy", "run_proxy"),
+              "build the proxy (sub-FM): rank FFN neurons, keep the most salient, save it in Hugging Face "
+              "format with fedpft_proxy.json, report its error against the FM"),
+    "distill": (Handler("distill", "run_distill"),
+                "layer-level distillation of the proxy against the FM on all ranks of the job (DeepSpeed "
+                "ZeRO 0-3); writes the distilled proxy and distill.json"),
+    "train": (Handler("train", "run_train"),
+              "federated fine-tuning (fed.method: fedpft, fedpetuning, fedot, fedpft_no_layer_distill, "
+              "fedpft_no_neuron_distill): clients on every rank, one all-reduce per round, the FM evaluated "
+              "with the global adapter"),
+    "bench": (Handler("bench", "run_bench"),
+              "time one federated workload phase by phase (round, local training tokens/s, all-reduce "
+              "against a bare all-reduce of the same bytes, alignment, evaluation, activation-statistics "
+              "overhead, peak memory per rank); writes bench.json"),
+}
 
 MEMORY_HELP = ("per-rank memory of client training, layer-level distillation and evaluation for a decoder FM, "
                "computed from the model classes on the meta device (no weights are loaded)")
+MEMORY_PLAN = Handler("memory_plan", "run_memory_plan", (
+    ("cfg", "cfg"), ("model_config", "model_config"), ("world_size", "world_size"), ("json_out", "json"),
+    ("ranks_per_client", "ranks_per_client"), ("client_sharding", "client_sharding"), ("device_gb", "device_gb")))
 
-
-def _cmd_memory_plan(cfg, args) -> int:
-    from .commands.memory_plan import run_memory_plan
-
-    return run_memory_plan(cfg, args.model_config, args.world_size, args.json, args.ranks_per_client,
-                           args.client_sharding, args.device_gb)
-
+REPORT_HELP = ("Markdown table (mean ± std over seeds) and PNG plots (accuracy per round, accuracy against "
+               "client-side cost) of finished runs")
+REPORT = Handler("report", "run_report", (("run_dirs", "runs"), ("out", "out")))
 
 SWEEP_HELP = ("a grid of config overrides, one training run per point (spec: sweeps/*.yaml): list the points, "
               "print one point's train arguments (for Slurm array jobs), or train one or all of them")
+SWEEP = Handler("sweep", "run_sweep", (
+    ("spec", "spec"), ("index", "index"), ("list_only", "list"), ("print_only", "print"), ("run_all", "all"),
+    ("nproc", "nproc"), ("out", "out"), ("extra", "extra")))
 
 
-def _cmd_sweep(cfg, args) -> int:
-    from .sweep import run_sweep
-
-    return run_sweep(args.spec, index=args.index, list_only=args.list, print_only=args.print, run_all=args.all,
-                     nproc=args.nproc, out=args.out, extra=args.extra)
-
-
-COMMANDS: dict[str, tuple[Callable, str]] = {
-    "doctor": (_cmd_doctor, "report the environment (torch/CUDA, NCCL/gloo, DeepSpeed, Triton, MPI, "
-                            "launcher variables, offline models and data) and test an all-reduce over ranks"),
-    "proxy": (_cmd_proxy, "build the proxy (sub-FM): rank FFN neurons, keep the most salient, save it in "
-                          "Hugging Face format with fedpft_proxy.json, report its error against the FM"),
-    "distill": (_cmd_distill, "layer-level distillation of the proxy against the FM on all ranks of the job "
-                              "(DeepSpeed ZeRO 0-3); writes the distilled proxy and distill.json"),
-    "train": (_cmd_train, "federated fine-tuning (fed.method: fedpft, fedpetuning, fedot, "
-                          "fedpft_no_layer_distill, fedpft_no_neuron_distill): clients on every rank, one "
-                          "all-reduce per round, the FM evaluated with the global adapter"),
-    "bench": (_cmd_bench, "time one federated workload phase by phase (round, local training tokens/s, "
-                          "all-reduce against a bare all-reduce of the same bytes, alignment, evaluation, "
-                          "activation-statistics overhead, peak memory per rank); writes bench.json"),
-}
+def _add_config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML config (defaults apply to missing keys)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted config overrides, e.g. run.dir=runs/x dist.timeout_s=60")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fedpft", description="Distributed FedPFT: federated proxy fine-tuning of "
-                                                "foundation models on clusters.")
-    parser.add_argument("--version", action="version", version=f"fedpft-dist {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
-    for name, (func, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--config", metavar="FILE", help="YAML config (defaults apply to missing keys)")
-        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                       help="dotted config overrides, e.g. run.dir=runs/x dist.timeout_s=60")
-        p.set_defaults(func=func)
+def _add_memory_plan(sub: Any) -> None:
     p = sub.add_parser("memory-plan", help=MEMORY_HELP, description=MEMORY_HELP)
     p.add_argument("--config", metavar="FILE", required=True, help="YAML config (proxy, fed, distill, data settings)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
@@ -133,12 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-gb", type=float, default=80.0, metavar="GB",
                    help="device memory (10^9 bytes) the totals are checked against")
     p.add_argument("--json", metavar="FILE", help="also write the plan here")
-    p.set_defaults(func=_cmd_memory_plan)
+    p.set_defaults(handler=MEMORY_PLAN)
+
+
+def _add_report(sub: Any) -> None:
     p = sub.add_parser("report", help=REPORT_HELP, description=REPORT_HELP)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or folders of runs)")
     p.add_argument("--out", metavar="DIR", help="where report.md and the plots go (default: the run "
                                                 "directory when there is one, else ./report)")
-    p.set_defaults(func=_cmd_report, config=None, overrides=[])
+    p.set_defaults(handler=REPORT, config=None, overrides=[])
+
+
+def _add_sweep(sub: Any) -> None:
     p = sub.add_parser("sweep", help=SWEEP_HELP, description=SWEEP_HELP)
     p.add_argument("spec", metavar="SPEC", help="sweep spec (YAML: base, out, fixed, grid)")
     p.add_argument("extra", nargs="*", metavar="KEY=VALUE", help="config overrides for every point")
@@ -151,7 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "instead of running them")
     p.add_argument("--nproc", type=int, default=1, metavar="N", help="ranks per point (N > 1: launcher/torchrun.sh)")
     p.add_argument("--out", metavar="DIR", help="put the run directories under DIR instead of the spec's out")
-    p.set_defaults(func=_cmd_sweep, config=None, overrides=[])
+    p.set_defaults(handler=SWEEP, config=None, overrides=[])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fedpft", description="Distributed FedPFT: federated proxy fine-tuning of "
+                                                "foundation models on clusters.")
+    parser.add_argument("--version", action="version", version=f"fedpft-dist {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name, (handler, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_config_arguments(p)
+        p.set_defaults(handler=handler)
+    _add_memory_plan(sub)
+    _add_report(sub)
+    _add_sweep(sub)
     return parser
 
 
@@ -164,7 +156,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .environment import prepare_process
 
         prepare_process()
-        return int(args.func(cfg, args) or 0)
+        return args.handler(cfg, args)
     except UserError as exc:
         sys.stderr.write(f"fedpft: error: {exc}\n")
         return EXIT_USER_ERROR

@@ -337,6 +337,13 @@ def _leaf_paths(cls: type, prefix: str = "") -> list[str]:
     return out
 
 
+def short_names(keys: typing.Sequence[str]) -> dict[str, str]:
+    """The last part of each dotted key where no other config key ends in it (``seed``), else the whole
+    key (``fed.alpha``, as ``distill.alpha`` exists too): how sweeps and reports name a setting."""
+    leaves = [p.rsplit(".", 1)[-1] for p in _leaf_paths(Config)]
+    return {k: (k.rsplit(".", 1)[-1] if leaves.count(k.rsplit(".", 1)[-1]) == 1 else k) for k in keys}
+
+
 def _suggest(key: str, prefix: str, cls: type) -> str:
     """' (did you mean 'x.y'?)' for the nearest valid key, or ''."""
     local = [f.name for f in dataclasses.fields(cls)]

@@ -158,7 +158,7 @@ def test_same_key_in_two_sections_and_merge_keys_are_no_duplicates(tmp_path):
 
 
 def test_duplicate_keys_in_a_sweep_spec(tmp_path):
-    from fedpft_dist.sweep import load_sweep
+    from fedpft_dist.commands.sweep import load_sweep
 
     spec = tmp_path / "s.yaml"
     spec.write_text(f"base: {REPO / 'configs' / 'tiny.yaml'}\ngrid:\n  proxy.keep_ratio: [0.25]\n"

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO, child_env, run_cli
 from fedpft_dist.errors import UserError
-from fedpft_dist.sweep import grid_points, index_ranges, load_sweep, point_name, swept_keys
+from fedpft_dist.commands.sweep import grid_points, index_ranges, load_sweep, point_name, swept_keys
 # The module-scoped one-node Slurm cluster (skips with the reason where there is none) and sbatch --wait.
 from test_slurm import cluster, submit  # noqa: F401
 

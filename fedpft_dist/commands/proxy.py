@@ -1,12 +1,19 @@
 """``fedpft proxy``: build and save the proxy of the FM (Stage 1), print how close it is to the FM."""
 from __future__ import annotations
 
+import os
+
 from ..alignment.stages import build_proxy_artifact
 from ..config import Config, write_resolved_config
+from ..errors import UserError
 from ..run_layout import RunLayout
+from ..runtime import detect_launch
 
 
 def run_proxy(cfg: Config) -> int:
+    """Build the proxy of ``cfg`` in this one process and print its report."""
+    if detect_launch(os.environ).distributed:
+        raise UserError("fedpft proxy runs as one process: start it without torchrun/srun/mpirun")
     write_resolved_config(cfg)
     report = build_proxy_artifact(cfg, RunLayout.from_config(cfg))
     print(format_report(report), flush=True)

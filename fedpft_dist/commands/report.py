@@ -28,8 +28,8 @@ from itertools import combinations
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..config import short_names
 from ..errors import UserError
-from ..sweep import short_names
 
 
 def load_run(run_dir: Path) -> dict:

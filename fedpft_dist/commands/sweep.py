@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .config import Config, config_to_dict, load_config, read_yaml
-from .errors import UserError
+from ..config import load_config, read_yaml, short_names
+from ..errors import UserError
+from .report import run_report
 
 SPEC_KEYS = ("base", "out", "fixed", "grid")
 # The sweep names each point's run directory itself; --out moves them all.
@@ -92,20 +93,6 @@ def swept_keys(points: Sequence[dict[str, Any]]) -> list[str]:
     for p in points:
         keys.extend(k for k in p if k not in keys)
     return [k for k in keys if len({override_text(p[k]) if k in p else None for p in points}) > 1]
-
-
-def _leaf_names() -> list[str]:
-    def walk(tree: dict) -> list[str]:
-        return [n for k, v in tree.items() for n in (walk(v) if isinstance(v, dict) else [k])]
-
-    return walk(config_to_dict(Config()))
-
-
-def short_names(keys: Sequence[str]) -> dict[str, str]:
-    """The last part of each dotted key where no other config key ends in it (``seed``), else the whole
-    key (``fed.alpha``, as ``distill.alpha`` exists too)."""
-    leaves = _leaf_names()
-    return {k: (k.rsplit(".", 1)[-1] if leaves.count(k.rsplit(".", 1)[-1]) == 1 else k) for k in keys}
 
 
 def point_name(index: int, values: dict[str, Any], swept: Sequence[str], width: int = 3) -> str:
@@ -251,7 +238,7 @@ def _launch_command(sweep: Sweep, point: Point, nproc: int) -> list[str]:
     args = sweep.train_args(point)
     if nproc == 1:
         return [sys.executable, "-m", "fedpft_dist", *args]
-    home = Path(os.environ.get("FEDPFT_HOME") or Path(__file__).resolve().parents[1])
+    home = Path(os.environ.get("FEDPFT_HOME") or Path(__file__).resolve().parents[2])
     launcher = home / "launcher" / "torchrun.sh"
     if not launcher.is_file():
         raise UserError(f"{launcher} not found: run from a fedpft-dist checkout or set FEDPFT_HOME")
@@ -311,6 +298,4 @@ def run_sweep(spec: str, *, index: Optional[int] = None, list_only: bool = False
             sys.stderr.write(f"fedpft: error: point {point.index} ({point.run_dir}) failed with exit code {rc}; "
                              f"rerun the sweep to continue (finished points are skipped)\n")
             return rc
-    from .commands.report import run_report
-
     return run_report([sweep.out])

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, config_from_dict, config_to_dict, write_resolved_config
-from .fsutil import atomic_write_json
-from .resources import offline_status
-from .runtime import LaunchInfo, Runtime, backends_available, detect_launch, init_from_config, spawn_local
-from .runtime.launch import MPI_VARS, SLURM_VARS, TORCHRUN_VARS
+from ..config import Config, config_from_dict, config_to_dict, write_resolved_config
+from ..fsutil import atomic_write_json
+from ..resources import offline_status
+from ..runtime import LaunchInfo, Runtime, backends_available, detect_launch, init_from_config, spawn_local
+from ..runtime.launch import MPI_VARS, SLURM_VARS, TORCHRUN_VARS
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def environment_report(launch: LaunchInfo | None = None) -> dict:
     is the job's launch as detected before the runtime exported its own variables."""
     from fedpft_kernels import select_backend, triton_status
 
-    from .alignment.zero import deepspeed_status
+    from ..alignment.zero import deepspeed_status
 
     launch = launch or detect_launch(os.environ)
     seen = {k: os.environ[k] for k in (*TORCHRUN_VARS, *SLURM_VARS, *MPI_VARS, "CUDA_VISIBLE_DEVICES",
