@@ -1,5 +1,6 @@
-"""The shape of the code: short functions, layers that point one way, collectives and optional
-back-ends each imported in one place, no method names compared inside the federation package."""
+"""The shape of the code: short functions, layers that point one way and no import circles, every
+subcommand's handler in fedpft_dist/commands, collectives and optional back-ends each imported in one
+place, no method names compared inside the federation package."""
 import ast
 import re
 from pathlib import Path
@@ -19,6 +20,22 @@ FORBIDDEN = {
     "alignment": ("federation", "commands", "benchmarks", "cli"),
     "federation": ("commands", "benchmarks", "cli"),
     "commands": ("cli",),
+}
+
+# Every top-level module and package of fedpft_dist by layer: a module imports only from its own layer
+# and the ones below (within a layer the import graph has no circles, and the packages of one layer
+# keep apart as FORBIDDEN says). The bottom holds what every part needs: errors, files, the config and
+# what is derived from it alone, the distributed runtime.
+LAYERS = {
+    "__init__": 0, "errors": 0, "fsutil": 0, "environment": 0, "resources": 0, "run_layout": 0, "config": 0,
+    "checkpoint": 0, "fingerprint": 0, "runtime": 0,
+    "data": 1, "models": 1,
+    "alignment": 2,
+    "federation": 3,
+    "benchmarks": 4,
+    "commands": 5,
+    "cli": 6,
+    "__main__": 7,
 }
 
 
@@ -45,6 +62,22 @@ def _imports(path: Path) -> list[str]:
     return out
 
 
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _top(path: Path) -> str:
+    """The top-level module or package of fedpft_dist that ``path`` belongs to."""
+    return path.relative_to(LIB).with_suffix("").parts[0]
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the modules of fedpft_dist it imports (at the top or inside functions)."""
+    paths = {_module_name(p): p for p in _modules()}
+    return {name: {n for n in _imports(path) if n in paths and n != name} for name, path in paths.items()}
+
+
 def test_no_function_is_longer_than_80_lines():
     long = []
     for path in _modules():
@@ -65,6 +98,102 @@ def test_layers_point_one_way(package):
                 if name == f"fedpft_dist.{other}" or name.startswith(f"fedpft_dist.{other}."):
                     bad.append(f"{path.relative_to(REPO)} imports {name}")
     assert not bad, bad
+
+
+def test_every_top_level_module_has_a_layer():
+    tops = {_top(p) for p in _modules()}
+    assert tops <= set(LAYERS), f"give these a layer in LAYERS: {sorted(tops - set(LAYERS))}"
+
+
+def test_top_level_modules_import_only_their_layer_and_below():
+    bad = []
+    for path in _modules():
+        for name in _imports(path):
+            parts = name.split(".")
+            if parts[0] != "fedpft_dist" or len(parts) < 2 or parts[1] not in LAYERS:
+                continue
+            if LAYERS[parts[1]] > LAYERS[_top(path)]:
+                bad.append(f"{path.relative_to(REPO)} (layer {LAYERS[_top(path)]}) imports {name} "
+                           f"(layer {LAYERS[parts[1]]})")
+    assert not bad, bad
+
+
+def _circle(graph: dict[str, set[str]]) -> list[str]:
+    """One import circle of ``graph`` as the modules along it (the first one repeated at the end), or []."""
+    state: dict[str, str] = {}
+
+    def walk(node: str, path: list[str]) -> list[str]:
+        state[node] = "open"
+        path = path + [node]
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt]
+            found = walk(nxt, path) if nxt not in state else []
+            if found:
+                return found
+        state[node] = "done"
+        return []
+
+    for node in sorted(graph):
+        found = walk(node, []) if node not in state else []
+        if found:
+            return found
+    return []
+
+
+def test_no_import_circles():
+    circle = _circle(_import_graph())
+    assert not circle, " -> ".join(circle)
+
+
+def test_the_circle_check_finds_circles_and_sees_function_level_imports():
+    assert _circle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert not _circle({"a": {"b"}, "b": set(), "c": {"a", "b"}})
+    # doctor imports the DeepSpeed report inside the function that uses it
+    assert "fedpft_dist.alignment.zero" in _import_graph()["fedpft_dist.commands.doctor"]
+
+
+def _subcommands() -> dict:
+    import argparse
+
+    from fedpft_dist.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+def test_every_subcommand_dispatches_to_a_function_in_commands():
+    from fedpft_dist.cli import Handler
+
+    bad = []
+    for name, parser in _subcommands().items():
+        handler = parser.get_default("handler")
+        if not isinstance(handler, Handler):
+            bad.append(f"{name}: no Handler, got {handler!r}")
+            continue
+        path = LIB / "commands" / f"{handler.module}.py"
+        defs = {n.name: n for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef)} \
+            if path.is_file() else {}
+        func = defs.get(handler.function)
+        if func is None:
+            bad.append(f"{name}: {handler.function} is not defined in {path.relative_to(REPO)}")
+            continue
+        params = {a.arg for a in func.args.args + func.args.kwonlyargs}
+        dests = {a.dest for a in parser._actions}
+        for param, source in handler.arguments:
+            if param not in params:
+                bad.append(f"{name}: {handler.function} has no parameter {param}")
+            if source != "cfg" and source not in dests:
+                bad.append(f"{name}: the parser has no argument {source} (for {param})")
+    assert not bad, bad
+
+
+def test_cli_reaches_the_commands_only_through_their_handlers():
+    allowed = {"fedpft_dist", "fedpft_dist.errors", "fedpft_dist.fsutil", "fedpft_dist.config",
+               "fedpft_dist.environment"}
+    names = {n for n in _imports(LIB / "cli.py") if n.startswith("fedpft_dist")}
+    modules = {n for n in names if n in {_module_name(p) for p in _modules()}}
+    assert modules <= allowed, sorted(modules - allowed)
 
 
 def test_the_layer_check_sees_relative_imports():
