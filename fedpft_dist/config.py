@@ -6,7 +6,9 @@ Rules:
 - the resolved config is written next to the results (``run.dir/config.yaml``).
 
 Each section is a dataclass; a field's range lives in its metadata (``ge``, ``gt``, ``le``, ``lt``) and
-cross-field rules in the section's ``check`` method.
+cross-field rules in the section's ``check`` method. The metadata also says which reused artifacts a
+key shapes (``shapes``, names in :data:`ARTIFACTS`) and whether it shapes a federated run's checkpoints
+(``run``, default: the section's): :mod:`fedpft_dist.fingerprint` builds its fingerprints from these.
 """
 from __future__ import annotations
 
@@ -26,13 +28,31 @@ from .errors import ConfigError, UserError
 from .fsutil import atomic_write_text
 
 
+# The artifacts a run reuses when their fingerprints match: a proxy (any saliency), what a proxy ranked
+# by activations (proxy.saliency mean_abs or apoz) also depends on, FedOT's emulator, and a layer-level
+# distillation of either.
+ARTIFACTS = ("proxy", "proxy_activation", "emulator", "distill")
+BOUNDS = ("ge", "gt", "le", "lt")
+
+
 def _opt(default: Any, *, help: str, ge: float | None = None, gt: float | None = None,
-         le: float | None = None, lt: float | None = None) -> Any:
-    """A config field with its documentation and numeric bounds."""
-    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt}
+         le: float | None = None, lt: float | None = None, shapes: tuple[str, ...] = (),
+         run: bool | None = None) -> Any:
+    """A config field with its documentation, numeric bounds, the artifacts whose fingerprint holds it
+    and whether a federated run's fingerprint does (None: as its section says)."""
+    unknown = set(shapes) - set(ARTIFACTS)
+    if unknown:
+        raise ValueError(f"unknown artifacts {sorted(unknown)}; known: {', '.join(ARTIFACTS)}")
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "shapes": tuple(shapes), "run": run}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def _section(cls: type, *, run: bool) -> Any:
+    """A section of :class:`Config`; ``run``: whether its keys shape a federated run's checkpoints
+    unless a key says otherwise."""
+    return field(default_factory=cls, metadata={"run": run})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -42,7 +62,8 @@ def _opt(default: Any, *, help: str, ge: float | None = None, gt: float | None =
 @dataclass
 class RunConfig:
     dir: str = _opt("runs/default", help="output directory of this run (config, logs, results)")
-    seed: int = _opt(0, help="global seed: the same seed and world size give the same numbers", ge=0)
+    seed: int = _opt(0, help="global seed: the same seed and world size give the same numbers", ge=0,
+                     shapes=("proxy_activation", "distill"), run=True)
     log_level: Literal["debug", "info", "warning", "error"] = _opt("info", help="log level on rank 0")
     rebuild: bool = _opt(False, help="start afresh in a run dir an earlier run used: remake a proxy, emulator or "
                                      "distilled proxy that was made with other settings, and move an earlier run's "
@@ -113,12 +134,13 @@ class BenchConfig:
 @dataclass
 class ModelConfig:
     path: str = _opt("minilm", help="the foundation model: a local Hugging Face directory, or a built-in "
-                                    "offline model: 'minilm' (all-MiniLM-L6-v2) or 'smollm2' (SmolLM2-135M)")
+                                    "offline model: 'minilm' (all-MiniLM-L6-v2) or 'smollm2' (SmolLM2-135M)", run=False)
     task: Literal["auto", "base", "causal-lm", "sequence-classification"] = _opt(
         "auto", help="head to load; auto = causal-lm for decoder families, otherwise the bare encoder "
                      "(fedpft proxy) or sequence-classification (fedpft train); fedpft train fine-tunes "
                      "a causal LM on next-token loss and a classifier on labels")
-    dtype: Literal["float32", "bfloat16", "float16"] = _opt("float32", help="weights dtype")
+    dtype: Literal["float32", "bfloat16", "float16"] = _opt("float32", help="weights dtype",
+                                                            shapes=("proxy", "emulator"))
     num_labels: int = _opt(2, help="classes of a sequence-classification head", ge=2)
     dropout: float = _opt(
         -1.0, help="dropout of the models federated training uses (hidden, attention and head dropout, every "
@@ -135,31 +157,36 @@ class ModelConfig:
 class PublicTextConfig:
     source: str = _opt("austen", help="unlabelled public text: 'austen' (built in: Jane Austen's six novels), "
                                       "a local .txt file, directory of .txt, .json/.jsonl/.csv/.parquet, a "
-                                      "datasets.save_to_disk directory or hf:NAME[:CONFIG][@SPLIT] (offline)")
-    text_column: str = _opt("text", help="column holding the text in json/csv/parquet sources")
-    max_length: int = _opt(128, help="tokens per chunk", ge=8, le=8192)
-    held_out_fraction: float = _opt(0.05, help="share of documents kept out for evaluation", gt=0, lt=1)
+                                      "datasets.save_to_disk directory or hf:NAME[:CONFIG][@SPLIT] (offline)",
+                                      shapes=("proxy_activation", "distill"))
+    text_column: str = _opt("text", help="column holding the text in json/csv/parquet sources",
+                            shapes=("proxy_activation", "distill"))
+    max_length: int = _opt(128, help="tokens per chunk", ge=8, le=8192, shapes=("proxy_activation", "distill"))
+    held_out_fraction: float = _opt(0.05, help="share of documents kept out for evaluation", gt=0, lt=1,
+                                    shapes=("proxy_activation", "distill"))
 
 
 @dataclass
 class ProxyConfig:
     keep_ratio: float = _opt(0.25, help="share of FFN neurons a compressed layer keeps (paper: 768/3072)",
-                             gt=0, le=1)
+                             gt=0, le=1, shapes=("proxy",))
     keep_ratios: list[float] = _opt([], help="per-layer keep ratios (one per layer; empty = keep_ratio "
-                                             "everywhere); retained layers ignore theirs")
+                                             "everywhere); retained layers ignore theirs", shapes=("proxy",))
     retained_layers: list[int] = _opt([0, -1], help="layers that keep their whole FFN; negative counts "
-                                                    "from the end")
+                                                    "from the end", shapes=("proxy",))
     saliency: Literal["weight", "mean_abs", "apoz"] = _opt(
         "weight", help="neuron ranking: weight norms (paper), mean |activation| or 1 - APoZ on "
-                       "calibration text")
-    calibration_chunks: int = _opt(32, help="public-text chunks for activation saliency", ge=1)
-    eps: float = _opt(1e-3, help="|a| <= eps counts as zero for APoZ", ge=0)
-    batch_size: int = _opt(8, help="batch size of calibration and evaluation passes", ge=1)
-    eval_chunks: int = _opt(16, help="held-out chunks for the hidden-state error report", ge=1)
-    out: str = _opt("", help="where to save the proxy; empty = <run.dir>/proxy")
+                       "calibration text", shapes=("proxy",))
+    calibration_chunks: int = _opt(32, help="public-text chunks for activation saliency", ge=1,
+                                   shapes=("proxy_activation",))
+    eps: float = _opt(1e-3, help="|a| <= eps counts as zero for APoZ", ge=0, shapes=("proxy_activation",))
+    batch_size: int = _opt(8, help="batch size of calibration and evaluation passes", ge=1, run=False)
+    eval_chunks: int = _opt(16, help="held-out chunks for the hidden-state error report", ge=1, run=False)
+    out: str = _opt("", help="where to save the proxy; empty = <run.dir>/proxy", run=False)
     sample_prompt: str = _opt("It is a truth universally acknowledged",
-                              help="causal LMs: greedy continuation of this prompt by FM and proxy, in the report")
-    sample_tokens: int = _opt(24, help="tokens generated for the sample", ge=0)
+                              help="causal LMs: greedy continuation of this prompt by FM and proxy, in the report",
+                              run=False)
+    sample_tokens: int = _opt(24, help="tokens generated for the sample", ge=0, run=False)
 
     def check(self, prefix: str) -> None:
         for i, r in enumerate(self.keep_ratios):
@@ -170,24 +197,29 @@ class ProxyConfig:
 @dataclass
 class DistillConfig:
     proxy: str = _opt("", help="proxy directory to distil; empty = where fedpft proxy puts it (proxy.out, else "
-                               "<run.dir>/proxy), built first if missing")
-    out: str = _opt("", help="where to save the distilled proxy; empty = <run.dir>/proxy_distilled")
-    zero_stage: int = _opt(3, help="DeepSpeed ZeRO stage (0-3); at 3 the FM is partitioned over ranks", ge=0, le=3)
-    steps: int = _opt(0, help="optimizer steps; 0 = use epoch_fraction", ge=0)
-    epoch_fraction: float = _opt(1.0, help="share of one pass over the public text when steps is 0", gt=0)
+                               "<run.dir>/proxy), built first if missing", run=False)
+    out: str = _opt("", help="where to save the distilled proxy; empty = <run.dir>/proxy_distilled", run=False)
+    zero_stage: int = _opt(3, help="DeepSpeed ZeRO stage (0-3); at 3 the FM is partitioned over ranks", ge=0, le=3,
+                           run=False)
+    steps: int = _opt(0, help="optimizer steps; 0 = use epoch_fraction", ge=0, shapes=("distill",))
+    epoch_fraction: float = _opt(1.0, help="share of one pass over the public text when steps is 0", gt=0,
+                                 shapes=("distill",))
     batch_size: int = _opt(8, help="chunks per optimizer step over all ranks (fixed, so the result does not "
-                                   "depend on the number of ranks); a multiple of micro_batch x world size", ge=1)
-    micro_batch: int = _opt(4, help="chunks per forward pass; gradient accumulation makes up the batch", ge=1)
-    lr: float = _opt(6e-4, help="peak learning rate (paper: 6e-4)", gt=0)
+                                   "depend on the number of ranks); a multiple of micro_batch x world size", ge=1,
+                                   shapes=("distill",))
+    micro_batch: int = _opt(4, help="chunks per forward pass; gradient accumulation makes up the batch", ge=1,
+                            run=False)
+    lr: float = _opt(6e-4, help="peak learning rate (paper: 6e-4)", gt=0, shapes=("distill",))
     warmup_ratio: float = _opt(0.048, help="share of steps with linear warm-up, then linear decay to 0",
-                               ge=0, lt=1)
-    weight_decay: float = _opt(0.01, help="AdamW weight decay on matrices", ge=0)
-    grad_clip: float = _opt(1.0, help="gradient-norm clip", gt=0)
-    alpha: float = _opt(0.01, help="weight of the W_out W_in term of the loss (paper: 0.01)", ge=0)
-    max_chunks: int = _opt(4096, help="public-text chunks tokenised for training", ge=1)
-    eval_chunks: int = _opt(32, help="held-out chunks for the before/after error", ge=1)
-    checkpoint_every: int = _opt(0, help="checkpoint every N steps (0 = never)", ge=0)
-    resume: bool = _opt(False, help="continue from the newest complete checkpoint in <run.dir>/checkpoints/distill")
+                               ge=0, lt=1, shapes=("distill",))
+    weight_decay: float = _opt(0.01, help="AdamW weight decay on matrices", ge=0, shapes=("distill",))
+    grad_clip: float = _opt(1.0, help="gradient-norm clip", gt=0, shapes=("distill",))
+    alpha: float = _opt(0.01, help="weight of the W_out W_in term of the loss (paper: 0.01)", ge=0, shapes=("distill",))
+    max_chunks: int = _opt(4096, help="public-text chunks tokenised for training", ge=1, shapes=("distill",))
+    eval_chunks: int = _opt(32, help="held-out chunks for the before/after error", ge=1, run=False)
+    checkpoint_every: int = _opt(0, help="checkpoint every N steps (0 = never)", ge=0, run=False)
+    resume: bool = _opt(False, help="continue from the newest complete checkpoint in <run.dir>/checkpoints/distill",
+                        run=False)
 
 
 @dataclass
@@ -211,7 +243,7 @@ class DataConfig:
     test_fraction: float = _opt(0.2, help="share of examples held out as the test set (stratified)", gt=0, lt=1)
     max_train: int = _opt(0, help="use at most this many training examples (0 = all), a seeded subset", ge=0)
     max_test: int = _opt(0, help="use at most this many test examples (0 = all), a seeded subset", ge=0)
-    cache_dir: str = _opt("", help="tokenisation cache; empty = $FEDPFT_CACHE/tokens")
+    cache_dir: str = _opt("", help="tokenisation cache; empty = $FEDPFT_CACHE/tokens", run=False)
 
 
 @dataclass
@@ -250,7 +282,7 @@ class FedConfig:
     client_sharding: Literal["none", "fsdp"] = _opt(
         "none", help="fsdp: shard the client model (proxy or emulator) over the ranks of each client group "
                      "(dist.ranks_per_client > 1) with PyTorch FSDP2, so a rank holds 1/G of its weights, "
-                     "adapter and optimizer state; none: every rank holds the whole client model")
+                     "adapter and optimizer state; none: every rank holds the whole client model", run=False)
     partition: Literal["iid", "dirichlet", "labels"] = _opt("iid", help="how the train set is split over clients")
     alpha: float = _opt(1.0, help="Dirichlet concentration (smaller = more label skew)", gt=0)
     labels_per_client: int = _opt(2, help="labels per client for partition=labels", ge=1)
@@ -278,36 +310,71 @@ class FedConfig:
     fidelity_every: int = _opt(
         -1, help="gradient fidelity (cosine and relative error between the client model's and the FM's LoRA "
                  "gradients on a fixed probe set) every this many rounds; -1 = in every evaluation round, 0 = never",
-        ge=-1)
+        ge=-1, run=False)
     fidelity_examples: int = _opt(64, help="probe examples of the gradient-fidelity monitor (a seeded subset of "
-                                           "the test set)", ge=1)
-    eval_every: int = _opt(1, help="evaluate the FM with the global adapter every this many rounds", ge=1)
+                                           "the test set)", ge=1, run=False)
+    eval_every: int = _opt(1, help="evaluate the FM with the global adapter every this many rounds", ge=1, run=False)
     eval_initial: bool = _opt(False, help="also evaluate the FM before round 1 (the starting adapter "
-                                          "changes nothing): summary keys initial_*")
-    eval_batch_size: int = _opt(32, help="evaluation batch size", ge=1)
-    checkpoint_every: int = _opt(0, help="checkpoint every this many rounds (0 = never)", ge=0)
-    resume: bool = _opt(False, help="continue from the newest complete round checkpoint in <run.dir>/checkpoints/rounds")
+                                          "changes nothing): summary keys initial_*", run=False)
+    eval_batch_size: int = _opt(32, help="evaluation batch size", ge=1, run=False)
+    checkpoint_every: int = _opt(0, help="checkpoint every this many rounds (0 = never)", ge=0, run=False)
+    resume: bool = _opt(False, help="continue from the newest complete round checkpoint in "
+                                    "<run.dir>/checkpoints/rounds", run=False)
     max_excluded_rounds: int = _opt(
         3, help="stop the run (exit code 3) after this many consecutive rounds in which every client's update was "
-                "non-finite (training has diverged: lower fed.lr); 0 = never", ge=0)
+                "non-finite (training has diverged: lower fed.lr); 0 = never", ge=0, run=False)
     stop_after: int = _opt(0, help="end this invocation after this many rounds, with a checkpoint (for jobs with a "
-                                   "wall-clock limit: resubmit with fed.resume=true); 0 = run to the end", ge=0)
-    fedot_keep_bottom: int = _opt(1, help="fedot: bottom layers kept whole", ge=0)
-    fedot_keep_top: int = _opt(1, help="fedot: top layers kept whole", ge=0)
+                                   "wall-clock limit: resubmit with fed.resume=true); 0 = run to the end", ge=0,
+                                   run=False)
+    fedot_keep_bottom: int = _opt(1, help="fedot: bottom layers kept whole", ge=0, shapes=("emulator",))
+    fedot_keep_top: int = _opt(1, help="fedot: top layers kept whole", ge=0, shapes=("emulator",))
 
 
 @dataclass
 class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    dist: DistConfig = field(default_factory=DistConfig)
-    doctor: DoctorConfig = field(default_factory=DoctorConfig)
-    bench: BenchConfig = field(default_factory=BenchConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    public_text: PublicTextConfig = field(default_factory=PublicTextConfig)
-    proxy: ProxyConfig = field(default_factory=ProxyConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    fed: FedConfig = field(default_factory=FedConfig)
+    # Where outputs go, how ranks talk and what the diagnostics measure never change an adapter's
+    # trajectory (run.seed says so itself); every other section does, but for the keys marked run=False.
+    run: RunConfig = _section(RunConfig, run=False)
+    dist: DistConfig = _section(DistConfig, run=False)
+    doctor: DoctorConfig = _section(DoctorConfig, run=False)
+    bench: BenchConfig = _section(BenchConfig, run=False)
+    model: ModelConfig = _section(ModelConfig, run=True)
+    public_text: PublicTextConfig = _section(PublicTextConfig, run=True)
+    proxy: ProxyConfig = _section(ProxyConfig, run=True)
+    distill: DistillConfig = _section(DistillConfig, run=True)
+    data: DataConfig = _section(DataConfig, run=True)
+    fed: FedConfig = _section(FedConfig, run=True)
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """One setting as users see it: its dotted key, type, default, range and help, and what it shapes."""
+    key: str
+    type: Any
+    default: Any
+    help: str
+    bounds: dict[str, float]     # the set ones of ge, gt, le, lt
+    shapes: tuple[str, ...]      # artifacts whose fingerprint holds the key (ARTIFACTS)
+    run: bool                    # a federated run's fingerprint holds the key
+
+    @property
+    def section(self) -> str:
+        return self.key.split(".", 1)[0]
+
+
+def config_keys() -> list[ConfigKey]:
+    """Every setting, in the order of the sections and of their fields."""
+    out = []
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        hints, defaults = typing.get_type_hints(cls), cls()
+        for f in dataclasses.fields(cls):
+            m = f.metadata
+            out.append(ConfigKey(key=f"{section.name}.{f.name}", type=hints[f.name],
+                                 default=getattr(defaults, f.name), help=m["help"],
+                                 bounds={b: m[b] for b in BOUNDS if m.get(b) is not None},
+                                 shapes=m["shapes"], run=section.metadata["run"] if m["run"] is None else m["run"]))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -599,5 +666,7 @@ def write_resolved_config(cfg: Config, run_dir: str | os.PathLike | None = None)
     return atomic_write_text(target, dump_config(cfg))
 
 
-__all__ = ["Config", "RunConfig", "DistConfig", "DoctorConfig", "ModelConfig", "PublicTextConfig", "ProxyConfig", "DistillConfig", "DataConfig", "FedConfig", "load_config", "dump_config",
+__all__ = ["Config", "RunConfig", "DistConfig", "DoctorConfig", "BenchConfig", "ModelConfig", "PublicTextConfig",
+           "ProxyConfig", "DistillConfig", "DataConfig", "FedConfig", "ARTIFACTS", "ConfigKey", "config_keys",
+           "short_names", "load_config", "dump_config",
            "write_resolved_config", "config_to_dict", "config_from_dict"]

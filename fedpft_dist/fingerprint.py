@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import Config, config_to_dict
+from .config import ARTIFACTS, Config, config_keys, config_to_dict
 
 # Files whose bytes are the model: weights in every format transformers reads, and the config.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
@@ -28,24 +28,23 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgp
 WHOLE_FILE_BYTES = 256 << 20
 SAMPLES, SAMPLE_BYTES = 64, 1 << 20
 
-PUBLIC_TEXT = ("public_text.source", "public_text.text_column", "public_text.max_length",
-               "public_text.held_out_fraction")
-PROXY = ("model.dtype", "proxy.keep_ratio", "proxy.keep_ratios", "proxy.retained_layers", "proxy.saliency")
-# Activation saliency also reads calibration text, and breaks ties with the seed.
-PROXY_ACTIVATION = ("proxy.calibration_chunks", "proxy.eps", "run.seed", *PUBLIC_TEXT)
-EMULATOR = ("model.dtype", "fed.fedot_keep_bottom", "fed.fedot_keep_top")
-DISTILL = ("distill.steps", "distill.epoch_fraction", "distill.batch_size", "distill.lr", "distill.warmup_ratio",
-           "distill.weight_decay", "distill.grad_clip", "distill.alpha", "distill.max_chunks", "run.seed",
-           *PUBLIC_TEXT)
-# Left out of a federated run's fingerprint: how often it evaluates, measures or checkpoints, and
-# where its outputs go. Everything else in these sections shapes the trajectory of the adapter.
-RUN_SECTIONS = ("model", "data", "fed", "proxy", "distill", "public_text")
-RUN_IGNORED = ("model.path", "data.cache_dir", "fed.checkpoint_every", "fed.resume", "fed.stop_after",
-               "fed.eval_every", "fed.eval_initial", "fed.eval_batch_size", "fed.fidelity_every",
-               "fed.fidelity_examples", "fed.max_excluded_rounds", "fed.client_sharding", "proxy.out", "proxy.batch_size",
-               "proxy.eval_chunks", "proxy.sample_prompt", "proxy.sample_tokens", "distill.proxy", "distill.out",
-               "distill.zero_stage", "distill.micro_batch", "distill.eval_chunks", "distill.checkpoint_every",
-               "distill.resume")
+
+def keys_shaping(artifact: str) -> tuple[str, ...]:
+    """The config keys in the fingerprint of ``artifact`` (one of config.ARTIFACTS, or ``run``: a
+    federated run's round checkpoints), as the fields of :mod:`fedpft_dist.config` declare them."""
+    if artifact == "run":
+        return tuple(k.key for k in config_keys() if k.run)
+    if artifact not in ARTIFACTS:
+        raise ValueError(f"unknown artifact {artifact!r}; known: run, {', '.join(ARTIFACTS)}")
+    return tuple(k.key for k in config_keys() if artifact in k.shapes)
+
+
+# A proxy depends on its ranking settings; one ranked by activations also on the calibration text and
+# the seed that breaks ties. A distillation depends on its training settings, the public text and the
+# seed. A federated run depends on everything but how often it evaluates, measures or checkpoints and
+# where its outputs go.
+PROXY, PROXY_ACTIVATION = keys_shaping("proxy"), keys_shaping("proxy_activation")
+EMULATOR, DISTILL, RUN = keys_shaping("emulator"), keys_shaping("distill"), keys_shaping("run")
 
 _weights_cache: dict[tuple, str] = {}
 
@@ -105,12 +104,7 @@ def distilled_fingerprint(cfg: Config, source: dict) -> dict:
 def run_fingerprint(cfg: Config, fm_dir: Path, client_model: Optional[dict]) -> dict:
     """What a federated run's round checkpoints depend on: every setting that shapes the adapter's
     trajectory, the FM's weights and the fingerprint of the model the clients train (None: the FM)."""
-    tree = config_to_dict(cfg)
-    fp: dict[str, Any] = {"run.seed": cfg.run.seed, "model.weights": weights_identity(fm_dir)}
-    for section in RUN_SECTIONS:
-        for name, value in tree[section].items():
-            if f"{section}.{name}" not in RUN_IGNORED:
-                fp[f"{section}.{name}"] = value
+    fp: dict[str, Any] = {"model.weights": weights_identity(fm_dir), **_values(cfg, RUN)}
     # A local data file is named by its path: its contents say whether it is still the same data.
     for key in ("data.dataset", "data.test_file", "public_text.source"):
         content = local_data_identity(fp[key]) if key in fp else None

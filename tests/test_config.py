@@ -106,6 +106,51 @@ def test_every_option_is_documented():
         assert help_text, f"{key} has no help text"
 
 
+# --- what the fingerprints hold, as the fields declare it ---------------------------------------------
+
+# A change here invalidates every stored proxy, emulator, distilled model or checkpoint that depends on
+# the key: make it deliberately.
+FINGERPRINT_KEYS = {
+    "proxy": {"model.dtype", "proxy.keep_ratio", "proxy.keep_ratios", "proxy.retained_layers", "proxy.saliency"},
+    "proxy_activation": {"proxy.calibration_chunks", "proxy.eps", "run.seed", "public_text.source",
+                         "public_text.text_column", "public_text.max_length", "public_text.held_out_fraction"},
+    "emulator": {"model.dtype", "fed.fedot_keep_bottom", "fed.fedot_keep_top"},
+    "distill": {"distill.steps", "distill.epoch_fraction", "distill.batch_size", "distill.lr", "distill.warmup_ratio",
+                "distill.weight_decay", "distill.grad_clip", "distill.alpha", "distill.max_chunks", "run.seed",
+                "public_text.source", "public_text.text_column", "public_text.max_length",
+                "public_text.held_out_fraction"},
+}
+# Keys of the sections model, data, fed, proxy, distill and public_text that a run's fingerprint leaves out.
+NOT_IN_RUN = {"model.path", "data.cache_dir", "fed.checkpoint_every", "fed.resume", "fed.stop_after",
+              "fed.eval_every", "fed.eval_initial", "fed.eval_batch_size", "fed.fidelity_every",
+              "fed.fidelity_examples", "fed.max_excluded_rounds", "fed.client_sharding", "proxy.out",
+              "proxy.batch_size", "proxy.eval_chunks", "proxy.sample_prompt", "proxy.sample_tokens", "distill.proxy",
+              "distill.out", "distill.zero_stage", "distill.micro_batch", "distill.eval_chunks",
+              "distill.checkpoint_every", "distill.resume"}
+
+
+def test_fingerprint_keys_come_from_the_fields():
+    from fedpft_dist.config import ARTIFACTS, config_keys
+    from fedpft_dist.fingerprint import keys_shaping
+
+    assert set(ARTIFACTS) == set(FINGERPRINT_KEYS)
+    for artifact, keys in FINGERPRINT_KEYS.items():
+        assert set(keys_shaping(artifact)) == keys, artifact
+    sections = ("model", "data", "fed", "proxy", "distill", "public_text")
+    expected = {k.key for k in config_keys() if k.section in sections} - NOT_IN_RUN | {"run.seed"}
+    assert set(keys_shaping("run")) == expected
+
+
+def test_an_unknown_artifact_is_a_programming_error():
+    from fedpft_dist.config import _opt
+    from fedpft_dist.fingerprint import keys_shaping
+
+    with pytest.raises(ValueError, match="unknown artifact"):
+        keys_shaping("adapter")
+    with pytest.raises(ValueError, match="unknown artifacts"):
+        _opt(1, help="x", shapes=("proxi",))
+
+
 # --- through the command line: exit code 2 and exactly one line on stderr ------------------------
 
 @pytest.mark.parametrize("args, fragment", [

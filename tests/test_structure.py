@@ -43,12 +43,33 @@ def _modules() -> list[Path]:
     return sorted(p for p in LIB.rglob("*.py"))
 
 
-def _imports(path: Path) -> list[str]:
-    """Absolute names of every module ``path`` imports (top level and inside functions)."""
+def _is_type_checking(node: ast.AST) -> bool:
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (
+        (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+
+
+def _walk(tree: ast.AST, executed_only: bool) -> list[ast.AST]:
+    """``ast.walk``, leaving out the bodies of ``if TYPE_CHECKING:`` with ``executed_only``."""
+    out, todo = [], [tree]
+    while todo:
+        node = todo.pop()
+        out.append(node)
+        children = list(ast.iter_child_nodes(node))
+        if executed_only and _is_type_checking(node):
+            children = [node.test, *node.orelse]
+        todo.extend(children)
+    return out
+
+
+def _imports(path: Path, executed_only: bool = False) -> list[str]:
+    """Absolute names of every module ``path`` imports (top level and inside functions; with
+    ``executed_only``, not those only type checkers see)."""
     tree = ast.parse(path.read_text())
     package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
     out = []
-    for node in ast.walk(tree):
+    for node in _walk(tree, executed_only):
         if isinstance(node, ast.Import):
             out += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -73,9 +94,11 @@ def _top(path: Path) -> str:
 
 
 def _import_graph() -> dict[str, set[str]]:
-    """Module -> the modules of fedpft_dist it imports (at the top or inside functions)."""
+    """Module -> the modules of fedpft_dist it imports when it runs (at the top or inside functions;
+    an import under ``if TYPE_CHECKING:`` names a type for the checker and never runs)."""
     paths = {_module_name(p): p for p in _modules()}
-    return {name: {n for n in _imports(path) if n in paths and n != name} for name, path in paths.items()}
+    return {name: {n for n in _imports(path, executed_only=True) if n in paths and n != name}
+            for name, path in paths.items()}
 
 
 def test_no_function_is_longer_than_80_lines():
@@ -151,6 +174,9 @@ def test_the_circle_check_finds_circles_and_sees_function_level_imports():
     assert not _circle({"a": {"b"}, "b": set(), "c": {"a", "b"}})
     # doctor imports the DeepSpeed report inside the function that uses it
     assert "fedpft_dist.alignment.zero" in _import_graph()["fedpft_dist.commands.doctor"]
+    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import a\nelse:\n    import b\n")
+    names = [n.names[0].name for n in _walk(tree, executed_only=True) if isinstance(n, ast.Import)]
+    assert names == ["b"]
 
 
 def _subcommands() -> dict:
@@ -196,9 +222,35 @@ def test_cli_reaches_the_commands_only_through_their_handlers():
     assert modules <= allowed, sorted(modules - allowed)
 
 
+def test_one_source_for_every_default():
+    """Code that takes a setting as a parameter defaults it to the config's default, not a copy of it."""
+    import inspect
+
+    from fedpft_dist.alignment.job import DistillRun
+    from fedpft_dist.config import DistConfig, DistillConfig, FedConfig, ProxyConfig, RunConfig
+    from fedpft_dist.data.partition import partition
+    from fedpft_dist.runtime import init_runtime
+
+    job, distill = DistillRun(), DistillConfig()
+    shared = set(DistillRun.__dataclass_fields__) & set(DistillConfig.__dataclass_fields__)
+    assert shared >= {"lr", "alpha", "steps", "epoch_fraction", "checkpoint_every", "resume"}
+    differ = {n: (getattr(job, n), getattr(distill, n)) for n in shared if getattr(job, n) != getattr(distill, n)}
+    assert not differ, f"DistillRun defaults (first) that differ from DistillConfig's: {differ}"
+    assert (job.seed, job.eval_batch) == (RunConfig().seed, ProxyConfig().batch_size)
+
+    fed, params = FedConfig(), inspect.signature(partition).parameters
+    assert (params["alpha"].default, params["k"].default, params["size_sigma"].default) == (
+        fed.alpha, fed.labels_per_client, fed.size_sigma)
+
+    dist, params = DistConfig(), inspect.signature(init_runtime).parameters
+    for name in ("backend", "timeout_s", "threads_per_rank", "log_all_ranks"):
+        assert params[name].default == getattr(dist, name), name
+    assert params["log_level"].default == RunConfig().log_level
+
+
 def test_the_layer_check_sees_relative_imports():
-    names = _imports(LIB / "federation" / "engine.py")
-    assert "fedpft_dist.alignment.stages" in names and "fedpft_dist.federation.methods" in names
+    names = _imports(LIB / "commands" / "sweep.py")
+    assert "fedpft_dist.config" in names and "fedpft_dist.commands.report" in names
 
 
 @pytest.mark.parametrize("module,allowed", [

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint import checkpoint_dirs, move_aside, newest_checkpoint, save_checkpoint
-from ..config import DistillConfig
+from ..config import DistillConfig, ProxyConfig, RunConfig
 from ..errors import UserError
 from ..fingerprint import describe_difference, first_difference
 from ..models.families import layers_prefix, layout_for, transformer_layers
@@ -39,24 +39,27 @@ CKPT_PREFIX = "step-"
 # A teacher already in memory (unpartitioned: ZeRO stages 0-2), or a function that loads it (inside
 # the ZeRO-3 loading context at stage 3, so that it is partitioned as it loads).
 Teacher = Union[nn.Module, Callable[[], nn.Module]]
+# The config's defaults, which DistillRun's are.
+_DISTILL, _RUN, _PROXY = DistillConfig(), RunConfig(), ProxyConfig()
 
 
 @dataclass
 class DistillRun:
     """What differs between one distillation job and another; the shared settings (ZeRO stage,
     batches, warm-up, weight decay, clipping) are the ``distill`` section of the config, passed as
-    it is."""
-    lr: float = 6e-4                # peak learning rate
-    alpha: float = 0.01             # weight of the W_out W_in term of the loss
-    whole_layers: bool = False      # every parameter of the distilled layers trains, not only the FFN
-    steps: int = 0                  # > 0: exact number of optimizer steps
-    epoch_fraction: float = 0.0     # used when steps == 0: this share of one pass over the text
-    seed: int = 0
-    eval_batch: int = 8
+    it is. A setting left out takes the config's default (``distill.*``, ``run.seed``,
+    ``proxy.batch_size``), so that a default lives in one place."""
+    lr: float = _DISTILL.lr                   # peak learning rate
+    alpha: float = _DISTILL.alpha             # weight of the W_out W_in term of the loss
+    whole_layers: bool = False                # every parameter of the distilled layers trains, not only the FFN
+    steps: int = _DISTILL.steps               # > 0: exact number of optimizer steps
+    epoch_fraction: float = _DISTILL.epoch_fraction  # used when steps == 0: this share of one pass over the text
+    seed: int = _RUN.seed
+    eval_batch: int = _PROXY.batch_size
     tag: str = "distill"
-    checkpoint_every: int = 0
+    checkpoint_every: int = _DISTILL.checkpoint_every
     checkpoint_dir: Optional[str] = None
-    resume: bool = False
+    resume: bool = _DISTILL.resume
     # What produced this job's result (fedpft_dist.fingerprint): stored with its checkpoints, which
     # resume only on a match.
     fingerprint: Optional[dict] = None

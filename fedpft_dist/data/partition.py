@@ -12,10 +12,14 @@ from typing import Sequence
 
 import numpy as np
 
+from ..config import FedConfig
+
 SCHEMES = ("iid", "dirichlet", "labels")
 # Dirichlet draws until every client has min_size samples; this many failures means the parameters
 # make that too unlikely (tiny alpha with many clients) rather than bad luck.
 DIRICHLET_MAX_TRIES = 1000
+# partition()'s defaults are the fed section's: one source for every default.
+_FED = FedConfig()
 
 
 def iid(labels: Sequence[int], num_clients: int, seed: int) -> list[list[int]]:
@@ -136,10 +140,12 @@ def apply_size_imbalance(parts: Sequence[Sequence[int]], sigma: float, seed: int
     return [sorted(pool[bounds[i]:bounds[i + 1]]) for i in range(num_clients)]
 
 
-def partition(labels: Sequence[int], num_clients: int, scheme: str, seed: int, alpha: float = 0.5,
-              k: int = 2, size_sigma: float = 0.0, min_size: int = 1) -> list[list[int]]:
+def partition(labels: Sequence[int], num_clients: int, scheme: str, seed: int, alpha: float = _FED.alpha,
+              k: int = _FED.labels_per_client, size_sigma: float = _FED.size_sigma,
+              min_size: int = 1) -> list[list[int]]:
     """Split by ``scheme`` ("iid", "dirichlet" with ``alpha``/``min_size``, "labels" with ``k``
-    labels per client), then, if ``size_sigma > 0``, apply :func:`apply_size_imbalance`."""
+    labels per client), then, if ``size_sigma > 0``, apply :func:`apply_size_imbalance`. The defaults
+    are those of ``fed.alpha``, ``fed.labels_per_client`` and ``fed.size_sigma``."""
     if scheme == "iid":
         parts = iid(labels, num_clients, seed)
     elif scheme == "dirichlet":

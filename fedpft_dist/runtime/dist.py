@@ -12,11 +12,14 @@ from typing import Callable, Mapping, Optional
 import torch
 import torch.distributed as dist
 
+from ..config import Config, DistConfig, RunConfig
 from ..errors import CollectiveError, UserError
 from .comm import Communicator, forget_subgroups, make_subgroups
 from .launch import LaunchInfo, detect_launch
 
 log = logging.getLogger(__name__)
+# init_runtime's defaults are the config's: one source for every default.
+_DIST, _RUN = DistConfig(), RunConfig()
 
 
 @dataclass(frozen=True)
@@ -191,10 +194,11 @@ def _mpi_rendezvous(launch: LaunchInfo, env: Mapping[str, str]) -> tuple[str, in
 # The one entry point
 # ----------------------------------------------------------------------------------------------------
 
-def init_runtime(backend: str = "auto", timeout_s: float = 600.0, threads_per_rank: int = 0,
-                 log_level: str = "info", log_all_ranks: bool = False,
-                 env: Optional[Mapping[str, str]] = None) -> Runtime:
-    """Detect the launch, choose device/backend/threads, set up logging and the process group.
+def init_runtime(backend: str = _DIST.backend, timeout_s: float = _DIST.timeout_s,
+                 threads_per_rank: int = _DIST.threads_per_rank, log_level: str = _RUN.log_level,
+                 log_all_ranks: bool = _DIST.log_all_ranks, env: Optional[Mapping[str, str]] = None) -> Runtime:
+    """Detect the launch, choose device/backend/threads, set up logging and the process group. The
+    defaults are those of the config's ``dist`` section and ``run.log_level``.
 
     A process group is created for every launch, a single process included (a 1-rank gloo/NCCL group
     on a free local port), so DeepSpeed and the collectives take one code path at every world size.
@@ -247,7 +251,7 @@ def init_runtime(backend: str = "auto", timeout_s: float = 600.0, threads_per_ra
     return Runtime(launch, device, chosen, threads, comm)
 
 
-def init_from_config(cfg) -> Runtime:
+def init_from_config(cfg: Config) -> Runtime:
     """``init_runtime`` with the ``dist`` and ``run`` sections of a :class:`~fedpft_dist.config.Config`."""
     return init_runtime(backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s,
                         threads_per_rank=cfg.dist.threads_per_rank, log_level=cfg.run.log_level,
