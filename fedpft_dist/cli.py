@@ -20,6 +20,10 @@ from .errors import (EXIT_COLLECTIVE_ERROR, EXIT_PREEMPTED, EXIT_RUN_FAILED, EXI
                      Preempted, TrainingDiverged, UserError)
 
 
+# 128 + SIGPIPE, what a shell reports for a program whose reader went away
+EXIT_BROKEN_PIPE = 141
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit code 2."""
 
@@ -77,6 +81,11 @@ REPORT_HELP = ("Markdown table (mean ± std over seeds) and PNG plots (accuracy 
                "client-side cost) of finished runs")
 REPORT = Handler("report", "run_report", (("run_dirs", "runs"), ("out", "out")))
 
+CONFIG_HELP = ("every config key with its type, default, range and help; with --config FILE or overrides, "
+               "also the resolved values; --markdown prints the reference page (docs/config.md)")
+CONFIG = Handler("config", "run_config", (
+    ("cfg", "cfg"), ("config_file", "config"), ("overrides", "overrides"), ("markdown", "markdown")))
+
 SWEEP_HELP = ("a grid of config overrides, one training run per point (spec: sweeps/*.yaml): list the points, "
               "print one point's train arguments (for Slurm array jobs), or train one or all of them")
 SWEEP = Handler("sweep", "run_sweep", (
@@ -88,6 +97,13 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML config (defaults apply to missing keys)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted config overrides, e.g. run.dir=runs/x dist.timeout_s=60")
+
+
+def _add_config(sub: Any) -> None:
+    p = sub.add_parser("config", help=CONFIG_HELP, description=CONFIG_HELP)
+    _add_config_arguments(p)
+    p.add_argument("--markdown", action="store_true", help="print the reference page of every key (Markdown)")
+    p.set_defaults(handler=CONFIG)
 
 
 def _add_memory_plan(sub: Any) -> None:
@@ -141,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         _add_config_arguments(p)
         p.set_defaults(handler=handler)
+    _add_config(sub)
     _add_memory_plan(sub)
     _add_report(sub)
     _add_sweep(sub)
@@ -160,6 +177,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as exc:
         sys.stderr.write(f"fedpft: error: {exc}\n")
         return EXIT_USER_ERROR
+    except BrokenPipeError:
+        # The reader of stdout has gone (`fedpft config | head`): stop quietly, as a pipeline expects.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except OSError as exc:
         message = filesystem_error(exc)
         if message is None:

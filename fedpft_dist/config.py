@@ -61,6 +61,8 @@ def _section(cls: type, *, run: bool) -> Any:
 
 @dataclass
 class RunConfig:
+    """Where the run writes its outputs, its seed, logging and metrics trackers."""
+
     dir: str = _opt("runs/default", help="output directory of this run (config, logs, results)")
     seed: int = _opt(0, help="global seed: the same seed and world size give the same numbers", ge=0,
                      shapes=("proxy_activation", "distill"), run=True)
@@ -93,6 +95,8 @@ class RunConfig:
 
 @dataclass
 class DistConfig:
+    """The distributed job: collective backend, timeouts, threads, client groups."""
+
     backend: Literal["auto", "nccl", "gloo"] = _opt(
         "auto", help="collective backend; auto = nccl when CUDA is available, else gloo")
     timeout_s: float = _opt(
@@ -109,6 +113,8 @@ class DistConfig:
 
 @dataclass
 class DoctorConfig:
+    """`fedpft doctor`'s all-reduce check."""
+
     local_ranks: int = _opt(
         2, help="ranks `fedpft doctor` spawns on this node for the all-reduce check when it is not "
                 "itself started by a launcher", ge=2)
@@ -118,6 +124,8 @@ class DoctorConfig:
 
 @dataclass
 class BenchConfig:
+    """`fedpft bench`'s measurements."""
+
     warmup_rounds: int = _opt(
         1, help="`fedpft bench`: rounds left out of the medians (start-up: caches, allocator, first "
                 "collectives)", ge=0)
@@ -133,6 +141,8 @@ class BenchConfig:
 
 @dataclass
 class ModelConfig:
+    """The foundation model (FM)."""
+
     path: str = _opt("minilm", help="the foundation model: a local Hugging Face directory, or a built-in "
                                     "offline model: 'minilm' (all-MiniLM-L6-v2) or 'smollm2' (SmolLM2-135M)", run=False)
     task: Literal["auto", "base", "causal-lm", "sequence-classification"] = _opt(
@@ -155,6 +165,8 @@ class ModelConfig:
 
 @dataclass
 class PublicTextConfig:
+    """The unlabelled public text of distillation, alignment and activation saliency."""
+
     source: str = _opt("austen", help="unlabelled public text: 'austen' (built in: Jane Austen's six novels), "
                                       "a local .txt file, directory of .txt, .json/.jsonl/.csv/.parquet, a "
                                       "datasets.save_to_disk directory or hf:NAME[:CONFIG][@SPLIT] (offline)",
@@ -168,6 +180,8 @@ class PublicTextConfig:
 
 @dataclass
 class ProxyConfig:
+    """The proxy (sub-FM) of Stage 1: which FFN neurons each layer keeps."""
+
     keep_ratio: float = _opt(0.25, help="share of FFN neurons a compressed layer keeps (paper: 768/3072)",
                              gt=0, le=1, shapes=("proxy",))
     keep_ratios: list[float] = _opt([], help="per-layer keep ratios (one per layer; empty = keep_ratio "
@@ -196,6 +210,8 @@ class ProxyConfig:
 
 @dataclass
 class DistillConfig:
+    """Stage 2: layer-level distillation of the proxy against the FM (DeepSpeed ZeRO)."""
+
     proxy: str = _opt("", help="proxy directory to distil; empty = where fedpft proxy puts it (proxy.out, else "
                                "<run.dir>/proxy), built first if missing", run=False)
     out: str = _opt("", help="where to save the distilled proxy; empty = <run.dir>/proxy_distilled", run=False)
@@ -224,6 +240,8 @@ class DistillConfig:
 
 @dataclass
 class DataConfig:
+    """The clients' labelled data (or text, for a causal LM) and its test set."""
+
     dataset: str = _opt("tweets", help="the clients' text: 'tweets' (3-class sentiment), 'bbcnews' (5 classes), "
                                        "a local .csv/.json/.jsonl/.parquet file, a datasets.save_to_disk directory "
                                        "(DIR[@SPLIT]) or hf:NAME[:CONFIG][@SPLIT] from the local datasets cache "
@@ -248,6 +266,8 @@ class DataConfig:
 
 @dataclass
 class FedConfig:
+    """Federated fine-tuning: method, clients, rounds, optimisers, partition, LoRA, alignment, evaluation."""
+
     method: Literal["fedpft", "fedpetuning", "fedot", "fedpft_no_layer_distill", "fedpft_no_neuron_distill"] = _opt(
         "fedpft", help="fedpft (proxy + both distillations), fedpetuning (LoRA on the full FM at clients), "
                        "fedot (offsite-tuning emulator), or fedpft without one of its distillations")

@@ -175,6 +175,45 @@ def test_cli_help_lists_commands():
     assert "doctor" in proc.stdout
 
 
+# --- fedpft config: every key with its type, default, range and help ------------------------------
+
+def test_fedpft_config_lists_every_key_with_its_help(capsys):
+    from fedpft_dist.cli import main
+    from fedpft_dist.config import config_keys
+
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    for key in config_keys():
+        assert f"\n{key.key}  (" in out or out.startswith(f"{key.key}  ("), key.key
+    assert 'fed.lr  (float, > 0)  default 0.0008\n    client learning rate at round 0' in out
+    assert 'proxy.keep_ratio  (float, (0, 1])  default 0.25' in out
+    assert 'dist.backend  ("auto" | "nccl" | "gloo")  default "auto"' in out
+
+
+def test_fedpft_config_shows_the_resolved_values(capsys):
+    from fedpft_dist.cli import main
+
+    assert main(["config", "--config", str(REPO / "configs" / "tiny.yaml"), "fed.lr=0.01"]) == 0
+    out = capsys.readouterr().out
+    assert "fed.lr  (float, > 0)  = 0.01  * default 0.0008" in out
+    assert 'run.dir  (str)  = "runs/tiny"  * default "runs/default"' in out
+    assert "dist.backend  (\"auto\" | \"nccl\" | \"gloo\")  = \"auto\"\n" in out
+
+
+def test_fedpft_config_markdown_is_the_reference_page(capsys):
+    from fedpft_dist.cli import main
+    from fedpft_dist.commands.config import config_markdown
+
+    assert main(["config", "--markdown"]) == 0
+    page = capsys.readouterr().out
+    assert page == config_markdown()
+    assert "| `fed.alpha` | `float` | `1.0` | > 0 | run checkpoints | Dirichlet concentration" in page
+    assert "mu/2 \\* \\|theta - theta_global\\|^2" in page
+    assert main(["config", "--markdown", "fed.lr=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--markdown prints the reference" in err
+
+
 # --- duplicate keys, empty files, run.dir, non-finite numbers -------------------------------------
 
 @pytest.mark.parametrize("text, message", [

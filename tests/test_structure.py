@@ -248,6 +248,14 @@ def test_one_source_for_every_default():
     assert params["log_level"].default == RunConfig().log_level
 
 
+def test_the_config_reference_page_is_up_to_date():
+    from fedpft_dist.commands.config import REGENERATE, config_markdown
+
+    page = REPO / "docs" / "config.md"
+    assert page.is_file() and page.read_text() == config_markdown(), (
+        f"docs/config.md is not what the config's fields give now: regenerate it with `{REGENERATE}`")
+
+
 def test_the_layer_check_sees_relative_imports():
     names = _imports(LIB / "commands" / "sweep.py")
     assert "fedpft_dist.config" in names and "fedpft_dist.commands.report" in names
