@@ -1,10 +1,10 @@
-"""The models of a federated run: the peft model the clients train (proxy, emulator or FM, as the
-method says) and the FM's peft model that the global adapter is plugged into for evaluation."""
+"""Building the models of a federated run (:class:`~fedpft_dist.federation.run_models.Models`): the
+peft model the clients train (proxy, emulator or FM, as the method says) and the FM's peft model that
+the global adapter is plugged into for evaluation."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -19,34 +19,7 @@ from ..run_layout import RunLayout
 from ..runtime import ClientGroups, Runtime
 from ..runtime.shard import local_parameter_bytes, shard_client_model
 from .methods import Method
-
-
-@dataclass
-class Models:
-    client: nn.Module               # peft model the clients train (proxy or FM)
-    evaluate: nn.Module             # peft model on the FM, for plug-in evaluation
-    proxy_dir: Optional[Path]       # proxy methods: the proxy the clients start from
-    compressed_layers: list[int]
-    client_params: int              # transformer + head parameters a client holds
-    fm_params: int
-    client_nonembedding_params: int = 0
-    client_bytes_per_rank: int = 0  # parameter bytes of the client model one rank holds (1/G when sharded)
-    to_fm: Callable[[dict], dict] = lambda adapter: adapter  # client adapter -> FM module names
-
-    @property
-    def client_backbone(self) -> nn.Module:
-        """The client model without its peft wrapper and task head (what alignment rewrites)."""
-        return self.client.get_base_model().base_model
-
-    @property
-    def fm_backbone(self) -> nn.Module:
-        """The FM of plug-in evaluation without its task head, its LoRA layers in place."""
-        return self.evaluate.get_base_model().base_model
-
-    @property
-    def client_prefix(self) -> str:
-        """The name under which the client's task model holds its backbone."""
-        return self.client.get_base_model().base_model_prefix
+from .run_models import Models
 
 
 def non_embedding_params(model: nn.Module) -> int:
