@@ -6,6 +6,7 @@ it made; printing is the caller's business.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -245,14 +246,37 @@ def alignment_run(cfg: Config, round_idx: int) -> DistillRun:
                       tag=f"align/round-{round_idx + 1}", progress=False)
 
 
-def align_neurons(cfg: Config, rt: Runtime, proxy_dir: Path, backbone: nn.Module, prefix: str,
+class AlignmentStudent:
+    """The proxy that neuron-level alignment distils, loaded from disk once per run.
+
+    Each alignment distils a copy of this module, never the module itself: a DeepSpeed ZeRO-3
+    engine converts the parameters of the module it wraps in place (each becomes a partition with
+    ``ds_*`` attributes and an empty ``data``) and hooks every submodule, and DeepSpeed has no
+    supported way back to plain parameters; a later engine would take such parameters as already
+    partitioned and keep the old partitioning. At stages 1-2 the optimizer turns trainable
+    parameters (a post-norm FFN's LayerNorm among them) into views of its flat buffer and hooks
+    their gradients. So the module a job hands to DeepSpeed lives for that job only, and this one,
+    never wrapped, keeps the proxy's weights as saved for the next alignment."""
+
+    def __init__(self, proxy_dir: Path, dtype: str):
+        self.proxy_dir, self.dtype = proxy_dir, dtype
+        self._base: Optional[nn.Module] = None
+
+    def fresh(self) -> nn.Module:
+        """A plain proxy with the weights as saved (the first call reads them from ``proxy_dir``)."""
+        if self._base is None:
+            self._base, _ = load_proxy(self.proxy_dir, task="base", dtype=self.dtype)
+        return copy.deepcopy(self._base)
+
+
+def align_neurons(cfg: Config, rt: Runtime, student: AlignmentStudent, backbone: nn.Module, prefix: str,
                   layers: list[int], global_adapter: dict, stats: dict, public: tuple[torch.Tensor, torch.Tensor],
                   round_idx: int, fm: Optional[nn.Module] = None) -> DistillResult:
     """Neuron-level distillation on all ranks: rank the neurons of each compressed layer by activity
     on client data (``stats``, summed over ranks), freeze the most active ``fed.align_keep`` share,
     distil the rest against the FM with the global adapter in both. ``backbone`` (the clients' proxy
-    without its head, whose task model calls it ``prefix``) gives the current FFN weights; the
-    result's ``state`` holds the new ones.
+    without its head, whose task model calls it ``prefix``) gives the current FFN weights, which
+    go into a fresh copy of the ``student`` proxy; the result's ``state`` holds the new ones.
 
     ``fm``: the FM backbone the ranks already hold, with the global adapter plugged in (its LoRA
     layers active), used as the teacher as it is (ZeRO stages 0-2). Without it (ZeRO-3, or a caller
@@ -272,12 +296,12 @@ def align_neurons(cfg: Config, rt: Runtime, proxy_dir: Path, backbone: nn.Module
                         strip=[prefix])
         return teacher
 
-    student, _ = load_proxy(proxy_dir, task="base", dtype=cfg.model.dtype)
-    names = set(ffn_parameter_names(student, layers))
+    model = student.fresh()
+    names = set(ffn_parameter_names(model, layers))
     # whole tensors (gathered, in the same order on every rank, where the client model is sharded)
-    student.load_state_dict({k: full_value(v) for k, v in backbone.state_dict().items() if k in names}, strict=False)
-    merge_lora_into(student, global_adapter, scaling, strip=[prefix])
-    return run_distillation(rt, fm if fm is not None else load_teacher, student, layers, public[0], public[1],
+    model.load_state_dict({k: full_value(v) for k, v in backbone.state_dict().items() if k in names}, strict=False)
+    merge_lora_into(model, global_adapter, scaling, strip=[prefix])
+    return run_distillation(rt, fm if fm is not None else load_teacher, model, layers, public[0], public[1],
                             cfg.distill, alignment_run(cfg, round_idx), splits)
 
 

@@ -32,9 +32,9 @@ import torch
 from ..config import Config
 from ..errors import ConfigError, UserError
 from ..fsutil import atomic_write_json
-from ..federation.engine import CLIENT_PARTS
+from ..federation.callbacks import CLIENT_PARTS
 from ..federation.sampling import client_seed
-from ..models.adapters import set_adapter
+from ..federation.server_step import NeuronAlignment
 from ..run_layout import RunLayout
 from ..runtime import Runtime, init_from_config
 from . import limits as L
@@ -97,7 +97,7 @@ def time_stats_overhead(cfg: Config, rt: Runtime, engine, steps: int, reps: int 
     from ..models.families import transformer_layers
     from ..models.proxy import ActivationRecorder
 
-    models, task, adapter = engine.models, engine.task, engine.state.global_adapter
+    models, task, adapter = engine.parts.models, engine.parts.task, engine.parts.state.global_adapter
     f = cfg.fed
     c = rt.rank % f.num_clients
     data = task.client(c)
@@ -273,21 +273,23 @@ def phase_limits(cfg: Config, rt: Runtime, engine, result: dict, rounds: list[di
     """Each phase against its limit, every rank measuring its own share: local training in tokens/s
     (each rank's last round against the bare loop over the same clients; the slowest ratio counts), evaluation in seconds
     (the slowest rank's bare pass against the phase), alignment in seconds per step."""
-    f, models, task, adapter = cfg.fed, engine.models, engine.task, engine.state.global_adapter
+    f, parts = cfg.fed, engine.parts
+    models, task, adapter = parts.models, parts.task, parts.state.global_adapter
     reps = cfg.bench.limit_reps
     log.info("timing a bare training loop, bare inference and a bare distillation step")
     last = engine.plan(f.rounds - 1)   # the clients this rank trained in the last round, and their seeds
     clients = [(task.client(c), client_seed(cfg.run.seed, last.index, c)) for c in last.mine]
     train = L.bare_training(cfg, rt, models.client, adapter, clients) if not task.causal_lm else None
-    set_adapter(models.evaluate, models.to_fm(adapter))
+    models.clients_trained()   # the bare loops above trained the client model: the FM itself for fedpetuning
+    models.plug(adapter)
     idx = torch.arange(rt.rank, len(task.test_ids), rt.world_size)
     types = task.test_types[idx] if task.test_types is not None else None
     infer = L.bare_inference(rt, models.evaluate, task.test_ids[idx], task.test_mask[idx], types,
                              f.eval_batch_size, reps) if not task.causal_lm else None
     step = None
-    if result["alignment_rounds"] and engine.public is not None:
+    if result["alignment_rounds"] and isinstance(parts.server_step, NeuronAlignment):
         step = L.bare_distill_step(cfg, rt, models.fm_backbone, models.proxy_dir, models.client_prefix, adapter,
-                                   models.compressed_layers, engine.public[0], max(3, reps))
+                                   models.compressed_layers, parts.server_step.public[0], max(3, reps))
     final = rounds[-1]
     round_tps = final["tokens"] / final["local_training"] if final["local_training"] else 0.0
     row = gather_per_rank(rt, [train["tokens_per_s"] if train else 0.0, infer or 0.0, step or 0.0, round_tps],

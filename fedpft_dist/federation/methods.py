@@ -1,5 +1,5 @@
-"""Federated methods by name: what the clients hold, which distillation builds it, whether the run
-re-aligns it, and how a client adapter maps onto the FM.
+"""Federated methods by name: what the clients hold, which distillation builds it, what the server
+does after aggregation (FedPFT: re-aligns it), and how a client adapter maps onto the FM.
 
 Adding a method is one :func:`register` call (and its test); the engine only reads these fields.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from ..alignment.stages import distilled_proxy, ensure_proxy, source_fingerprint
 from ..config import Config
@@ -16,12 +16,17 @@ from ..fingerprint import distilled_fingerprint
 from ..models.emulator import adapter_to_fm
 from ..run_layout import RunLayout
 from ..runtime import Runtime
+from .run_models import Models
+from .server_step import ServerStep, neuron_alignment
 
 # What a method's clients hold instead of the FM: built (and distilled) once per run, reused after.
 ClientModelStage = Callable[[Config, Runtime, RunLayout], Path]
 # The fingerprint (fedpft_dist.fingerprint) that model has when it is built from the config: known
 # before it is built, so resume can check a checkpoint before anything runs.
 ClientFingerprint = Callable[[Config, RunLayout], dict]
+# The method's step after each aggregation for a run, given its models and tokenizer; None when the
+# config turns it off.
+ServerStepFactory = Callable[[Config, Runtime, Models, Any], Optional[ServerStep]]
 
 
 @dataclass(frozen=True)
@@ -31,8 +36,9 @@ class Method:
     # None: the clients hold the FM itself. Otherwise the stage that gives the directory of the
     # model the clients hold (a proxy or an emulator); it runs on every rank.
     client_model: Optional[ClientModelStage]
-    # Neuron-level alignment of the proxy every fed.align_every rounds.
-    aligns: bool = False
+    # What the server does after aggregation besides the server optimizer (federation.server_step);
+    # FedPFT: neuron-level alignment of the proxy every fed.align_every rounds.
+    server_step: Optional[ServerStepFactory] = None
     # Clients put attention LoRA on the compressed layers too (a proxy's compressed layers keep the
     # FM's attention); an emulator's middle layers stay frozen, as in Offsite-Tuning, where only the
     # bottom and top layers (the adapters) are tuned and plugged into the FM.
@@ -45,6 +51,11 @@ class Method:
     @property
     def uses_proxy(self) -> bool:
         return self.client_model is not None
+
+    @property
+    def aligns(self) -> bool:
+        """Whether the method re-aligns the clients' model during training."""
+        return self.server_step is neuron_alignment
 
 
 METHODS: dict[str, Method] = {}
@@ -76,12 +87,13 @@ def _distilled_emulator_fingerprint(cfg: Config, layout: RunLayout) -> dict:
 
 
 register(Method("fedpft", "proxy with layer-level distillation before and neuron-level alignment during "
-                          "federated training", distilled_proxy, aligns=True, client_fingerprint=_distilled))
+                          "federated training", distilled_proxy, server_step=neuron_alignment,
+                client_fingerprint=_distilled))
 register(Method("fedpetuning", "LoRA on the full FM at the clients", None))
 register(Method("fedot", "Offsite-Tuning emulator (every other middle layer dropped, distilled); clients tune the "
                          "bottom and top layers", _distilled_emulator, tune_compressed=False, to_fm=adapter_to_fm,
                 client_fingerprint=_distilled_emulator_fingerprint))
 register(Method("fedpft_no_layer_distill", "fedpft without layer-level distillation", ensure_proxy,
-                aligns=True, client_fingerprint=source_fingerprint))
+                server_step=neuron_alignment, client_fingerprint=source_fingerprint))
 register(Method("fedpft_no_neuron_distill", "fedpft without neuron-level alignment", distilled_proxy,
                 client_fingerprint=_distilled))

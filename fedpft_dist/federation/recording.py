@@ -1,13 +1,37 @@
-"""What the round loop records on rank 0: metrics rows (JSON lines, and the trackers of
-``run.report_to``) and progress bars. On other ranks both are silent, so the loop calls them the same
-way everywhere."""
+"""What the round loop records: the seconds of each phase (every rank), and on rank 0 metrics rows
+(JSON lines, and the trackers of ``run.report_to``) and progress bars. On other ranks the last two
+are silent, so the loop calls them the same way everywhere."""
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
+
+from ..environment import return_freed_memory
 
 from .trackers import Tracker, close_trackers
+
+
+class PhaseClock:
+    """Seconds of each round phase: the round's own (its metrics row) and the run's totals."""
+
+    def __init__(self, phases: Sequence[str]):
+        self.total: dict[str, float] = dict.fromkeys(phases, 0.0)
+
+    @contextlib.contextmanager
+    def timed(self, seconds: dict[str, float], phase: str, release: bool = True,
+              collect: bool = False) -> Iterator[None]:
+        """Time the block as ``phase`` into ``seconds`` and the totals. ``release``: the memory the
+        phase freed goes back to the system after it (``collect``: first the reference cycles it left,
+        such as a distillation's DeepSpeed engine)."""
+        t0 = time.perf_counter()
+        yield
+        if release:
+            return_freed_memory(collect=collect)
+        seconds[phase] = time.perf_counter() - t0
+        self.total[phase] += seconds[phase]
 
 
 class MetricsLog:
