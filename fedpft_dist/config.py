@@ -1,6 +1,8 @@
 """One tree of dataclasses for every setting, read from strict YAML plus ``dotted.key=value`` overrides.
 
 Rules:
+- a file may start from another: ``extends: base.yaml`` (relative to the file's directory) reads that
+  file first, then the file's keys override its keys one by one; bases may extend further;
 - an unknown key is an error that names the dotted key and suggests the nearest valid one;
 - a value of the wrong type or out of range is an error that names the key and the value;
 - the resolved config is written next to the results (``run.dir/config.yaml``).
@@ -650,18 +652,49 @@ def read_yaml(path: str | os.PathLike, what: str = "config file") -> Any:
         keys.dispose()
 
 
+# The top-level key of a config file that names the file it starts from.
+EXTENDS = "extends"
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """``base`` with ``top``'s keys over it; mappings in both merge key by key, anything else
+    (a list included) is replaced."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_tree(p: Path, chain: tuple[tuple[Path, str], ...] = ()) -> dict:
+    """The settings of config file ``p``: those of the file its ``extends`` names (a path relative to
+    ``p``'s directory), read first and the same way, then ``p``'s own over them."""
+    loaded = read_yaml(p)
+    if loaded is None:  # an empty file (or only comments) is more likely a mistake than a wish for defaults
+        raise UserError(f"{p}: the config file is empty; to run with the defaults leave out --config, "
+                        f"or write {{}} in it")
+    if not isinstance(loaded, dict):
+        raise UserError(f"{p}: the top level must be a mapping of sections")
+    if EXTENDS not in loaded:
+        return loaded
+    chain = (*chain, (p.resolve(), str(p)))
+    base = loaded.pop(EXTENDS)
+    if not isinstance(base, str) or not base.strip():
+        raise UserError(f"{p}: {EXTENDS}: must be the path of a config file (relative to this file's "
+                        f"directory), got {base!r}")
+    q = p.parent / base
+    resolved = [r for r, _ in chain]
+    if q.resolve() in resolved:
+        cycle = " -> ".join([shown for _, shown in chain[resolved.index(q.resolve()):]] + [str(q)])
+        raise UserError(f"{p}: {EXTENDS}: {base} makes a cycle of config files: {cycle}")
+    if not q.is_file():
+        raise UserError(f"{p}: {EXTENDS}: the base config {q} does not exist")
+    return _merge(_read_tree(q, chain), loaded)
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read ``path`` (optional) and apply ``dotted.key=value`` overrides; validate everything."""
-    tree: dict = {}
-    if path is not None:
-        p = Path(path)
-        loaded = read_yaml(p)
-        if loaded is None:  # an empty file (or only comments) is more likely a mistake than a wish for defaults
-            raise UserError(f"{p}: the config file is empty; to run with the defaults leave out --config, "
-                            f"or write {{}} in it")
-        if not isinstance(loaded, dict):
-            raise UserError(f"{p}: the top level must be a mapping of sections")
-        tree = loaded
+    """Read ``path`` (optional; with the files it extends) and apply ``dotted.key=value`` overrides;
+    validate everything."""
+    tree = _read_tree(Path(path)) if path is not None else {}
     for item in overrides:
         _apply_override(tree, item)
     return _build(Config, tree)

@@ -175,6 +175,55 @@ def test_cli_help_lists_commands():
     assert "doctor" in proc.stdout
 
 
+# --- extends: a config file that starts from another ---------------------------------------------
+
+def test_extends_reads_the_base_first_and_merges_key_by_key(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "root.yaml").write_text("fed:\n  num_clients: 7\n  rounds: 5\nproxy:\n  retained_layers: [0, 1, 2]\n")
+    (tmp_path / "sub" / "mid.yaml").write_text("extends: ../root.yaml\nfed:\n  rounds: 3\n  lr: 0.1\n"
+                                               "proxy:\n  retained_layers: [0]\n")
+    (tmp_path / "top.yaml").write_text("extends: sub/mid.yaml\nfed:\n  lr: 0.5\nrun:\n  seed: 2\n")
+    cfg = load_config(tmp_path / "top.yaml", ["fed.rounds=4"])
+    assert (cfg.fed.num_clients, cfg.fed.rounds, cfg.fed.lr, cfg.run.seed) == (7, 4, 0.5, 2)
+    assert cfg.proxy.retained_layers == [0]   # a list is replaced, not merged
+    assert load_config(tmp_path / "sub" / "mid.yaml").fed.rounds == 3
+
+
+@pytest.mark.parametrize("files, start, message", [
+    ({"a.yaml": "extends: nope.yaml\n"}, "a.yaml", "{d}/a.yaml: extends: the base config {d}/nope.yaml does not exist"),
+    ({"a.yaml": "extends: a.yaml\n"}, "a.yaml",
+     "{d}/a.yaml: extends: a.yaml makes a cycle of config files: {d}/a.yaml -> {d}/a.yaml"),
+    ({"a.yaml": "extends: b.yaml\n", "b.yaml": "extends: ./a.yaml\nrun:\n  seed: 1\n"}, "a.yaml",
+     "{d}/b.yaml: extends: ./a.yaml makes a cycle of config files: {d}/a.yaml -> {d}/b.yaml -> {d}/a.yaml"),
+    ({"a.yaml": "extends: [b.yaml]\n"}, "a.yaml",
+     "{d}/a.yaml: extends: must be the path of a config file (relative to this file's directory), got ['b.yaml']"),
+    ({"a.yaml": "extends: b.yaml\n", "b.yaml": "# nothing\n"}, "a.yaml",
+     "{d}/b.yaml: the config file is empty; to run with the defaults leave out --config, or write {{}} in it"),
+])
+def test_a_bad_extends_is_one_user_error_naming_the_file(tmp_path, files, start, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(UserError) as info:
+        load_config(tmp_path / start)
+    assert str(info.value) == message.format(d=tmp_path)
+
+
+def test_a_bad_extends_through_the_cli_is_one_line(tmp_path, capsys):
+    from fedpft_dist.cli import main
+
+    (tmp_path / "a.yaml").write_text("extends: gone.yaml\n")
+    assert main(["config", "--config", str(tmp_path / "a.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"fedpft: error: {tmp_path}/a.yaml: extends: the base config {tmp_path}/gone.yaml does not exist\n"
+
+
+def test_an_unknown_key_in_a_base_names_the_dotted_key(tmp_path):
+    (tmp_path / "base.yaml").write_text("fed:\n  rouns: 3\n")
+    (tmp_path / "a.yaml").write_text("extends: base.yaml\n")
+    with pytest.raises(ConfigError, match=r"^fed\.rouns: unknown config key \(did you mean 'fed\.rounds'\?\)"):
+        load_config(tmp_path / "a.yaml")
+
+
 # --- fedpft config: every key with its type, default, range and help ------------------------------
 
 def test_fedpft_config_lists_every_key_with_its_help(capsys):

@@ -58,15 +58,24 @@ RUN = ["bert-sst2", "roberta-qnli", "bert-mnli", "roberta-qqp"]
 
 
 def test_the_two_families_differ_only_in_the_model():
-    import yaml
+    from fedpft_dist.config import config_to_dict, load_config
 
     for t in TASKS:
-        bert, roberta = (yaml.safe_load((REPO / "configs" / "paper" / f"{m}-{t}.yaml").read_text())
+        bert, roberta = (config_to_dict(load_config(REPO / "configs" / "paper" / f"{m}-{t}.yaml"))
                          for m in ("bert", "roberta"))
         assert bert["model"].pop("path") != roberta["model"].pop("path")
-        bert.get("run", {}).pop("dir", None)
-        roberta.get("run", {}).pop("dir", None)
+        assert bert["run"].pop("dir") != roberta["run"].pop("dir")
         assert bert == roberta, t
+
+
+def test_every_task_shares_the_papers_setting():
+    from fedpft_dist.config import load_config
+
+    base = load_config(REPO / "configs" / "paper" / "base.yaml")
+    for path in sorted((REPO / "configs" / "paper").glob("*-*.yaml")):
+        cfg = load_config(path)
+        assert (cfg.fed, cfg.proxy, cfg.distill) == (base.fed, base.proxy, base.distill), path.name
+        assert cfg.data.max_length == base.data.max_length and cfg.public_text == base.public_text
 
 
 @pytest.mark.parametrize("name", RUN)

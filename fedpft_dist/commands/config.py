@@ -110,8 +110,10 @@ def config_markdown() -> str:
         f"<!-- Generated from the fields of fedpft_dist/config.py by `{REGENERATE}`; edit the fields, "
         "not this page. -->",
         "",
-        "Every setting of fedpft-dist, by section. A config file (YAML) sets some of them and "
-        "`dotted.key=value` overrides on the command line come last; a key set nowhere keeps its default. "
+        "Every setting of fedpft-dist, by section. A config file (YAML) sets some of them; it may start "
+        "from another file with `extends: <path relative to the file>` (that file is read first, then the "
+        "file's keys replace its keys one by one; the base may extend another), and `dotted.key=value` "
+        "overrides on the command line come last. A key set nowhere keeps its default. "
         "`fedpft config` prints this list; `fedpft config --config FILE [KEY=VALUE ...]` shows a config's "
         "resolved values.",
         "",
