@@ -1,5 +1,7 @@
 """Layer-level and neuron-level distillation of the proxy against the FM, as one data-parallel
-DeepSpeed job over all ranks (DESIGN §2, Stage 2 and the alignment of Stage 3).
+DeepSpeed job over all ranks: FedPFT's Stage 2 (the proxy's compressed layers learn the FM's hidden
+states on public text before federated training) and the alignment of Stage 3 (every
+``fed.align_every`` rounds, the proxy is distilled again with its most active neurons frozen).
 
 Loss, averaged over the compressed layers l (relative errors: means over elements):
 
@@ -7,10 +9,11 @@ Loss, averaged over the compressed layers l (relative errors: means over element
       + alpha * mean((W_out^T W_in^T - W_out^S W_in^S)^2) / mean((W_out^T W_in^T)^2)
 
 H_l is the hidden state after layer l; the hidden term is computed per sequence and averaged over the
-batch, so a batch split over W ranks gives the same loss and gradient as on one rank. The weight products are computed by running the FFN's own
-Linear modules on an identity matrix, so gradients reach the student's W_in and W_out (the weight
-term carries gradients) and ZeRO-3 gathers the weights as for any forward. For gated FFNs the
-product is taken for each input projection (W_gate and W_up) and averaged.
+batch, so a batch split over W ranks gives the same loss and gradient as on one rank. The weight
+products are computed by running the FFN's own Linear modules on an identity matrix, so gradients
+reach the student's W_in and W_out (the weight term carries gradients) and ZeRO-3 gathers the
+weights as for any forward. For gated FFNs the product is taken for each input projection (W_gate
+and W_up) and averaged.
 
 Dropout is off in both models: the student learns the teacher's deterministic hidden states, and a
 resumed run repeats the uninterrupted one exactly.

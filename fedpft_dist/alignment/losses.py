@@ -11,7 +11,8 @@ def relative_sq_error(teacher: torch.Tensor, student: torch.Tensor, mask: Option
     """``mean((T - S)^2) / mean(T^2)`` over the tokens where ``mask`` is 1 (all tokens if None).
 
     ``teacher``/``student``: [batch, seq, hidden]; ``mask``: [batch, seq]. Computed in fp32. This is
-    the hidden-state term of the distillation loss in DESIGN §2, and the error the reports show.
+    the hidden-state term of the distillation loss (layer-level and neuron-level alike; see
+    :mod:`fedpft_dist.alignment.distill`), and the error the reports show.
     """
     t, s = teacher.float(), student.float()
     if mask is None:
