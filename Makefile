@@ -13,6 +13,11 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 # pip warns about every missing local index directory of this machine's pip config; hide that noise.
 QUIET := 2> >(grep -v "^WARNING: Location 'file:" >&2)
 PYTEST_ARGS ?=
+# pytest-xdist workers: most end-to-end runs are one single-threaded process, so 2 workers keep
+# both cores busy. A test file runs on one worker (its module fixtures are built once); the Slurm
+# and two-node tests (marker `cluster`) all run on one worker, one after another. 0: no workers.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 
 .PHONY: setup demo doctor test test-fast clean
 
@@ -47,13 +52,14 @@ demo: setup
 doctor: setup
 	$(BIN)/fedpft doctor
 
-# pytest's exit code 5 ("no tests collected") is a failure here too.
+# Everything (what CI runs). pytest's exit code 5 ("no tests collected") is a failure here too.
 test: setup
-	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
+# The edit loop: unit tests and one tiny end-to-end run (tests/test_smoke.py), no `slow` or `cluster` tests.
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "not slow and not cluster" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

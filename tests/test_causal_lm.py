@@ -12,19 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import PYTHON, REPO, child_env, run_cli
+from helpers import adapter, metrics, summary, tail
 from fedpft_dist.config import load_config
 from fedpft_dist.errors import ConfigError
 from fedpft_dist.federation.client import next_token_eval, perplexity_and_accuracy
 from fedpft_dist.models.lm import IGNORE, next_token_labels, next_token_sums
 
 SMOLLM2 = "configs/smollm2-tiny.yaml"
-
-
-def _tail(proc: subprocess.CompletedProcess) -> str:
-    return f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -367,20 +363,12 @@ TINY = ("data.dataset=tweets", "data.max_length=24", "data.max_train=48", "data.
 
 def _train(run_dir: Path, model_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     proc = run_cli("train", f"model.path={model_dir}", f"run.dir={run_dir}", *TINY, *overrides, timeout=300)
-    assert proc.returncode == 0, _tail(proc)
+    assert proc.returncode == 0, tail(proc)
     return proc
 
 
-def _summary(run: Path) -> dict:
-    return json.loads((run / "summary.json").read_text())
-
-
 def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def _adapter(run: Path) -> dict:
-    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    return metrics(run, timings=True)
 
 
 @pytest.mark.slow
@@ -388,10 +376,10 @@ def _adapter(run: Path) -> dict:
 def test_tiny_llama_baselines_with_ffn_lora(method, tiny_llama_dir, tmp_path):
     _train(tmp_path, tiny_llama_dir, f"fed.method={method}", "fed.rounds=1", "fed.eval_initial=true",
            "fed.fedot_keep_bottom=1", "fed.fedot_keep_top=1")
-    s = _summary(tmp_path)
+    s = summary(tmp_path)
     assert s["task"] == "causal-lm" and s["final_accuracy"] is None
     assert math.isfinite(s["final_perplexity"]) and s["final_perplexity"] < s["initial_perplexity"]
-    layers = sorted({int(k.split(".layers.")[1].split(".")[0]) for k in _adapter(tmp_path) if ".mlp." in k})
+    layers = sorted({int(k.split(".layers.")[1].split(".")[0]) for k in adapter(tmp_path) if ".mlp." in k})
     # fedpetuning: every FM layer; fedot: the emulator's bottom and top layers, FM layers 0 and 3 (its
     # middle layer, FM layer 1 standing for 1-2, stays frozen at the clients)
     assert layers == ([0, 1, 2, 3] if method == "fedpetuning" else [0, 3])
@@ -404,7 +392,7 @@ def test_tiny_llama_gradient_checkpointing_changes_no_result(tiny_llama_dir, tmp
             "fed.lora_dropout=0.1")
     _train(tmp_path / "plain", tiny_llama_dir, *over)
     _train(tmp_path / "ckpt", tiny_llama_dir, *over, "fed.gradient_checkpointing=true")
-    a, b = _adapter(tmp_path / "plain"), _adapter(tmp_path / "ckpt")
+    a, b = adapter(tmp_path / "plain"), adapter(tmp_path / "ckpt")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     m1, m2 = _metrics(tmp_path / "plain"), _metrics(tmp_path / "ckpt")
     assert [r["align_error_after"] for r in m1 if "align_error_after" in r] == pytest.approx(
@@ -419,11 +407,11 @@ def test_tiny_llama_fedpft_interrupted_and_resumed(tiny_llama_dir, tmp_path):
     _train(tmp_path / "full", tiny_llama_dir, *over)
     _train(tmp_path / "parts", tiny_llama_dir, *over, "fed.stop_after=2")
     _train(tmp_path / "parts", tiny_llama_dir, *over, "fed.resume=true")
-    full, parts = _summary(tmp_path / "full"), _summary(tmp_path / "parts")
+    full, parts = summary(tmp_path / "full"), summary(tmp_path / "parts")
     for key in ("final_perplexity", "best_perplexity", "initial_perplexity", "final_next_token_accuracy",
                 "alignment_rounds"):
         assert parts[key] == full[key], key
-    a, b = _adapter(tmp_path / "full"), _adapter(tmp_path / "parts")
+    a, b = adapter(tmp_path / "full"), adapter(tmp_path / "parts")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     rows = _metrics(tmp_path / "parts")
     assert [r["round"] for r in rows] == [1, 2, 3] and "align_steps" in rows[1]
@@ -445,11 +433,11 @@ def smollm2_runs(smollm2_dir, tmp_path_factory) -> dict[int, Path]:
     proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args,
                            f"run.dir={root / 'rank2'}"], cwd=REPO, env=child_env(), capture_output=True, text=True,
                           timeout=600)
-    assert proc.returncode == 0, _tail(proc)
+    assert proc.returncode == 0, tail(proc)
     shutil.copytree(root / "rank2" / "proxy_distilled", root / "rank1" / "proxy_distilled")
     proc = subprocess.run([PYTHON, *args, f"run.dir={root / 'rank1'}"], cwd=REPO, env=child_env(),
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, _tail(proc)
+    assert proc.returncode == 0, tail(proc)
     return {1: root / "rank1", 2: root / "rank2"}
 
 
@@ -457,7 +445,7 @@ def smollm2_runs(smollm2_dir, tmp_path_factory) -> dict[int, Path]:
 @pytest.mark.distributed
 def test_smollm2_fedpft_runs_end_to_end(smollm2_runs):
     run = smollm2_runs[2]
-    s = _summary(run)
+    s = summary(run)
     assert s["task"] == "causal-lm" and s["method"] == "fedpft" and s["world_size"] == 2
     assert s["rounds"] == 2 and s["alignment_rounds"] == 1 and s["excluded_clients"] == 0
     assert math.isfinite(s["final_perplexity"]) and 1 < s["final_perplexity"] < s["initial_perplexity"]
@@ -470,7 +458,7 @@ def test_smollm2_fedpft_runs_end_to_end(smollm2_runs):
         assert r["test_tokens"] > 0 and math.isfinite(r["train_loss"]) and r["all_updates_finite"]
     assert s["final_perplexity"] == rows[-1]["perplexity"] == pytest.approx(math.exp(rows[-1]["test_loss"]))
     assert s["client_params"] < s["fm_params"]
-    keys = list(_adapter(run))
+    keys = list(adapter(run))
     assert not any("lm_head" in k or "embed_tokens" in k for k in keys)   # tied embeddings untouched
     assert sorted({int(k.split(".layers.")[1].split(".")[0]) for k in keys if ".mlp." in k}) == [0, 29]
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
@@ -490,7 +478,7 @@ def test_smollm2_saved_adapter_reproduces_the_logged_perplexity(smollm2_runs, sm
     model = PeftModel.from_pretrained(fm, str(run / "adapter"))
     sums = next_token_eval(model, task.test_ids, task.test_mask, cfg.fed.eval_batch_size)
     loss, ppl, acc = perplexity_and_accuracy(sums)
-    s = _summary(run)
+    s = summary(run)
     assert int(sums[2]) == _metrics(run)[-1]["test_tokens"]
     assert ppl == pytest.approx(s["final_perplexity"], rel=1e-6)
     assert acc == s["final_next_token_accuracy"]
@@ -501,8 +489,8 @@ def test_smollm2_saved_adapter_reproduces_the_logged_perplexity(smollm2_runs, sm
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_smollm2_one_rank_and_two_ranks_give_the_same_adapter(smollm2_runs):
-    one, two = _adapter(smollm2_runs[1]), _adapter(smollm2_runs[2])
+def test_smollm2_one_rank_and_two_ranks_give_the_sameadapter(smollm2_runs):
+    one, two = adapter(smollm2_runs[1]), adapter(smollm2_runs[2])
     assert sorted(one) == sorted(two)
     worst = max(float((one[k].double() - two[k].double()).abs().max()) for k in one)
     assert any(float(v.abs().max()) > 0 for k, v in one.items() if ".lora_B." in k)
@@ -513,4 +501,4 @@ def test_smollm2_one_rank_and_two_ranks_give_the_same_adapter(smollm2_runs):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
         assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-6)
         assert a["next_token_accuracy"] == b["next_token_accuracy"]
-    assert _summary(smollm2_runs[1])["world_size"] == 1
+    assert summary(smollm2_runs[1])["world_size"] == 1

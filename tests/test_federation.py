@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PYTHON, REPO, child_env, run_cli
+from conftest import PYTHON, REPO, child_env
+from helpers import CONFIG, adapter, assert_trained, max_abs_diff, metrics, summary, tail, train
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-CONFIG = "configs/tiny.yaml"
 CHEAP = ("fed.method=fedpft_no_layer_distill", "fed.align_every=0")
 CHEAP_3 = (*CHEAP, "fed.rounds=3", "fed.checkpoint_every=1")
 # rounds 1, 2 (alignment: neuron-level distillation, ZeRO-3), 3
@@ -27,65 +27,6 @@ SUMMARY_KEYS = ("final_accuracy", "best_accuracy", "final_macro_f1", "rounds", "
                 "phase_seconds", "bytes_up_per_client", "bytes_down_per_client", "excluded_clients")
 ALIGN_KEYS = ("align_steps", "align_loss_first", "align_loss_last", "align_error_before", "align_error_after",
               "align_ffn_bytes")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Helpers
-# ----------------------------------------------------------------------------------------------------
-
-def _tail(proc: subprocess.CompletedProcess) -> str:
-    return f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
-
-
-def train(run_dir: Path, *overrides: str, ranks: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`fedpft train --config configs/tiny.yaml run.dir=... dist.threads_per_rank=1 ...` on 1 rank
-    (a plain process) or under torchrun; asserts success."""
-    args = ["train", "--config", CONFIG, f"run.dir={run_dir}", "dist.threads_per_rank=1", *overrides]
-    if ranks == 1:
-        proc = run_cli(*args, timeout=timeout)
-    else:
-        proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                               str(ranks), "-m", "fedpft_dist", *args], cwd=REPO, env=child_env(),
-                              capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, _tail(proc)
-    return proc
-
-
-def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
-    path = run_dir / "adapter" / "adapter_model.safetensors"
-    assert path.is_file(), f"no adapter at {path}"
-    return load_file(str(path))
-
-
-def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """Largest |a - b| over all tensors; the key sets and shapes must match and all values be finite."""
-    assert a, "empty adapter"
-    assert sorted(a) == sorted(b), (sorted(set(a) ^ set(b)))[:5]
-    worst = 0.0
-    for k in a:
-        assert a[k].shape == b[k].shape, k
-        assert torch.isfinite(a[k]).all() and torch.isfinite(b[k]).all(), f"non-finite values in {k}"
-        worst = max(worst, (a[k].double() - b[k].double()).abs().max().item())
-    return worst
-
-
-def assert_trained(state: dict[str, torch.Tensor]) -> None:
-    """LoRA B starts at zero: a trained adapter has non-zero B matrices."""
-    b = [v for k, v in state.items() if ".lora_B." in k]
-    assert b and any(float(v.abs().max()) > 0 for v in b), "the adapter looks untrained (all lora_B zero)"
-
-
-TIMING_KEYS = ("seconds", "local_seconds_per_rank")
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    """The rows of metrics.jsonl without their wall-clock timings (which differ from run to run)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
-
-
-def summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
 
 
 def assert_same_rounds(a: list[dict], b: list[dict], loss_rel: float = 1e-6) -> None:
@@ -102,35 +43,32 @@ def assert_same_rounds(a: list[dict], b: list[dict], loss_rel: float = 1e-6) -> 
 # ----------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_runs(tmp_path_factory) -> dict[int, Path]:
+def tiny_runs(tiny_run, tmp_path_factory) -> dict[int, Path]:
     """configs/tiny.yaml as it is (proxy, 4-step ZeRO-3 layer distillation, 2 rounds of 4 of 8 clients,
-    round 1 aligns) on 1 rank and on 2 ranks (torchrun)."""
-    root = tmp_path_factory.mktemp("tiny")
-    train(root / "rank1")
-    train(root / "rank2", ranks=2)
-    return {1: root / "rank1", 2: root / "rank2"}
+    round 1 aligns) on 1 rank (the suite's shared run) and on 2 ranks (torchrun)."""
+    two = tmp_path_factory.mktemp("tiny") / "rank2"
+    train(two, ranks=2)
+    return {1: tiny_run, 2: two}
 
 
-# Client groups: dropout off (a split batch draws other masks). The layer-level distillation is the
-# same sum of micro-batch gradients at any world size but bit for bit only up to 2 micro-batches
-# (see alignment.job.accumulation_steps): the 2-rank comparison keeps tiny.yaml's 2 of 2 examples,
-# the 4-rank one needs 4 of 1, and each is compared with a 1-rank run of the same settings.
-GROUPS = {"1x2": ("model.dropout=0", "fed.lora_dropout=0"),
-          "2x2": ("model.dropout=0", "fed.lora_dropout=0", "distill.micro_batch=1")}
+# Client groups: dropout off (a split batch draws other masks). Every run starts from the suite's
+# distilled tiny proxy: distillation's own world-size invariance is tested by tiny_runs.
+GROUPS = ("model.dropout=0", "fed.lora_dropout=0")
 
 
 @pytest.fixture(scope="module", params=["1x2", "2x2"])
-def group_runs(request, tmp_path_factory) -> tuple[str, Path, dict[str, Path]]:
-    """configs/tiny.yaml with GROUPS[layout] on 1 rank, and on 2 ranks as 1 client group of 2 (the
-    client model whole on each rank, and sharded over both with FSDP2), or on 4 ranks as 2 x 2."""
+def group_runs(request, reuse_distilled, tmp_path_factory) -> tuple[str, Path, dict[str, Path]]:
+    """configs/tiny.yaml with GROUPS on 1 rank, and on 2 ranks as 1 client group of 2 (the client model
+    whole on each rank, and sharded over both with FSDP2), or on 4 ranks as 2 x 2."""
     layout = request.param
     root = tmp_path_factory.mktemp(f"groups-{layout}")
-    train(root / "1", *GROUPS[layout])
+    train(root / "1", *GROUPS, reuse_distilled)
     ranks = 2 if layout == "1x2" else 4
-    train(root / layout, *GROUPS[layout], "dist.ranks_per_client=2", ranks=ranks, timeout=600)
+    train(root / layout, *GROUPS, reuse_distilled, "dist.ranks_per_client=2", ranks=ranks, timeout=600)
     runs = {layout: root / layout}
     if layout == "1x2":
-        train(root / "fsdp", *GROUPS[layout], "dist.ranks_per_client=2", "fed.client_sharding=fsdp", ranks=2)
+        train(root / "fsdp", *GROUPS, reuse_distilled, "dist.ranks_per_client=2", "fed.client_sharding=fsdp",
+              ranks=2)
         runs["fsdp"] = root / "fsdp"
     return layout, root / "1", runs
 
@@ -204,10 +142,10 @@ def test_client_groups_give_the_single_rank_adapter(group_runs):
         assert abs(half - whole / 2) <= 0.01 * whole, (half, whole)
 
 
-def test_the_held_fm_as_teacher_gives_the_same_adapter_on_one_and_two_ranks(tmp_path):
+def test_the_held_fm_as_teacher_gives_the_same_adapter_on_one_and_two_ranks(reuse_distilled, tmp_path):
     """ZeRO-0: the alignment round's teacher is the FM each rank holds for evaluation."""
     for ranks in (1, 2):
-        train(tmp_path / f"rank{ranks}", "distill.zero_stage=0", ranks=ranks)
+        train(tmp_path / f"rank{ranks}", "distill.zero_stage=0", reuse_distilled, ranks=ranks)
     one, two = adapter(tmp_path / "rank1"), adapter(tmp_path / "rank2")
     assert_trained(one)
     assert max_abs_diff(one, two) <= 1e-5
@@ -256,7 +194,7 @@ def test_checkpoints_of_an_uninterrupted_run(cheap_3):
 def test_interrupted_and_resumed_equals_uninterrupted(cheap_3, tmp_path):
     run = tmp_path / "run"
     stopped = train(run, *CHEAP_3, "fed.stop_after=1")
-    assert "stopped after round 1 of 3" in stopped.stdout, _tail(stopped)
+    assert "stopped after round 1 of 3" in stopped.stdout, tail(stopped)
     assert "fed.resume=true" in stopped.stdout
     assert not (run / "summary.json").exists()
     assert not (run / "adapter").exists()
@@ -264,7 +202,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(cheap_3, tmp_path):
     assert (run / "checkpoints" / "rounds" / "round-000001" / "state.json").is_file()
 
     resumed = train(run, *CHEAP_3, "fed.resume=true")
-    assert "resumed from" in resumed.stderr and "continuing at round 2" in resumed.stderr, _tail(resumed)
+    assert "resumed from" in resumed.stderr and "continuing at round 2" in resumed.stderr, tail(resumed)
     assert max_abs_diff(adapter(cheap_3), adapter(run)) <= 1e-7
     rows = metrics(run)
     assert [r["round"] for r in rows] == [1, 2, 3]
@@ -281,8 +219,8 @@ def test_resume_falls_back_past_a_corrupt_newest_checkpoint_to_the_uninterrupted
     newest = run / "checkpoints" / "rounds" / "round-000002" / "adapter.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])   # truncated, as by a copy that did not finish
     resumed = train(run, *CHEAP_3, "fed.resume=true")
-    assert "skipping checkpoint" in resumed.stderr and "round-000002" in resumed.stderr, _tail(resumed)
-    assert "continuing at round 2" in resumed.stderr, _tail(resumed)
+    assert "skipping checkpoint" in resumed.stderr and "round-000002" in resumed.stderr, tail(resumed)
+    assert "continuing at round 2" in resumed.stderr, tail(resumed)
     assert max_abs_diff(adapter(cheap_3), adapter(run)) <= 1e-7
     assert [r["round"] for r in metrics(run)] == [1, 2, 3]
 
@@ -317,7 +255,7 @@ def test_a_stop_signal_on_one_rank_stops_every_rank_at_the_same_round(cheap_3, t
     assert [p.name for p in (run / "checkpoints" / "rounds").iterdir() if p.name.startswith("round-")] == [
         "round-000002"]
     resumed = train(run, *CHEAP_3, "fed.resume=true", ranks=2)
-    assert "continuing at round 3" in resumed.stderr, _tail(resumed)
+    assert "continuing at round 3" in resumed.stderr, tail(resumed)
     assert max_abs_diff(adapter(cheap_3), adapter(run)) <= 1e-5
     assert [r["round"] for r in metrics(run)] == [1, 2, 3]
 
@@ -343,7 +281,7 @@ def test_a_server_optimizer_gives_one_adapter_on_one_and_two_ranks_and_after_a_r
 
 def test_resume_after_an_alignment_round_keeps_metrics_and_state(align_resume):
     r = align_resume
-    assert "stopped after round 2 of 3" in r["stopped"].stdout, _tail(r["stopped"])
+    assert "stopped after round 2 of 3" in r["stopped"].stdout, tail(r["stopped"])
     assert not r["stopped_summary_exists"]
     assert [row["round"] for row in r["stopped_metrics"]] == [1, 2]
     rows = metrics(r["parts"])
@@ -415,7 +353,7 @@ def test_a_non_finite_client_update_is_excluded_and_reported(tmp_path):
                            "tests/fed_worker.py", str(tmp_path), *over], cwd=REPO,
                           env=child_env(PYTHONPATH=f"{REPO}:{REPO / 'tests'}"), capture_output=True, text=True,
                           timeout=300)
-    assert proc.returncode == 0, _tail(proc)
+    assert proc.returncode == 0, tail(proc)
 
     cfg = load_config(REPO / CONFIG, over)
     sampled = sample_clients(cfg.fed.num_clients, clients_per_round(cfg.fed.num_clients, cfg.fed.client_fraction),
@@ -534,7 +472,7 @@ def test_an_early_stop_returns_the_summary_of_a_finished_run(tmp_path):
     args = ["dist.threads_per_rank=1", "fed.method=fedpetuning", "fed.rounds=2", "fed.checkpoint_every=1"]
     proc = subprocess.run([PYTHON, "-c", STOP_AND_RESUME, str(tmp_path / "run"), *args], cwd=REPO, env=child_env(),
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, _tail(proc)
+    assert proc.returncode == 0, tail(proc)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     stopped, done = out["stopped"], out["done"]
     assert set(stopped) == set(done)

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from conftest import run_cli
+from helpers import CONFIG, one_line_error, tail
+from helpers import train as run_tiny
 
 from fedpft_dist.checkpoint import (CheckpointInvalid, checkpoint_dirs, load_checkpoint, move_aside,
                                     newest_checkpoint, save_checkpoint, verify_checkpoint)
@@ -26,25 +28,11 @@ from fedpft_dist.fingerprint import (describe_difference, first_difference, prox
 from fedpft_dist.fsutil import as_os_error, filesystem_error, run_dir_problem
 from fedpft_dist.models.loading import resolve_model_dir
 
-CONFIG = "configs/tiny.yaml"
-CHEAP = ("dist.threads_per_rank=1", "fed.method=fedpft_no_layer_distill", "fed.align_every=0")
-
-
-def _tail(proc: subprocess.CompletedProcess) -> str:
-    return f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
+CHEAP = ("fed.method=fedpft_no_layer_distill", "fed.align_every=0")
 
 
 def train(run_dir: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return run_cli("train", "--config", CONFIG, f"run.dir={run_dir}", *CHEAP, *overrides, timeout=timeout)
-
-
-def one_line_error(proc: subprocess.CompletedProcess, code: int = 2) -> str:
-    """The one `fedpft: error:` line of a failed command (no traceback)."""
-    assert proc.returncode == code, _tail(proc)
-    assert "Traceback" not in proc.stderr, _tail(proc)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("fedpft: error:")]
-    assert len(errors) == 1, _tail(proc)
-    return errors[0]
+    return run_tiny(run_dir, *CHEAP, *overrides, timeout=timeout, check=False)
 
 
 def tiny_bert(path: Path, seed: int, hidden: int = 32) -> Path:
@@ -361,7 +349,7 @@ def finished_run(tmp_path_factory) -> Path:
     """A one-round run that left its proxy (keep_ratio 0.25 of MiniLM) in its run dir."""
     run = tmp_path_factory.mktemp("finished") / "run"
     proc = train(run, "fed.rounds=1")
-    assert proc.returncode == 0, _tail(proc)
+    assert proc.returncode == 0, tail(proc)
     return run
 
 
@@ -397,7 +385,7 @@ def test_run_rebuild_makes_a_stale_proxy_again(finished_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     proc = train(run, "fed.rounds=1", "proxy.keep_ratio=0.5", "run.rebuild=true")
-    assert proc.returncode == 0, _tail(proc)
+    assert proc.returncode == 0, tail(proc)
     assert "making it again (run.rebuild=true)" in proc.stderr
     meta = json.loads((run / "proxy" / "fedpft_proxy.json").read_text())
     assert meta["keep_ratio"] == 0.5 and meta["fingerprint"]["proxy.keep_ratio"] == 0.5
@@ -411,13 +399,13 @@ def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(tmp_path):
     rounds = run / "checkpoints" / "rounds"
     first = train(run, "fed.rounds=2", "fed.checkpoint_every=1", "fed.stop_after=1")
     assert first.returncode == 0 and [p.name for p in checkpoint_dirs(rounds, "round-")] == ["round-000001"], \
-        _tail(first)
+        tail(first)
     line = one_line_error(train(run, "fed.rounds=2"))
     assert "holds round checkpoints of an earlier run: continue it with fed.resume=true" in line, line
     # with run.rebuild the old checkpoints move aside (kept) and the new run starts at round 1
     again = train(run, "fed.rounds=2", "fed.checkpoint_every=1", "fed.stop_after=1", "fed.lr=0.002",
                   "run.rebuild=true")
-    assert again.returncode == 0 and "moved the earlier run's round checkpoints" in again.stderr, _tail(again)
+    assert again.returncode == 0 and "moved the earlier run's round checkpoints" in again.stderr, tail(again)
     (stale,) = run.glob("checkpoints/rounds.stale-*")
     assert [p.name for p in checkpoint_dirs(stale, "round-")] == ["round-000001"]
     ours = json.loads((rounds / "round-000001" / "state.json").read_text())
@@ -426,7 +414,7 @@ def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(tmp_path):
     line = one_line_error(train(run, "fed.rounds=2", "fed.resume=true"))
     assert "fed.lr=0.002, this config has 0.001" in line, line
     resumed = train(run, "fed.rounds=2", "fed.lr=0.002", "fed.resume=true")
-    assert resumed.returncode == 0 and "continuing at round 2" in resumed.stderr, _tail(resumed)
+    assert resumed.returncode == 0 and "continuing at round 2" in resumed.stderr, tail(resumed)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2] and rows[0]["lr"] == pytest.approx(0.002)  # the new run's rows
 
@@ -438,7 +426,7 @@ def test_every_update_non_finite_warns_each_round_and_stops_the_run(tmp_path):
     line = one_line_error(proc, code=3)
     assert "fed.max_excluded_rounds: every client update was non-finite in 2 consecutive rounds (1-2)" in line, line
     assert "lower fed.lr" in line
-    assert proc.stderr.count("every client's update was non-finite and left out (4 of 4)") == 2, _tail(proc)
+    assert proc.stderr.count("every client's update was non-finite and left out (4 of 4)") == 2, tail(proc)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["excluded_clients"] == 4 and r["train_loss"] != r["train_loss"] for r in rows)   # NaN, not 0

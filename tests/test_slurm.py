@@ -1,4 +1,5 @@
-"""The slurm/*.sbatch templates against a real one-node Slurm cluster (tests/slurm_cluster.py).
+"""The slurm/*.sbatch templates, the sweep array job among them, against a real one-node Slurm cluster
+(tests/slurm_cluster.py), started once for all of them.
 
 Skipped, with the reason, when not root, when Slurm is not installed (FEDPFT_TEST_INSTALL_SLURM=1
 lets the test apt-get install it) or when the cluster does not come up; FEDPFT_REQUIRE_SLURM=1 turns
@@ -15,12 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_cli
+
 try:
     from .slurm_cluster import SlurmCluster, SlurmUnavailable, slurm_cluster
 except ImportError:
     from slurm_cluster import SlurmCluster, SlurmUnavailable, slurm_cluster
 
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.cluster]
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 120  # `timeout` around sbatch --wait; each job takes ~5 s here
@@ -263,3 +266,19 @@ def test_single_node_stop_signal_requeues_and_resumes(cluster, tmp_path):
     for rank in (0, 1):  # torchrun --tee prefixes each rank's lines with [default<rank>]
         assert re.search(rf"\[default{rank}\]:{STOP_LINE.pattern}", batch_log), \
             f"rank {rank} did not stop on the signal\n{report}"
+
+
+def test_sweep_array_job_on_slurm(cluster, tmp_path):
+    """sbatch --array=0-1 trains both points (cheap ones: 1 round, no layer-level distillation)."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"base: {REPO / 'configs/tiny.yaml'}\nout: {tmp_path / 'runs'}\n"
+                    "grid:\n  fed.align_keep: [0.5, 0.8]\n")
+    overcommit = [] if cluster.cpus >= 2 else ["--overcommit"]
+    _, report = submit(cluster, tmp_path, "sweep-array.sbatch", ["--array=0-1", "--cpus-per-task=1", *overcommit],
+                       [str(spec), "dist.threads_per_rank=1", "fed.method=fedpft_no_layer_distill", "fed.rounds=1"])
+    for name in ("000-align_keep=0.5", "001-align_keep=0.8"):
+        summary = tmp_path / "runs" / name / "summary.json"
+        assert summary.is_file(), f"no {summary}\n{report}"
+        assert json.loads(summary.read_text())["method"] == "fedpft_no_layer_distill"
+    proc = run_cli("sweep", "--list", str(spec), timeout=60)
+    assert proc.stdout.splitlines()[-1] == "all points are done", proc.stdout + proc.stderr

@@ -14,8 +14,6 @@ import pytest
 from conftest import REPO, child_env, run_cli
 from fedpft_dist.errors import UserError
 from fedpft_dist.commands.sweep import grid_points, index_ranges, load_sweep, point_name, swept_keys
-# The module-scoped one-node Slurm cluster (skips with the reason where there is none) and sbatch --wait.
-from test_slurm import cluster, submit  # noqa: F401
 
 TINY = "sweeps/tiny.yaml"
 SPECS = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -316,23 +314,3 @@ def test_local_runner_on_the_tiny_sweep(tmp_path):
     proc = run_cli("sweep", "--all", *base, timeout=120)
     assert proc.returncode == 0 and proc.stdout.count(": done (") == 2, proc.stdout + proc.stderr
     assert (out / "report.csv").read_text().count("\n") == 3
-
-
-# ----------------------------------------------------------------------------------------------------
-# The array template on a real one-node Slurm (skipped with the reason where there is none)
-# ----------------------------------------------------------------------------------------------------
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_array_job_on_slurm(cluster, tmp_path):
-    """sbatch --array=0-1 trains both points (cheap ones: 1 round, no layer-level distillation)."""
-    spec = _spec(tmp_path, "grid:\n  fed.align_keep: [0.5, 0.8]\n")
-    overcommit = [] if cluster.cpus >= 2 else ["--overcommit"]
-    _, report = submit(cluster, tmp_path, "sweep-array.sbatch", ["--array=0-1", "--cpus-per-task=1", *overcommit],
-                       [str(spec), "dist.threads_per_rank=1", "fed.method=fedpft_no_layer_distill", "fed.rounds=1"])
-    for name in ("000-align_keep=0.5", "001-align_keep=0.8"):
-        summary = tmp_path / "runs" / name / "summary.json"
-        assert summary.is_file(), f"no {summary}\n{report}"
-        assert json.loads(summary.read_text())["method"] == "fedpft_no_layer_distill"
-    proc = run_cli("sweep", "--list", str(spec), timeout=60)
-    assert proc.stdout.splitlines()[-1] == "all points are done", proc.stdout + proc.stderr

@@ -24,12 +24,12 @@ from pathlib import Path
 import pytest
 
 from conftest import PYTHON, REPO, child_env, run_cli
+from helpers import adapter, assert_trained, max_abs_diff
 from netns_nodes import NetnsUnavailable, two_nodes
 from slurm_cluster import SlurmUnavailable, _children_of, slurm_cluster
-from test_federation import adapter, assert_trained, max_abs_diff
 from test_slurm import submit
 
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.cluster]
 
 REQUIRED = os.environ.get("FEDPFT_REQUIRE_SLURM") == "1"
 # The cheap train: proxy, one round of 2 of the 8 clients (one per rank), evaluation on 32 test rows
