@@ -116,3 +116,21 @@ def reuse_distilled(tiny_run) -> str:
     does not depend on the world size, ZeRO stage, micro-batch or dropout, so runs that differ only in
     those share it (a run checks its fingerprint before reusing it)."""
     return f"distill.out={tiny_run / 'proxy_distilled'}"
+
+
+# The cheap tiny run: a proxy without layer-level distillation or alignment, 3 rounds of 4 of the 8
+# clients with a checkpoint after each, evaluation on 32 test rows, no fidelity probe.
+CHEAP_RUN = ("fed.method=fedpft_no_layer_distill", "fed.align_every=0", "fed.rounds=3", "fed.checkpoint_every=1",
+             "fed.fidelity_every=0", "data.max_test=32")
+
+
+@pytest.fixture(scope="session")
+def cheap_run(tmp_path_factory) -> Path:
+    """configs/tiny.yaml with CHEAP_RUN on 1 rank, trained once per test run: the uninterrupted run that
+    resumed, repeated, multi-rank and two-node runs of the same overrides must reproduce (read it, never
+    write into it; copy it to change it)."""
+    def build(out: Path) -> None:
+        proc = run_cli(*TINY_RUN_ARGS, *CHEAP_RUN, f"run.dir={out}", timeout=600)
+        assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+
+    return shared_dir(tmp_path_factory, "cheap-run", build)

@@ -13,13 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PYTHON, REPO, child_env
+from conftest import CHEAP_RUN, PYTHON, REPO, child_env
 from helpers import CONFIG, adapter, assert_trained, max_abs_diff, metrics, summary, tail, train
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 CHEAP = ("fed.method=fedpft_no_layer_distill", "fed.align_every=0")
-CHEAP_3 = (*CHEAP, "fed.rounds=3", "fed.checkpoint_every=1")
 # rounds 1, 2 (alignment: neuron-level distillation, ZeRO-3), 3
 ALIGN_3 = ("fed.method=fedpft_no_layer_distill", "fed.rounds=3", "fed.checkpoint_every=1", "fed.align_every=2",
            "fed.align_steps=1")
@@ -71,14 +70,6 @@ def group_runs(request, reuse_distilled, tmp_path_factory) -> tuple[str, Path, d
               ranks=2)
         runs["fsdp"] = root / "fsdp"
     return layout, root / "1", runs
-
-
-@pytest.fixture(scope="module")
-def cheap_3(tmp_path_factory) -> Path:
-    """The cheap variant, 3 rounds, a checkpoint after every round, uninterrupted, 1 rank."""
-    run = tmp_path_factory.mktemp("cheap") / "run"
-    train(run, *CHEAP_3)
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -160,14 +151,14 @@ def test_the_held_fm_as_teacher_gives_the_same_adapter_on_one_and_two_ranks(reus
 # 2. Seeds
 # ----------------------------------------------------------------------------------------------------
 
-def test_same_seed_repeats_and_another_seed_differs(cheap_3, tmp_path):
-    train(tmp_path / "again", *CHEAP_3)
-    first, again = adapter(cheap_3), adapter(tmp_path / "again")
+def test_same_seed_repeats_and_another_seed_differs(cheap_run, tmp_path):
+    train(tmp_path / "again", *CHEAP_RUN)
+    first, again = adapter(cheap_run), adapter(tmp_path / "again")
     assert_trained(first)
     assert max_abs_diff(first, again) == 0.0
-    assert metrics(cheap_3) == metrics(tmp_path / "again")
+    assert metrics(cheap_run) == metrics(tmp_path / "again")
 
-    train(tmp_path / "seed1", *CHEAP_3, "run.seed=1")
+    train(tmp_path / "seed1", *CHEAP_RUN, "run.seed=1")
     other = adapter(tmp_path / "seed1")
     assert max_abs_diff(first, other) > 1e-4
     assert summary(tmp_path / "seed1")["world_size"] == 1
@@ -177,8 +168,8 @@ def test_same_seed_repeats_and_another_seed_differs(cheap_3, tmp_path):
 # 3. Interrupted and resumed == uninterrupted
 # ----------------------------------------------------------------------------------------------------
 
-def test_checkpoints_of_an_uninterrupted_run(cheap_3):
-    rounds = cheap_3 / "checkpoints" / "rounds"
+def test_checkpoints_of_an_uninterrupted_run(cheap_run):
+    rounds = cheap_run / "checkpoints" / "rounds"
     # checkpoint_every=1 over 3 rounds: after rounds 1 and 2 (the last round's result is the adapter)
     assert sorted(p.name for p in rounds.iterdir() if not p.name.startswith(".")) == ["round-000001",
                                                                                      "round-000002"]
@@ -191,9 +182,9 @@ def test_checkpoints_of_an_uninterrupted_run(cheap_3):
         assert meta["alignment_rounds"] == 0 and meta["excluded_clients"] == 0
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(cheap_3, tmp_path):
+def test_interrupted_and_resumed_equals_uninterrupted(cheap_run, tmp_path):
     run = tmp_path / "run"
-    stopped = train(run, *CHEAP_3, "fed.stop_after=1")
+    stopped = train(run, *CHEAP_RUN, "fed.stop_after=1")
     assert "stopped after round 1 of 3" in stopped.stdout, tail(stopped)
     assert "fed.resume=true" in stopped.stdout
     assert not (run / "summary.json").exists()
@@ -201,27 +192,27 @@ def test_interrupted_and_resumed_equals_uninterrupted(cheap_3, tmp_path):
     assert [r["round"] for r in metrics(run)] == [1]
     assert (run / "checkpoints" / "rounds" / "round-000001" / "state.json").is_file()
 
-    resumed = train(run, *CHEAP_3, "fed.resume=true")
+    resumed = train(run, *CHEAP_RUN, "fed.resume=true")
     assert "resumed from" in resumed.stderr and "continuing at round 2" in resumed.stderr, tail(resumed)
-    assert max_abs_diff(adapter(cheap_3), adapter(run)) <= 1e-7
+    assert max_abs_diff(adapter(cheap_run), adapter(run)) <= 1e-7
     rows = metrics(run)
     assert [r["round"] for r in rows] == [1, 2, 3]
-    assert_same_rounds(metrics(cheap_3), rows, loss_rel=1e-7)
-    full, parts = summary(cheap_3), summary(run)
+    assert_same_rounds(metrics(cheap_run), rows, loss_rel=1e-7)
+    full, parts = summary(cheap_run), summary(run)
     for key in ("final_accuracy", "best_accuracy", "final_macro_f1", "rounds", "excluded_clients",
                 "bytes_up_per_client", "bytes_down_per_client"):
         assert parts[key] == full[key], key
 
 
-def test_resume_falls_back_past_a_corrupt_newest_checkpoint_to_the_uninterrupted_result(cheap_3, tmp_path):
+def test_resume_falls_back_past_a_corrupt_newest_checkpoint_to_the_uninterrupted_result(cheap_run, tmp_path):
     run = tmp_path / "run"
-    train(run, *CHEAP_3, "fed.stop_after=2")
+    train(run, *CHEAP_RUN, "fed.stop_after=2")
     newest = run / "checkpoints" / "rounds" / "round-000002" / "adapter.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])   # truncated, as by a copy that did not finish
-    resumed = train(run, *CHEAP_3, "fed.resume=true")
+    resumed = train(run, *CHEAP_RUN, "fed.resume=true")
     assert "skipping checkpoint" in resumed.stderr and "round-000002" in resumed.stderr, tail(resumed)
     assert "continuing at round 2" in resumed.stderr, tail(resumed)
-    assert max_abs_diff(adapter(cheap_3), adapter(run)) <= 1e-7
+    assert max_abs_diff(adapter(cheap_run), adapter(run)) <= 1e-7
     assert [r["round"] for r in metrics(run)] == [1, 2, 3]
 
 
@@ -234,12 +225,12 @@ def _worker_pid(launcher_pid: int, rank: int) -> int:
     raise AssertionError(f"no worker with RANK={rank} under pid {launcher_pid}")
 
 
-def test_a_stop_signal_on_one_rank_stops_every_rank_at_the_same_round(cheap_3, tmp_path):
+def test_a_stop_signal_on_one_rank_stops_every_rank_at_the_same_round(cheap_run, tmp_path):
     import signal
     import time
 
     run = tmp_path / "run"
-    args = ["train", "--config", CONFIG, f"run.dir={run}", "dist.threads_per_rank=1", *CHEAP_3,
+    args = ["train", "--config", CONFIG, f"run.dir={run}", "dist.threads_per_rank=1", *CHEAP_RUN,
             "fed.checkpoint_every=0"]
     proc = subprocess.Popen([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                              "-m", "fedpft_dist", *args], cwd=REPO, env=child_env(),
@@ -247,21 +238,21 @@ def test_a_stop_signal_on_one_rank_stops_every_rank_at_the_same_round(cheap_3, t
     deadline = time.monotonic() + 240
     while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip()):
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first round"
-        time.sleep(0.1)
+        time.sleep(0.02)   # a round takes about a second: the signal must reach rank 1 during round 2
     os.kill(_worker_pid(proc.pid, 1), signal.SIGTERM)   # rank 1 only, during round 2 of 3
     out, err = proc.communicate(timeout=240)
     # both ranks stopped on the signal after round 2 (torchrun itself reports the workers' exit 75 as a failure)
     assert err.count("stopped after round 2 of 3 on a stop signal") == 2, err[-4000:]
     assert [p.name for p in (run / "checkpoints" / "rounds").iterdir() if p.name.startswith("round-")] == [
         "round-000002"]
-    resumed = train(run, *CHEAP_3, "fed.resume=true", ranks=2)
+    resumed = train(run, *CHEAP_RUN, "fed.resume=true", ranks=2)
     assert "continuing at round 3" in resumed.stderr, tail(resumed)
-    assert max_abs_diff(adapter(cheap_3), adapter(run)) <= 1e-5
+    assert max_abs_diff(adapter(cheap_run), adapter(run)) <= 1e-5
     assert [r["round"] for r in metrics(run)] == [1, 2, 3]
 
 
-def test_a_server_optimizer_gives_one_adapter_on_one_and_two_ranks_and_after_a_resume(cheap_3, tmp_path):
-    args = (*CHEAP_3, "fed.server_optimizer=fedadam", "fed.server_lr=0.05")
+def test_a_server_optimizer_gives_one_adapter_on_one_and_two_ranks_and_after_a_resume(cheap_run, tmp_path):
+    args = (*CHEAP_RUN, "fed.server_optimizer=fedadam", "fed.server_lr=0.05")
     full = tmp_path / "full"
     train(full, *args)
     two = tmp_path / "two"
@@ -276,7 +267,7 @@ def test_a_server_optimizer_gives_one_adapter_on_one_and_two_ranks_and_after_a_r
     assert max_abs_diff(adapter(full), adapter(parts)) <= 1e-7
     # and the adaptive steps took the adapter elsewhere than FedAvg's
     assert summary(full)["server_optimizer"] == "fedadam"
-    assert max_abs_diff(adapter(cheap_3), adapter(full)) > 1e-3
+    assert max_abs_diff(adapter(cheap_run), adapter(full)) > 1e-3
 
 
 def test_resume_after_an_alignment_round_keeps_metrics_and_state(align_resume):

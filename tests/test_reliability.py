@@ -344,12 +344,15 @@ def test_a_distillation_resumed_with_other_settings_names_the_setting(tmp_path):
 # End to end: stale artifacts, an earlier run's checkpoints, divergence, a full disk
 # ----------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    """A one-round run that left its proxy (keep_ratio 0.25 of MiniLM) in its run dir."""
-    run = tmp_path_factory.mktemp("finished") / "run"
-    proc = train(run, "fed.rounds=1")
-    assert proc.returncode == 0, tail(proc)
+@pytest.fixture
+def finished_run(cheap_run, tmp_path) -> Path:
+    """A copy of the suite's cheap run (its proxy: keep_ratio 0.25 of MiniLM) without its round
+    checkpoints, as a finished run that never checkpointed leaves its directory."""
+    import shutil
+
+    run = tmp_path / "finished"
+    shutil.copytree(cheap_run, run)
+    shutil.rmtree(run / "checkpoints")
     return run
 
 
@@ -375,21 +378,18 @@ def test_a_changed_proxy_setting_or_model_in_an_old_run_dir_is_named_not_reused(
         assert "the weights of another FM" in line and "run.rebuild=true" in line, line
     # the refused runs left the old run as it was
     assert json.loads((finished_run / "proxy" / "fedpft_proxy.json").read_text()) == meta
-    assert json.loads((finished_run / "summary.json").read_text())["rounds"] == 1
+    assert json.loads((finished_run / "summary.json").read_text())["rounds"] == 3
 
 
 @pytest.mark.slow
-def test_run_rebuild_makes_a_stale_proxy_again(finished_run, tmp_path):
-    import shutil
-
-    run = tmp_path / "run"
-    shutil.copytree(finished_run, run)
+def test_run_rebuild_makes_a_stale_proxy_again(finished_run):
+    run = finished_run
+    old = json.loads((run / "summary.json").read_text())
     proc = train(run, "fed.rounds=1", "proxy.keep_ratio=0.5", "run.rebuild=true")
     assert proc.returncode == 0, tail(proc)
     assert "making it again (run.rebuild=true)" in proc.stderr
     meta = json.loads((run / "proxy" / "fedpft_proxy.json").read_text())
     assert meta["keep_ratio"] == 0.5 and meta["fingerprint"]["proxy.keep_ratio"] == 0.5
-    old = json.loads((finished_run / "summary.json").read_text())
     assert json.loads((run / "summary.json").read_text())["client_params"] > old["client_params"]
 
 

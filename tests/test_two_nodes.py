@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO, child_env, run_cli
+from conftest import CHEAP_RUN, PYTHON, REPO, TINY_RUN_ARGS, child_env
 from helpers import adapter, assert_trained, max_abs_diff
 from netns_nodes import NetnsUnavailable, two_nodes
 from slurm_cluster import SlurmUnavailable, _children_of, slurm_cluster
@@ -32,12 +32,10 @@ from test_slurm import submit
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.cluster]
 
 REQUIRED = os.environ.get("FEDPFT_REQUIRE_SLURM") == "1"
-# The cheap train: proxy, one round of 2 of the 8 clients (one per rank), evaluation on 32 test rows
-# (sharded over the ranks); no distillation, alignment or fidelity probe. Every rank logs
-# (log_all_ranks), so each node's output shows its rank.
-TRAIN = ("train", "--config", "configs/tiny.yaml", "dist.threads_per_rank=1", "dist.timeout_s=60",
-         "dist.log_all_ranks=true", "fed.method=fedpft_no_layer_distill", "fed.align_every=0", "fed.rounds=1",
-         "fed.client_fraction=0.25", "fed.fidelity_every=0", "data.max_test=32")
+# The suite's cheap train (conftest.CHEAP_RUN: proxy, 3 rounds of 4 of the 8 clients, evaluation on 32
+# test rows sharded over the ranks; no distillation, alignment or fidelity probe), so that its shared
+# 1-rank run is the reference. Every rank logs (log_all_ranks), so each node's output shows its rank.
+TRAIN = (*TINY_RUN_ARGS, *CHEAP_RUN, "dist.timeout_s=60", "dist.log_all_ranks=true")
 # 16 MiB, median of 5: the gloo bandwidth over the veth pair (printed; `pytest -s` shows it)
 DOCTOR = ("doctor", "--config", "configs/tiny.yaml", "doctor.allreduce_mb=16", "doctor.iters=5",
           "dist.timeout_s=60")
@@ -83,13 +81,10 @@ def cluster(nodes):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The same train on 1 rank, a plain process on this machine: its adapter is what 2 ranks on 2
-    nodes must reproduce (1 rank = 2 ranks is tests/test_federation.py's guarantee)."""
-    run = tmp_path_factory.mktemp("one-node") / "run"
-    proc = run_cli(*TRAIN, f"run.dir={run}", timeout=RUN_TIMEOUT_S)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    state = adapter(run)
+def reference(cheap_run):
+    """The same train on 1 rank, a plain process on this machine (the suite's shared run): its adapter
+    is what 2 ranks on 2 nodes must reproduce (1 rank = 2 ranks is tests/test_federation.py's guarantee)."""
+    state = adapter(cheap_run)
     assert_trained(state)  # two untrained adapters would be equal too
     return state
 
