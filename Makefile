@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 # both cores busy. A test file runs on one worker (its module fixtures are built once); the Slurm
 # and two-node tests (marker `cluster`) all run on one worker, one after another. 0: no workers.
 TEST_WORKERS ?= 2
-XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 
 .PHONY: setup demo doctor test test-fast clean
 

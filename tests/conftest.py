@@ -28,14 +28,26 @@ if WORKER is not None:
     torch.set_num_threads(1)
 
 
+def _group(item) -> str:
+    return "cluster" if item.get_closest_marker("cluster") else item.nodeid.split("::")[0]
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Under ``--dist loadgroup`` a test file runs on one worker, so that its module fixtures (runs
     several tests read) are built once; the tests marked ``cluster`` all run on one worker, one
-    after another, because a machine holds one Slurm cluster at a time (fixed ports)."""
+    after another, because a machine holds one Slurm cluster at a time (fixed ports). The groups
+    with the most end-to-end (``slow``) tests go first, so that the long ones do not end the run
+    on one worker while the other idles (make test passes --no-loadscope-reorder to keep this order)."""
+    slow: dict[str, int] = {}
+    first: dict[str, int] = {}
+    for i, item in enumerate(items):
+        group = _group(item)
+        first.setdefault(group, i)
+        slow[group] = slow.get(group, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: (-slow[_group(item)], first[_group(item)]))
     for item in items:
-        group = "cluster" if item.get_closest_marker("cluster") else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
 
 
 def child_env(**extra: str) -> dict:
