@@ -50,24 +50,27 @@ def tiny_runs(tiny_run, tmp_path_factory) -> dict[int, Path]:
     return {1: tiny_run, 2: two}
 
 
-# Client groups: dropout off (a split batch draws other masks). Every run starts from the suite's
-# distilled tiny proxy: distillation's own world-size invariance is tested by tiny_runs.
-GROUPS = ("model.dropout=0", "fed.lora_dropout=0")
+# Client groups: dropout off (a split batch draws other masks). The 1 x 2 runs start from the suite's
+# distilled tiny proxy. The 2 x 2 runs distil their own, which also checks layer-level distillation on
+# 4 ranks against 1: the same sum of micro-batch gradients at any world size, but bit for bit only up
+# to 2 micro-batches (see alignment.job.accumulation_steps), so 4 ranks need micro-batches of 1.
+GROUPS = {"1x2": ("model.dropout=0", "fed.lora_dropout=0"),
+          "2x2": ("model.dropout=0", "fed.lora_dropout=0", "distill.micro_batch=1")}
 
 
 @pytest.fixture(scope="module", params=["1x2", "2x2"])
 def group_runs(request, reuse_distilled, tmp_path_factory) -> tuple[str, Path, dict[str, Path]]:
-    """configs/tiny.yaml with GROUPS on 1 rank, and on 2 ranks as 1 client group of 2 (the client model
-    whole on each rank, and sharded over both with FSDP2), or on 4 ranks as 2 x 2."""
+    """configs/tiny.yaml with GROUPS[layout] on 1 rank, and on 2 ranks as 1 client group of 2 (the
+    client model whole on each rank, and sharded over both with FSDP2), or on 4 ranks as 2 x 2."""
     layout = request.param
     root = tmp_path_factory.mktemp(f"groups-{layout}")
-    train(root / "1", *GROUPS, reuse_distilled)
+    over = (*GROUPS[layout], reuse_distilled) if layout == "1x2" else GROUPS[layout]
+    train(root / "1", *over)
     ranks = 2 if layout == "1x2" else 4
-    train(root / layout, *GROUPS, reuse_distilled, "dist.ranks_per_client=2", ranks=ranks, timeout=600)
+    train(root / layout, *over, "dist.ranks_per_client=2", ranks=ranks, timeout=600)
     runs = {layout: root / layout}
     if layout == "1x2":
-        train(root / "fsdp", *GROUPS, reuse_distilled, "dist.ranks_per_client=2", "fed.client_sharding=fsdp",
-              ranks=2)
+        train(root / "fsdp", *over, "dist.ranks_per_client=2", "fed.client_sharding=fsdp", ranks=2)
         runs["fsdp"] = root / "fsdp"
     return layout, root / "1", runs
 
