@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("fedpft", "fedpetuning", "fedot", "fedpft_no_layer_distill", "fedpft_no_neuron_distill")
 # Wall-clock measurements: they differ from run to run whatever the code.
-TIMING_FIELDS = ("seconds", "local_seconds_per_rank")
+TIMING_FIELDS = ("seconds", "local_seconds_per_rank", "align_step_seconds", "align_set_up_seconds")
 ADAPTER = Path("adapter") / "adapter_model.safetensors"
 
 

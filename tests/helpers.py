@@ -17,7 +17,7 @@ from conftest import PYTHON, REPO, child_env, run_cli
 
 CONFIG = "configs/tiny.yaml"
 # Wall-clock measurements: they differ from run to run whatever the code.
-TIMING_KEYS = ("seconds", "local_seconds_per_rank")
+TIMING_KEYS = ("seconds", "local_seconds_per_rank", "align_step_seconds", "align_set_up_seconds")
 
 
 def tail(proc: subprocess.CompletedProcess) -> str:
