@@ -10,12 +10,16 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import PYTHON, REPO, child_env, run_cli
 
 CONFIG = "configs/tiny.yaml"
+# the metrics row entries of a round that aligned
+ALIGN_KEYS = ("align_steps", "align_loss_first", "align_loss_last", "align_error_before", "align_error_after",
+              "align_ffn_bytes")
 # Wall-clock measurements: they differ from run to run whatever the code.
 TIMING_KEYS = ("seconds", "local_seconds_per_rank", "align_step_seconds", "align_set_up_seconds")
 
@@ -81,3 +85,13 @@ def assert_trained(state: dict[str, torch.Tensor]) -> None:
     """LoRA B starts at zero: a trained adapter has non-zero B matrices."""
     b = [v for k, v in state.items() if ".lora_B." in k]
     assert b and any(float(v.abs().max()) > 0 for v in b), "the adapter looks untrained (all lora_B zero)"
+
+
+def assert_same_rounds(a: list[dict], b: list[dict], loss_rel: float = 1e-6) -> None:
+    """Two runs' metrics rows agree: the same rounds, counts and evaluation, train losses within ``loss_rel``."""
+    assert [r["round"] for r in a] == [r["round"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("lr", "clients", "excluded_clients", "all_updates_finite", "accuracy", "macro_f1",
+                    "predicted_per_class"):
+            assert ra.get(key) == rb.get(key), (ra["round"], key, ra.get(key), rb.get(key))
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=loss_rel), ra["round"]

@@ -1,40 +1,26 @@
-"""The federated engine end to end (`fedpft train`): 1 rank and 2 ranks agree, seeds, interrupted and
-resumed runs, a rank without clients, a non-finite client update, the saved adapter, the outputs.
+"""The federated engine end to end (`fedpft train`): 1 rank and 2 ranks agree, a rank without clients,
+a non-finite client update or alignment, the saved adapter, the outputs. Resumed and repeated runs
+are in test_resume.py, client groups in test_client_groups.py.
 
 All runs use dist.threads_per_rank=1 so that 1-rank and 2-rank runs use the same thread count.
 The "cheap" variant (fedpft_no_layer_distill, no alignment) builds a proxy and trains, nothing else.
 """
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import CHEAP_RUN, PYTHON, REPO, child_env
-from helpers import CONFIG, adapter, assert_trained, max_abs_diff, metrics, summary, tail, train
+from conftest import PYTHON, REPO, child_env
+from helpers import (ALIGN_KEYS, CONFIG, adapter, assert_same_rounds, assert_trained, max_abs_diff, metrics,
+                     summary, tail, train)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 CHEAP = ("fed.method=fedpft_no_layer_distill", "fed.align_every=0")
-# rounds 1, 2 (alignment: neuron-level distillation, ZeRO-3), 3
-ALIGN_3 = ("fed.method=fedpft_no_layer_distill", "fed.rounds=3", "fed.checkpoint_every=1", "fed.align_every=2",
-           "fed.align_steps=1")
 SUMMARY_KEYS = ("final_accuracy", "best_accuracy", "final_macro_f1", "rounds", "world_size", "method",
                 "phase_seconds", "bytes_up_per_client", "bytes_down_per_client", "excluded_clients")
-ALIGN_KEYS = ("align_steps", "align_loss_first", "align_loss_last", "align_error_before", "align_error_after",
-              "align_ffn_bytes")
-
-
-def assert_same_rounds(a: list[dict], b: list[dict], loss_rel: float = 1e-6) -> None:
-    assert [r["round"] for r in a] == [r["round"] for r in b]
-    for ra, rb in zip(a, b):
-        for key in ("lr", "clients", "excluded_clients", "all_updates_finite", "accuracy", "macro_f1",
-                    "predicted_per_class"):
-            assert ra.get(key) == rb.get(key), (ra["round"], key, ra.get(key), rb.get(key))
-        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=loss_rel), ra["round"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -48,44 +34,6 @@ def tiny_runs(tiny_run, tmp_path_factory) -> dict[int, Path]:
     two = tmp_path_factory.mktemp("tiny") / "rank2"
     train(two, ranks=2)
     return {1: tiny_run, 2: two}
-
-
-# Client groups: dropout off (a split batch draws other masks). The 1 x 2 runs start from the suite's
-# distilled tiny proxy. The 2 x 2 runs distil their own, which also checks layer-level distillation on
-# 4 ranks against 1: the same sum of micro-batch gradients at any world size, but bit for bit only up
-# to 2 micro-batches (see alignment.job.accumulation_steps), so 4 ranks need micro-batches of 1.
-GROUPS = {"1x2": ("model.dropout=0", "fed.lora_dropout=0"),
-          "2x2": ("model.dropout=0", "fed.lora_dropout=0", "distill.micro_batch=1")}
-
-
-@pytest.fixture(scope="module", params=["1x2", "2x2"])
-def group_runs(request, reuse_distilled, tmp_path_factory) -> tuple[str, Path, dict[str, Path]]:
-    """configs/tiny.yaml with GROUPS[layout] on 1 rank, and on 2 ranks as 1 client group of 2 (the
-    client model whole on each rank, and sharded over both with FSDP2), or on 4 ranks as 2 x 2."""
-    layout = request.param
-    root = tmp_path_factory.mktemp(f"groups-{layout}")
-    over = (*GROUPS[layout], reuse_distilled) if layout == "1x2" else GROUPS[layout]
-    train(root / "1", *over)
-    ranks = 2 if layout == "1x2" else 4
-    train(root / layout, *over, "dist.ranks_per_client=2", ranks=ranks, timeout=600)
-    runs = {layout: root / layout}
-    if layout == "1x2":
-        train(root / "fsdp", *over, "dist.ranks_per_client=2", "fed.client_sharding=fsdp", ranks=2)
-        runs["fsdp"] = root / "fsdp"
-    return layout, root / "1", runs
-
-
-@pytest.fixture(scope="module")
-def align_resume(tmp_path_factory) -> dict:
-    """ALIGN_3 uninterrupted, and interrupted after the alignment round (round 2) then resumed."""
-    root = tmp_path_factory.mktemp("align-resume")
-    train(root / "full", *ALIGN_3)
-    stopped = train(root / "parts", *ALIGN_3, "fed.stop_after=2")
-    stopped_metrics = metrics(root / "parts")
-    stopped_summary_exists = (root / "parts" / "summary.json").exists()
-    resumed = train(root / "parts", *ALIGN_3, "fed.resume=true")
-    return {"full": root / "full", "parts": root / "parts", "stopped": stopped, "resumed": resumed,
-            "stopped_metrics": stopped_metrics, "stopped_summary_exists": stopped_summary_exists}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -109,33 +57,6 @@ def test_one_rank_and_two_ranks_give_the_same_adapter(tiny_runs):
     assert summary(tiny_runs[2])["world_size"] == 2
 
 
-def test_client_groups_give_the_single_rank_adapter(group_runs):
-    layout, single, runs = group_runs
-    one = adapter(single)
-    assert_trained(one)
-    m1 = metrics(single)
-    ranks = 2 if layout == "1x2" else 4
-    for name, run in runs.items():
-        # each batch's gradient is the sum of its row blocks' (fp32 sums in another order) and AdamW
-        # carries that through two rounds and an alignment: measured 5.7e-6 (1x2, also sharded), 4.7e-6 and
-        # 1.6e-5 (2x2, on another CPU)
-        assert max_abs_diff(one, adapter(run)) <= 5e-5, name
-        mg = metrics(run)
-        assert_same_rounds(m1, mg, loss_rel=1e-5)
-        for a, b in zip(m1, mg):
-            # the sharded client model's fidelity: the group's probe rows split like a batch
-            assert b["grad_cosine"] == pytest.approx(a["grad_cosine"], abs=1e-5), name
-            # every rank computed rows of every round, and together the tokens one rank computes
-            assert len(b["tokens_per_rank"]) == ranks and min(b["tokens_per_rank"]) > 0
-            assert sum(b["tokens_per_rank"]) == sum(a["tokens_per_rank"])
-        assert summary(run)["world_size"] == ranks and summary(run)["ranks_per_client"] == 2
-    if "fsdp" in runs:
-        # a rank of the sharded group holds about half of the client model's parameters
-        whole, half = summary(runs[layout])["client_bytes_per_rank"], summary(runs["fsdp"])["client_bytes_per_rank"]
-        assert summary(single)["client_bytes_per_rank"] == whole
-        assert abs(half - whole / 2) <= 0.01 * whole, (half, whole)
-
-
 def test_the_held_fm_as_teacher_gives_the_same_adapter_on_one_and_two_ranks(reuse_distilled, tmp_path):
     """ZeRO-0: the alignment round's teacher is the FM each rank holds for evaluation."""
     for ranks in (1, 2):
@@ -151,168 +72,7 @@ def test_the_held_fm_as_teacher_gives_the_same_adapter_on_one_and_two_ranks(reus
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Seeds
-# ----------------------------------------------------------------------------------------------------
-
-def test_same_seed_repeats_and_another_seed_differs(cheap_run, tmp_path):
-    train(tmp_path / "again", *CHEAP_RUN)
-    first, again = adapter(cheap_run), adapter(tmp_path / "again")
-    assert_trained(first)
-    assert max_abs_diff(first, again) == 0.0
-    assert metrics(cheap_run) == metrics(tmp_path / "again")
-
-    train(tmp_path / "seed1", *CHEAP_RUN, "run.seed=1")
-    other = adapter(tmp_path / "seed1")
-    assert max_abs_diff(first, other) > 1e-4
-    assert summary(tmp_path / "seed1")["world_size"] == 1
-
-
-# ----------------------------------------------------------------------------------------------------
-# 3. Interrupted and resumed == uninterrupted
-# ----------------------------------------------------------------------------------------------------
-
-def test_checkpoints_of_an_uninterrupted_run(cheap_run):
-    rounds = cheap_run / "checkpoints" / "rounds"
-    # checkpoint_every=1 over 3 rounds: after rounds 1 and 2 (the last round's result is the adapter)
-    assert sorted(p.name for p in rounds.iterdir() if not p.name.startswith(".")) == ["round-000001",
-                                                                                     "round-000002"]
-    for n in (1, 2):
-        ckpt = rounds / f"round-{n:06d}"
-        # no alignment ran, so the proxy's FFN weights are still those of its directory: not saved
-        assert {p.name for p in ckpt.iterdir()} == {"adapter.safetensors", "state.json"}
-        meta = json.loads((ckpt / "state.json").read_text())
-        assert meta["round"] == n and meta["method"] == "fedpft_no_layer_distill" and meta["seed"] == 0
-        assert meta["alignment_rounds"] == 0 and meta["excluded_clients"] == 0
-
-
-def test_interrupted_and_resumed_equals_uninterrupted(cheap_run, tmp_path):
-    run = tmp_path / "run"
-    stopped = train(run, *CHEAP_RUN, "fed.stop_after=1")
-    assert "stopped after round 1 of 3" in stopped.stdout, tail(stopped)
-    assert "fed.resume=true" in stopped.stdout
-    assert not (run / "summary.json").exists()
-    assert not (run / "adapter").exists()
-    assert [r["round"] for r in metrics(run)] == [1]
-    assert (run / "checkpoints" / "rounds" / "round-000001" / "state.json").is_file()
-
-    resumed = train(run, *CHEAP_RUN, "fed.resume=true")
-    assert "resumed from" in resumed.stderr and "continuing at round 2" in resumed.stderr, tail(resumed)
-    assert max_abs_diff(adapter(cheap_run), adapter(run)) <= 1e-7
-    rows = metrics(run)
-    assert [r["round"] for r in rows] == [1, 2, 3]
-    assert_same_rounds(metrics(cheap_run), rows, loss_rel=1e-7)
-    full, parts = summary(cheap_run), summary(run)
-    for key in ("final_accuracy", "best_accuracy", "final_macro_f1", "rounds", "excluded_clients",
-                "bytes_up_per_client", "bytes_down_per_client"):
-        assert parts[key] == full[key], key
-
-
-def test_resume_falls_back_past_a_corrupt_newest_checkpoint_to_the_uninterrupted_result(cheap_run, tmp_path):
-    run = tmp_path / "run"
-    train(run, *CHEAP_RUN, "fed.stop_after=2")
-    newest = run / "checkpoints" / "rounds" / "round-000002" / "adapter.safetensors"
-    newest.write_bytes(newest.read_bytes()[:100])   # truncated, as by a copy that did not finish
-    resumed = train(run, *CHEAP_RUN, "fed.resume=true")
-    assert "skipping checkpoint" in resumed.stderr and "round-000002" in resumed.stderr, tail(resumed)
-    assert "continuing at round 2" in resumed.stderr, tail(resumed)
-    assert max_abs_diff(adapter(cheap_run), adapter(run)) <= 1e-7
-    assert [r["round"] for r in metrics(run)] == [1, 2, 3]
-
-
-def _worker_pid(launcher_pid: int, rank: int) -> int:
-    """The pid of torchrun's worker with RANK=rank."""
-    for child in subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split():
-        env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-        if f"RANK={rank}".encode() in env:
-            return int(child)
-    raise AssertionError(f"no worker with RANK={rank} under pid {launcher_pid}")
-
-
-def test_a_stop_signal_on_one_rank_stops_every_rank_at_the_same_round(cheap_run, tmp_path):
-    import signal
-    import time
-
-    run = tmp_path / "run"
-    args = ["train", "--config", CONFIG, f"run.dir={run}", "dist.threads_per_rank=1", *CHEAP_RUN,
-            "fed.checkpoint_every=0"]
-    proc = subprocess.Popen([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "-m", "fedpft_dist", *args], cwd=REPO, env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip()):
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first round"
-        time.sleep(0.02)   # a round takes about a second: the signal must reach rank 1 during round 2
-    os.kill(_worker_pid(proc.pid, 1), signal.SIGTERM)   # rank 1 only, during round 2 of 3
-    out, err = proc.communicate(timeout=240)
-    # both ranks stopped on the signal after round 2 (torchrun itself reports the workers' exit 75 as a failure)
-    assert err.count("stopped after round 2 of 3 on a stop signal") == 2, err[-4000:]
-    assert [p.name for p in (run / "checkpoints" / "rounds").iterdir() if p.name.startswith("round-")] == [
-        "round-000002"]
-    resumed = train(run, *CHEAP_RUN, "fed.resume=true", ranks=2)
-    assert "continuing at round 3" in resumed.stderr, tail(resumed)
-    assert max_abs_diff(adapter(cheap_run), adapter(run)) <= 1e-5
-    assert [r["round"] for r in metrics(run)] == [1, 2, 3]
-
-
-def test_a_server_optimizer_gives_one_adapter_on_one_and_two_ranks_and_after_a_resume(cheap_run, tmp_path):
-    args = (*CHEAP_RUN, "fed.server_optimizer=fedadam", "fed.server_lr=0.05")
-    full = tmp_path / "full"
-    train(full, *args)
-    two = tmp_path / "two"
-    train(two, *args, ranks=2)
-    assert max_abs_diff(adapter(full), adapter(two)) <= 1e-5
-    # the server's moments are part of the checkpoint: a resumed run takes the steps it would have
-    parts = tmp_path / "parts"
-    train(parts, *args, "fed.stop_after=1")
-    saved = load_file(str(parts / "checkpoints" / "rounds" / "round-000001" / "server_opt.safetensors"))
-    assert {k.split("/")[0] for k in saved} == {"m", "v"}
-    train(parts, *args, "fed.resume=true")
-    assert max_abs_diff(adapter(full), adapter(parts)) <= 1e-7
-    # and the adaptive steps took the adapter elsewhere than FedAvg's
-    assert summary(full)["server_optimizer"] == "fedadam"
-    assert max_abs_diff(adapter(cheap_run), adapter(full)) > 1e-3
-
-
-def test_resume_after_an_alignment_round_keeps_metrics_and_state(align_resume):
-    r = align_resume
-    assert "stopped after round 2 of 3" in r["stopped"].stdout, tail(r["stopped"])
-    assert not r["stopped_summary_exists"]
-    assert [row["round"] for row in r["stopped_metrics"]] == [1, 2]
-    rows = metrics(r["parts"])
-    assert [row["round"] for row in rows] == [1, 2, 3]
-    assert all(k in rows[1] for k in ALIGN_KEYS) and not any(k in rows[2] for k in ALIGN_KEYS)
-    # what round 3 starts from (global adapter and re-aligned proxy FFN) is the same in both runs
-    from fedpft_dist.checkpoint import load_checkpoint
-
-    full, _ = load_checkpoint(r["full"] / "checkpoints" / "rounds" / "round-000002")
-    parts, _ = load_checkpoint(r["parts"] / "checkpoints" / "rounds" / "round-000002")
-    assert sorted(full) == sorted(parts) == ["adapter", "proxy_ffn"]
-    for group in full:
-        assert max_abs_diff(full[group], parts[group]) == 0.0, group
-
-
-def test_resume_after_an_alignment_round_gives_the_uninterrupted_adapter(align_resume):
-    # The ZeRO-3 loading of the teacher (fedpft_dist/alignment/zero.py, zero3_loading) must not leave
-    # DeepSpeed's zero.Init linear in torch.nn.functional: the uninterrupted run would then train
-    # round 3 with DeepSpeed's LinearFunctionForZeroStage3 and the resumed process (which did not
-    # align yet) with torch's linear -> differences of ~1e-6 after one round.
-    r = align_resume
-    assert max_abs_diff(adapter(r["full"]), adapter(r["parts"])) <= 1e-7
-    assert_same_rounds(metrics(r["full"]), metrics(r["parts"]), loss_rel=1e-7)
-
-
-def test_resumed_summary_counts_the_rounds_before_the_interruption(align_resume):
-    # The alignment in round 2 (before the interruption) belongs in the resumed run's summary: the
-    # counters are part of the round checkpoint.
-    full, parts = summary(align_resume["full"]), summary(align_resume["parts"])
-    assert full["alignment_rounds"] == 1
-    for key in ("alignment_rounds", "ffn_bytes_per_alignment", "bytes_down_per_client", "bytes_up_per_client",
-                "excluded_clients", "best_accuracy", "rounds"):
-        assert parts[key] == full[key], (key, parts[key], full[key])
-
-
-# ----------------------------------------------------------------------------------------------------
-# 4. A rank without clients
+# 2. A rank without clients
 # ----------------------------------------------------------------------------------------------------
 
 def test_a_rank_without_clients(tmp_path):
@@ -334,7 +94,7 @@ def test_a_rank_without_clients(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. A non-finite client update
+# 3. A non-finite client update
 # ----------------------------------------------------------------------------------------------------
 
 def test_a_non_finite_client_update_is_excluded_and_reported(tmp_path):
@@ -375,7 +135,7 @@ def test_a_non_finite_client_update_is_excluded_and_reported(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. The saved adapter on the FM reproduces the logged accuracy
+# 4. The saved adapter on the FM reproduces the logged accuracy
 # ----------------------------------------------------------------------------------------------------
 
 def test_saved_adapter_reproduces_the_logged_accuracy(tiny_runs):
@@ -406,7 +166,7 @@ def test_saved_adapter_reproduces_the_logged_accuracy(tiny_runs):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 7. Output format
+# 5. Output format
 # ----------------------------------------------------------------------------------------------------
 
 def test_outputs_of_a_run(tiny_runs):
@@ -446,7 +206,7 @@ def test_outputs_of_a_run(tiny_runs):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 8. Summaries and artifact paths
+# 6. Summaries and artifact paths
 # ----------------------------------------------------------------------------------------------------
 
 STOP_AND_RESUME = """
