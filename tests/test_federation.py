@@ -19,6 +19,8 @@ from helpers import (ALIGN_KEYS, CONFIG, adapter, assert_same_rounds, assert_tra
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 CHEAP = ("fed.method=fedpft_no_layer_distill", "fed.align_every=0")
+# for runs whose gradient fidelity no test reads (tiny_runs check it)
+NO_PROBE = "fed.fidelity_every=0"
 SUMMARY_KEYS = ("final_accuracy", "best_accuracy", "final_macro_f1", "rounds", "world_size", "method",
                 "phase_seconds", "bytes_up_per_client", "bytes_down_per_client", "excluded_clients")
 
@@ -60,7 +62,7 @@ def test_one_rank_and_two_ranks_give_the_same_adapter(tiny_runs):
 def test_the_held_fm_as_teacher_gives_the_same_adapter_on_one_and_two_ranks(reuse_distilled, tmp_path):
     """ZeRO-0: the alignment round's teacher is the FM each rank holds for evaluation."""
     for ranks in (1, 2):
-        train(tmp_path / f"rank{ranks}", "distill.zero_stage=0", reuse_distilled, ranks=ranks)
+        train(tmp_path / f"rank{ranks}", "distill.zero_stage=0", reuse_distilled, NO_PROBE, ranks=ranks)
     one, two = adapter(tmp_path / "rank1"), adapter(tmp_path / "rank2")
     assert_trained(one)
     assert max_abs_diff(one, two) <= 1e-5
@@ -79,7 +81,7 @@ def test_a_rank_without_clients(tmp_path):
     # K = max(1, floor(8 * 0.125)) = 1: every round one of the 2 ranks trains nobody; round 1 aligns
     # (its activation statistics are all on the other rank).
     over = ("fed.method=fedpft_no_layer_distill", "fed.client_fraction=0.125", "fed.align_every=1",
-            "fed.align_steps=1")
+            "fed.align_steps=1", NO_PROBE)
     train(tmp_path / "rank1", *over)
     train(tmp_path / "rank2", *over, ranks=2)
     one, two = adapter(tmp_path / "rank1"), adapter(tmp_path / "rank2")
@@ -102,7 +104,7 @@ def test_a_non_finite_client_update_is_excluded_and_reported(tmp_path):
     from fedpft_dist.federation.sampling import clients_per_round, sample_clients
 
     run = tmp_path / "run"
-    over = [*CHEAP, f"run.dir={run}", "dist.threads_per_rank=1"]
+    over = [*CHEAP, NO_PROBE, f"run.dir={run}", "dist.threads_per_rank=1"]
     proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "tests/fed_worker.py", str(tmp_path), *over], cwd=REPO,
                           env=child_env(PYTHONPATH=f"{REPO}:{REPO / 'tests'}"), capture_output=True, text=True,
@@ -239,7 +241,7 @@ def test_an_early_stop_returns_the_summary_of_a_finished_run(tmp_path):
 
 def test_a_proxy_built_at_proxy_out_is_the_one_distilled(tmp_path):
     run, proxy = tmp_path / "run", tmp_path / "elsewhere" / "proxy"
-    train(run, "fed.rounds=1", "fed.align_every=0", "distill.steps=1", f"proxy.out={proxy}")
+    train(run, "fed.rounds=1", "fed.align_every=0", "distill.steps=1", f"proxy.out={proxy}", NO_PROBE)
     assert (proxy / "fedpft_proxy.json").is_file()
     assert not (run / "proxy").exists()
     assert json.loads((run / "distill.json").read_text())["proxy_in"] == str(proxy)
@@ -249,7 +251,7 @@ def test_a_proxy_built_at_proxy_out_is_the_one_distilled(tmp_path):
 
 def test_a_non_finite_alignment_is_kept_out_and_counted(tmp_path):
     # an absurd alignment learning rate: the distilled FFN weights overflow on every rank
-    train(tmp_path, "fed.method=fedpft_no_layer_distill", "fed.align_every=1", "fed.align_lr=1e30")
+    train(tmp_path, "fed.method=fedpft_no_layer_distill", "fed.align_every=1", "fed.align_lr=1e30", NO_PROBE)
     rows = metrics(tmp_path)
     assert rows[0]["align_skipped"] is True and "align_ffn_bytes" not in rows[0]
     # round 2 trains on the proxy as it was: every update finite, nobody excluded

@@ -28,7 +28,7 @@ from fedpft_dist.fingerprint import (describe_difference, first_difference, prox
 from fedpft_dist.fsutil import as_os_error, filesystem_error, run_dir_problem
 from fedpft_dist.models.loading import resolve_model_dir
 
-CHEAP = ("fed.method=fedpft_no_layer_distill", "fed.align_every=0")
+CHEAP = ("fed.method=fedpft_no_layer_distill", "fed.align_every=0", "fed.fidelity_every=0")
 
 
 def train(run_dir: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
