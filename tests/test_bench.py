@@ -92,6 +92,7 @@ def test_bench_json_on_two_ranks(tmp_path):
     assert r["per_client_ms"]["compute"] > 0 and r["per_client_ms"]["fixed"] > 0
 
 
+@pytest.mark.slow
 def test_bench_on_one_rank_reports_no_bandwidth(tmp_path):
     proc = run_cli("bench", "--config", CONFIG, f"run.dir={tmp_path}", "dist.threads_per_rank=1",
                    "fed.method=fedpetuning", "fed.rounds=2", "bench.warmup_rounds=0",
@@ -115,6 +116,7 @@ def test_bench_key_errors_name_the_key(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_the_many_clients_bench_at_a_small_size(tmp_path):
     """configs/bench/many-clients.yaml with 60 clients of 8 tweets, 15 per round."""
     proc = run_cli("bench", "--config", "configs/bench/many-clients.yaml", f"run.dir={tmp_path}",
