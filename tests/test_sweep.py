@@ -292,9 +292,10 @@ def test_ranks_per_point_go_through_the_launcher(tmp_path):
 @pytest.mark.distributed
 def test_local_runner_on_the_tiny_sweep(tmp_path):
     """--all trains the 2 points one after another (1 rank each) and writes the report of both; a
-    second --all trains nothing."""
+    second --all trains nothing. Cheap points: the runner is under test, not the pipeline."""
     out = tmp_path / "sweep"
-    base = ("--out", str(out), TINY, "dist.threads_per_rank=1")
+    base = ("--out", str(out), TINY, "dist.threads_per_rank=1", "fed.method=fedpft_no_layer_distill",
+            "fed.align_every=0", "fed.fidelity_every=0")
     proc = run_cli("sweep", "--all", *base, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "point 0 of 0-1:" in proc.stdout and "point 1 of 0-1:" in proc.stdout
