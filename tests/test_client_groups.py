@@ -84,8 +84,9 @@ def test_a_group_size_that_does_not_divide_the_world_is_one_user_error():
 # distilled tiny proxy. The 2 x 2 runs distil their own, which also checks layer-level distillation on
 # 4 ranks against 1: the same sum of micro-batch gradients at any world size, but bit for bit only up
 # to 2 micro-batches (see alignment.job.accumulation_steps), so 4 ranks need micro-batches of 1.
-GROUPS = {"1x2": ("model.dropout=0", "fed.lora_dropout=0"),
-          "2x2": ("model.dropout=0", "fed.lora_dropout=0", "distill.micro_batch=1")}
+# The fidelity probe is cut to 16 examples: enough rows to split over a group like a batch.
+GROUPS = {"1x2": ("model.dropout=0", "fed.lora_dropout=0", "fed.fidelity_examples=16"),
+          "2x2": ("model.dropout=0", "fed.lora_dropout=0", "fed.fidelity_examples=16", "distill.micro_batch=1")}
 
 
 @pytest.fixture(scope="module", params=["1x2", "2x2"])
