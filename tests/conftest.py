@@ -1,9 +1,16 @@
+import atexit
 import fcntl
 import importlib.util
+import json
 import os
+import select
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -63,8 +70,134 @@ def child_env(**extra: str) -> dict:
 
 
 def run_cli(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """`python -m fedpft_dist ARGS`, in a fork of the preloaded server when the environment is the
+    plain child_env() (see tests/forkserver.py), else in a fresh interpreter."""
+    if not env and FORK_SERVER.enabled:
+        return FORK_SERVER.run(list(args), [{}], timeout)
     return subprocess.run([PYTHON, "-m", "fedpft_dist", *args], cwd=REPO, env=child_env(**env),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ForkServer:
+    """The client of tests/forkserver.py: started on first use, one per pytest process."""
+
+    def __init__(self) -> None:
+        self.enabled = os.environ.get("FEDPFT_TEST_FORK", "1") != "0"
+        self._proc: subprocess.Popen | None = None
+        self._dir: Path | None = None
+
+    def _socket(self) -> str:
+        if self._proc is None or self._proc.poll() is not None:
+            self._dir = Path(tempfile.mkdtemp(prefix="fedpft-fork-"))
+            path = self._dir / "server.sock"
+            self._proc = subprocess.Popen([PYTHON, str(REPO / "tests" / "forkserver.py"), str(path)], cwd=REPO,
+                                          env=child_env(), stdin=subprocess.DEVNULL,
+                                          stderr=open(self._dir / "server.log", "w"))
+            atexit.register(self.close)
+            deadline = time.monotonic() + 180
+            while not path.exists():
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the fork server did not start:\n{(self._dir / 'server.log').read_text()}")
+                time.sleep(0.05)
+        return str(self._dir / "server.sock")
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def run(self, argv: list[str], rank_env: list[dict[str, str]], timeout: float) -> subprocess.CompletedProcess:
+        """Run ``fedpft ARGV`` once per entry of ``rank_env`` (extra variables for that process), all at
+        once; if one fails the others are stopped, as torchrun does. stdout and stderr are the
+        processes' outputs one after the other; the return code is the first failure's, else 0."""
+        path = self._socket()
+        out = Path(tempfile.mkdtemp(prefix="run-", dir=self._dir))
+        conns, pids, codes = [], [], [None] * len(rank_env)
+        for i, extra in enumerate(rank_env):
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.connect(path)
+            request = {"argv": argv, "env": child_env(**extra), "cwd": str(REPO),
+                       "stdout": str(out / f"{i}.out"), "stderr": str(out / f"{i}.err")}
+            conn.sendall((json.dumps(request) + "\n").encode())
+            conns.append(conn)
+            pids.append(json.loads(_line(conn))["pid"])
+        deadline = time.monotonic() + timeout
+        pending = dict(enumerate(conns))
+        failed_at = None
+        while pending:
+            left = deadline - time.monotonic()
+            if failed_at is not None:
+                left = min(left, failed_at + 10 - time.monotonic())
+            ready, _, _ = select.select(list(pending.values()), [], [], max(left, 0))
+            for i in [i for i, f in pending.items() if f in ready]:
+                line = _line(pending.pop(i))
+                codes[i] = os.waitstatus_to_exitcode(json.loads(line)["status"]) if line else -1
+                if codes[i] != 0 and failed_at is None:
+                    failed_at = time.monotonic()
+                    for j in pending:
+                        _kill(pids[j], signal.SIGTERM)
+            if not ready and pending:
+                for j in pending:
+                    _kill(pids[j], signal.SIGKILL)
+                if failed_at is None:
+                    stdout, stderr = _read_outputs(out, len(rank_env))
+                    raise subprocess.TimeoutExpired(["fedpft", *argv], timeout, stdout, stderr)
+                for j in list(pending):
+                    _line(pending.pop(j))
+                    codes[j] = -signal.SIGKILL
+        for conn in conns:
+            conn.close()
+        stdout, stderr = _read_outputs(out, len(rank_env))
+        shutil.rmtree(out, ignore_errors=True)
+        code = next((c for c in codes if c != 0), 0)
+        return subprocess.CompletedProcess(["fedpft", *argv], code, stdout, stderr)
+
+
+def _line(conn: socket.socket) -> str:
+    """One line from the server, unbuffered (so that select sees whatever is left); '' at its end."""
+    data = b""
+    while not data.endswith(b"\n"):
+        byte = conn.recv(1)
+        if not byte:
+            return ""
+        data += byte
+    return data.decode()
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _read_outputs(out: Path, n: int) -> tuple[str, str]:
+    read = lambda p: p.read_text(errors="replace") if p.exists() else ""
+    return ("".join(read(out / f"{i}.out") for i in range(n)), "".join(read(out / f"{i}.err") for i in range(n)))
+
+
+FORK_SERVER = ForkServer()
+
+
+def run_ranks(args: list[str], ranks: int, timeout: float) -> subprocess.CompletedProcess:
+    """``fedpft ARGS`` on ``ranks`` local ranks that meet as torchrun's would (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT, ...): forks of the fork server, or under torchrun without it."""
+    if not FORK_SERVER.enabled:
+        return subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                               str(ranks), "-m", "fedpft_dist", *args], cwd=REPO, env=child_env(),
+                              capture_output=True, text=True, timeout=timeout)
+    port = str(free_port())
+    envs = [{"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(ranks), "LOCAL_WORLD_SIZE": str(ranks),
+             "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port} for r in range(ranks)]
+    return FORK_SERVER.run(args, envs, timeout)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PYTHON, REPO, child_env, run_cli
+from conftest import PYTHON, REPO, child_env, run_cli, run_ranks
 
 CONFIG = "configs/tiny.yaml"
 # the metrics row entries of a round that aligned
@@ -35,7 +35,9 @@ def train(run_dir: Path, *overrides: str, ranks: int = 1, config: str = CONFIG, 
     args = ["train", "--config", config, f"run.dir={run_dir}", "dist.threads_per_rank=1", *overrides]
     if ranks == 1:
         proc = run_cli(*args, timeout=timeout)
-    else:
+    elif check:
+        proc = run_ranks(args, ranks, timeout)
+    else:   # a failure's exit code and output as torchrun reports them
         proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                                str(ranks), "-m", "fedpft_dist", *args], cwd=REPO, env=child_env(),
                               capture_output=True, text=True, timeout=timeout)

@@ -1,11 +1,10 @@
 """`fedpft bench`: bench.json from a real 2-rank run, and the pure pieces of its arithmetic."""
 import json
 import math
-import subprocess
 
 import pytest
 
-from conftest import PYTHON, REPO, child_env, run_cli
+from conftest import REPO, run_cli, run_ranks
 
 from fedpft_dist.benchmarks.federated import bandwidth
 
@@ -50,9 +49,7 @@ def test_bench_json_on_two_ranks(tmp_path):
     args = ["bench", "--config", CONFIG, f"run.dir={tmp_path / 'run'}", "dist.threads_per_rank=1", "distill.zero_stage=0",
             "fed.rounds=4", "fed.align_every=2", "fed.eval_every=4", "bench.warmup_rounds=1",
             "bench.allreduce_iters=5", "bench.stats_steps=2", f"bench.out={out}"]
-    proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "fedpft_dist", *args], cwd=REPO, env=child_env(), capture_output=True,
-                          text=True, timeout=300)
+    proc = run_ranks(args, 2, 300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "fedpft bench: fedpft on 2 rank(s)" in proc.stdout
     r = json.loads(out.read_text())

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PYTHON, REPO, child_env, run_cli
+from conftest import REPO, run_cli, run_ranks
 from helpers import adapter, metrics, summary, tail
 from fedpft_dist.config import load_config
 from fedpft_dist.errors import ConfigError
@@ -426,17 +426,14 @@ def test_tiny_llama_fedpft_interrupted_and_resumed(tiny_llama_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2_runs(smollm2_dir, tmp_path_factory) -> dict[int, Path]:
-    """configs/smollm2-tiny.yaml on 2 ranks (torchrun), then on 1 rank from the 2-rank run's
+    """configs/smollm2-tiny.yaml on 2 ranks, then on 1 rank from the 2-rank run's
     distilled proxy (stages 1 and 2 are world-size invariant and tested elsewhere; this saves them)."""
     root = tmp_path_factory.mktemp("smollm2")
-    args = ["-m", "fedpft_dist", "train", "--config", SMOLLM2, "dist.threads_per_rank=1"]
-    proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args,
-                           f"run.dir={root / 'rank2'}"], cwd=REPO, env=child_env(), capture_output=True, text=True,
-                          timeout=600)
+    args = ["train", "--config", SMOLLM2, "dist.threads_per_rank=1"]
+    proc = run_ranks([*args, f"run.dir={root / 'rank2'}"], 2, 600)
     assert proc.returncode == 0, tail(proc)
     shutil.copytree(root / "rank2" / "proxy_distilled", root / "rank1" / "proxy_distilled")
-    proc = subprocess.run([PYTHON, *args, f"run.dir={root / 'rank1'}"], cwd=REPO, env=child_env(),
-                          capture_output=True, text=True, timeout=600)
+    proc = run_cli(*args, f"run.dir={root / 'rank1'}", timeout=600)
     assert proc.returncode == 0, tail(proc)
     return {1: root / "rank1", 2: root / "rank2"}
 
