@@ -93,10 +93,17 @@ SWEEP = Handler("sweep", "run_sweep", (
     ("nproc", "nproc"), ("out", "out"), ("extra", "extra")))
 
 
+FIDELITY_HELP = ("score the client model of a config (its proxy or emulator) along a fixed adapter trajectory "
+                 "(fed.save_round_adapters): LoRA gradient cosine with the FM and its bootstrap interval, the "
+                 "common-layer cosine, the gradient norm ratio and the update transfer at every adapter")
+FIDELITY = Handler("fidelity", "run_fidelity", (("cfg", "cfg"), ("trajectory", "trajectory"), ("json_out", "json")))
+
+
 def _add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML config (defaults apply to missing keys)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted config overrides, e.g. run.dir=runs/x dist.timeout_s=60")
+    p.set_defaults(takes_overrides=True)
 
 
 def _add_config(sub: Any) -> None:
@@ -110,6 +117,7 @@ def _add_memory_plan(sub: Any) -> None:
     p = sub.add_parser("memory-plan", help=MEMORY_HELP, description=MEMORY_HELP)
     p.add_argument("--config", metavar="FILE", required=True, help="YAML config (proxy, fed, distill, data settings)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    p.set_defaults(takes_overrides=True)
     p.add_argument("--model-config", metavar="FILE", help="the FM's config.json (default: <model.path>/config.json)")
     p.add_argument("--world-size", type=int, default=8, metavar="N", help="ranks the FM is sharded over")
     p.add_argument("--ranks-per-client", type=int, metavar="G",
@@ -121,6 +129,15 @@ def _add_memory_plan(sub: Any) -> None:
                    help="device memory (10^9 bytes) the totals are checked against")
     p.add_argument("--json", metavar="FILE", help="also write the plan here")
     p.set_defaults(handler=MEMORY_PLAN)
+
+
+def _add_fidelity(sub: Any) -> None:
+    p = sub.add_parser("fidelity", help=FIDELITY_HELP, description=FIDELITY_HELP)
+    _add_config_arguments(p)
+    p.add_argument("--trajectory", metavar="DIR", required=True,
+                   help="round adapters of a run trained with fed.save_round_adapters=true (its round_adapters/)")
+    p.add_argument("--json", metavar="FILE", help="where the scores go (default: <run.dir>/trajectory_fidelity.json)")
+    p.set_defaults(handler=FIDELITY)
 
 
 def _add_report(sub: Any) -> None:
@@ -159,13 +176,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
     _add_config(sub)
     _add_memory_plan(sub)
+    _add_fidelity(sub)
     _add_report(sub)
     _add_sweep(sub)
     return parser
 
 
+def parse(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The parsed command line. ``KEY=VALUE`` overrides may also follow a subcommand's options
+    (``fedpft fidelity --trajectory DIR run.dir=x``), where argparse alone would refuse them."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        takes = getattr(args, "takes_overrides", False)
+        if not takes or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         from .config import load_config
 

@@ -335,6 +335,13 @@ class FedConfig:
         ge=-1, run=False)
     fidelity_examples: int = _opt(64, help="probe examples of the gradient-fidelity monitor (a seeded subset of "
                                            "the test set)", ge=1, run=False)
+    fidelity_transfer_steps: int = _opt(
+        4, help="update transfer in fidelity rounds: the FM's loss decrease on the probe examples after this many "
+                "local steps on the client model, over the decrease after as many steps on the FM itself (1: the "
+                "client model moves the FM as the FM would); 0 = not measured", ge=0, run=False)
+    save_round_adapters: bool = _opt(False, help="write every round's global adapter (FM module names) to "
+                                                 "<run.dir>/round_adapters/: a trajectory `fedpft fidelity "
+                                                 "--trajectory` scores client models along", run=False)
     eval_every: int = _opt(1, help="evaluate the FM with the global adapter every this many rounds", ge=1, run=False)
     eval_initial: bool = _opt(False, help="also evaluate the FM before round 1 (the starting adapter "
                                           "changes nothing): summary keys initial_*", run=False)

@@ -9,6 +9,8 @@
       checkpoints/rounds/    federated round checkpoints
       checkpoints/distill/   layer-level distillation checkpoints
       metrics.jsonl, summary.json, adapter/   federated training
+      round_adapters/        every round's global adapter (fed.save_round_adapters)
+      trajectory_fidelity.json   fedpft fidelity --trajectory
       tensorboard/, wandb/   the trackers of run.report_to (fedpft_dist.federation.trackers)
       bench.json             fedpft bench (bench.out overrides)
 """
@@ -37,6 +39,8 @@ class RunLayout:
     tensorboard: Path
     summary: Path
     adapter: Path
+    round_adapters: Path
+    trajectory_fidelity: Path
     bench: Path
 
     @classmethod
@@ -55,7 +59,8 @@ class RunLayout:
             emulator_distilled=run / "emulator_distilled",
             round_checkpoints=run / "checkpoints" / "rounds",
             metrics=run / "metrics.jsonl", tensorboard=run / "tensorboard", summary=run / "summary.json",
-            adapter=run / "adapter",
+            adapter=run / "adapter", round_adapters=run / "round_adapters",
+            trajectory_fidelity=run / "trajectory_fidelity.json",
             bench=Path(cfg.bench.out) if cfg.bench.out else run / "bench.json")
 
 

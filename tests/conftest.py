@@ -272,10 +272,10 @@ CHEAP_RUN = ("fed.method=fedpft_no_layer_distill", "fed.align_every=0", "fed.rou
 @pytest.fixture(scope="session")
 def cheap_run(tmp_path_factory) -> Path:
     """configs/tiny.yaml with CHEAP_RUN on 1 rank, trained once per test run: the uninterrupted run that
-    resumed, repeated, multi-rank and two-node runs of the same overrides must reproduce (read it, never
-    write into it; copy it to change it)."""
+    resumed, repeated, multi-rank and two-node runs of the same overrides must reproduce, and which
+    saves its round adapters (a trajectory to score; read it, never write into it; copy it to change it)."""
     def build(out: Path) -> None:
-        proc = run_cli(*TINY_RUN_ARGS, *CHEAP_RUN, f"run.dir={out}", timeout=600)
+        proc = run_cli(*TINY_RUN_ARGS, *CHEAP_RUN, "fed.save_round_adapters=true", f"run.dir={out}", timeout=600)
         assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
     return shared_dir(tmp_path_factory, "cheap-run", build)

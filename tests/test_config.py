@@ -123,7 +123,7 @@ FINGERPRINT_KEYS = {
 # Keys of the sections model, data, fed, proxy, distill and public_text that a run's fingerprint leaves out.
 NOT_IN_RUN = {"model.path", "data.cache_dir", "fed.checkpoint_every", "fed.resume", "fed.stop_after",
               "fed.eval_every", "fed.eval_initial", "fed.eval_batch_size", "fed.fidelity_every",
-              "fed.fidelity_examples", "fed.max_excluded_rounds", "fed.client_sharding", "proxy.out",
+              "fed.fidelity_transfer_steps", "fed.save_round_adapters", "fed.fidelity_examples", "fed.max_excluded_rounds", "fed.client_sharding", "proxy.out",
               "proxy.batch_size", "proxy.eval_chunks", "proxy.sample_prompt", "proxy.sample_tokens", "distill.proxy",
               "distill.out", "distill.zero_stage", "distill.micro_batch", "distill.eval_chunks",
               "distill.checkpoint_every", "distill.resume"}
@@ -139,6 +139,14 @@ def test_fingerprint_keys_come_from_the_fields():
     sections = ("model", "data", "fed", "proxy", "distill", "public_text")
     expected = {k.key for k in config_keys() if k.section in sections} - NOT_IN_RUN | {"run.seed"}
     assert set(keys_shaping("run")) == expected
+
+
+def test_overrides_may_follow_a_subcommands_options():
+    from fedpft_dist.cli import parse
+
+    args = parse(["fidelity", "run.seed=1", "--config", "configs/tiny.yaml", "--trajectory", "runs/t", "run.dir=x"])
+    assert args.overrides == ["run.seed=1", "run.dir=x"] and args.trajectory == "runs/t"
+    assert parse(["memory-plan", "--config", "c.yaml", "--world-size", "4", "fed.lora_r=4"]).overrides == ["fed.lora_r=4"]
 
 
 def test_an_unknown_artifact_is_a_programming_error():
@@ -159,6 +167,8 @@ def test_an_unknown_artifact_is_a_programming_error():
     (["doctor", "--config", "/nonexistent/cfg.yaml"], "config file not found: /nonexistent/cfg.yaml"),
     (["doctor", "seed"], "override 'seed' must look like dotted.key=value"),
     (["nosuchcommand"], "invalid choice: 'nosuchcommand'"),
+    (["fidelity", "--trajectory", "runs/x", "--bogus"], "unrecognized arguments: --bogus"),
+    (["report", "runs/x", "--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_cli_user_errors(args, fragment):
     proc = run_cli(*args, timeout=60)

@@ -179,7 +179,7 @@ def proxy_fidelity(cfg: Config, rt: Runtime, proxy_dir: Path, states: list[Optio
     tensors; None: as saved) loaded, before any federated training: the clients' starting adapter
     (attention LoRA, B = 0, and a fresh head, seeded as the federated run seeds it) on both, the
     monitor's probe set. The task and the FM are prepared once for all states."""
-    from .fidelity import fidelity_with_fm_gradients, probe_data, probe_indices
+    from .fidelity import FidelitySetting, fidelity_with_fm_gradients, probe_data, probe_indices
 
     f = cfg.fed
     fm_dir = resolve_model_dir(cfg.model.path)
@@ -200,8 +200,9 @@ def proxy_fidelity(cfg: Config, rt: Runtime, proxy_dir: Path, states: list[Optio
         # The FM side depends only on the adapter: computed once when every state starts from the same one.
         same = first is not None and adapter.keys() == first.keys() and all(
             torch.equal(adapter[k], first[k]) for k in first)
-        metrics, fm_grads = fidelity_with_fm_gradients(rt, client, fm, adapter, lambda a: a, probe, f.batch_size,
-                                                       task.causal_lm, token, fm_grads if same else None)
+        setting = FidelitySetting(task.causal_lm, token, seed=cfg.run.seed, batch_size=f.batch_size)
+        metrics, fm_grads = fidelity_with_fm_gradients(rt, client, fm, adapter, lambda a: a, probe, setting,
+                                                       fm_grads if same else None)
         first = first or adapter
         out.append(metrics)
     return out

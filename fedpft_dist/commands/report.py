@@ -89,13 +89,17 @@ class TaskView:
 # Gradient fidelity of the client model (proxy or emulator) against the FM, per round and at the end.
 GRAD_COSINE = Metric("grad_cosine", "cosine of client-model and FM LoRA gradients", 1.0, 3)
 FINAL_GRAD_COSINE = Metric("final_grad_cosine", "LoRA gradient cosine with the FM", 1.0, 3, optional=True)
+# The same over the layers every method trains (comparable across methods), and the update transfer.
+FIDELITY_COLUMNS = (Metric("final_grad_cosine_common", "cosine, common layers", 1.0, 3, optional=True),
+                    Metric("final_transfer", "update transfer to the FM", 1.0, 3, optional=True))
 
 VIEWS = {
     CLASSIFICATION: TaskView(
         title="Sequence classification",
         columns=(Metric("final_accuracy", "final accuracy (%)"), Metric("best_accuracy", "best accuracy (%)"),
-                 Metric("final_macro_f1", "final macro-F1 (%)"), FINAL_GRAD_COSINE),
-        csv_metrics=("final_accuracy", "best_accuracy", "final_macro_f1", "final_grad_cosine"),
+                 Metric("final_macro_f1", "final macro-F1 (%)"), FINAL_GRAD_COSINE, *FIDELITY_COLUMNS),
+        csv_metrics=("final_accuracy", "best_accuracy", "final_macro_f1", "final_grad_cosine",
+                     "final_grad_cosine_common", "final_transfer"),
         per_round=Metric("accuracy", "test accuracy of the FM with the global adapter (%)"),
         final=Metric("final_accuracy", "final accuracy (%)"),
         initial="initial_accuracy",
@@ -109,9 +113,11 @@ VIEWS = {
         columns=(Metric("initial_perplexity", "initial perplexity", 1.0, 2, optional=True),
                  Metric("final_perplexity", "final perplexity", 1.0, 2),
                  Metric("best_perplexity", "best perplexity", 1.0, 2),
-                 Metric("final_next_token_accuracy", "final next-token accuracy (%)"), FINAL_GRAD_COSINE),
+                 Metric("final_next_token_accuracy", "final next-token accuracy (%)"), FINAL_GRAD_COSINE,
+                 *FIDELITY_COLUMNS),
         csv_metrics=("final_perplexity", "best_perplexity", "final_next_token_accuracy", "final_test_loss",
-                     "initial_perplexity", "initial_next_token_accuracy", "final_grad_cosine"),
+                     "initial_perplexity", "initial_next_token_accuracy", "final_grad_cosine",
+                     "final_grad_cosine_common", "final_transfer"),
         per_round=Metric("perplexity", "test perplexity of FM + adapter (lower is better)", 1.0, 2),
         final=Metric("final_perplexity", "final perplexity (lower is better)", 1.0, 2),
         initial="initial_perplexity",

@@ -14,16 +14,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from ..alignment.fidelity import gradient_fidelity
+from ..alignment.fidelity import FidelitySetting, common_layers, gradient_fidelity
+from ..checkpoint import move_aside, save_checkpoint
 from ..config import Config
 from ..environment import StopSignals
 from ..errors import TrainingDiverged
+from ..models.families import transformer_layers
 from ..models.proxy import ActivationRecorder
 from ..runtime import Runtime
 from .aggregation import Aggregator
 from .evaluation import evaluate
 from .recording import PhaseClock
+from .run_models import Models
 from .run_parts import RunParts
+from .sampling import client_seed
+from .transfer import TransferSetting, update_transfer
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +147,11 @@ class Evaluation(RoundCallback):
 
 class Fidelity(RoundCallback):
     """Gradient fidelity of the client model with the global adapter against the FM's on the probe
-    set (all ranks, one all-reduce), in the rounds the plan says."""
+    set (all ranks), and the transfer of k local steps from it, in the rounds the plan says."""
 
     def __init__(self, cfg: Config, rt: Runtime, parts: RunParts, clock: PhaseClock):
         self.cfg, self.rt, self.parts, self.clock = cfg, rt, parts, clock
+        self.setting = fidelity_setting(cfg, parts.task.causal_lm, parts.models, parts.layer_token)
         self.last: dict = {}
 
     def after_aggregation(self, ctx: RoundContext) -> AfterRound:
@@ -153,17 +159,62 @@ class Fidelity(RoundCallback):
             return AfterRound()
         p, f = self.parts, self.cfg.fed
         m = p.models
-        # in batches of the clients' size: a backward pass needs the activation memory training needs
         sharded = p.groups if f.client_sharding != "none" else None
         with self.clock.timed(ctx.seconds, "fidelity"):
             self.last = gradient_fidelity(self.rt, m.client, m.evaluate, p.state.global_adapter, m.to_fm, p.probe,
-                                          f.batch_size, p.task.causal_lm, p.layer_token, sharded)
+                                          self.setting, sharded)
+            if f.fidelity_transfer_steps:
+                transfer = transfer_setting(self.cfg, p.task.causal_lm, ctx.plan.lr, ctx.plan.index)
+                self.last.update(update_transfer(m.client, m.evaluate, p.state.global_adapter, m.to_fm, p.probe,
+                                                 transfer, p.groups.comm if sharded else None))
+                m.plugged = None   # the FM's adapter was moved and put back: plug it again when needed
         return AfterRound(self.last)
 
     def summary(self) -> dict:
         # at the last round that measured it (None: not measured)
         return {"final_grad_cosine": self.last.get("grad_cosine"),
-                "final_grad_rel_error": self.last.get("grad_rel_error")}
+                "final_grad_cosine_common": self.last.get("grad_cosine_common"),
+                "final_grad_rel_error": self.last.get("grad_rel_error"),
+                "final_transfer": self.last.get("transfer")}
+
+
+def fidelity_setting(cfg: Config, causal: bool, models: Models, layer_token: str) -> FidelitySetting:
+    """The monitor's setting: the common layers are an emulator's adapter layers of this FM."""
+    layers = len(transformer_layers(models.evaluate.get_base_model()))
+    return FidelitySetting(causal, layer_token,
+                           common_layers(layers, cfg.fed.fedot_keep_bottom, cfg.fed.fedot_keep_top), cfg.run.seed,
+                           batch_size=cfg.fed.batch_size)
+
+
+def transfer_setting(cfg: Config, causal: bool, lr: float, round_index: int) -> TransferSetting:
+    """k = fed.fidelity_transfer_steps of the clients' optimizer at ``lr``, seeded by the round as a
+    client one past the last would be (no client trains with this seed)."""
+    f = cfg.fed
+    return TransferSetting(f.fidelity_transfer_steps, f.batch_size, lr, f.weight_decay, causal,
+                           client_seed(cfg.run.seed, round_index, f.num_clients))
+
+
+class RoundAdapters(RoundCallback):
+    """With ``fed.save_round_adapters``, rank 0 writes each round's global adapter as the FM holds it
+    (FM module names) to ``<run.dir>/round_adapters/round-NNNNNN/``: a fixed trajectory that
+    ``fedpft fidelity --trajectory`` scores any client model along. A fresh run moves an earlier
+    run's trajectory aside."""
+
+    def __init__(self, cfg: Config, rt: Runtime, parts: RunParts):
+        self.cfg, self.rt, self.parts = cfg, rt, parts
+        root = parts.layout.round_adapters
+        if rt.is_main and not cfg.fed.resume and root.exists():
+            log.warning("moved an earlier run's round adapters to %s", move_aside(root))
+
+    def after_aggregation(self, ctx: RoundContext) -> AfterRound:
+        p, f = self.parts, self.cfg.fed
+        if self.rt.is_main:
+            meta = {"round": ctx.plan.index + 1, "method": f.method, "model": self.cfg.model.path,
+                    "lora_r": f.lora_r, "lora_alpha": f.lora_alpha, "lora_targets": f.lora_targets,
+                    "seed": self.cfg.run.seed}
+            save_checkpoint(p.layout.round_adapters, f"round-{ctx.plan.index + 1:06d}",
+                            {"adapter": p.models.to_fm(p.state.global_adapter)}, meta)
+        return AfterRound()
 
 
 class Recording(RoundCallback):

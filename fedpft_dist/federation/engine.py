@@ -31,8 +31,8 @@ from ..environment import StopSignals
 from ..fsutil import atomic_directory, atomic_write_json
 from ..runtime import Runtime, init_from_config
 from .aggregation import Reduced, make_aggregator
-from .callbacks import (Checkpointing, DivergenceCheck, Evaluation, Fidelity, LocalResult, Recording, RoundCallback,
-                        RoundContext, RoundHooks, RoundPlan)
+from .callbacks import (Checkpointing, DivergenceCheck, Evaluation, Fidelity, LocalResult, Recording, RoundAdapters,
+                        RoundCallback, RoundContext, RoundHooks, RoundPlan)
 from .client import train_client
 from .recording import PhaseClock
 from .run_parts import RunParts, build_run
@@ -80,7 +80,8 @@ class Engine:
     def standard_callbacks(self, parts: RunParts) -> list[RoundCallback]:
         """The phases after aggregation, in the order they run."""
         cfg, rt = self.cfg, self.rt
-        return [Evaluation(cfg, rt, parts, self.clock), Fidelity(cfg, rt, parts, self.clock),
+        saving = [RoundAdapters(cfg, rt, parts)] if cfg.fed.save_round_adapters else []
+        return [Evaluation(cfg, rt, parts, self.clock), Fidelity(cfg, rt, parts, self.clock), *saving,
                 Recording(parts, self.hooks), DivergenceCheck(cfg, parts), Checkpointing(cfg, rt, parts, self.signals)]
 
     # ------------------------------------------------------------------------------------------------

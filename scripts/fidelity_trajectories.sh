@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The fixed-trajectory measurements of docs/fidelity.md, each a 2-rank job on this machine:
+#   1. trajectories: every round's global adapter of one FedPETuning run on the quick start (MiniLM,
+#      tweets, 10 rounds) and on configs/smollm2-austen.yaml (SmolLM2-135M, Austen, 6 rounds);
+#   2. client models scored along them with `fedpft fidelity`: the quick start's proxy at probe sizes
+#      64, 128 and 256 (the interval's half-width), then per variant at the default probe size.
+#   bash scripts/fidelity_trajectories.sh                   everything
+#   PARTS=minilm bash scripts/fidelity_trajectories.sh      one model
+# It resumes: a trajectory with a summary.json and a score with its JSON are skipped; a variant's
+# proxy is built and distilled once in its run directory and reused by fingerprint afterwards.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PARTS=${PARTS:-minilm smollm2}
+OUT=${OUT:-runs/fidelity}
+PY=${FEDPFT_PYTHON:-.venv/bin/python}
+run() { FEDPFT_PYTHON=$PY launcher/torchrun.sh 2 "$@"; }
+
+trajectory() {  # trajectory CONFIG DIR [OVERRIDE ...]
+  local config=$1 dir=$2; shift 2
+  if [ -f "$dir/summary.json" ]; then return; fi
+  run train --config "$config" run.dir="$dir" fed.method=fedpetuning fed.save_round_adapters=true \
+    fed.fidelity_every=0 fed.resume=true "$@"
+}
+
+score() {  # score CONFIG TRAJECTORY RUN_DIR JSON [OVERRIDE ...]
+  local config=$1 traj=$2 dir=$3 json=$4; shift 4
+  if [ -f "$json" ]; then return; fi
+  run fidelity --config "$config" run.dir="$dir" --trajectory "$traj/round_adapters" --json "$json" "$@"
+}
+
+for part in $PARTS; do
+  case $part in
+    minilm)
+      config=configs/quickstart.yaml traj=$OUT/minilm-fedpetuning
+      trajectory "$config" "$traj"
+      for n in 64 128 256; do
+        score "$config" "$traj" "$OUT/minilm-fedpft" "$OUT/minilm-fedpft-probe$n.json" fed.fidelity_examples=$n
+      done
+      score "$config" "$traj" "$OUT/minilm-undistilled" "$OUT/minilm-undistilled.json" \
+        fed.method=fedpft_no_layer_distill
+      score "$config" "$traj" "$OUT/minilm-fedot" "$OUT/minilm-fedot.json" fed.method=fedot
+      score "$config" "$traj" "$OUT/minilm-keep0.5" "$OUT/minilm-keep0.5.json" proxy.keep_ratio=0.5
+      ;;
+    smollm2)
+      config=configs/smollm2-austen.yaml traj=$OUT/smollm2-fedpetuning
+      trajectory "$config" "$traj" fed.eval_every=6
+      score "$config" "$traj" "$OUT/smollm2-fedpft" "$OUT/smollm2-fedpft.json"
+      score "$config" "$traj" "$OUT/smollm2-undistilled" "$OUT/smollm2-undistilled.json" \
+        fed.method=fedpft_no_layer_distill
+      ;;
+    *) echo "unknown part $part (minilm, smollm2)" >&2; exit 2 ;;
+  esac
+done
