@@ -81,9 +81,10 @@ def test_a_model_against_itself_has_cosine_one_and_a_perturbed_copy_less():
                for k, v in adapter.items()}
     setting = FidelitySetting(False, "layer", [0])
     same = gradient_fidelity(rt, a, b, adapter, lambda x: x, _probe(), setting)
-    assert same["grad_cosine"] == pytest.approx(1.0, abs=1e-6) and same["grad_rel_error"] == pytest.approx(0.0, abs=1e-5)
-    assert same["grad_cosine_head"] == pytest.approx(1.0, abs=1e-6) and same["grad_norm_ratio"] == pytest.approx(1.0)
-    assert same["grad_cosine_low"] == pytest.approx(1.0, abs=1e-6) and same["grad_cosine_high"] == pytest.approx(1.0, abs=1e-6)
+    one = pytest.approx(1.0, abs=1e-6)
+    assert same["grad_cosine"] == one and same["grad_rel_error"] == pytest.approx(0.0, abs=1e-5)
+    assert same["grad_cosine_head"] == one and same["grad_norm_ratio"] == pytest.approx(1.0)
+    assert same["grad_cosine_low"] == one and same["grad_cosine_high"] == one
     assert same["grad_cosine_common"] == pytest.approx(1.0, abs=1e-6)
     steps = TransferSetting(steps=3, batch_size=4, lr=1e-2, weight_decay=0.0, causal=False, seed=5)
     moved = update_transfer(a, b, adapter, lambda x: x, _probe(), steps)

@@ -18,7 +18,8 @@ The gradients are taken per example (one forward and backward each, in eval mode
 deterministic). Rank r computes probe examples r, r + W, ...; the per-example gradients go to every
 rank (all-reduces of zero-padded rows, a block of tensors at a time), which sums them in example
 order and folds them into Gram matrices <g_i, g_j> for the bootstrap: every figure is the same on
-any number of ranks, bit for bit. Memory: the per-example rows of one block, at most 2 x 256 MiB.
+any number of ranks, bit for bit. Memory: every rank's per-example rows (examples x adapter size,
+float32, client and FM), and one block of everybody's at a time (at most 256 MiB per all-reduce).
 """
 from __future__ import annotations
 
@@ -172,7 +173,8 @@ def example_gradients(model: nn.Module, adapter: dict[str, torch.Tensor], data: 
 def probe_batch(data: ClientData, rows: torch.Tensor, width: int, device: torch.device
                 ) -> tuple[dict, Optional[torch.Tensor]]:
     """The model inputs and labels of ``rows``, cut to ``width``, on ``device``."""
-    batch = {"input_ids": data.input_ids[rows, :width].to(device), "attention_mask": data.attention_mask[rows, :width].to(device)}
+    batch = {"input_ids": data.input_ids[rows, :width].to(device),
+             "attention_mask": data.attention_mask[rows, :width].to(device)}
     if data.token_type_ids is not None:
         batch["token_type_ids"] = data.token_type_ids[rows, :width].to(device)
     return batch, (data.labels[rows].to(device) if data.labels is not None else None)
@@ -288,7 +290,8 @@ def bootstrap_cosine(gram: dict[str, torch.Tensor], resamples: int, seed: int,
         return None, None
     g = torch.Generator().manual_seed(seed * 7_919 + 29)
     picks = torch.randint(n, (resamples, n), generator=g)
-    w = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(1, picks, torch.ones(resamples, n, dtype=torch.float64))
+    ones = torch.ones(resamples, n, dtype=torch.float64)
+    w = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(1, picks, ones)
     quad = {k: ((w @ m) * w).sum(1) for k, m in gram.items()}
     ok = (quad["aa"] > 0) & (quad["bb"] > 0)
     if not bool(ok.any()):
@@ -299,7 +302,8 @@ def bootstrap_cosine(gram: dict[str, torch.Tensor], resamples: int, seed: int,
     return low, high
 
 
-# Resamples of the bootstrap interval: enough that the interval's ends move by less than 0.005 between seeds.
+# Resamples of the bootstrap interval (2,000: a common choice for percentile intervals; the ends of
+# the interval then vary from seed to seed by a small fraction of its width).
 RESAMPLES = 2000
 
 
@@ -367,7 +371,8 @@ def fidelity_with_fm_gradients(rt: Runtime, client_model: nn.Module, fm_model: n
     for name, suffix in (("all", ""), ("common", "_common")):
         if name == "common" and not setting.common_layers:
             continue
-        low, high = bootstrap_cosine(got.gram[name], setting.resamples, setting.seed) if key_sets[name] else (None, None)
+        low, high = (bootstrap_cosine(got.gram[name], setting.resamples, setting.seed) if key_sets[name]
+                     else (None, None))
         out[f"grad_cosine{suffix}_low"], out[f"grad_cosine{suffix}_high"] = low, high
     out["grad_probe_examples"] = len(probe)
     return out, fm_rows

@@ -121,7 +121,8 @@ def score_trajectory(cfg: Config, rt: Runtime, trajectory: Trajectory,
         t1 = time.perf_counter()
         adapter, found = into_client(fm_adapter, names, start, f"round {rnd}")
         row = {"round": rnd, "tensors_from_trajectory": found, "client_tensors": len(start)}
-        row.update(gradient_fidelity(rt, models.client, models.evaluate, adapter, models.to_fm, probe, setting, sharded))
+        row.update(gradient_fidelity(rt, models.client, models.evaluate, adapter, models.to_fm, probe, setting,
+                                     sharded))
         if f.fidelity_transfer_steps:
             row.update(update_transfer(models.client, models.evaluate, adapter, models.to_fm, probe,
                                        transfer_setting(cfg, task.causal_lm, f.lr, i),

@@ -6,12 +6,12 @@ settings, the same seed and batch order) on a probe client (the first k x batch-
 probe set, held out from every client), once on the client model and once on the FM itself
 (training the same adapter tensors):
 
-    transfer = (L_FM(A0) - L_FM(A0 + update on the client model)) / (L_FM(A0) - L_FM(A0 + update on the FM))
+    transfer = (L_FM(A0) - L_FM(A0 + client-model update)) / (L_FM(A0) - L_FM(A0 + FM update))
 
-where L_FM is the FM's mean loss on the probe client's examples (per example, or per next-token target). It is 1
-for the FM against itself and falls as the client model's updates stop moving the FM the way its own
-would; the gradient cosine says the same about one gradient, this about where k steps end. None
-when k steps on the FM do not lower its loss (nothing to transfer).
+where L_FM is the FM's mean loss on the probe client's examples (per example, or per next-token
+target). It is 1 for the FM against itself and falls as the client model's updates stop moving the FM
+the way its own would; the gradient cosine says the same about one gradient, this about where k
+steps end. None when k steps on the FM do not lower its loss (nothing to transfer).
 
 Every rank computes it whole, the same way (no collective; a client model sharded over a client
 group trains with its group), so it does not depend on the number of ranks. The random state and
