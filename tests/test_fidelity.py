@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedpft_dist.alignment.fidelity import (FidelitySetting, bootstrap_cosine, classification_loss, common_layers,
-                                            compare, example_gradients, gradient_fidelity)
+                                            compare, example_cosine, example_gradients, gradient_fidelity)
 from fedpft_dist.federation.transfer import TransferSetting, update_transfer
 from fedpft_dist.data.tasks import ClientData
 from fedpft_dist.models.adapters import get_adapter, with_lora
@@ -55,6 +55,13 @@ def test_bootstrap_interval_equals_resampling_the_examples_by_hand():
     whole = float(torch.nn.functional.cosine_similarity(a.sum(0), b.sum(0), dim=0))
     assert low < whole < high
     assert bootstrap_cosine({k: v[:1, :1] for k, v in gram.items()}, 300, 4) == (None, None)   # one example
+    # the mean per-example cosine, and its interval from the same resamples
+    mean, low, high = example_cosine(gram, 300, seed=4)
+    per = torch.nn.functional.cosine_similarity(a, b, dim=1)
+    assert mean == pytest.approx(float(per.mean()), abs=1e-12)
+    means = torch.stack([per[p].mean() for p in picks])
+    want = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    assert [low, high] == pytest.approx(want.tolist(), abs=1e-12)
 
 
 def _tiny_classifier(seed: int):
@@ -85,6 +92,7 @@ def test_a_model_against_itself_has_cosine_one_and_a_perturbed_copy_less():
     assert same["grad_cosine"] == one and same["grad_rel_error"] == pytest.approx(0.0, abs=1e-5)
     assert same["grad_cosine_head"] == one and same["grad_norm_ratio"] == pytest.approx(1.0)
     assert same["grad_cosine_low"] == one and same["grad_cosine_high"] == one
+    assert same["grad_example_cosine"] == one and same["grad_example_cosine_low"] == one
     assert same["grad_cosine_common"] == pytest.approx(1.0, abs=1e-6)
     steps = TransferSetting(steps=3, batch_size=4, lr=1e-2, weight_decay=0.0, causal=False, seed=5)
     moved = update_transfer(a, b, adapter, lambda x: x, _probe(), steps)
@@ -95,6 +103,7 @@ def test_a_model_against_itself_has_cosine_one_and_a_perturbed_copy_less():
     other = gradient_fidelity(rt, a, b, adapter, lambda x: x, _probe(), setting)
     assert other["grad_cosine"] < 0.999 and other["grad_rel_error"] > 1e-3
     assert other["grad_cosine_low"] <= other["grad_cosine"] <= other["grad_cosine_high"] < 1
+    assert other["grad_example_cosine_low"] <= other["grad_example_cosine"] <= other["grad_example_cosine_high"] < 1
     # layer 0 lies below the changed FFN: its gradient changes too, but less than layer 1's
     assert other["grad_cosine_common"] < 1
     fm_adapter = get_adapter(b)

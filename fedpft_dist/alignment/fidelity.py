@@ -13,6 +13,9 @@ emulator) and of the FM, and compares them:
     *_per_layer, *_head   per FM layer, and for the task head
     grad_cosine_low, grad_cosine_high   a percentile bootstrap 95 % interval of the cosine over the
                      probe examples (and the same for the common cosine)
+    grad_example_cosine (_low, _high)   the mean over probe examples of each example's cosine, with
+                     its bootstrap interval: it stays meaningful where the examples' gradients cancel
+                     in the sum (an adapter near a minimum of the probe loss)
 
 The gradients are taken per example (one forward and backward each, in eval mode, so they are
 deterministic). Rank r computes probe examples r, r + W, ...; the per-example gradients go to every
@@ -285,20 +288,47 @@ def bootstrap_cosine(gram: dict[str, torch.Tensor], resamples: int, seed: int,
     """Percentile bootstrap interval of the cosine between the summed client and FM gradients, the
     probe examples resampled with replacement: with resample counts w, the cosine of the resampled
     sums is w'G_ab w / sqrt(w'G_aa w * w'G_bb w)."""
-    n = gram["ab"].shape[0]
-    if n < 2 or resamples < 1:
+    w = _resample_counts(gram["ab"].shape[0], resamples, seed)
+    if w is None:
         return None, None
+    quad = {k: ((w @ m) * w).sum(1) for k, m in gram.items()}
+    ok = (quad["aa"] > 0) & (quad["bb"] > 0)
+    return _percentiles(quad["ab"][ok] / (quad["aa"][ok] * quad["bb"][ok]).sqrt(), level)
+
+
+def example_cosine(gram: dict[str, torch.Tensor], resamples: int, seed: int,
+                   level: float = 0.95) -> tuple[Optional[float], Optional[float], Optional[float]]:
+    """The mean over probe examples of each example's cosine between its client and FM gradients,
+    with its percentile bootstrap interval (the same resamples as :func:`bootstrap_cosine`).
+    Examples with a zero gradient on either side are left out. Unlike the cosine of the sums, it
+    does not fall when the examples' gradients cancel (an adapter near a minimum of the probe loss)."""
+    na, nb = gram["aa"].diagonal(), gram["bb"].diagonal()
+    ok = (na > 0) & (nb > 0)
+    if not bool(ok.any()):
+        return None, None, None
+    cos = gram["ab"].diagonal()[ok] / (na[ok] * nb[ok]).sqrt()
+    w = _resample_counts(len(cos), resamples, seed)
+    if w is None:
+        return float(cos.mean()), None, None
+    low, high = _percentiles((w @ cos) / len(cos), level)
+    return float(cos.mean()), low, high
+
+
+def _resample_counts(n: int, resamples: int, seed: int) -> Optional[torch.Tensor]:
+    """[resamples, n]: how often each of n examples is drawn in each resample (seeded)."""
+    if n < 2 or resamples < 1:
+        return None
     g = torch.Generator().manual_seed(seed * 7_919 + 29)
     picks = torch.randint(n, (resamples, n), generator=g)
     ones = torch.ones(resamples, n, dtype=torch.float64)
-    w = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(1, picks, ones)
-    quad = {k: ((w @ m) * w).sum(1) for k, m in gram.items()}
-    ok = (quad["aa"] > 0) & (quad["bb"] > 0)
-    if not bool(ok.any()):
+    return torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(1, picks, ones)
+
+
+def _percentiles(values: torch.Tensor, level: float) -> tuple[Optional[float], Optional[float]]:
+    if values.numel() == 0:
         return None, None
-    cos = quad["ab"][ok] / (quad["aa"][ok] * quad["bb"][ok]).sqrt()
     tail = (1 - level) / 2
-    low, high = torch.quantile(cos, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    low, high = torch.quantile(values, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
     return low, high
 
 
@@ -341,8 +371,9 @@ def fidelity_with_fm_gradients(rt: Runtime, client_model: nn.Module, fm_model: n
 
     Metrics: ``grad_cosine``, ``grad_rel_error``, ``grad_norm_ratio`` (|g_client| / |g_FM|) over
     every LoRA tensor both have, with a bootstrap 95 % interval of the cosine over probe examples
-    (``grad_cosine_low``, ``grad_cosine_high``); the same over the common layers (``*_common``), per
-    FM layer (``*_per_layer``) and for the head (``*_head``)."""
+    (``grad_cosine_low``, ``grad_cosine_high``), the mean per-example cosine with its interval
+    (``grad_example_cosine*``); the same over the common layers (``*_common``), per FM layer
+    (``*_per_layer``) and for the head (``*_head``)."""
     loss_fn = next_token_loss if setting.causal else classification_loss
     mine = torch.arange(rt.rank, len(probe), rt.world_size)
     if sharded_over is None:
@@ -371,9 +402,12 @@ def fidelity_with_fm_gradients(rt: Runtime, client_model: nn.Module, fm_model: n
     for name, suffix in (("all", ""), ("common", "_common")):
         if name == "common" and not setting.common_layers:
             continue
-        low, high = (bootstrap_cosine(got.gram[name], setting.resamples, setting.seed) if key_sets[name]
-                     else (None, None))
+        gram, seed, n = got.gram[name], setting.seed, setting.resamples
+        low, high = bootstrap_cosine(gram, n, seed) if key_sets[name] else (None, None)
         out[f"grad_cosine{suffix}_low"], out[f"grad_cosine{suffix}_high"] = low, high
+        mean, low, high = example_cosine(gram, n, seed) if key_sets[name] else (None, None, None)
+        out[f"grad_example_cosine{suffix}"] = mean
+        out[f"grad_example_cosine{suffix}_low"], out[f"grad_example_cosine{suffix}_high"] = low, high
     out["grad_probe_examples"] = len(probe)
     return out, fm_rows
 

@@ -37,13 +37,13 @@ def _f(value: Optional[float], spec: str = ".3f") -> str:
 def format_row(r: dict) -> str:
     interval = f"[{_f(r.get('grad_cosine_low'))}, {_f(r.get('grad_cosine_high'))}]"
     return (f"round {r['round']:>4}: cosine {_f(r.get('grad_cosine'))} {interval}  common "
-            f"{_f(r.get('grad_cosine_common'))}  norm ratio {_f(r.get('grad_norm_ratio'))}  transfer "
-            f"{_f(r.get('transfer'))}  ({r['seconds']:.1f} s)")
+            f"{_f(r.get('grad_cosine_common'))}  per example {_f(r.get('grad_example_cosine'))}  norm ratio "
+            f"{_f(r.get('grad_norm_ratio'))}  transfer {_f(r.get('transfer'))}  ({r['seconds']:.1f} s)")
 
 
 def format_summary(r: dict, path: Path) -> str:
     return (f"mean over {len(r['rounds'])} adapters: cosine {_f(r['mean_grad_cosine'])}, common-layer cosine "
-            f"{_f(r['mean_grad_cosine_common'])}, norm ratio {_f(r['mean_grad_norm_ratio'])}, transfer "
-            f"{_f(r['mean_transfer'])}; cost: {r['build_seconds']:.1f} s to build the models, "
+            f"{_f(r['mean_grad_cosine_common'])}, per-example cosine {_f(r['mean_grad_example_cosine'])}, "
+            f"norm ratio {_f(r['mean_grad_norm_ratio'])}, transfer {_f(r['mean_transfer'])}; cost: {r['build_seconds']:.1f} s to build the models, "
             f"{r['score_seconds']:.1f} s to score ({r['probe_examples']} probe examples, {r['world_size']} rank(s)); "
             f"wrote {path}")

@@ -174,6 +174,7 @@ class Fidelity(RoundCallback):
         # at the last round that measured it (None: not measured)
         return {"final_grad_cosine": self.last.get("grad_cosine"),
                 "final_grad_cosine_common": self.last.get("grad_cosine_common"),
+                "final_grad_example_cosine": self.last.get("grad_example_cosine"),
                 "final_grad_rel_error": self.last.get("grad_rel_error"),
                 "final_transfer": self.last.get("transfer")}
 

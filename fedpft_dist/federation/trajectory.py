@@ -140,7 +140,7 @@ def score_trajectory(cfg: Config, rt: Runtime, trajectory: Trajectory,
 def means(rows: list[dict]) -> dict:
     """The mean of each headline figure over the rounds that have it."""
     out = {}
-    for key in ("grad_cosine", "grad_cosine_common", "grad_norm_ratio", "transfer"):
+    for key in ("grad_cosine", "grad_cosine_common", "grad_example_cosine", "grad_norm_ratio", "transfer"):
         values = [r[key] for r in rows if r.get(key) is not None and math.isfinite(r[key])]
         out[f"mean_{key}"] = sum(values) / len(values) if values else None
     return out
