@@ -200,10 +200,10 @@ def test_outputs_of_a_run(tiny_runs):
         # gradient fidelity in every evaluation round, LoRA and head apart, per layer
         for r in rows:
             assert 0 < r["grad_cosine"] <= 1 and r["grad_rel_error"] > 0 and -1 <= r["grad_cosine_head"] <= 1
-            assert len(r["grad_cosine_per_layer"]) == 6 and r["grad_probe_examples"] == 96
+            assert len(r["grad_cosine_per_layer"]) == 6 and r["grad_probe_examples"] == 64
             assert r["grad_cosine_low"] <= r["grad_cosine"] <= r["grad_cosine_high"] and r["grad_norm_ratio"] > 0
             assert r["grad_cosine_common_low"] <= r["grad_cosine_common"] <= r["grad_cosine_common_high"]
-            assert r["transfer_steps"] == 4 and r["transfer_fm_decrease"] > 0 and r["transfer"] is not None
+            assert r["transfer_steps"] == 2 and r["transfer_fm_decrease"] > 0 and r["transfer"] is not None
         assert s["final_grad_cosine"] == rows[-1]["grad_cosine"] and s["align_skipped"] == 0
         assert s["final_transfer"] == rows[-1]["transfer"] and s["final_grad_cosine_common"] == rows[-1]["grad_cosine_common"]
 
