@@ -122,7 +122,8 @@ def _pair_stats(client: dict, fm: dict, keys: list[str]) -> dict:
     return {"grad_cosine": cos, "grad_rel_error": rel, "grad_norm_ratio": na / nb if nb > 0 else None}
 
 
-def _rows(data: ClientData, rows: torch.Tensor) -> ClientData:
+def probe_rows(data: ClientData, rows: torch.Tensor) -> ClientData:
+    """The examples ``rows`` of ``data``."""
     return ClientData(*(t[rows] if t is not None else None for t in
                         (data.input_ids, data.attention_mask, data.labels, data.token_type_ids)))
 
@@ -377,11 +378,11 @@ def fidelity_with_fm_gradients(rt: Runtime, client_model: nn.Module, fm_model: n
     loss_fn = next_token_loss if setting.causal else classification_loss
     mine = torch.arange(rt.rank, len(probe), rt.world_size)
     if sharded_over is None:
-        client_rows = example_gradients(client_model, client_adapter, _rows(probe, mine), loss_fn,
+        client_rows = example_gradients(client_model, client_adapter, probe_rows(probe, mine), loss_fn,
                                         batch_size=setting.batch_size)
     else:
         group_rows = torch.arange(sharded_over.index, len(probe), sharded_over.count)
-        client_rows = example_gradients(client_model, client_adapter, _rows(probe, group_rows), loss_fn,
+        client_rows = example_gradients(client_model, client_adapter, probe_rows(probe, group_rows), loss_fn,
                                         sharded_over.comm, setting.batch_size)
         # the group's first rank holds its rows; the others send zeros for them
         mine = group_rows
@@ -389,7 +390,7 @@ def fidelity_with_fm_gradients(rt: Runtime, client_model: nn.Module, fm_model: n
     client_rows = to_fm(client_rows)
     shapes = to_fm(shapes)
     if fm_rows is None:
-        fm_rows = example_gradients(fm_model, to_fm(client_adapter), _rows(probe, torch.arange(rt.rank, len(probe),
+        fm_rows = example_gradients(fm_model, to_fm(client_adapter), probe_rows(probe, torch.arange(rt.rank, len(probe),
                                                                                               rt.world_size)), loss_fn,
                                     batch_size=setting.batch_size)
     fm_mine = torch.arange(rt.rank, len(probe), rt.world_size)

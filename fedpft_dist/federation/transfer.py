@@ -26,7 +26,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from ..alignment.fidelity import adapter_key, classification_loss, next_token_loss, probe_batch
+from ..alignment.fidelity import (adapter_key, classification_loss, next_token_loss, probe_batch,
+                                  probe_rows)
 from ..data.tasks import ClientData
 from ..models.adapters import get_adapter, set_adapter
 from ..models.lm import IGNORE, next_token_labels
@@ -69,10 +70,7 @@ def _steps_data(data: ClientData, steps: int, batch_size: int) -> tuple[ClientDa
     """The probe client: the first ``steps`` x ``batch_size`` probe rows (all of them when there are
     fewer), and those rows in order, repeated as often as needed, as one epoch of k steps."""
     n = min(len(data), steps * batch_size)
-    fields = (data.input_ids, data.attention_mask, data.labels, data.token_type_ids)
-    client = ClientData(*(t[:n] if t is not None else None for t in fields))
-    rows = torch.arange(steps * batch_size) % n
-    return client, ClientData(*(t[rows] if t is not None else None for t in fields))
+    return probe_rows(data, torch.arange(n)), probe_rows(data, torch.arange(steps * batch_size) % n)
 
 
 def update_transfer(client_model: nn.Module, fm_model: nn.Module, client_adapter: dict[str, torch.Tensor],
