@@ -20,11 +20,10 @@ def _torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def proxy_dir(tmp_path_factory):
-    run = tmp_path_factory.mktemp("proxy")
-    proc = run_cli("proxy", "--config", "configs/tiny.yaml", f"run.dir={run}", timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return run / "proxy"
+def proxy_dir(tiny_run):
+    """configs/tiny.yaml's proxy (what `fedpft proxy --config configs/tiny.yaml` builds), from the suite's
+    shared run: read only."""
+    return tiny_run / "proxy"
 
 
 @pytest.fixture(scope="module")

@@ -147,9 +147,9 @@ def test_multi_node_template_on_one_node(cluster, tmp_path):
 
 ROUNDS = 4
 TRAIN_ARGS = ("train", "--config", "configs/tiny.yaml", "dist.threads_per_rank=1", "dist.timeout_s=60",
-              "fed.method=fedpft_no_layer_distill", "fed.align_every=0", f"fed.rounds={ROUNDS}",
-              "fed.resume=true")
-# Each test takes ~40-70 s on 2 idle cores (start-up ~15 s, ~4 s a round, the requeued job starts
+              "fed.method=fedpft_no_layer_distill", "fed.align_every=0", "fed.fidelity_every=0",
+              f"fed.rounds={ROUNDS}", "fed.resume=true")
+# Each test takes ~40-70 s on 2 idle cores (start-up ~15 s, ~3 s a round, the requeued job starts
 # ~11 s after attempt 1), three times that on a busy machine.
 FIRST_ROUND_TIMEOUT_S = 240
 REQUEUED_TIMEOUT_S = 360      # from the signal: the rest of attempt 1, the requeue delay, attempt 2
@@ -275,7 +275,8 @@ def test_sweep_array_job_on_slurm(cluster, tmp_path):
                     "grid:\n  fed.align_keep: [0.5, 0.8]\n")
     overcommit = [] if cluster.cpus >= 2 else ["--overcommit"]
     _, report = submit(cluster, tmp_path, "sweep-array.sbatch", ["--array=0-1", "--cpus-per-task=1", *overcommit],
-                       [str(spec), "dist.threads_per_rank=1", "fed.method=fedpft_no_layer_distill", "fed.rounds=1"])
+                       [str(spec), "dist.threads_per_rank=1", "fed.method=fedpft_no_layer_distill", "fed.rounds=1",
+                        "fed.fidelity_every=0"])
     for name in ("000-align_keep=0.5", "001-align_keep=0.8"):
         summary = tmp_path / "runs" / name / "summary.json"
         assert summary.is_file(), f"no {summary}\n{report}"

@@ -295,7 +295,7 @@ def test_local_runner_on_the_tiny_sweep(tmp_path):
     second --all trains nothing. Cheap points: the runner is under test, not the pipeline."""
     out = tmp_path / "sweep"
     base = ("--out", str(out), TINY, "dist.threads_per_rank=1", "fed.method=fedpft_no_layer_distill",
-            "fed.align_every=0", "fed.fidelity_every=0")
+            "fed.align_every=0", "fed.fidelity_every=0", "fed.rounds=1", "data.max_test=32")
     proc = run_cli("sweep", "--all", *base, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "point 0 of 0-1:" in proc.stdout and "point 1 of 0-1:" in proc.stdout

@@ -17,8 +17,9 @@ emulator) and of the FM, and compares them:
                      its bootstrap interval: it stays meaningful where the examples' gradients cancel
                      in the sum (an adapter near a minimum of the probe loss)
 
-The gradients are taken per example (one forward and backward each, in eval mode, so they are
-deterministic). Rank r computes probe examples r, r + W, ...; the per-example gradients go to every
+The gradients are taken per example (in eval mode, so they are deterministic). The probe is cut
+into batches once and batch b is computed by rank b mod W, so each example keeps its batch (and
+padded width) at any world size; the per-example gradients go to every
 rank (all-reduces of zero-padded rows, a block of tensors at a time), which sums them in example
 order and folds them into Gram matrices <g_i, g_j> for the bootstrap: every figure is the same on
 any number of ranks, bit for bit. Memory: every rank's per-example rows (examples x adapter size,
@@ -120,6 +121,16 @@ def _pair_stats(client: dict, fm: dict, keys: list[str]) -> dict:
     cos = float(a @ b) / (na * nb) if na > 0 and nb > 0 else None
     rel = float((a - b).norm()) / nb if nb > 0 else None
     return {"grad_cosine": cos, "grad_rel_error": rel, "grad_norm_ratio": na / nb if nb > 0 else None}
+
+
+def dealt_rows(total: int, batch_size: int, index: int, count: int) -> torch.Tensor:
+    """The probe rows worker ``index`` of ``count`` computes: the probe is cut into batches of
+    ``batch_size`` consecutive examples once, and batch b goes to worker b mod ``count``. Each example
+    is thus computed in the same batch, with the same companions and padded width, whatever the
+    number of workers (a decoder's results depend on the padded width at the level of rounding)."""
+    starts = range(index * batch_size, total, count * batch_size)
+    return torch.cat([torch.arange(s, min(s + batch_size, total)) for s in starts]) if starts \
+        else torch.zeros(0, dtype=torch.long)
 
 
 def probe_rows(data: ClientData, rows: torch.Tensor) -> ClientData:
@@ -376,12 +387,12 @@ def fidelity_with_fm_gradients(rt: Runtime, client_model: nn.Module, fm_model: n
     (``grad_example_cosine*``); the same over the common layers (``*_common``), per FM layer
     (``*_per_layer``) and for the head (``*_head``)."""
     loss_fn = next_token_loss if setting.causal else classification_loss
-    mine = torch.arange(rt.rank, len(probe), rt.world_size)
+    mine = dealt_rows(len(probe), setting.batch_size, rt.rank, rt.world_size)
     if sharded_over is None:
         client_rows = example_gradients(client_model, client_adapter, probe_rows(probe, mine), loss_fn,
                                         batch_size=setting.batch_size)
     else:
-        group_rows = torch.arange(sharded_over.index, len(probe), sharded_over.count)
+        group_rows = dealt_rows(len(probe), setting.batch_size, sharded_over.index, sharded_over.count)
         client_rows = example_gradients(client_model, client_adapter, probe_rows(probe, group_rows), loss_fn,
                                         sharded_over.comm, setting.batch_size)
         # the group's first rank holds its rows; the others send zeros for them
@@ -389,11 +400,10 @@ def fidelity_with_fm_gradients(rt: Runtime, client_model: nn.Module, fm_model: n
     shapes = {k: v.shape for k, v in client_adapter.items()}
     client_rows = to_fm(client_rows)
     shapes = to_fm(shapes)
+    fm_mine = dealt_rows(len(probe), setting.batch_size, rt.rank, rt.world_size)
     if fm_rows is None:
-        fm_rows = example_gradients(fm_model, to_fm(client_adapter), probe_rows(probe, torch.arange(rt.rank, len(probe),
-                                                                                              rt.world_size)), loss_fn,
+        fm_rows = example_gradients(fm_model, to_fm(client_adapter), probe_rows(probe, fm_mine), loss_fn,
                                     batch_size=setting.batch_size)
-    fm_mine = torch.arange(rt.rank, len(probe), rt.world_size)
     keys = sorted(set(client_rows) & set(fm_rows))
     lora = [k for k in keys if any(m in k for m in LORA_MARK)]
     by_layer = lora_by_layer(lora, setting.layer_token)
