@@ -193,8 +193,14 @@ class ProxyConfig:
     saliency: Literal["weight", "mean_abs", "apoz"] = _opt(
         "weight", help="neuron ranking: weight norms (paper), mean |activation| or 1 - APoZ on "
                        "calibration text", shapes=("proxy",))
-    calibration_chunks: int = _opt(32, help="public-text chunks for activation saliency", ge=1,
-                                   shapes=("proxy_activation",))
+    compensate: bool = _opt(False, help="refit each compressed FFN's output projection (and bias) by ridge "
+                                        "regression on the FM's activations over calibration text, so that the "
+                                        "kept neurons reproduce the whole FFN's output; seconds, no training",
+                            shapes=("proxy",))
+    compensate_ridge: float = _opt(1e-3, help="ridge of proxy.compensate, relative to the kept neurons' mean "
+                                              "squared activation", gt=0, shapes=("proxy",))
+    calibration_chunks: int = _opt(32, help="public-text chunks for activation saliency and proxy.compensate",
+                                   ge=1, shapes=("proxy_activation",))
     eps: float = _opt(1e-3, help="|a| <= eps counts as zero for APoZ", ge=0, shapes=("proxy_activation",))
     batch_size: int = _opt(8, help="batch size of calibration and evaluation passes", ge=1, run=False)
     eval_chunks: int = _opt(16, help="held-out chunks for the hidden-state error report", ge=1, run=False)

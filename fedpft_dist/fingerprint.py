@@ -87,7 +87,7 @@ def _values(cfg: Config, keys: tuple[str, ...]) -> dict[str, Any]:
 def proxy_fingerprint(cfg: Config, fm_dir: Path) -> dict:
     """What a proxy built by ``cfg`` from the FM at ``fm_dir`` depends on."""
     fp = {"model.weights": weights_identity(fm_dir), **_values(cfg, PROXY)}
-    if cfg.proxy.saliency != "weight":
+    if cfg.proxy.saliency != "weight" or cfg.proxy.compensate:
         fp.update(_values(cfg, PROXY_ACTIVATION))
     return fp
 

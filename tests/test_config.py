@@ -111,7 +111,8 @@ def test_every_option_is_documented():
 # A change here invalidates every stored proxy, emulator, distilled model or checkpoint that depends on
 # the key: make it deliberately.
 FINGERPRINT_KEYS = {
-    "proxy": {"model.dtype", "proxy.keep_ratio", "proxy.keep_ratios", "proxy.retained_layers", "proxy.saliency"},
+    "proxy": {"model.dtype", "proxy.keep_ratio", "proxy.keep_ratios", "proxy.retained_layers", "proxy.saliency",
+              "proxy.compensate", "proxy.compensate_ridge"},
     "proxy_activation": {"proxy.calibration_chunks", "proxy.eps", "run.seed", "public_text.source",
                          "public_text.text_column", "public_text.max_length", "public_text.held_out_fraction"},
     "emulator": {"model.dtype", "fed.fedot_keep_bottom", "fed.fedot_keep_top"},

@@ -7,7 +7,8 @@ import torch
 from conftest import run_cli
 from fedpft_dist.models.families import ffn_modules, layout_for, transformer_layers
 from fedpft_dist.models.loading import load_model, load_tokenizer, quiet_transformers, resolve_model_dir
-from fedpft_dist.models.proxy import (activation_saliency_scores, build_proxy, count_params, hidden_state_errors,
+from fedpft_dist.models.proxy import (ActivationMoments, activation_moments, activation_saliency_scores, build_proxy,
+                                      compensate_proxy, compensated_projection, count_params, hidden_state_errors,
                                       load_proxy, plan_proxy, save_proxy, select_neurons, weight_saliency_scores)
 
 quiet_transformers()
@@ -183,6 +184,69 @@ def test_activation_saliency(kind):
             fm(input_ids=chunks)
         h.remove()
         torch.testing.assert_close(scores[1], acts[0].reshape(-1, 48).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def _ffn_outputs(model, layer: int, chunks):
+    """The FFN output projection's input and output at ``layer`` over ``chunks``."""
+    proj = ffn_modules(transformer_layers(model)[layer], layout_for(model.config.model_type))[1][0]
+    seen = []
+    h = proj.register_forward_hook(lambda m, i, o: seen.append((i[0].reshape(-1, i[0].shape[-1]),
+                                                                  o.reshape(-1, o.shape[-1]))))
+    with torch.no_grad():
+        model(input_ids=chunks)
+    h.remove()
+    return torch.cat([a for a, _ in seen]), torch.cat([y for _, y in seen])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_compensated_projection_solves_the_normal_equations(bias):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 12, generator=g, dtype=torch.float64)
+    a = a + 0.5                                              # not centred: the bias has work to do
+    w = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    b = torch.randn(5, generator=g, dtype=torch.float64) if bias else None
+    moments = ActivationMoments(a.T @ a, a.sum(0), len(a))
+    kept = [0, 3, 4, 7, 9]
+    y = a @ w.T + (b if bias else 0)
+    new_w, new_b = compensated_projection(w, b, moments, kept, ridge=1e-12)
+    fit = a[:, kept] @ new_w.T + (new_b if bias else 0)
+    # least squares: the residual is orthogonal to every feature (and to the constant, with a bias)
+    features = torch.cat([a[:, kept], torch.ones(len(a), 1, dtype=a.dtype)], 1) if bias else a[:, kept]
+    assert float((features.T @ (y - fit)).abs().max()) < 1e-6 * float((features.T @ y).abs().max())
+    plain = a[:, kept] @ w[:, kept].T + (b if bias else 0)
+    assert float((y - fit).pow(2).sum()) < float((y - plain).pow(2).sum())
+    # every neuron kept: the projection is the FFN's own
+    all_w, all_b = compensated_projection(w, b, moments, range(12), ridge=1e-12)
+    torch.testing.assert_close(all_w, w, rtol=1e-6, atol=1e-6)
+    if bias:
+        torch.testing.assert_close(all_b, b, rtol=1e-6, atol=1e-6)
+    # a larger ridge shrinks the refitted weights
+    assert float(compensated_projection(w, b, moments, kept, ridge=10.0)[0].norm()) < float(new_w.norm())
+
+
+@pytest.mark.parametrize("model_type", ["bert", "llama"])
+def test_compensation_lowers_each_compressed_ffn_error(model_type):
+    fm = _tiny(model_type).eval()
+    plan = plan_proxy(fm, [0], 0.25)
+    gen = torch.Generator().manual_seed(0)
+    kept = {l: select_neurons(s, plan.keep[l], gen) for l, s in weight_saliency_scores(fm, plan.compressed).items()}
+    calib = torch.randint(0, 101, (16, 12), generator=torch.Generator().manual_seed(3))
+    moments = activation_moments(fm, plan.compressed, calib, batch_size=5)
+    assert moments[1].tokens == 16 * 12 and moments[1].gram.shape == (48, 48)
+    plain, fitted = build_proxy(fm, kept), build_proxy(fm, kept)
+    compensate_proxy(fitted, fm, kept, moments, ridge=1e-6)
+    for l in plan.compressed:
+        # on the FM's own activations (teacher-forced), the refitted projection is closer to the whole FFN
+        a, y = _ffn_outputs(fm, l, calib)
+        proj = lambda m: ffn_modules(transformer_layers(m)[l], layout_for(model_type))[1][0]  # noqa: E731
+        err = {name: float((proj(m)(a[:, kept[l]]) - y).pow(2).sum()) for name, m in
+               (("plain", plain), ("fitted", fitted))}
+        assert err["fitted"] < err["plain"], (l, err)
+    # the rest of the proxy is untouched
+    sp, sf = plain.state_dict(), fitted.state_dict()
+    changed = {k for k in sp if not torch.equal(sp[k], sf[k])}
+    assert changed and all(".layers." in k or ".layer." in k for k in changed)
+    assert all(any(c in k for c in layout_for(model_type).cols) for k in changed)
 
 
 def test_plan_errors_name_the_key():

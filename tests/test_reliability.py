@@ -191,13 +191,18 @@ def test_a_local_data_file_is_fingerprinted_by_its_contents(tmp_path):
         describe_difference(diff)
 
 
-def test_a_proxy_fingerprint_holds_calibration_settings_only_for_activation_saliency():
+def test_a_proxy_fingerprint_holds_calibration_settings_only_where_calibration_text_is_used():
     fm = resolve_model_dir("minilm")
     weight = proxy_fingerprint(load_config(CONFIG), fm)
     assert "proxy.calibration_chunks" not in weight and "run.seed" not in weight
     assert first_difference(weight, proxy_fingerprint(load_config(CONFIG, ["run.seed=3"]), fm)) is None
     act = proxy_fingerprint(load_config(CONFIG, ["proxy.saliency=apoz"]), fm)
     assert act["proxy.calibration_chunks"] == 8 and act["public_text.source"] == "austen"
+    # compensation fits on calibration text whatever the saliency
+    fitted = proxy_fingerprint(load_config(CONFIG, ["proxy.compensate=true"]), fm)
+    assert fitted["proxy.compensate"] is True and fitted["proxy.calibration_chunks"] == 8
+    assert first_difference(fitted, proxy_fingerprint(load_config(CONFIG, ["proxy.compensate=true",
+                                                                             "proxy.compensate_ridge=0.1"]), fm))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -24,11 +24,13 @@ def format_report(r: dict) -> str:
     lines = [
         f"proxy of {r['model_type']} ({r['family']}, {r['num_layers']} layers) saved to {r['proxy_dir']}",
         f"  retained layers {r['retained_layers']}, others keep {r['keep_ratio']:g} of their FFN "
-        f"(saliency: {r['saliency']})",
+        f"(saliency: {r['saliency']}{'; output projections refitted' if r.get('compensated') else ''})",
         f"  parameters: FM {r['fm_params']:,}  proxy {r['proxy_params']:,}  ({100 * r['param_ratio']:.1f}%)",
         f"  hidden-state relative error on {r['held_out_chunks']} held-out chunks: mean over layers "
         f"{r['hidden_error_mean']:.4f}, last layer {r['hidden_error_last']:.4f}",
     ]
+    if "held_out_loss_proxy" in r:
+        lines.append(f"  held-out next-token loss: FM {r['held_out_loss_fm']:.4f}, proxy {r['held_out_loss_proxy']:.4f} nats")
     if "sample_proxy" in r:
         lines.append(f"  FM    > {r['sample_prompt']}{r['sample_fm']!r}")
         lines.append(f"  proxy > {r['sample_prompt']}{r['sample_proxy']!r}")

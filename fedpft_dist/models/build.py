@@ -14,8 +14,9 @@ from ..fingerprint import emulator_fingerprint, proxy_fingerprint
 from .emulator import build_emulator, emulator_layers, emulator_targets
 from .families import transformer_layers
 from .loading import default_task, load_model, load_tokenizer, resolve_model_dir
-from .proxy import (activation_saliency_scores, build_proxy, count_params, describe_layout, hidden_state_errors,
-                    plan_proxy, save_proxy, select_neurons, weight_saliency_scores)
+from .proxy import (activation_moments, activation_saliency_scores, build_proxy, compensate_proxy, count_params,
+                    describe_layout, hidden_state_errors, next_token_losses, plan_proxy, save_proxy, select_neurons,
+                    weight_saliency_scores)
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,10 @@ def make_proxy(cfg: Config, out: Path, public: Callable[[object, str, int], torc
     plan = plan_proxy(fm, p.retained_layers, p.keep_ratio, p.keep_ratios)
 
     # -- saliency ----------------------------------------------------------------------------------
+    calib = public(tokenizer, "train", p.calibration_chunks) if p.saliency != "weight" or p.compensate else None
     if p.saliency == "weight":
         scores = weight_saliency_scores(fm, plan.compressed)
     else:
-        calib = public(tokenizer, "train", p.calibration_chunks)
         log.info("activation saliency (%s) on %d calibration chunks of %d tokens", p.saliency, len(calib),
                  calib.shape[1])
         scores = activation_saliency_scores(fm, plan.compressed, calib, p.batch_size, p.saliency, p.eps)
@@ -57,6 +58,7 @@ def make_proxy(cfg: Config, out: Path, public: Callable[[object, str, int], torc
     # -- construction ------------------------------------------------------------------------------
     proxy = build_proxy(fm, kept)
     fm_params, proxy_params = count_params(fm), count_params(proxy)
+    compensate_s = _compensate(proxy, fm, kept, calib, cfg) if p.compensate and plan.compressed else None
 
     # -- evaluation on held-out text ---------------------------------------------------------------
     held = public(tokenizer, "held_out", p.eval_chunks)
@@ -72,6 +74,7 @@ def make_proxy(cfg: Config, out: Path, public: Callable[[object, str, int], torc
         "keep_ratio": p.keep_ratio,
         "keep_ratios": list(p.keep_ratios),
         "saliency": p.saliency,
+        "compensated": p.compensate,
         "seed": cfg.run.seed,
         "fm_ffn_widths": plan.widths,
         "proxy_ffn_widths": [len(kept[l]) if l in kept else plan.widths[l] for l in range(plan.num_layers)],
@@ -86,6 +89,9 @@ def make_proxy(cfg: Config, out: Path, public: Callable[[object, str, int], torc
         "held_out_chunks": int(len(held)),
         "chunk_tokens": int(held.shape[1]),
     }
+    if task == "causal-lm":
+        # what a client training on the proxy starts from: its next-token loss beside the FM's
+        report["held_out_loss_fm"], report["held_out_loss_proxy"] = next_token_losses([fm, proxy], held, p.batch_size)
     if task == "causal-lm" and p.sample_tokens > 0:
         report["sample_prompt"] = p.sample_prompt
         report["sample_fm"] = greedy_sample(fm, tokenizer, p.sample_prompt, p.sample_tokens)
@@ -96,7 +102,19 @@ def make_proxy(cfg: Config, out: Path, public: Callable[[object, str, int], torc
     save_proxy(proxy, tokenizer, out, meta)
     report["proxy_dir"] = str(out)
     report["seconds"] = time.perf_counter() - t0
+    report["compensate_seconds"] = compensate_s
     return report
+
+
+def _compensate(proxy, fm, kept: dict[int, list[int]], calib: torch.Tensor, cfg: Config) -> float:
+    """proxy.compensate: refit the compressed FFNs' output projections on the FM's activations over
+    the calibration chunks; returns the seconds it took."""
+    t0 = time.perf_counter()
+    log.info("compensation: refitting %d output projections on %d calibration chunks of %d tokens",
+             len(kept), len(calib), calib.shape[1])
+    moments = activation_moments(fm, sorted(kept), calib, cfg.proxy.batch_size)
+    compensate_proxy(proxy, fm, kept, moments, cfg.proxy.compensate_ridge)
+    return time.perf_counter() - t0
 
 
 def make_emulator(cfg: Config, out: Path, public: Callable[[object, str, int], torch.Tensor]) -> dict:

@@ -203,6 +203,98 @@ def build_proxy(fm: nn.Module, kept: dict[int, list[int]]) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Compensation: the kept neurons' output projection refitted to the whole FFN's output
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class ActivationMoments:
+    """Sums over real tokens of one FFN's intermediate activations a (the output projection's input):
+    ``gram`` = sum a a^T, ``total`` = sum a (float64), ``tokens``."""
+    gram: torch.Tensor
+    total: torch.Tensor
+    tokens: int = 0
+
+
+@torch.no_grad()
+def activation_moments(model: nn.Module, layer_ids: Sequence[int], chunks: torch.Tensor,
+                       batch_size: int) -> dict[int, ActivationMoments]:
+    """:class:`ActivationMoments` of the FFNs of ``layer_ids`` from forward passes of ``model`` over
+    ``chunks`` [n, seq] (every token real). Memory: d_ff^2 float64 per layer."""
+    layout = layout_for(model.config.model_type)
+    layers = transformer_layers(model)
+    device = _input_device(model)
+    moments, handles = {}, []
+
+    def hook(l: int):
+        def record(module: nn.Module, inputs: tuple) -> None:
+            a = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            m = moments[l]
+            m.gram += a.T @ a
+            m.total += a.sum(0)
+            m.tokens += a.shape[0]
+        return record
+
+    for l in layer_ids:
+        proj = ffn_modules(layers[l], layout)[1][0]
+        d_ff = proj.in_features
+        moments[l] = ActivationMoments(torch.zeros(d_ff, d_ff, dtype=torch.float64, device=proj.weight.device),
+                                       torch.zeros(d_ff, dtype=torch.float64, device=proj.weight.device))
+        handles.append(proj.register_forward_pre_hook(hook(l)))
+    model.eval()
+    try:
+        for start in range(0, len(chunks), batch_size):
+            ids = chunks[start: start + batch_size].to(device)
+            _forward_hidden(model, ids, torch.ones_like(ids))
+    finally:
+        for h in handles:
+            h.remove()
+    return moments
+
+
+def compensated_projection(weight: torch.Tensor, bias: Optional[torch.Tensor], moments: ActivationMoments,
+                           kept: Sequence[int], ridge: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The output projection (``weight`` [d, d_ff], ``bias`` [d] or None) of an FFN that keeps
+    neurons ``kept``, fitted so that sum over tokens |W' a_kept + b' - (W a + b)|^2 is least,
+    with a ridge ``ridge`` x (the kept neurons' mean squared activation) on W'. Returns (W' [d, k],
+    b' or None); b' is fitted too where the FFN has a bias. float64 algebra, results in ``weight``'s dtype."""
+    n = max(moments.tokens, 1)
+    idx = torch.as_tensor(list(kept), dtype=torch.long, device=moments.gram.device)
+    w = weight.detach().to(moments.gram.device, torch.float64)
+    g = moments.gram / n                                    # E[a a^T]
+    mean = moments.total / n                                # E[a]
+    k = len(idx)
+    lhs = g[idx][:, idx]                                    # E[a_K a_K^T]
+    rhs = g[idx] @ w.T                                      # E[a_K y^T], y = W a (+ b below)
+    lam = ridge * float(lhs.diagonal().mean().clamp_min(1e-30))
+    if bias is not None:
+        b = bias.detach().to(moments.gram.device, torch.float64)
+        top = torch.cat([lhs, mean[idx, None]], 1)
+        lhs = torch.cat([top, torch.cat([mean[idx], mean.new_ones(1)])[None]], 0)
+        rhs = torch.cat([rhs + mean[idx, None] * b[None], (w @ mean + b)[None]], 0)
+    reg = torch.zeros(lhs.shape[0], dtype=torch.float64, device=lhs.device)
+    reg[:k] = lam
+    x = torch.linalg.solve(lhs + torch.diag(reg), rhs)     # [k (+1), d]
+    new_w = x[:k].T.to(weight.dtype)
+    new_b = x[k].to(bias.dtype) if bias is not None else None
+    return new_w, new_b
+
+
+@torch.no_grad()
+def compensate_proxy(proxy: nn.Module, fm: nn.Module, kept: dict[int, list[int]],
+                     moments: dict[int, ActivationMoments], ridge: float) -> None:
+    """Replace the output projection of each compressed FFN of ``proxy`` (built from ``fm`` keeping
+    ``kept``) by :func:`compensated_projection` fitted on ``moments`` (the FM's activations)."""
+    layout = layout_for(fm.config.model_type)
+    fm_layers, proxy_layers = transformer_layers(fm), transformer_layers(proxy)
+    for l, idx in kept.items():
+        for src, dst in zip(ffn_modules(fm_layers[l], layout)[1], ffn_modules(proxy_layers[l], layout)[1]):
+            w, b = compensated_projection(src.weight, src.bias, moments[l], idx, ridge)
+            dst.weight.copy_(w.to(dst.weight.device))
+            if b is not None:
+                dst.bias.copy_(b.to(dst.bias.device))
+
+
+# ----------------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------------
 
@@ -242,6 +334,25 @@ def hidden_state_errors(fm: nn.Module, proxy: nn.Module, chunks: torch.Tensor, b
         raise UserError("no held-out text to measure the proxy on (public_text is too small)")
     num, den = hidden_error_sums(fm, proxy, chunks, batch_size, layer_map)
     return (num / den.clamp_min(1e-12)).tolist()
+
+
+@torch.no_grad()
+def next_token_losses(models: Sequence[nn.Module], chunks: torch.Tensor, batch_size: int) -> list[float]:
+    """Each causal LM's mean next-token loss (nats) over ``chunks`` [n, seq] (every token real)."""
+    from .lm import next_token_labels, next_token_sums
+
+    out = []
+    for model in models:
+        device = _input_device(model)
+        total, count = 0.0, 0
+        for start in range(0, len(chunks), batch_size):
+            ids = chunks[start: start + batch_size].to(device)
+            mask = torch.ones_like(ids)
+            loss, _, n = next_token_sums(model(input_ids=ids, attention_mask=mask).logits,
+                                         next_token_labels(ids, mask))
+            total, count = total + float(loss), count + int(n)
+        out.append(total / max(count, 1))
+    return out
 
 
 def _input_device(model: nn.Module) -> torch.device:
