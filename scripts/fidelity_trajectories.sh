@@ -40,6 +40,12 @@ for part in $PARTS; do
         fed.method=fedpft_no_layer_distill
       score "$config" "$traj" "$OUT/minilm-fedot" "$OUT/minilm-fedot.json" fed.method=fedot
       score "$config" "$traj" "$OUT/minilm-keep0.5" "$OUT/minilm-keep0.5.json" proxy.keep_ratio=0.5
+      # the proxy's output projections refitted to the whole FFNs (proxy.compensate), neurons ranked
+      # by weight or by mean |activation|, with the config's layer-level distillation
+      score "$config" "$traj" "$OUT/minilm-comp" "$OUT/minilm-comp.json" \
+        proxy.compensate=true proxy.calibration_chunks=256
+      score "$config" "$traj" "$OUT/minilm-meanabs-comp" "$OUT/minilm-meanabs-comp.json" \
+        proxy.compensate=true proxy.calibration_chunks=256 proxy.saliency=mean_abs
       ;;
     smollm2)
       config=configs/smollm2-austen.yaml traj=$OUT/smollm2-fedpetuning
@@ -47,6 +53,8 @@ for part in $PARTS; do
       score "$config" "$traj" "$OUT/smollm2-fedpft" "$OUT/smollm2-fedpft.json"
       score "$config" "$traj" "$OUT/smollm2-undistilled" "$OUT/smollm2-undistilled.json" \
         fed.method=fedpft_no_layer_distill
+      score "$config" "$traj" "$OUT/smollm2-meanabs-comp" "$OUT/smollm2-meanabs-comp.json" \
+        fed.method=fedpft_no_layer_distill proxy.saliency=mean_abs proxy.calibration_chunks=256 proxy.compensate=true
       ;;
     *) echo "unknown part $part (minilm, smollm2)" >&2; exit 2 ;;
   esac

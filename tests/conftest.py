@@ -69,11 +69,16 @@ def child_env(**extra: str) -> dict:
     return env
 
 
+# Variables that only our own code reads, when a command runs (never at import): a command with these
+# on top of child_env() can run in a fork of the preloaded server.
+FORK_SAFE_ENV = frozenset({"FEDPFT_MODELS", "FEDPFT_GLUE"})
+
+
 def run_cli(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    """`python -m fedpft_dist ARGS`, in a fork of the preloaded server when the environment is the
-    plain child_env() (see tests/forkserver.py), else in a fresh interpreter."""
-    if not env and FORK_SERVER.enabled:
-        return FORK_SERVER.run(list(args), [{}], timeout)
+    """`python -m fedpft_dist ARGS`, in a fork of the preloaded server when the environment is
+    child_env() plus FORK_SAFE_ENV variables (see tests/forkserver.py), else in a fresh interpreter."""
+    if set(env) <= FORK_SAFE_ENV and FORK_SERVER.enabled:
+        return FORK_SERVER.run(list(args), [env], timeout)
     return subprocess.run([PYTHON, "-m", "fedpft_dist", *args], cwd=REPO, env=child_env(**env),
                           capture_output=True, text=True, timeout=timeout)
 

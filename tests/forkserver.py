@@ -11,7 +11,8 @@ MASTER_ADDR, MASTER_PORT, ...) make a 2-rank run: what ``fedpft_dist.runtime.lau
 torchrun launch, so the ranks meet through the same env:// rendezvous.
 
 Only commands whose environment is the server's own (``conftest.child_env()``) plus rank variables
-go through it, because some modules read the environment when they are imported; anything else, and
+and variables only our code reads when a command runs (``conftest.FORK_SAFE_ENV``) go through it,
+because some modules read the environment when they are imported; anything else, and
 every test of a launcher itself (torchrun, srun, mpirun, signals sent to a rank), starts real
 processes. ``FEDPFT_TEST_FORK=0`` turns the server off and every command starts a fresh interpreter.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -14,9 +14,9 @@ from ..fingerprint import emulator_fingerprint, proxy_fingerprint
 from .emulator import build_emulator, emulator_layers, emulator_targets
 from .families import transformer_layers
 from .loading import default_task, load_model, load_tokenizer, resolve_model_dir
-from .proxy import (activation_moments, activation_saliency_scores, build_proxy, compensate_proxy, count_params,
-                    describe_layout, hidden_state_errors, next_token_losses, plan_proxy, save_proxy, select_neurons,
-                    weight_saliency_scores)
+from .proxy import (MomentRecorder, activation_moments, activation_saliency_scores, build_proxy, compensate_proxy,
+                    count_params, describe_layout, hidden_state_errors, next_token_losses, plan_proxy, save_proxy,
+                    select_neurons, weight_saliency_scores)
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +46,14 @@ def make_proxy(cfg: Config, out: Path, public: Callable[[object, str, int], torc
 
     # -- saliency ----------------------------------------------------------------------------------
     calib = public(tokenizer, "train", p.calibration_chunks) if p.saliency != "weight" or p.compensate else None
-    if p.saliency == "weight":
-        scores = weight_saliency_scores(fm, plan.compressed)
-    else:
-        log.info("activation saliency (%s) on %d calibration chunks of %d tokens", p.saliency, len(calib),
-                 calib.shape[1])
-        scores = activation_saliency_scores(fm, plan.compressed, calib, p.batch_size, p.saliency, p.eps)
+    scores, moments = _saliency(fm, plan.compressed, calib, cfg)
     gen = torch.Generator().manual_seed(cfg.run.seed)
     kept = {l: select_neurons(scores[l], plan.keep[l], gen) for l in plan.compressed}
 
     # -- construction ------------------------------------------------------------------------------
     proxy = build_proxy(fm, kept)
     fm_params, proxy_params = count_params(fm), count_params(proxy)
-    compensate_s = _compensate(proxy, fm, kept, calib, cfg) if p.compensate and plan.compressed else None
+    compensate_s = _compensate(proxy, fm, kept, calib, moments, cfg) if p.compensate and plan.compressed else None
 
     # -- evaluation on held-out text ---------------------------------------------------------------
     held = public(tokenizer, "held_out", p.eval_chunks)
@@ -106,13 +101,33 @@ def make_proxy(cfg: Config, out: Path, public: Callable[[object, str, int], torc
     return report
 
 
-def _compensate(proxy, fm, kept: dict[int, list[int]], calib: torch.Tensor, cfg: Config) -> float:
+def _saliency(fm, layers: list[int], calib: Optional[torch.Tensor], cfg: Config
+              ) -> tuple[dict[int, torch.Tensor], Optional[dict]]:
+    """The neuron scores of the compressed ``layers``; with activation saliency and proxy.compensate,
+    also the activations' moments, taken in the same forward passes (else None)."""
+    p = cfg.proxy
+    if p.saliency == "weight":
+        return weight_saliency_scores(fm, layers), None
+    log.info("activation saliency (%s) on %d calibration chunks of %d tokens", p.saliency, len(calib), calib.shape[1])
+    with MomentRecorder(fm, layers if p.compensate else []) as rec:
+        scores = activation_saliency_scores(fm, layers, calib, p.batch_size, p.saliency, p.eps)
+    return scores, (rec.moments if p.compensate else None)
+
+
+def _compensate(proxy, fm, kept: dict[int, list[int]], calib: torch.Tensor, moments: Optional[dict],
+                cfg: Config) -> float:
     """proxy.compensate: refit the compressed FFNs' output projections on the FM's activations over
-    the calibration chunks; returns the seconds it took."""
+    the calibration chunks (``moments``, else taken now); returns the seconds it took."""
     t0 = time.perf_counter()
     log.info("compensation: refitting %d output projections on %d calibration chunks of %d tokens",
              len(kept), len(calib), calib.shape[1])
-    moments = activation_moments(fm, sorted(kept), calib, cfg.proxy.batch_size)
+    widest = max(len(idx) for idx in kept.values())
+    if calib.numel() < 8 * widest:
+        log.warning("proxy.compensate: %d calibration tokens for up to %d kept neurons per layer: the fit may "
+                    "overfit them; raise proxy.calibration_chunks (at least %d chunks)", calib.numel(), widest,
+                    -(-8 * widest // calib.shape[1]))
+    if moments is None:
+        moments = activation_moments(fm, sorted(kept), calib, cfg.proxy.batch_size)
     compensate_proxy(proxy, fm, kept, moments, cfg.proxy.compensate_ridge)
     return time.perf_counter() - t0
 

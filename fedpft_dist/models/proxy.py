@@ -215,40 +215,53 @@ class ActivationMoments:
     tokens: int = 0
 
 
-@torch.no_grad()
-def activation_moments(model: nn.Module, layer_ids: Sequence[int], chunks: torch.Tensor,
-                       batch_size: int) -> dict[int, ActivationMoments]:
-    """:class:`ActivationMoments` of the FFNs of ``layer_ids`` from forward passes of ``model`` over
-    ``chunks`` [n, seq] (every token real). Memory: d_ff^2 float64 per layer."""
-    layout = layout_for(model.config.model_type)
-    layers = transformer_layers(model)
-    device = _input_device(model)
-    moments, handles = {}, []
+class MomentRecorder:
+    """Forward pre-hooks on the output projection of the FFNs of ``layer_ids`` that add each forward's
+    activations into :attr:`moments` (layer -> :class:`ActivationMoments`; every token counts: pass
+    unpadded chunks). Memory: d_ff^2 float64 per layer. A context manager; it removes its hooks."""
 
-    def hook(l: int):
+    def __init__(self, model: nn.Module, layer_ids: Sequence[int]):
+        layout = layout_for(model.config.model_type)
+        layers = transformer_layers(model)
+        self.moments: dict[int, ActivationMoments] = {}
+        self._handles = []
+        for l in layer_ids:
+            proj = ffn_modules(layers[l], layout)[1][0]
+            d_ff, device = proj.in_features, proj.weight.device
+            self.moments[l] = ActivationMoments(torch.zeros(d_ff, d_ff, dtype=torch.float64, device=device),
+                                                torch.zeros(d_ff, dtype=torch.float64, device=device))
+            self._handles.append(proj.register_forward_pre_hook(self._hook(l)))
+
+    def _hook(self, l: int):
         def record(module: nn.Module, inputs: tuple) -> None:
             a = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-            m = moments[l]
+            m = self.moments[l]
             m.gram += a.T @ a
             m.total += a.sum(0)
             m.tokens += a.shape[0]
         return record
 
-    for l in layer_ids:
-        proj = ffn_modules(layers[l], layout)[1][0]
-        d_ff = proj.in_features
-        moments[l] = ActivationMoments(torch.zeros(d_ff, d_ff, dtype=torch.float64, device=proj.weight.device),
-                                       torch.zeros(d_ff, dtype=torch.float64, device=proj.weight.device))
-        handles.append(proj.register_forward_pre_hook(hook(l)))
+    def __enter__(self) -> "MomentRecorder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+@torch.no_grad()
+def activation_moments(model: nn.Module, layer_ids: Sequence[int], chunks: torch.Tensor,
+                       batch_size: int) -> dict[int, ActivationMoments]:
+    """:class:`ActivationMoments` of the FFNs of ``layer_ids`` from forward passes of ``model`` over
+    ``chunks`` [n, seq] (every token real)."""
+    device = _input_device(model)
     model.eval()
-    try:
+    with MomentRecorder(model, layer_ids) as rec:
         for start in range(0, len(chunks), batch_size):
             ids = chunks[start: start + batch_size].to(device)
             _forward_hidden(model, ids, torch.ones_like(ids))
-    finally:
-        for h in handles:
-            h.remove()
-    return moments
+    return rec.moments
 
 
 def compensated_projection(weight: torch.Tensor, bias: Optional[torch.Tensor], moments: ActivationMoments,
