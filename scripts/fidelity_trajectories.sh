@@ -55,6 +55,8 @@ for part in $PARTS; do
         fed.method=fedpft_no_layer_distill
       score "$config" "$traj" "$OUT/smollm2-meanabs-comp" "$OUT/smollm2-meanabs-comp.json" \
         fed.method=fedpft_no_layer_distill proxy.saliency=mean_abs proxy.calibration_chunks=256 proxy.compensate=true
+      score "$config" "$traj" "$OUT/smollm2-meanabs-comp-distilled" "$OUT/smollm2-meanabs-comp-distilled.json" \
+        proxy.saliency=mean_abs proxy.calibration_chunks=256 proxy.compensate=true
       ;;
     *) echo "unknown part $part (minilm, smollm2)" >&2; exit 2 ;;
   esac

@@ -44,9 +44,10 @@ def test_w1_bench_config_aligns_and_evaluates_every_round():
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_bench_json_on_two_ranks(tmp_path):
+def test_bench_json_on_two_ranks(tmp_path, reuse_distilled):
     out = tmp_path / "b" / "bench.json"
     args = ["bench", "--config", CONFIG, f"run.dir={tmp_path / 'run'}", "dist.threads_per_rank=1", "distill.zero_stage=0",
+            reuse_distilled,
             "fed.rounds=4", "fed.align_every=2", "fed.eval_every=4", "bench.warmup_rounds=1",
             "bench.allreduce_iters=5", "bench.stats_steps=2", f"bench.out={out}"]
     proc = run_ranks(args, 2, 300)
