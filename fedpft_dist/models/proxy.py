@@ -357,14 +357,14 @@ def next_token_losses(models: Sequence[nn.Module], chunks: torch.Tensor, batch_s
     out = []
     for model in models:
         device = _input_device(model)
-        total, count = 0.0, 0
+        total, count = torch.zeros((), dtype=torch.float64, device=device), 0
         for start in range(0, len(chunks), batch_size):
             ids = chunks[start: start + batch_size].to(device)
             mask = torch.ones_like(ids)
             loss, _, n = next_token_sums(model(input_ids=ids, attention_mask=mask).logits,
                                          next_token_labels(ids, mask))
-            total, count = total + float(loss), count + int(n)
-        out.append(total / max(count, 1))
+            total, count = total + loss.double(), count + int(n)
+        out.append(float(total) / max(count, 1))
     return out
 
 
