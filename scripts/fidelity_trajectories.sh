@@ -3,7 +3,8 @@
 #   1. trajectories: every round's global adapter of one FedPETuning run on the quick start (MiniLM,
 #      tweets, 10 rounds) and on configs/smollm2-austen.yaml (SmolLM2-135M, Austen, 6 rounds);
 #   2. client models scored along them with `fedpft fidelity`: the quick start's proxy at probe sizes
-#      64, 128 and 256 (the interval's half-width), then per variant at the default probe size.
+#      64, 128 and 256 (the interval's half-width), then per variant at the default probe size;
+#   3. SmolLM2: FedPFT trained on the best-scoring proxy, to set beside the trajectory's FedPETuning run.
 #   bash scripts/fidelity_trajectories.sh                   everything
 #   PARTS=minilm bash scripts/fidelity_trajectories.sh      one model
 # It resumes: a trajectory with a summary.json and a score with its JSON are skipped; a variant's
@@ -20,6 +21,12 @@ trajectory() {  # trajectory CONFIG DIR [OVERRIDE ...]
   if [ -f "$dir/summary.json" ]; then return; fi
   run train --config "$config" run.dir="$dir" fed.method=fedpetuning fed.save_round_adapters=true \
     fed.fidelity_every=0 fed.resume=true "$@"
+}
+
+train() {  # train CONFIG RUN_DIR [OVERRIDE ...]: federated training with the client model built in RUN_DIR
+  local config=$1 dir=$2; shift 2
+  if [ -f "$dir/summary.json" ]; then return; fi
+  run train --config "$config" run.dir="$dir" fed.resume=true "$@"
 }
 
 score() {  # score CONFIG TRAJECTORY RUN_DIR JSON [OVERRIDE ...]
@@ -57,6 +64,9 @@ for part in $PARTS; do
         fed.method=fedpft_no_layer_distill proxy.saliency=mean_abs proxy.calibration_chunks=256 proxy.compensate=true
       score "$config" "$traj" "$OUT/smollm2-meanabs-comp-distilled" "$OUT/smollm2-meanabs-comp-distilled.json" \
         proxy.saliency=mean_abs proxy.calibration_chunks=256 proxy.compensate=true
+      # FedPFT trained on that proxy (seed 0, the trajectory's seed), against the trajectory's FedPETuning run
+      train "$config" "$OUT/smollm2-meanabs-comp-distilled" proxy.saliency=mean_abs proxy.calibration_chunks=256 \
+        proxy.compensate=true fed.fidelity_every=0
       ;;
     *) echo "unknown part $part (minilm, smollm2)" >&2; exit 2 ;;
   esac

@@ -9,7 +9,8 @@ from fedpft_dist.models.families import ffn_modules, layout_for, transformer_lay
 from fedpft_dist.models.loading import load_model, load_tokenizer, quiet_transformers, resolve_model_dir
 from fedpft_dist.models.proxy import (ActivationMoments, activation_moments, activation_saliency_scores, build_proxy,
                                       compensate_proxy, compensated_projection, count_params, hidden_state_errors,
-                                      load_proxy, plan_proxy, save_proxy, select_neurons, weight_saliency_scores)
+                                      load_proxy, next_token_losses, plan_proxy, save_proxy, select_neurons,
+                                      weight_saliency_scores)
 
 quiet_transformers()
 
@@ -301,8 +302,8 @@ def test_minilm_compensated_proxy_is_closer_to_the_fm(tmp_path):
     of 64 tokens: the fit has 384 unknowns per output (tiny.yaml's 8 chunks would overfit, and say so)."""
     reports = {}
     for name, extra in (("plain", []), ("fitted", ["proxy.compensate=true"])):
-        proc = run_cli("proxy", "--config", "configs/tiny.yaml", f"run.dir={tmp_path / name}", "proxy.saliency=mean_abs",
-                       "proxy.calibration_chunks=64", *extra, timeout=600)
+        proc = run_cli("proxy", "--config", "configs/tiny.yaml", f"run.dir={tmp_path / name}",
+                       "proxy.saliency=mean_abs", "proxy.calibration_chunks=64", *extra, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         reports[name] = json.loads((tmp_path / name / "proxy.json").read_text())
     plain, fitted = reports["plain"], reports["fitted"]
@@ -327,6 +328,14 @@ def test_smollm2_proxy_count_reload_and_generation(tmp_path):
 
     proxy, meta = load_proxy(tmp_path / "proxy")
     assert count_params(proxy) == report["proxy_params"]
+    # the held-out next-token losses: the FM's below the proxy's, and the reloaded proxy's as reported
+    from fedpft_dist.alignment.stages import public_chunks
+    from fedpft_dist.config import load_config
+
+    assert 0 < report["held_out_loss_fm"] < report["held_out_loss_proxy"]
+    held = public_chunks(load_config(tmp_path / "config.yaml"), load_tokenizer(tmp_path / "proxy"), "held_out", 2)
+    assert next_token_losses([proxy], held, 8)[0] == pytest.approx(report["held_out_loss_proxy"], rel=1e-5)
+    assert "held-out next-token loss: FM" in proc.stdout
     tok = load_tokenizer(tmp_path / "proxy")
     ids = tok(report["sample_prompt"], return_tensors="pt").input_ids
     out = proxy.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
