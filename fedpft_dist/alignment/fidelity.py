@@ -387,7 +387,8 @@ def fidelity_with_fm_gradients(rt: Runtime, client_model: nn.Module, fm_model: n
     (``grad_example_cosine*``); the same over the common layers (``*_common``), per FM layer
     (``*_per_layer``) and for the head (``*_head``)."""
     loss_fn = next_token_loss if setting.causal else classification_loss
-    mine = dealt_rows(len(probe), setting.batch_size, rt.rank, rt.world_size)
+    fm_mine = dealt_rows(len(probe), setting.batch_size, rt.rank, rt.world_size)
+    mine = fm_mine
     if sharded_over is None:
         client_rows = example_gradients(client_model, client_adapter, probe_rows(probe, mine), loss_fn,
                                         batch_size=setting.batch_size)
@@ -400,7 +401,6 @@ def fidelity_with_fm_gradients(rt: Runtime, client_model: nn.Module, fm_model: n
     shapes = {k: v.shape for k, v in client_adapter.items()}
     client_rows = to_fm(client_rows)
     shapes = to_fm(shapes)
-    fm_mine = dealt_rows(len(probe), setting.batch_size, rt.rank, rt.world_size)
     if fm_rows is None:
         fm_rows = example_gradients(fm_model, to_fm(client_adapter), probe_rows(probe, fm_mine), loss_fn,
                                     batch_size=setting.batch_size)
