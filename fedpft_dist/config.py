@@ -239,6 +239,18 @@ class DistillConfig:
     weight_decay: float = _opt(0.01, help="AdamW weight decay on matrices", ge=0, shapes=("distill",))
     grad_clip: float = _opt(1.0, help="gradient-norm clip", gt=0, shapes=("distill",))
     alpha: float = _opt(0.01, help="weight of the W_out W_in term of the loss (paper: 0.01)", ge=0, shapes=("distill",))
+    adapter_noise: float = _opt(
+        0.0, help="adapter-perturbed distillation: at every step teacher and student carry the same random "
+                  "low-rank perturbation (rank adapter_noise_rank) of the weights LoRA tunes (attention "
+                  "projections of every layer, FFN projections of the layers kept whole), so the proxy is "
+                  "fitted where adapters will take it. Its scale: entries of std adapter_noise/sqrt(d_in), "
+                  "as a weight matrix of gain adapter_noise; 0 = off", ge=0, shapes=("distill",))
+    adapter_noise_rank: int = _opt(8, help="rank of distill.adapter_noise's perturbations", ge=1, shapes=("distill",))
+    jvp_weight: float = _opt(
+        0.0, help="weight of the derivative term: per compressed FFN, the relative squared error between the "
+                  "student's and the teacher's Jacobian-vector products with random tangents at the teacher's "
+                  "FFN inputs (the data-dependent form of the W_out W_in term); 0 = off", ge=0,
+        shapes=("distill",))
     max_chunks: int = _opt(4096, help="public-text chunks tokenised for training", ge=1, shapes=("distill",))
     eval_chunks: int = _opt(32, help="held-out chunks for the before/after error", ge=1, run=False)
     checkpoint_every: int = _opt(0, help="checkpoint every N steps (0 = never)", ge=0, run=False)
@@ -322,9 +334,14 @@ class FedConfig:
                                                     "backward pass: activation memory of one layer instead of all, "
                                                     "for about a third more compute")
     lora_targets: Literal["attention", "attention+ffn"] = _opt(
-        "attention", help="LoRA on the attention projections, or also on the FFN projections of the "
-                          "layers whose FFN the client holds whole (a proxy's retained layers; every layer "
-                          "for fedpetuning and fedot)")
+        "attention", help="LoRA on the attention projections, or also on FFN projections (which layers: "
+                          "fed.lora_ffn_layers)")
+    lora_ffn_layers: Literal["retained", "all"] = _opt(
+        "retained", help="with lora_targets=attention+ffn, the layers whose FFN carries LoRA. retained: "
+                         "proxy.retained_layers in every method, the only FFNs a proxy holds whole, so "
+                         "fedpft and fedpetuning tune the same adapter; all: every layer whose FFN the "
+                         "client holds whole (every FM layer for fedpetuning; a proxy still only its "
+                         "retained layers). fedot: its emulator's whole-width adapter layers either way")
     align_every: int = _opt(10, help="neuron-level distillation every this many rounds (fedpft; 0 = never)", ge=0)
     align_keep: float = _opt(0.5, help="share of the most active neurons frozen during alignment", ge=0, le=1)
     align_fraction: float = _opt(0.02, help="alignment budget: share of one pass over the public text", gt=0)

@@ -5,14 +5,17 @@
 #                              FedPFT without neuron-level alignment
 #     Dirichlet alpha=1 split: FedPFT, FedPETuning, FedOT
 #   Austen next-token training on SmolLM2-135M (configs/smollm2-austen.yaml), seeds 0-2, about
-#   16 minutes per seed: FedPFT, FedPETuning, FedOT
+#   16 minutes per seed: FedPFT, FedPETuning, FedOT (AUSTEN_METHODS to choose); every round's global
+#   adapter is kept (round_adapters/: a trajectory for `fedpft fidelity --trajectory`)
 #   bash scripts/experiments.sh                       everything, then the report
 #   PARTS=tweets SEEDS="0 1" bash scripts/experiments.sh
+#   PARTS=austen AUSTEN_METHODS="fedpft fedpetuning" OUT=runs/experiments-refit bash scripts/experiments.sh
 # It resumes: a finished run (summary.json) is skipped, an interrupted one continues from its newest
 # round checkpoint. Per seed, the proxy is built and distilled once and shared by the FedPFT variants.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PARTS=${PARTS:-tweets austen}
+OUT=${OUT:-runs/experiments}
 PY=${FEDPFT_PYTHON:-.venv/bin/python}
 REPORT=${REPORT:-1}
 run() { FEDPFT_PYTHON=$PY launcher/torchrun.sh 2 "$@"; }
@@ -41,11 +44,11 @@ train() {  # train CONFIG OUT SEED PARTITION METHOD [OVERRIDE ...]
 
 for part in $PARTS; do
   case $part in
-    tweets) experiment configs/experiments/tweets.yaml runs/experiments/tweets "${SEEDS:-0 1 2 3 4}" \
+    tweets) experiment configs/experiments/tweets.yaml "$OUT/tweets" "${SEEDS:-0 1 2 3 4}" \
               "fedpft fedpetuning fedot fedpft_no_layer_distill fedpft_no_neuron_distill" "fedpft fedpetuning fedot" ;;
-    austen) experiment configs/smollm2-austen.yaml runs/experiments/austen "${SEEDS:-0 1 2}" \
-              "fedpft fedpetuning fedot" "" fed.checkpoint_every=2 ;;
+    austen) experiment configs/smollm2-austen.yaml "$OUT/austen" "${SEEDS:-0 1 2}" \
+              "${AUSTEN_METHODS:-fedpft fedpetuning fedot}" "" fed.checkpoint_every=2 fed.save_round_adapters=true ;;
     *) echo "PARTS: unknown part '$part' (tweets, austen)" >&2; exit 2 ;;
   esac
 done
-if [ "$REPORT" = 1 ]; then "$PY" -m fedpft_dist report runs/experiments/tweets runs/experiments/austen --out docs/results; fi
+if [ "$REPORT" = 1 ]; then "$PY" -m fedpft_dist report "$OUT/tweets" "$OUT/austen" --out docs/results; fi

@@ -50,6 +50,10 @@ def main(proxy_dir: str, out_dir: str) -> None:
     for stage in (0, 2, 3):
         results[f"stage{stage}"] = job(f"stage{stage}", stage)
 
+    # adapter perturbation and the derivative term: hooks and extra FFN forwards under ZeRO-3 too
+    for stage in (0, 3):
+        results[f"terms{stage}"] = job(f"terms{stage}", stage, adapter_noise=0.5, jvp_weight=1.0)
+
     # checkpoint at step 2 of 4, then a fresh job resumes from it
     ckpt = out / "ckpt"
     results["full_run"] = job("ckpt-full", 3, checkpoint_every=2, checkpoint_dir=str(ckpt))

@@ -371,17 +371,21 @@ def _metrics(run: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["fedpetuning", "fedot"])
-def test_tiny_llama_baselines_with_ffn_lora(method, tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("method, ffn_layers, expected", [
+    # fedpetuning: the proxy's retained layers by default (FedPFT's adapter), every FM layer with "all"
+    ("fedpetuning", "retained", [0, 3]), ("fedpetuning", "all", [0, 1, 2, 3]),
+    # fedot: the emulator's bottom and top layers, FM layers 0 and 3 (its middle layer, FM layer 1
+    # standing for 1-2, stays frozen at the clients)
+    ("fedot", "retained", [0, 3])])
+def test_tiny_llama_baselines_with_ffn_lora(method, ffn_layers, expected, tiny_llama_dir, tmp_path):
     _train(tmp_path, tiny_llama_dir, f"fed.method={method}", "fed.rounds=1", "fed.eval_initial=true",
-           "fed.fedot_keep_bottom=1", "fed.fedot_keep_top=1", "fed.fidelity_every=0")
+           "fed.fedot_keep_bottom=1", "fed.fedot_keep_top=1", "fed.fidelity_every=0",
+           f"fed.lora_ffn_layers={ffn_layers}")
     s = summary(tmp_path)
     assert s["task"] == "causal-lm" and s["final_accuracy"] is None
     assert math.isfinite(s["final_perplexity"]) and s["final_perplexity"] < s["initial_perplexity"]
     layers = sorted({int(k.split(".layers.")[1].split(".")[0]) for k in adapter(tmp_path) if ".mlp." in k})
-    # fedpetuning: every FM layer; fedot: the emulator's bottom and top layers, FM layers 0 and 3 (its
-    # middle layer, FM layer 1 standing for 1-2, stays frozen at the clients)
-    assert layers == ([0, 1, 2, 3] if method == "fedpetuning" else [0, 3])
+    assert layers == expected
 
 
 # FedPFT on the decoder after a proxy without layer-level distillation: round 1 aligns, FFN LoRA, dropout,

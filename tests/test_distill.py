@@ -48,6 +48,17 @@ def test_zero_stages_follow_the_same_trajectory(results):
         torch.testing.assert_close(torch.tensor(r[stage]["losses"]), base, rtol=1e-5, atol=0)
 
 
+def test_perturbed_distillation_with_the_derivative_term_at_zero_stages_0_and_3(results):
+    r, _ = results
+    base, terms = torch.tensor(r["stage0"]["losses"]), torch.tensor(r["terms0"]["losses"])
+    # the derivative term adds to the loss; the perturbation is drawn from (seed, step) on every rank
+    assert (terms > base).all()
+    torch.testing.assert_close(torch.tensor(r["terms3"]["losses"]), terms, rtol=1e-5, atol=0)
+    # the held-out errors are measured without the perturbation: before training, as the plain job's
+    assert r["terms3"]["before"] == pytest.approx(r["stage3"]["before"], rel=1e-6)
+    assert r["terms3"]["after"][1] < r["terms3"]["before"][1]
+
+
 def test_per_layer_error_falls(results):
     r, _ = results
     before, after = r["stage3"]["before"], r["stage3"]["after"]

@@ -15,6 +15,19 @@ reach the student's W_in and W_out (the weight term carries gradients) and ZeRO-
 weights as for any forward. For gated FFNs the product is taken for each input projection (W_gate
 and W_up) and averaged.
 
+Two optional terms fit the proxy where federated training will use it (layer level only):
+
+- **adapter perturbation** (``distill.adapter_noise``): at every optimizer step both models carry the
+  same random low-rank change of the weights LoRA tunes, drawn from (seed, step), so the student
+  matches the teacher's hidden states near the FM as well as at it. A proxy keeps the FM's attention
+  and its retained layers' FFNs, so the same change applies to both.
+- **a derivative term** (``distill.jvp_weight``): per compressed FFN f and its student f', with x the
+  teacher's FFN input (teacher forcing) and v a random tangent,
+  mean(|J_f(x) v - J_f'(x) v|^2) / mean(|J_f(x) v|^2), each JVP a central difference
+  (f(x + h v) - f(x - h v)) / 2h with h v at 1e-2 of each token's |x|: plain module forwards, so
+  ZeRO-3 gathers and frees the weights as for any forward, and the student's side carries gradients.
+  The W_out W_in term is this derivative's data-free, linear part.
+
 Dropout is off in both models: the student learns the teacher's deterministic hidden states, and a
 resumed run repeats the uninterrupted one exactly.
 """
@@ -56,12 +69,103 @@ def ffn_products(layer: nn.Module, layout: FFNLayout) -> list[torch.Tensor]:
     return out
 
 
+def _module(root: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def ffn_map(layer: nn.Module, layout: FFNLayout):
+    """The FFN of ``layer`` as a function of its input, without its residual add and norm: the module
+    holding both projections where there is one (LLaMA's ``mlp``), else the input projection's module
+    (which applies the activation, as BERT's ``intermediate``) followed by the output projection."""
+    rows, cols = layout.rows[0].split("."), layout.cols[0].split(".")
+    common = []
+    for a, b in zip(rows[:-1], cols[:-1]):
+        if a != b:
+            break
+        common.append(a)
+    if common:
+        return _module(layer, ".".join(common))
+    inner, out = _module(layer, ".".join(rows[:-1])), _module(layer, layout.cols[0])
+    return lambda x: out(inner(x))
+
+
+JVP_STEP = 1e-2   # |h v| / |x| per token of the derivative term's central difference
+
+
+def central_jvp(f, x: torch.Tensor, hv: torch.Tensor) -> torch.Tensor:
+    """(f(x + hv) - f(x - hv)) / 2, i.e. h times the JVP of f at x along v (h cancels in a relative error)."""
+    return (f(x + hv) - f(x - hv)) / 2
+
+
+def jvp_tangents(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """h v for :func:`central_jvp`: Gaussian directions drawn on the CPU from ``seed``, scaled per token
+    to ``JVP_STEP`` of the token's norm."""
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).to(x.device, x.dtype)
+    scale = JVP_STEP * x.norm(dim=-1, keepdim=True) / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return v * scale
+
+
+class AdapterPerturbation:
+    """The same random low-rank change ``B A`` of every LoRA-tunable weight in teacher and student,
+    added by forward hooks (``output + x A^T B^T``) so a ZeRO-3-partitioned teacher needs nothing
+    gathered. :meth:`draw` sets the change for a step; :meth:`clear` removes it (the models are then
+    exactly themselves)."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, layers: Sequence[int], scale: float, rank: int):
+        self.scale, self.rank = scale, rank
+        layout = layout_for(student.config.model_type)
+        t_layers, s_layers = transformer_layers(teacher), transformer_layers(student)
+        if len(t_layers) != len(s_layers):
+            raise ValueError("adapter perturbation needs a student with the teacher's layers (a proxy)")
+        self.sites: list[tuple[str, int, int]] = []     # (name, in_features, out_features)
+        self._delta: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._handles = []
+        for l in range(len(s_layers)):
+            paths = list(layout.attention) + ([] if l in layers else [*layout.rows, *layout.cols])
+            for path in paths:
+                name = f"{l}.{path}"
+                s_mod, t_mod = _module(s_layers[l], path), _module(t_layers[l], path)
+                self.sites.append((name, s_mod.in_features, s_mod.out_features))
+                for mod in (t_mod, s_mod):
+                    self._handles.append(mod.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            delta = self._delta.get(name)
+            if delta is None:
+                return None
+            a, b = delta
+            x = inputs[0]
+            return output + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+        return hook
+
+    def draw(self, seed: int, device: torch.device) -> None:
+        """A = N(0, 1/d_in) entries, B = N(0, scale^2 / rank): B A has entries of std scale / sqrt(d_in)."""
+        gen = torch.Generator().manual_seed(seed)
+        self._delta = {}
+        for name, d_in, d_out in self.sites:
+            a = torch.randn(self.rank, d_in, generator=gen) / math.sqrt(d_in)
+            b = torch.randn(d_out, self.rank, generator=gen) * (self.scale / math.sqrt(self.rank))
+            self._delta[name] = (a.to(device), b.to(device))
+
+    def clear(self) -> None:
+        self._delta = {}
+
+    def remove(self) -> None:
+        self.clear()
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
 class DistillPair(nn.Module):
     """Teacher (frozen) and student in one module, so one DeepSpeed engine holds both; its forward
-    returns the distillation loss and its parts."""
+    returns the distillation loss and its parts (hidden-state, weight and derivative terms)."""
 
     def __init__(self, teacher: nn.Module, student: nn.Module, layers: Sequence[int], alpha: float,
-                 teacher_layers: Optional[Sequence[int]] = None):
+                 teacher_layers: Optional[Sequence[int]] = None, jvp_weight: float = 0.0):
         super().__init__()
         self.teacher = teacher
         self.student = student
@@ -70,6 +174,7 @@ class DistillPair(nn.Module):
         # an emulator with dropped layers, the last FM layer of the block the student layer stands for.
         self.teacher_layers = list(teacher_layers) if teacher_layers is not None else list(layers)
         self.alpha = alpha
+        self.jvp_weight = jvp_weight
         self.layout = layout_for(student.config.model_type)
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -78,23 +183,58 @@ class DistillPair(nn.Module):
         base = getattr(model, "base_model", model)
         return base(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def _teacher_forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[tuple, dict[int, torch.Tensor]]:
+        """The teacher's hidden states and, with the derivative term, its compressed layers' FFN inputs."""
+        inputs: dict[int, torch.Tensor] = {}
+        handles = []
+        if self.jvp_weight > 0:
+            t_layers = transformer_layers(self.teacher)
+            for tl in self.teacher_layers:
+                def grab(module, args, tl=tl):
+                    inputs[tl] = args[0].detach()
+                handles.append(_module(t_layers[tl], self.layout.rows[0]).register_forward_pre_hook(grab))
+        try:
+            with torch.no_grad():
+                return self._hidden(self.teacher, ids, mask), inputs
+        finally:
+            for h in handles:
+                h.remove()
+
+    def derivative_term(self, inputs: dict[int, torch.Tensor], mask: torch.Tensor, seed: int) -> torch.Tensor:
+        """Per compressed layer: relative squared error of the student's FFN JVPs against the teacher's,
+        at the teacher's FFN inputs, along tangents drawn from ``seed`` (one draw per layer)."""
         t_layers, s_layers = transformer_layers(self.teacher), transformer_layers(self.student)
-        with torch.no_grad():
-            ht = self._hidden(self.teacher, input_ids, attention_mask)
+        out = []
+        for i, (l, tl) in enumerate(zip(self.layers, self.teacher_layers)):
+            x = inputs[tl]
+            hv = jvp_tangents(x, seed * 1009 + i)
+            with torch.no_grad():
+                jt = central_jvp(ffn_map(t_layers[tl], self.layout), x, hv)
+            js = central_jvp(ffn_map(s_layers[l], self.layout), x, hv)
+            out.append(relative_sq_error_per_sample(jt, js, mask).mean())
+        return torch.stack(out)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tangent_seed: int = 0):
+        t_layers, s_layers = transformer_layers(self.teacher), transformer_layers(self.student)
+        ht, ffn_inputs = self._teacher_forward(input_ids, attention_mask)
         hs = self._hidden(self.student, input_ids, attention_mask)
         hidden = torch.stack([relative_sq_error_per_sample(ht[tl + 1], hs[l + 1], attention_mask).mean()
                               for l, tl in zip(self.layers, self.teacher_layers)])
+        loss = hidden.mean()
+        if self.jvp_weight > 0:
+            jvp = self.derivative_term(ffn_inputs, attention_mask, tangent_seed)
+            loss = loss + self.jvp_weight * jvp.mean()
+        else:
+            jvp = torch.zeros_like(hidden)
         if self.alpha == 0:  # no weight term (alignment as the paper's code does it; FedOT's emulator)
-            weight = torch.zeros_like(hidden)
-            return hidden.mean(), hidden.detach(), weight
+            return loss, hidden.detach(), torch.zeros_like(hidden), jvp.detach()
         with torch.no_grad():
             wt = [ffn_products(t_layers[l], self.layout) for l in self.teacher_layers]
         weight = torch.stack([
             torch.stack([relative_sq_error(t, s) for t, s in zip(wt_l, ffn_products(s_layers[l], self.layout))]).mean()
             for l, wt_l in zip(self.layers, wt)])
-        loss = hidden.mean() + self.alpha * weight.mean()
-        return loss, hidden.detach(), weight.detach()
+        loss = loss + self.alpha * weight.mean()
+        return loss, hidden.detach(), weight.detach(), jvp.detach()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from ..models.families import layers_prefix, layout_for, transformer_layers
 from ..models.proxy import hidden_error_sums
 from ..runtime import Runtime
 from . import zero
-from .distill import (DistillPair, NeuronSplit, apply_neuron_split, ffn_parameter_names, freeze_all_but,
+from .distill import (AdapterPerturbation, DistillPair, NeuronSplit, apply_neuron_split, ffn_parameter_names, freeze_all_but,
                       linear_warmup_decay, param_groups)
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,9 @@ class DistillRun:
     replace_stale: bool = False
     log_path: Optional[str] = None  # JSON lines, one per step (rank 0)
     progress: bool = True
+    adapter_noise: float = 0.0      # > 0: adapter-perturbed distillation at this scale (a proxy only)
+    adapter_noise_rank: int = _DISTILL.adapter_noise_rank
+    jvp_weight: float = 0.0         # weight of the derivative term
 
 
 @dataclass
@@ -157,6 +160,7 @@ class _Job:
     the steps and the result need."""
     engine: object
     pair: DistillPair
+    perturbation: Optional[AdapterPerturbation]
     named: dict[str, nn.Parameter]   # the trainable parameters, by name
     gas: int                         # gradient-accumulation steps per optimizer step
     total: int                       # optimizer steps
@@ -191,11 +195,18 @@ def _set_up(rt: Runtime, teacher: Teacher, student: nn.Module, layers: Sequence[
         names = ffn_parameter_names(student, layers)
     named = freeze_all_but(student, names)
     teacher_layers = [layer_map[l] for l in layers] if layer_map is not None else None
-    pair = DistillPair(teacher, student, layers, run.alpha, teacher_layers)
+    pair = DistillPair(teacher, student, layers, run.alpha, teacher_layers, jvp_weight=run.jvp_weight)
+    perturbation = None
+    if run.adapter_noise > 0:
+        if layer_map is not None:
+            raise UserError("distill.adapter_noise: adapter-perturbed distillation is for a proxy (every FM layer "
+                            "kept); an emulator's dropped layers have no place for the FM's adapter")
+        # hooks registered before the engine exists: the sites' shapes come from plain modules
+        perturbation = AdapterPerturbation(teacher, student, layers, run.adapter_noise, run.adapter_noise_rank)
     optimizer = torch.optim.AdamW(param_groups(named, d.weight_decay), lr=run.lr, betas=(0.9, 0.999), eps=1e-8)
     trainable = sum(p.numel() for p in named.values())
     engine = zero.initialize(pair, list(named.values()), optimizer, None, ds_config)
-    return _Job(engine, pair, named, gas, total_steps(run, d.batch_size, n_chunks), trainable)
+    return _Job(engine, pair, perturbation, named, gas, total_steps(run, d.batch_size, n_chunks), trainable)
 
 
 def _resume(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun) -> tuple[int, list[float]]:
@@ -242,15 +253,22 @@ def _step(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun, step: int, 
     for group in job.engine.optimizer.param_groups:
         group["lr"] = lr
     idx = batch_indices(step, rt.rank, rt.world_size, d.batch_size, len(chunks), run.seed)
-    parts = {"loss": 0.0, "hidden": 0.0, "weight": 0.0}
-    for micro in idx.split(d.micro_batch):
+    parts = {"loss": 0.0, "hidden": 0.0, "weight": 0.0, "jvp": 0.0}
+    if job.perturbation is not None:   # one perturbation per step, the same on every rank
+        job.perturbation.draw(run.seed * 1_000_003 + step, rt.device)
+    for k, micro in enumerate(idx.split(d.micro_batch)):
         ids = chunks[micro].to(rt.device)
-        loss, hidden, weight = job.engine(ids, torch.ones_like(ids))
+        # the micro-batch's place in the global batch seeds its tangents: the same on any number of ranks
+        tangent_seed = (run.seed * 1_000_003 + step) * 4099 + rt.rank * job.gas + k
+        loss, hidden, weight, jvp = job.engine(ids, torch.ones_like(ids), tangent_seed)
         job.engine.backward(loss)   # DeepSpeed scales by 1/gas and steps at the boundary
         job.engine.step()
         parts["loss"] += loss.item()
         parts["hidden"] += hidden.mean().item()
         parts["weight"] += weight.mean().item()
+        parts["jvp"] += jvp.mean().item()
+    if job.perturbation is not None:
+        job.perturbation.clear()
     m = rt.comm.all_reduce_metrics(parts, name=f"{run.tag}/loss")
     return {"lr": lr, **{k: v / (rt.world_size * job.gas) for k, v in m.items()}}
 
@@ -368,7 +386,11 @@ def run_distillation(rt: Runtime, teacher: Teacher, student: nn.Module,
         set_up_seconds = time.perf_counter() - t0
         held_bytes, full_bytes = zero.held_bytes(job.pair.teacher)
         errors_before = _errors(rt, job.pair, held_chunks, run.eval_batch, f"{run.tag}/eval-before", layer_map)
-        losses, step_times = _train(rt, job, d, run, train_chunks)
+        try:
+            losses, step_times = _train(rt, job, d, run, train_chunks)
+        finally:
+            if job.perturbation is not None:   # a teacher the caller holds goes back without hooks
+                job.perturbation.remove()
         errors_after = _errors(rt, job.pair, held_chunks, run.eval_batch, f"{run.tag}/eval-after", layer_map)
         state = _distilled_state(job, student, layers, splits, original, run.whole_layers)
     return DistillResult(

@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from ..models.adapters import adapter_slots, full_width_layers, rebind_adapter_slots, with_lora
 from ..models.families import layers_prefix, transformer_layers
 from ..models.loading import load_model
-from ..models.proxy import count_params, load_proxy, read_proxy_meta
+from ..models.proxy import count_params, load_proxy, read_proxy_meta, resolve_retained_layers
 from ..run_layout import RunLayout
 from ..runtime import ClientGroups, Runtime
 from ..runtime.shard import local_parameter_bytes, shard_client_model
@@ -65,8 +65,7 @@ def build_models(cfg: Config, rt: Runtime, method: Method, layout: RunLayout, nu
     if not method.uses_proxy:
         nonemb = non_embedding_params(fm)
         _checkpointing(fm, f.gradient_checkpointing)
-        every_layer = list(range(len(transformer_layers(fm)))) if ffn else []
-        model = with_lora(fm, *lora, task=task, ffn_layers=every_layer)
+        model = with_lora(fm, *lora, task=task, ffn_layers=fm_ffn_lora_layers(cfg, fm) if ffn else [])
         return Models(model, model, None, [], fm_params, fm_params, nonemb, local_parameter_bytes(model))
     proxy_dir = method.client_model(cfg, rt, layout)
     meta = read_proxy_meta(proxy_dir)
@@ -96,6 +95,15 @@ def build_models(cfg: Config, rt: Runtime, method: Method, layout: RunLayout, nu
         token = layers_prefix(proxy)
         models.to_fm = lambda adapter: method.to_fm(adapter, layer_map, token)
     return models
+
+
+def fm_ffn_lora_layers(cfg: Config, fm: nn.Module) -> list[int]:
+    """The FM layers whose FFN carries LoRA when the client model is the FM itself: the proxy's
+    retained layers (``fed.lora_ffn_layers=retained``, the adapter FedPFT's clients tune) or all."""
+    n = len(transformer_layers(fm))
+    if cfg.fed.lora_ffn_layers == "all":
+        return list(range(n))
+    return resolve_retained_layers(cfg.proxy.retained_layers, n)
 
 
 def _ffn_lora_layers(proxy: nn.Module, fm: nn.Module, meta: dict) -> list[int]:

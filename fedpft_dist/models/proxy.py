@@ -144,18 +144,23 @@ class ProxyPlan:
         return sorted(self.keep)
 
 
+def resolve_retained_layers(retained_layers: Sequence[int], num_layers: int) -> list[int]:
+    """``proxy.retained_layers`` as sorted layer ids of a ``num_layers``-layer model."""
+    retained = set()
+    for l in retained_layers:
+        if not -num_layers <= l < num_layers:
+            raise ConfigError("proxy.retained_layers", f"layer {l} is outside a {num_layers}-layer model")
+        retained.add(l % num_layers)
+    return sorted(retained)
+
+
 def plan_proxy(model: nn.Module, retained_layers: Sequence[int], keep_ratio: float,
                keep_ratios: Sequence[float] = ()) -> ProxyPlan:
     """Resolve negative layer ids and per-layer keep ratios against the model's depth."""
     layout = layout_for(model.config.model_type)
     layers = transformer_layers(model)
     n = len(layers)
-    retained = []
-    for l in retained_layers:
-        if not -n <= l < n:
-            raise ConfigError("proxy.retained_layers", f"layer {l} is outside a {n}-layer model")
-        retained.append(l % n)
-    retained = sorted(set(retained))
+    retained = resolve_retained_layers(retained_layers, n)
     if keep_ratios and len(keep_ratios) != n:
         raise ConfigError("proxy.keep_ratios", f"has {len(keep_ratios)} entries but the model has {n} layers")
     widths = [ffn_modules(layer, layout)[0][0].out_features for layer in layers]
