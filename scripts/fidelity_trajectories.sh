@@ -4,7 +4,8 @@
 #      tweets, 10 rounds) and on configs/smollm2-austen.yaml (SmolLM2-135M, Austen, 6 rounds);
 #   2. client models scored along them with `fedpft fidelity`: the quick start's proxy at probe sizes
 #      64, 128 and 256 (the interval's half-width), then per variant at the default probe size;
-#   3. SmolLM2: FedPFT trained on the best-scoring proxy, to set beside the trajectory's FedPETuning run.
+#   MINILM_NOISE, SMOLLM2_NOISE: distill.adapter_noise of the perturbed variants (the effective scale
+#   of the trajectories' adapters: scripts/adapter_scale.py).
 #   bash scripts/fidelity_trajectories.sh                   everything
 #   PARTS=minilm bash scripts/fidelity_trajectories.sh      one model
 # It resumes: a trajectory with a summary.json and a score with its JSON are skipped; a variant's
@@ -15,6 +16,8 @@ PARTS=${PARTS:-minilm smollm2}
 OUT=${OUT:-runs/fidelity}
 PY=${FEDPFT_PYTHON:-.venv/bin/python}
 run() { FEDPFT_PYTHON=$PY launcher/torchrun.sh 2 "$@"; }
+MINILM_NOISE=${MINILM_NOISE:-0.1}
+SMOLLM2_NOISE=${SMOLLM2_NOISE:-0.1}
 
 trajectory() {  # trajectory CONFIG DIR [OVERRIDE ...]
   local config=$1 dir=$2; shift 2
@@ -53,20 +56,30 @@ for part in $PARTS; do
         proxy.compensate=true proxy.calibration_chunks=256
       score "$config" "$traj" "$OUT/minilm-meanabs-comp" "$OUT/minilm-meanabs-comp.json" \
         proxy.compensate=true proxy.calibration_chunks=256 proxy.saliency=mean_abs
+      # layer-level distillation with adapter perturbation (at the scale the trajectory's adapters
+      # reach), with the derivative term, with both
+      score "$config" "$traj" "$OUT/minilm-noise" "$OUT/minilm-noise.json" distill.adapter_noise=$MINILM_NOISE
+      score "$config" "$traj" "$OUT/minilm-jvp" "$OUT/minilm-jvp.json" distill.jvp_weight=1
+      score "$config" "$traj" "$OUT/minilm-noise-jvp" "$OUT/minilm-noise-jvp.json" \
+        distill.adapter_noise=$MINILM_NOISE distill.jvp_weight=1
       ;;
     smollm2)
+      # The trajectory: FedPETuning with FFN LoRA on every layer (fed.lora_ffn_layers=all; the config's
+      # default now puts it on the proxy's retained layers only, as FedPFT's clients do)
       config=configs/smollm2-austen.yaml traj=$OUT/smollm2-fedpetuning
-      trajectory "$config" "$traj" fed.eval_every=6
-      score "$config" "$traj" "$OUT/smollm2-fedpft" "$OUT/smollm2-fedpft.json"
+      paper="proxy.saliency=weight proxy.calibration_chunks=32 proxy.compensate=false"
+      trajectory "$config" "$traj" fed.eval_every=6 fed.lora_ffn_layers=all
+      # $paper: the paper's construction (weight saliency, no refit)
+      score "$config" "$traj" "$OUT/smollm2-fedpft" "$OUT/smollm2-fedpft.json" $paper
       score "$config" "$traj" "$OUT/smollm2-undistilled" "$OUT/smollm2-undistilled.json" \
-        fed.method=fedpft_no_layer_distill
+        fed.method=fedpft_no_layer_distill $paper
+      # the config's construction (mean |activation|, output projections refitted), then with the
+      # config's distillation, with adapter perturbation, with the derivative term
       score "$config" "$traj" "$OUT/smollm2-meanabs-comp" "$OUT/smollm2-meanabs-comp.json" \
-        fed.method=fedpft_no_layer_distill proxy.saliency=mean_abs proxy.calibration_chunks=256 proxy.compensate=true
-      score "$config" "$traj" "$OUT/smollm2-meanabs-comp-distilled" "$OUT/smollm2-meanabs-comp-distilled.json" \
-        proxy.saliency=mean_abs proxy.calibration_chunks=256 proxy.compensate=true
-      # FedPFT trained on that proxy (seed 0, the trajectory's seed), against the trajectory's FedPETuning run
-      train "$config" "$OUT/smollm2-meanabs-comp-distilled" proxy.saliency=mean_abs proxy.calibration_chunks=256 \
-        proxy.compensate=true fed.fidelity_every=0
+        fed.method=fedpft_no_layer_distill
+      score "$config" "$traj" "$OUT/smollm2-meanabs-comp-distilled" "$OUT/smollm2-meanabs-comp-distilled.json"
+      score "$config" "$traj" "$OUT/smollm2-noise" "$OUT/smollm2-noise.json" distill.adapter_noise=$SMOLLM2_NOISE
+      score "$config" "$traj" "$OUT/smollm2-jvp" "$OUT/smollm2-jvp.json" distill.jvp_weight=1
       ;;
     *) echo "unknown part $part (minilm, smollm2)" >&2; exit 2 ;;
   esac

@@ -10,6 +10,7 @@ import torch
 from conftest import PYTHON, REPO, child_env
 
 sys.path.insert(0, str(REPO / "scripts"))
+import adapter_scale  # noqa: E402
 import same_outputs  # noqa: E402
 
 
@@ -40,3 +41,20 @@ def test_same_outputs_ignores_timings_and_nothing_else(tmp_path):
     assert any("adapter" in p for p in problems) and any("accuracy 0.5 -> 0.51" in p for p in problems)
     _run(tmp_path / "d", b"weights", [row, {**row, "round": 2}])
     assert any("1 rows in the reference, 2 now" in p for p in same_outputs.compare_runs(tmp_path / "a", tmp_path / "d"))
+
+
+def test_adapter_scale_is_distill_adapter_noise_s_unit(tmp_path):
+    """A saved adapter whose B A has entries of std s / sqrt(d_in) reads as s_eff = s, the scale a
+    perturbation with distill.adapter_noise = s has."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    d_in, d_out, r, s = 256, 128, 8, 0.3
+    a = torch.randn(r, d_in, generator=gen) / d_in ** 0.5
+    b = torch.randn(d_out, r, generator=gen) * (s / r ** 0.5) / (16.0 / r)   # lora_alpha 16: scaling 2
+    rd = tmp_path / "round-000001"
+    rd.mkdir()
+    save_file({"m.q.lora_A.weight": a, "m.q.lora_B.weight": b}, str(rd / "adapter.safetensors"))
+    (rd / "state.json").write_text(json.dumps({"round": 1, "lora_alpha": 16.0, "lora_r": r}))
+    got = adapter_scale.round_scales(rd)
+    assert got["weights"] == 1 and got["median"] == pytest.approx(s, rel=0.15)
