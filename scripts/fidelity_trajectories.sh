@@ -77,9 +77,12 @@ for part in $PARTS; do
       # config's distillation, with adapter perturbation, with the derivative term
       score "$config" "$traj" "$OUT/smollm2-meanabs-comp" "$OUT/smollm2-meanabs-comp.json" \
         fed.method=fedpft_no_layer_distill
-      score "$config" "$traj" "$OUT/smollm2-meanabs-comp-distilled" "$OUT/smollm2-meanabs-comp-distilled.json"
-      score "$config" "$traj" "$OUT/smollm2-noise" "$OUT/smollm2-noise.json" distill.adapter_noise=$SMOLLM2_NOISE
-      score "$config" "$traj" "$OUT/smollm2-jvp" "$OUT/smollm2-jvp.json" distill.jvp_weight=1
+      # (the distilled variants start from the undistilled row's proxy: it is built once)
+      proxy=distill.proxy=$OUT/smollm2-meanabs-comp/proxy
+      score "$config" "$traj" "$OUT/smollm2-meanabs-comp-distilled" "$OUT/smollm2-meanabs-comp-distilled.json" $proxy
+      score "$config" "$traj" "$OUT/smollm2-noise" "$OUT/smollm2-noise.json" $proxy \
+        distill.adapter_noise=$SMOLLM2_NOISE
+      score "$config" "$traj" "$OUT/smollm2-jvp" "$OUT/smollm2-jvp.json" $proxy distill.jvp_weight=1
       ;;
     *) echo "unknown part $part (minilm, smollm2)" >&2; exit 2 ;;
   esac

@@ -518,3 +518,20 @@ def test_smollm2_saved_adapter_reproduces_the_logged_perplexity(smollm2_run, smo
     # batches of similar length (the default) against batches in row order: the same sums
     plain = next_token_eval(model, task.test_ids, task.test_mask, cfg.fed.eval_batch_size, by_length=False)
     assert plain[1:].tolist() == sums[1:].tolist() and float(plain[0]) == pytest.approx(float(sums[0]), rel=1e-9)
+
+
+def test_memory_plan_counts_the_derivative_term():
+    """distill.jvp_weight > 0 keeps the teacher's FFN inputs and two student FFN graphs per compressed
+    layer: terms of the distillation phase, linear in the micro-batch's tokens."""
+    from fedpft_dist.commands.memory_plan import memory_plan
+
+    model = _config_json(LLAMA_70B)
+    cfg = load_config(REPO / "configs/large/llama-70b.yaml")
+    plain = memory_plan(cfg, model, 64)
+    with_jvp = memory_plan(load_config(REPO / "configs/large/llama-70b.yaml", ["distill.jvp_weight=1"]), model, 64)
+    added = {k: v for k, v in with_jvp["distillation"].items() if k not in plain["distillation"]}
+    assert sorted(added) == ["derivative term: student FFN graphs", "derivative term: teacher FFN inputs"]
+    h, k, comp = 8192, 7168, 78
+    tokens = cfg.distill.micro_batch * cfg.public_text.max_length
+    assert added["derivative term: teacher FFN inputs"] == tokens * comp * 2 * h
+    assert added["derivative term: student FFN graphs"] == tokens * comp * 2 * (2 * (h + 4 * k) + 4 * h)

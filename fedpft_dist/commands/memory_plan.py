@@ -151,10 +151,10 @@ def client_training_terms(cfg, model_config, c: dict, g: int, sharded: bool, b: 
 
 
 def zero3_job_terms(c: dict, b: int, world_size: int, dtok: int, student_act: float, model_config,
-                    trainable: float, alpha: float) -> tuple[dict, dict]:
+                    trainable: float, alpha: float, jvp_weight: float = 0.0) -> tuple[dict, dict]:
     """A ZeRO-3 distillation job's terms (``trainable`` FFN parameters, loss weight ``alpha``, ``dtok``
-    tokens per micro-batch) and what of them is held at once: the steady step, and the peak before
-    the student is partitioned."""
+    tokens per micro-batch, derivative term's weight ``jvp_weight``) and what of them is held at
+    once: the steady step, and the peak before the student is partitioned."""
     h, n, comp = model_config.hidden_size, c["layers"], len(c["compressed_layers"])
     k = c["kept"][0] if c["kept"] else model_config.intermediate_size
     terms = {
@@ -173,6 +173,12 @@ def zero3_job_terms(c: dict, b: int, world_size: int, dtok: int, student_act: fl
         # teacher's without a graph, the student's keeping W_in^T (d x k) and the fp32 difference (d x d)
         terms["weight term: teacher products"] = comp * 2 * h * h * b
         terms["weight term: student graph"] = comp * 2 * (b * h * k + 4 * h * h)
+    if jvp_weight > 0:
+        # the teacher's FFN input of every compressed layer is kept; per layer the student's FFN runs
+        # at x + hv and x - hv with a graph (the inputs of W_gate/W_up and W_down, gate, SiLU(gate),
+        # up: b(h + 4k) each), beside the two perturbed fp32 inputs
+        terms["derivative term: teacher FFN inputs"] = dtok * comp * b * h
+        terms["derivative term: student FFN graphs"] = dtok * comp * 2 * (b * (h + 4 * k) + 4 * h)
     held = [v for key, v in terms.items() if key != "whole student before deepspeed.initialize partitions it"]
     return terms, {"steady": sum(held),
                    "initialisation peak (teacher shard + whole student)": terms["teacher (FM) shard"] + b * c["proxy"]}
@@ -209,10 +215,10 @@ def memory_plan(cfg, model_config, world_size: int, ranks_per_client: Optional[i
     student_act = (comp * layer_activation_bytes(h, kv, k, False, False, False, ffn_trainable=True)
                    + (n - comp) * layer_activation_bytes(h, kv, inter, False, False, False))
 
-    def zero3_terms(trainable: float, alpha: float) -> tuple[dict, dict]:
-        return zero3_job_terms(c, b, world_size, dtok, student_act, model_config, trainable, alpha)
+    def zero3_terms(trainable: float, alpha: float, jvp_weight: float = 0.0) -> tuple[dict, dict]:
+        return zero3_job_terms(c, b, world_size, dtok, student_act, model_config, trainable, alpha, jvp_weight)
 
-    distill, distill_totals = zero3_terms(c["ffn_trainable"], d.alpha)
+    distill, distill_totals = zero3_terms(c["ffn_trainable"], d.alpha, d.jvp_weight)
     if d.alpha == 0:
         distill["weight term (distill.alpha = 0: not computed)"] = 0
     distill["host RAM: distilled FFN tensors gathered to every rank (fp32)"] = 4 * c["ffn_trainable"]
