@@ -17,7 +17,7 @@ OUT=${OUT:-runs/fidelity}
 PY=${FEDPFT_PYTHON:-.venv/bin/python}
 run() { FEDPFT_PYTHON=$PY launcher/torchrun.sh 2 "$@"; }
 MINILM_NOISE=${MINILM_NOISE:-0.1}
-SMOLLM2_NOISE=${SMOLLM2_NOISE:-0.1}
+SMOLLM2_NOISE=${SMOLLM2_NOISE:-0.03}
 
 trajectory() {  # trajectory CONFIG DIR [OVERRIDE ...]
   local config=$1 dir=$2; shift 2

@@ -267,3 +267,21 @@ def test_tokenize_without_pad_token_pads_with_eos_on_the_left(tmp_path):
     assert out["lengths"].tolist() == [2, 4]
     empty = tokenize_cached(EosOnlyTokenizer(), [], 4, tmp_path)
     assert empty["input_ids"].shape == (0, 4) and empty["lengths"].shape == (0,)
+
+
+def test_held_back_texts_are_in_no_client_and_no_test_split(tmp_path):
+    """In-domain public text: the training rows data.max_train leaves out, and nothing else."""
+    from fedpft_dist.config import load_config
+    from fedpft_dist.data.tasks import _subset, held_back_texts
+
+    rows = [{"text": f"row {i}", "label": i % 3} for i in range(60)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(None, [f"data.dataset={path}", "data.max_train=20", "data.test_fraction=0.25"])
+    held = held_back_texts(cfg)
+    train_idx, test_idx = train_test_split(60, 0.25, cfg.run.seed, [r["label"] for r in rows])
+    clients = {f"row {i}" for i in _subset(train_idx, 20, cfg.run.seed + 1)}
+    test = {f"row {i}" for i in test_idx}
+    assert len(held) == len(set(held)) == len(train_idx) - 20
+    assert not set(held) & clients and not set(held) & test
+    assert set(held) | clients == {f"row {i}" for i in train_idx}

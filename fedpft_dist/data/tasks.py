@@ -117,6 +117,27 @@ def prepare_task(cfg: Config, tokenizer, kind: str) -> Task:
     return prepare_classification_task(cfg, tokenizer)
 
 
+def held_back_texts(cfg: Config) -> list[str]:
+    """The texts of ``data.dataset``'s training split that ``data.max_train`` leaves out: unlabelled
+    text of the clients' domain that is in no client's data and not in the test split (all of it,
+    before ``data.max_test``), for in-domain public text. Sentence pairs are joined by a space."""
+    d = cfg.data
+    if d.dataset == BUILTIN:
+        raise ConfigError("data.dataset", f"'{BUILTIN}' is unlabelled text: it has no held-back rows")
+    data = load_labelled(_expand(d.dataset, "data.dataset"), d.text_column, d.label_column, d.text_pair_column,
+                         d.max_dropped_fraction)
+    if d.test_file:
+        train_idx = list(range(len(data.labels)))
+    else:
+        train_idx, _ = train_test_split(len(data.labels), d.test_fraction, cfg.run.seed, data.labels)
+    used = set(_subset(train_idx, d.max_train, cfg.run.seed + 1))
+    pairs = data.text_pairs
+
+    def text(i: int) -> str:
+        return data.texts[i] if pairs is None else f"{data.texts[i]} {pairs[i]}"
+    return [text(i) for i in sorted(train_idx) if i not in used]
+
+
 def prepare_classification_task(cfg: Config, tokenizer) -> Task:
     """Labelled data, a seeded stratified train/test split, tokenisation (cached), client partition."""
 
