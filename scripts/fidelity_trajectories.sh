@@ -4,8 +4,8 @@
 #      tweets, 10 rounds) and on configs/smollm2-austen.yaml (SmolLM2-135M, Austen, 6 rounds);
 #   2. client models scored along them with `fedpft fidelity`: the quick start's proxy at probe sizes
 #      64, 128 and 256 (the interval's half-width), then per variant at the default probe size;
-#   MINILM_NOISE, SMOLLM2_NOISE: distill.adapter_noise of the perturbed variants (the effective scale
-#   of the trajectories' adapters: scripts/adapter_scale.py).
+#   MINILM_NOISE: distill.adapter_noise of the perturbed variants (about the scale the trajectory's
+#   adapters reach: scripts/adapter_scale.py).
 #   bash scripts/fidelity_trajectories.sh                   everything
 #   PARTS=minilm bash scripts/fidelity_trajectories.sh      one model
 # It resumes: a trajectory with a summary.json and a score with its JSON are skipped; a variant's
@@ -17,7 +17,6 @@ OUT=${OUT:-runs/fidelity}
 PY=${FEDPFT_PYTHON:-.venv/bin/python}
 run() { FEDPFT_PYTHON=$PY launcher/torchrun.sh 2 "$@"; }
 MINILM_NOISE=${MINILM_NOISE:-0.1}
-SMOLLM2_NOISE=${SMOLLM2_NOISE:-0.03}
 
 trajectory() {  # trajectory CONFIG DIR [OVERRIDE ...]
   local config=$1 dir=$2; shift 2
@@ -62,6 +61,23 @@ for part in $PARTS; do
       score "$config" "$traj" "$OUT/minilm-jvp" "$OUT/minilm-jvp.json" distill.jvp_weight=1
       score "$config" "$traj" "$OUT/minilm-noise-jvp" "$OUT/minilm-noise-jvp.json" \
         distill.adapter_noise=$MINILM_NOISE distill.jvp_weight=1
+      # the distillation's budget (4 x the config's 40 steps), alone and with the derivative term
+      score "$config" "$traj" "$OUT/minilm-steps160" "$OUT/minilm-steps160.json" distill.steps=160
+      score "$config" "$traj" "$OUT/minilm-steps160-jvp" "$OUT/minilm-steps160-jvp.json" distill.steps=160 \
+        distill.jvp_weight=1
+      # per-layer widths at the same client parameters (1,536 kept neurons over layers 1-4)
+      score "$config" "$traj" "$OUT/minilm-width-bottom" "$OUT/minilm-width-bottom.json" \
+        "proxy.keep_ratios=[1,0.375,0.3125,0.1875,0.125,1]"
+      score "$config" "$traj" "$OUT/minilm-width-top" "$OUT/minilm-width-top.json" \
+        "proxy.keep_ratios=[1,0.125,0.1875,0.3125,0.375,1]"
+      # in-domain public text: the tweets the config's data.max_train leaves out, instead of Austen
+      if [ ! -f "$OUT/tweets-public.jsonl" ]; then
+        "$PY" scripts/in_domain_text.py --config "$config" --out "$OUT/tweets-public.jsonl"
+      fi
+      score "$config" "$traj" "$OUT/minilm-tweets-text" "$OUT/minilm-tweets-text.json" \
+        public_text.source="$OUT/tweets-public.jsonl"
+      score "$config" "$traj" "$OUT/minilm-tweets-text-steps160-jvp" "$OUT/minilm-tweets-text-steps160-jvp.json" \
+        public_text.source="$OUT/tweets-public.jsonl" distill.steps=160 distill.jvp_weight=1
       ;;
     smollm2)
       # The trajectory: FedPETuning with FFN LoRA on every layer (fed.lora_ffn_layers=all; the config's
@@ -74,14 +90,12 @@ for part in $PARTS; do
       score "$config" "$traj" "$OUT/smollm2-undistilled" "$OUT/smollm2-undistilled.json" \
         fed.method=fedpft_no_layer_distill $paper
       # the config's construction (mean |activation|, output projections refitted), then with the
-      # config's distillation, with adapter perturbation, with the derivative term
+      # config's distillation, with the derivative term
       score "$config" "$traj" "$OUT/smollm2-meanabs-comp" "$OUT/smollm2-meanabs-comp.json" \
         fed.method=fedpft_no_layer_distill
       # (the distilled variants start from the undistilled row's proxy: it is built once)
       proxy=distill.proxy=$OUT/smollm2-meanabs-comp/proxy
       score "$config" "$traj" "$OUT/smollm2-meanabs-comp-distilled" "$OUT/smollm2-meanabs-comp-distilled.json" $proxy
-      score "$config" "$traj" "$OUT/smollm2-noise" "$OUT/smollm2-noise.json" $proxy \
-        distill.adapter_noise=$SMOLLM2_NOISE
       score "$config" "$traj" "$OUT/smollm2-jvp" "$OUT/smollm2-jvp.json" $proxy distill.jvp_weight=1
       ;;
     *) echo "unknown part $part (minilm, smollm2)" >&2; exit 2 ;;
