@@ -52,7 +52,7 @@ def main(proxy_dir: str, out_dir: str) -> None:
 
     # adapter perturbation and the derivative term: hooks and extra FFN forwards under ZeRO-3 too
     for stage in (0, 3):
-        results[f"terms{stage}"] = job(f"terms{stage}", stage, adapter_noise=0.5, jvp_weight=1.0)
+        results[f"terms{stage}"] = job(f"terms{stage}", stage, steps=2, adapter_noise=0.5, jvp_weight=1.0)
 
     # checkpoint at step 2 of 4, then a fresh job resumes from it
     ckpt = out / "ckpt"

@@ -50,7 +50,7 @@ def test_zero_stages_follow_the_same_trajectory(results):
 
 def test_perturbed_distillation_with_the_derivative_term_at_zero_stages_0_and_3(results):
     r, _ = results
-    base, terms = torch.tensor(r["stage0"]["losses"]), torch.tensor(r["terms0"]["losses"])
+    base, terms = torch.tensor(r["stage0"]["losses"][:2]), torch.tensor(r["terms0"]["losses"])
     # the derivative term adds to the loss; the perturbation is drawn from (seed, step) on every rank
     assert (terms > base).all()
     torch.testing.assert_close(torch.tensor(r["terms3"]["losses"]), terms, rtol=1e-5, atol=0)

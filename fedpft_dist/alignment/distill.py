@@ -114,6 +114,8 @@ class AdapterPerturbation:
     exactly themselves)."""
 
     def __init__(self, teacher: nn.Module, student: nn.Module, layers: Sequence[int], scale: float, rank: int):
+        """``layers``: the compressed layers, whose FFNs are being distilled (no site there); the
+        attention of every layer and the FFN of every other layer are sites."""
         self.scale, self.rank = scale, rank
         layout = layout_for(student.config.model_type)
         t_layers, s_layers = transformer_layers(teacher), transformer_layers(student)
@@ -252,11 +254,8 @@ def ffn_parameter_names(model: nn.Module, layers: Sequence[int]) -> list[str]:
         layer = all_layers[l]
         paths = list(layout.rows) + list(layout.cols) + ([layout.post_norm] if layout.post_norm else [])
         for path in paths:
-            module = layer
-            for part in path.split("."):
-                module = getattr(module, part)
-            base = prefix[id(module)]
-            names.extend(f"{base}.{n}" for n, p in module.named_parameters(recurse=True))
+            module = _module(layer, path)
+            names.extend(f"{prefix[id(module)]}.{n}" for n, p in module.named_parameters(recurse=True))
     return names
 
 
