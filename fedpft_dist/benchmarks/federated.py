@@ -16,10 +16,14 @@ models and data:
 Medians are over the rounds after ``bench.warmup_rounds``; ``round_s_median`` over those of them that
 only train and aggregate. Per-rank values (tokens/s, peak memory) are gathered with one all-reduce
 each, every rank filling its own slot. The peak memory is the run's, taken before the measurements.
+Where the ranks ran (:func:`placement`: nodes, ranks per node, machines, cores, oversubscription) is
+recorded too, for ``fedpft report``'s scaling table.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import platform
 import resource
 import statistics
@@ -60,6 +64,38 @@ def gather_per_rank(rt: Runtime, values: Sequence[float], name: str) -> list[lis
     buf = torch.zeros(rt.world_size, len(values), dtype=torch.float64)
     buf[rt.rank] = torch.tensor([float(v) for v in values], dtype=torch.float64)
     return rt.comm.all_reduce_sum({"v": buf}, name=name)["v"].tolist()
+
+
+def _machine_id() -> int:
+    """This machine's kernel boot id as a 48-bit number (exact in a float64): network namespaces and
+    containers on one machine share it, two machines do not; the host name where there is none."""
+    try:
+        text = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        text = platform.node()
+    return int(hashlib.sha1(text.encode()).hexdigest()[:12], 16)
+
+
+def placement(rt: Runtime) -> dict:
+    """Where the ranks ran. ``nodes``: the launcher's nodes (ranks of local rank 0); ``machines``: the
+    physical machines under them (distinct boot ids: two network-namespace "nodes" of one machine are
+    one); ``oversubscribed``: some machine runs more threads (ranks x threads per rank) than it has
+    cores, or some rank more threads than the CPUs it is bound to."""
+    try:
+        bound = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        bound = os.cpu_count() or 1
+    rows = gather_per_rank(rt, [rt.local_rank == 0, rt.launch.local_world_size, os.cpu_count() or 1, bound,
+                                rt.threads, _machine_id()], "bench/placement")
+    machines: dict[float, list[list[float]]] = {}
+    for row in rows:
+        machines.setdefault(row[5], []).append(row)
+    threads = {m: sum(r[4] for r in ranks) for m, ranks in machines.items()}
+    cores = {m: min(r[2] for r in ranks) for m, ranks in machines.items()}
+    return {"launch": rt.launch.kind, "nodes": int(sum(r[0] for r in rows)),
+            "ranks_per_node": int(max(r[1] for r in rows)), "machines": len(machines),
+            "cores_per_machine": int(min(cores.values())), "threads_per_machine": int(max(threads.values())),
+            "oversubscribed": any(threads[m] > cores[m] for m in machines) or any(r[4] > r[3] for r in rows)}
 
 
 def time_bare_allreduce(rt: Runtime, num_bytes: int, iters: int, warmup: int = 3) -> dict:
@@ -215,6 +251,7 @@ def run_bench(cfg: Config, echo: Callable[[str], None] = print) -> dict:
         result = summarise(cfg, rt, rounds)
         result["peak_memory_mb_per_rank"] = [row[0] for row in run_peak]
         result["startup_s"] = max_per_key(rt, summary["startup_seconds"])
+        result["placement"] = placement(rt)
         result.update(measure_limits(cfg, rt, engine, rounds, result))
     out = {
         "benchmark": "federated", "world_size": rt.world_size, "device": rt.device.type,
@@ -310,6 +347,13 @@ def phase_limits(cfg: Config, rt: Runtime, engine, result: dict, rounds: list[di
     }
 
 
+def placement_text(p: dict) -> str:
+    """``2 node(s) x 2 rank(s) on 1 machine(s), 4 threads on 2 cores (oversubscribed)``."""
+    return (f"{p['nodes']} node(s) x {p['ranks_per_node']} rank(s) on {p['machines']} machine(s), "
+            f"{p['threads_per_machine']} threads on {p['cores_per_machine']} cores"
+            + (" (oversubscribed)" if p["oversubscribed"] else ""))
+
+
 def format_result(r: dict, path: Path) -> str:
     def s(x: Optional[float], unit: str = "s") -> str:
         return "n/a" if x is None else f"{x * 1000:.1f} ms" if unit == "s" and x < 1 else f"{x:.3g} {unit}"
@@ -340,6 +384,7 @@ def format_result(r: dict, path: Path) -> str:
             f"{k} {r['per_client_ms'][k]:.2f}" for k in CLIENT_PARTS if k != "compute")
         + f"), compute {r['per_client_ms']['compute']:.1f} ms, over {r['clients_measured']} clients",
         f"  load imbalance (max/mean) {r['load_imbalance_median']:.3f}",
+        f"  placement                 {placement_text(r['placement'])}",
         f"  aggregation               {s(r['aggregation_s'])}, {r['aggregation_bytes'] / 2**20:.2f} MiB; "
         f"all-reduce {s(r['allreduce_s'])}" + (f" ({bw:.2f} GB/s)" if bw else "")
         + f", bare {s(r['bare_allreduce_s'])}" + (f" ({bare_bw:.2f} GB/s)" if bare_bw else ""),

@@ -15,6 +15,11 @@ Causal-LM runs (``"task": "causal-lm"`` in summary.json) show perplexity instead
 table has final and best perplexity, final next-token accuracy and, when ``fed.eval_initial`` was on,
 the FM's perplexity before training; the plots draw perplexity. Runs of different tasks get a table
 and plots each, under a heading per task; runs from before the ``task`` key are classification.
+
+Bench runs (a directory with ``bench.json``, from ``fedpft bench``) go to a scaling section instead
+(:mod:`fedpft_dist.benchmarks.scaling`): one workload at several world sizes, its throughput,
+efficiency, phases and all-reduce bandwidth (scaling.md, scaling.csv, scaling.png); runs of different
+workloads are refused, naming the key they differ in.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..benchmarks import scaling
 from ..config import short_names
 from ..errors import UserError
 
@@ -591,21 +597,38 @@ def plot_swept(runs: Sequence[dict], keys: Sequence[str], view: TaskView, path: 
     plt.close(fig)
 
 
-def _find_runs(run_dirs: Sequence[str]) -> list[dict]:
-    runs = []
+def _bench_dirs(benches: Sequence[scaling.BenchRun]) -> set[Path]:
+    """The run directories of bench runs (where bench.json lies, and the run.dir it records): their
+    summary.json is the bench's own training run, which goes to the scaling table, not the results."""
+    dirs = {b.path.parent.resolve() for b in benches}
+    return dirs | {Path(b.bench["run_dir"]).resolve() for b in benches if b.bench.get("run_dir")}
+
+
+def _find_runs(run_dirs: Sequence[str]) -> tuple[list[dict], list[scaling.BenchRun]]:
+    """The finished training runs (summary.json) and the bench runs (bench.json) of ``run_dirs``; a
+    directory of runs (e.g. a sweep, or bench runs at several world sizes) counts as all the runs
+    inside it."""
+    found: list[tuple[Path, list[Path], list[Path]]] = []
     for d in run_dirs:
         p = Path(d)
         if not p.is_dir():
             raise UserError(f"run directory not found: {p}")
-        # A directory of runs (e.g. a sweep) counts as all the finished runs inside it.
-        if (p / "summary.json").is_file():
-            runs.append(load_run(p))
+        if (p / scaling.BENCH_FILE).is_file():
+            found.append((p, [], [p / scaling.BENCH_FILE]))
+        elif (p / "summary.json").is_file():
+            found.append((p, [p], []))
         else:
-            found = sorted(q.parent for q in p.rglob("summary.json"))
-            if not found:
-                raise UserError(f"{p} holds no finished run (no summary.json)")
-            runs.extend(load_run(q) for q in found)
-    return runs
+            found.append((p, sorted(q.parent for q in p.rglob("summary.json")),
+                          sorted(p.rglob(scaling.BENCH_FILE))))
+    benches = [scaling.load_bench(b) for _, _, files in found for b in files]
+    skip = _bench_dirs(benches)
+    runs = []
+    for p, summaries, files in found:
+        mine = [q for q in summaries if q.resolve() not in skip]
+        if not mine and not files:
+            raise UserError(f"{p} holds no finished run (no summary.json) and no bench run (no bench.json)")
+        runs.extend(load_run(q) for q in mine)
+    return runs, benches
 
 
 def _plots(task: str, task_runs: Sequence[dict], out_dir: Path) -> list[tuple[str, str]]:
@@ -626,10 +649,9 @@ def _plots(task: str, task_runs: Sequence[dict], out_dir: Path) -> list[tuple[st
     return drawn
 
 
-def run_report(run_dirs: Sequence[str], out: Optional[str] = None) -> int:
-    runs = _find_runs(run_dirs)
-    out_dir = Path(out) if out else Path(run_dirs[0]) if len(run_dirs) == 1 else Path("report")
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _results(runs: Sequence[dict], out_dir: Path) -> tuple[list[str], list[str], list[str]]:
+    """The training runs' report: report.csv, paired.csv and the plots written into ``out_dir``;
+    returns report.md's sections, the tables printed and the files written."""
     write_csv(runs, out_dir / "report.csv")
     # A table and plots per task: accuracy and perplexity do not share columns or axes.
     tasks = runs_by_task(runs)
@@ -649,6 +671,22 @@ def run_report(run_dirs: Sequence[str], out: Optional[str] = None) -> int:
         sections.append(heading + table + "\n" + "\n\n".join(f"![{alt}]({png})" for png, alt in drawn) + "\n")
         tables.append(heading + table)
     write_paired_csv(pairs, out_dir / "paired.csv")
+    return sections, tables, written
+
+
+def run_report(run_dirs: Sequence[str], out: Optional[str] = None) -> int:
+    """report.md over the training runs of ``run_dirs`` (tables, report.csv, paired.csv, plots) and,
+    where there are bench runs, the scaling section (scaling.md, scaling.csv, scaling.png)."""
+    runs, benches = _find_runs(run_dirs)
+    scaling.check_one_workload(benches)  # before anything is written
+    out_dir = Path(out) if out else Path(run_dirs[0]) if len(run_dirs) == 1 else Path("report")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sections, tables, written = _results(runs, out_dir) if runs else ([], [], ["report.md"])
+    if benches:
+        section, files = scaling.report(benches, out_dir)
+        sections.append(section + "\n![throughput, efficiency and phases](scaling.png)\n")
+        tables.append(section)
+        written += files
     (out_dir / "report.md").write_text("# Results\n\n" + "\n".join(sections))
     print("\n".join(tables), end="")
     print("wrote " + ", ".join(str(out_dir / name) for name in written))
