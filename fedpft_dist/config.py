@@ -119,7 +119,7 @@ class DoctorConfig:
 
     local_ranks: int = _opt(
         2, help="ranks `fedpft doctor` spawns on this node for the all-reduce check when it is not "
-                "itself started by a launcher", ge=2)
+                "itself started by a launcher (with CUDA, at most one per GPU; 1 rank runs no collective)", ge=1)
     allreduce_mb: float = _opt(16.0, help="size of the bandwidth all-reduce in MiB", gt=0, le=4096)
     iters: int = _opt(10, help="timed all-reduce iterations (after 2 warm-up ones)", ge=1)
 
@@ -145,8 +145,10 @@ class BenchConfig:
 class ModelConfig:
     """The foundation model (FM)."""
 
-    path: str = _opt("minilm", help="the foundation model: a local Hugging Face directory, or a built-in "
-                                    "offline model: 'minilm' (all-MiniLM-L6-v2) or 'smollm2' (SmolLM2-135M)", run=False)
+    path: str = _opt("minilm", help="the foundation model: a local Hugging Face directory, a built-in "
+                                    "offline model: 'minilm' (all-MiniLM-L6-v2) or 'smollm2' (SmolLM2-135M), or "
+                                    "'random:DIR[@SEED]': DIR's config.json with seeded random weights and DIR's "
+                                    "tokenizer (checks and benchmarks that need no trained weights)", run=False)
     task: Literal["auto", "base", "causal-lm", "sequence-classification"] = _opt(
         "auto", help="head to load; auto = causal-lm for decoder families, otherwise the bare encoder "
                      "(fedpft proxy) or sequence-classification (fedpft train); fedpft train fine-tunes "
@@ -254,6 +256,9 @@ class DistillConfig:
     max_chunks: int = _opt(4096, help="public-text chunks tokenised for training", ge=1, shapes=("distill",))
     eval_chunks: int = _opt(32, help="held-out chunks for the before/after error", ge=1, run=False)
     checkpoint_every: int = _opt(0, help="checkpoint every N steps (0 = never)", ge=0, run=False)
+    log_every: int = _opt(10, help="read the per-step loss terms back from the devices every N steps (and at "
+                                   "checkpoints and the end): the steps in between wait for nothing; "
+                                   "distill_log.jsonl still gets one line per step", ge=1, run=False)
     resume: bool = _opt(False, help="continue from the newest complete checkpoint in <run.dir>/checkpoints/distill",
                         run=False)
 

@@ -91,7 +91,7 @@ def _saliency_inputs(case: Case, dtype: torch.dtype, device: torch.device, gen: 
     d_ff, d = case.dims
     # Weights at the ~1/sqrt(d) scale of trained FFNs; generated in fp32 then cast, same values per dtype.
     def mat(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) / d ** 0.5).to(device=device, dtype=dtype)
+        return (torch.randn(*shape, generator=gen, device=device) / d ** 0.5).to(dtype=dtype)
 
     rows = [mat(d_ff, d), mat(d_ff, d)] if case.gated else [mat(d_ff, d)]
     return rows, [mat(d, d_ff)]
@@ -99,9 +99,9 @@ def _saliency_inputs(case: Case, dtype: torch.dtype, device: torch.device, gen: 
 
 def _activation_inputs(case: Case, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
     b, s, n = case.dims
-    act = torch.randn(b, s, n, generator=gen)
+    act = torch.randn(b, s, n, generator=gen, device=device)
     act = torch.where(act > 0, act, act * 0.01)  # leaky-ReLU-like, with some exact zeros below
-    act[torch.rand(b, s, n, generator=gen) < 0.05] = 0.0
+    act[torch.rand(b, s, n, generator=gen, device=device) < 0.05] = 0.0
     mask = torch.ones(b, s, dtype=torch.int64)
     mask[1::2, s // 2 + 1:] = 0  # every other sequence is padded after half its length
     return act.to(device=device, dtype=dtype), mask.to(device)
@@ -110,7 +110,7 @@ def _activation_inputs(case: Case, dtype: torch.dtype, device: torch.device, gen
 def run_case(case: Case, dtype: torch.dtype, device: torch.device, impls: Dict[str, object], warmup: int,
              repeat: int, eps: float) -> dict:
     """Time every implementation on one case; compare each to the reference."""
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)  # inputs drawn where they are used
     result: dict = {"kernel": case.kernel, "spec": case.spec, "dtype": str(dtype).replace("torch.", ""),
                     "ms": {}, "speedup": None, "max_rel_err": {}}
     outputs: Dict[str, object] = {}
@@ -147,7 +147,20 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, impls: Dict[s
                                                    + int(out.token_count.item() != ref.token_count.item()))
     if "triton" in result["ms"]:
         result["speedup"] = result["ms"]["reference"] / result["ms"]["triton"]
+    # Both kernels read their inputs once and write a vector: the bytes read over the time is the
+    # bandwidth they reach, to set against a device-to-device copy's.
+    result["GBps"] = {name: result["bytes_read"] / (ms * 1e-3) / 1e9 for name, ms in result["ms"].items() if ms > 0}
     return result
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, warmup: int, repeat: int) -> dict:
+    """A device-to-device copy of ``nbytes``: GB/s counting the bytes read and the bytes written, the
+    memory system's practical ceiling for a kernel that streams its inputs once."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = _time_ms(lambda: dst.copy_(src), device, warmup, repeat)
+    moved = 2 * src.numel() * src.element_size()
+    return {"bytes": src.numel() * src.element_size(), "ms": ms, "GBps": moved / (ms * 1e-3) / 1e9}
 
 
 def _triton_plan(device: torch.device, interpret: bool) -> tuple[Optional[object], Optional[str]]:
@@ -177,7 +190,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def run(sizes: Sequence[str], dtypes: Sequence[str], device: torch.device, warmup: int, repeat: int,
-        eps: float = 0.0, interpret: bool = False) -> dict:
+        eps: float = 0.0, interpret: bool = False, copy_baseline: bool = False) -> dict:
     """Run every (size, dtype) case and return the JSON-ready report."""
     cases = [parse_size(s) for s in sizes]
     triton_mod, skipped = _triton_plan(device, interpret)
@@ -192,9 +205,14 @@ def run(sizes: Sequence[str], dtypes: Sequence[str], device: torch.device, warmu
         "implementations": list(impls), "triton_skipped": skipped, "triton_interpreted": bool(interpret and triton_mod),
         "warmup": warmup, "repeat": repeat, "eps": eps, "results": [],
     }
+    if copy_baseline:
+        report["copy"] = copy_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 24, warmup, repeat)
+        report["copy_GBps"] = report["copy"]["GBps"]
     for case in cases:
         for dt in dtypes:
             res = run_case(case, DTYPES[dt], device, impls, warmup, repeat, eps)
+            if copy_baseline:
+                res["fraction_of_copy"] = {k: v / report["copy_GBps"] for k, v in res["GBps"].items()}
             report["results"].append(res)
             log.info("%-28s %-8s %s", case.spec, res["dtype"],
                      "  ".join(f"{k} {v:9.3f} ms" for k, v in res["ms"].items())
@@ -214,6 +232,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--eps", type=float, default=0.0, help="APoZ threshold |a| <= eps")
     parser.add_argument("--interpret", action="store_true",
                         help="on CPU, also run the Triton kernels under the interpreter (slow; checks the bench)")
+    parser.add_argument("--copy-baseline", action="store_true",
+                        help="also time a device-to-device copy (1 GiB on CUDA) and give each kernel's GB/s as a "
+                             "fraction of it")
     args = parser.parse_args(argv)
     if args.warmup < 0 or args.repeat < 1:
         parser.error(f"--warmup must be >= 0 and --repeat >= 1, got {args.warmup} and {args.repeat}")
@@ -227,7 +248,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         # The interpreter must be asked for before triton's first import (triton_status imports it).
         os.environ["TRITON_INTERPRET"] = "1"
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    report = run(args.sizes, args.dtypes, device, args.warmup, args.repeat, args.eps, args.interpret)
+    report = run(args.sizes, args.dtypes, device, args.warmup, args.repeat, args.eps, args.interpret,
+                 args.copy_baseline)
     if report["triton_skipped"]:
         log.info("triton skipped: %s", report["triton_skipped"])
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -63,8 +63,11 @@ def child_env(**extra: str) -> dict:
            if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_LOCAL", "TORCHELASTIC_"))
            and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                          "GROUP_RANK", "TRITON_INTERPRET")}
+    # FEDPFT_TEST_PYTHONPATH: directories put before the environment's packages in every child too,
+    # to run tests against another version of a dependency (docs/testing.md)
+    extra_path = [p for p in os.environ.get("FEDPFT_TEST_PYTHONPATH", "").split(os.pathsep) if p]
     env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+                "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *extra_path])})
     env.update(extra)
     return env
 

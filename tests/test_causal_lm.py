@@ -207,14 +207,14 @@ def test_ffn_lora_only_on_layers_the_proxy_holds_whole():
 
 def test_activation_statistics_count_a_batch_once_under_gradient_checkpointing():
     from fedpft_dist.models.adapters import with_lora
+    from fedpft_dist.models.compat import activation_checkpointing
     from fedpft_dist.models.proxy import ActivationRecorder
 
     ids = torch.randint(3, 49152, (2, 10), generator=torch.Generator().manual_seed(0))
     stats = []
     for checkpointing in (False, True):
         model = _tiny_llama()
-        if checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        activation_checkpointing(model, checkpointing)
         peft = with_lora(model, 4, 8.0, 0.0, task="causal-lm")
         peft.train()
         with ActivationRecorder(peft.get_base_model(), [1, 2], 0.0) as rec:

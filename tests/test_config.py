@@ -49,7 +49,7 @@ def test_override_beats_file(tmp_path):
     (["dist.timeout_s=0"], "dist.timeout_s", "must be > 0, got 0.0"),
     (["dist.backend=mpi"], "dist.backend", "must be one of 'auto', 'nccl', 'gloo', got 'mpi'"),
     (["dist.log_all_ranks=3"], "dist.log_all_ranks", "must be a boolean"),
-    (["doctor.local_ranks=1"], "doctor.local_ranks", "must be >= 2"),
+    (["doctor.local_ranks=0"], "doctor.local_ranks", "must be >= 1"),
     (["run=3"], "run", "must be a mapping"),
 ])
 def test_bad_values_name_the_key(overrides, key, fragment):
@@ -129,7 +129,7 @@ NOT_IN_RUN = {"model.path", "data.cache_dir", "fed.checkpoint_every", "fed.resum
               "fed.max_excluded_rounds", "fed.client_sharding", "proxy.out",
               "proxy.batch_size", "proxy.eval_chunks", "proxy.sample_prompt", "proxy.sample_tokens", "distill.proxy",
               "distill.out", "distill.zero_stage", "distill.micro_batch", "distill.eval_chunks",
-              "distill.checkpoint_every", "distill.resume"}
+              "distill.checkpoint_every", "distill.log_every", "distill.resume"}
 
 
 def test_fingerprint_keys_come_from_the_fields():

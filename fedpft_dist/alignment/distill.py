@@ -102,7 +102,8 @@ def central_jvp(f, x: torch.Tensor, hv: torch.Tensor) -> torch.Tensor:
 def jvp_tangents(x: torch.Tensor, seed: int) -> torch.Tensor:
     """h v for :func:`central_jvp`: Gaussian directions drawn on the CPU from ``seed``, scaled per token
     to ``JVP_STEP`` of the token's norm."""
-    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).to(x.device, x.dtype)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    v = v.to(x.device, x.dtype, non_blocking=True)   # without waiting for the device's queue
     scale = JVP_STEP * x.norm(dim=-1, keepdim=True) / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return v * scale
 
@@ -150,7 +151,8 @@ class AdapterPerturbation:
         for name, d_in, d_out in self.sites:
             a = torch.randn(self.rank, d_in, generator=gen) / math.sqrt(d_in)
             b = torch.randn(d_out, self.rank, generator=gen) * (self.scale / math.sqrt(self.rank))
-            self._delta[name] = (a.to(device), b.to(device))
+            # copies that do not wait for the device's queue (a blocking one per site would, every step)
+            self._delta[name] = (a.to(device, non_blocking=True), b.to(device, non_blocking=True))
 
     def clear(self) -> None:
         self._delta = {}

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..data.tasks import ClientData, Task
 from ..models.adapters import set_adapter
-from ..models.lm import next_token_labels, next_token_sums
+from ..models.lm import next_token_labels, next_token_loss_sum
 from ..runtime import ClientGroups, Communicator, Runtime
 from ..runtime.shard import full_value
 
@@ -69,7 +69,7 @@ def classification_loss(model: nn.Module, batch: dict, labels: Optional[torch.Te
 
 
 def next_token_loss(model: nn.Module, batch: dict, labels: Optional[torch.Tensor]) -> torch.Tensor:
-    total, _, _ = next_token_sums(model(**batch).logits, next_token_labels(batch["input_ids"], batch["attention_mask"]))
+    total = next_token_loss_sum(model(**batch).logits, next_token_labels(batch["input_ids"], batch["attention_mask"]))
     return total.float()
 
 

@@ -28,6 +28,7 @@ from ..fingerprint import describe_difference, first_difference
 from ..models.families import layers_prefix, layout_for, transformer_layers
 from ..models.proxy import hidden_error_sums
 from ..runtime import Runtime
+from ..runtime.optim import adamw
 from . import zero
 from .distill import (AdapterPerturbation, DistillPair, NeuronSplit, apply_neuron_split, ffn_parameter_names, freeze_all_but,
                       linear_warmup_decay, param_groups)
@@ -67,6 +68,7 @@ class DistillRun:
     # stopping with an error.
     replace_stale: bool = False
     log_path: Optional[str] = None  # JSON lines, one per step (rank 0)
+    log_every: int = _DISTILL.log_every  # steps between reads of the loss terms (see _StepLog)
     progress: bool = True
     adapter_noise: float = 0.0      # > 0: adapter-perturbed distillation at this scale (a proxy only)
     adapter_noise_rank: int = _DISTILL.adapter_noise_rank
@@ -203,7 +205,7 @@ def _set_up(rt: Runtime, teacher: Teacher, student: nn.Module, layers: Sequence[
                             "kept); an emulator's dropped layers have no place for the FM's adapter")
         # hooks registered before the engine exists: the sites' shapes come from plain modules
         perturbation = AdapterPerturbation(teacher, student, layers, run.adapter_noise, run.adapter_noise_rank)
-    optimizer = torch.optim.AdamW(param_groups(named, d.weight_decay), lr=run.lr, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = adamw(param_groups(named, d.weight_decay), lr=run.lr, betas=(0.9, 0.999), eps=1e-8)
     trainable = sum(p.numel() for p in named.values())
     engine = zero.initialize(pair, list(named.values()), optimizer, None, ds_config)
     return _Job(engine, pair, perturbation, named, gas, total_steps(run, d.batch_size, n_chunks), trainable)
@@ -246,31 +248,86 @@ def _resume(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun) -> tuple[
     return meta["step"], list(meta["losses"])
 
 
-def _step(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun, step: int, chunks: torch.Tensor) -> dict:
-    """One optimizer step over this rank's share of the global batch; the loss terms averaged over
-    ranks and micro-batches."""
+# The loss terms a step sums on the device, in the order of the logged keys (sorted, as before).
+PARTS = ("hidden", "jvp", "loss", "weight")
+
+
+def _distill_step(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun, step: int,
+                  chunks: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """One optimizer step over this rank's share of the global batch: (its learning rate, this rank's
+    loss terms (:data:`PARTS`) summed over its micro-batches, float64 on the device).
+
+    Reads nothing back to the host and runs no collective of its own (DeepSpeed's gradient reduction
+    aside), so a GPU step queues its work without waiting: :class:`_StepLog` reads the steps' terms
+    in one go at logging points. The float64 sums are what adding each ``.item()`` in Python gave."""
     lr = run.lr * linear_warmup_decay(step, job.total, d.warmup_ratio)
     for group in job.engine.optimizer.param_groups:
         group["lr"] = lr
     idx = batch_indices(step, rt.rank, rt.world_size, d.batch_size, len(chunks), run.seed)
-    parts = {"loss": 0.0, "hidden": 0.0, "weight": 0.0, "jvp": 0.0}
+    parts = torch.zeros(len(PARTS), dtype=torch.float64, device=rt.device)
     if job.perturbation is not None:   # one perturbation per step, the same on every rank
         job.perturbation.draw(run.seed * 1_000_003 + step, rt.device)
     for k, micro in enumerate(idx.split(d.micro_batch)):
-        ids = chunks[micro].to(rt.device)
+        ids = chunks[micro].to(rt.device, non_blocking=True)   # a blocking copy would wait for the queue
         # the micro-batch's place in the global batch seeds its tangents: the same on any number of ranks
         tangent_seed = (run.seed * 1_000_003 + step) * 4099 + rt.rank * job.gas + k
         loss, hidden, weight, jvp = job.engine(ids, torch.ones_like(ids), tangent_seed)
         job.engine.backward(loss)   # DeepSpeed scales by 1/gas and steps at the boundary
         job.engine.step()
-        parts["loss"] += loss.item()
-        parts["hidden"] += hidden.mean().item()
-        parts["weight"] += weight.mean().item()
-        parts["jvp"] += jvp.mean().item()
+        terms = {"loss": loss.detach(), "hidden": hidden.mean(), "weight": weight.mean(), "jvp": jvp.mean()}
+        parts += torch.stack([terms[k].double() for k in PARTS])
     if job.perturbation is not None:
         job.perturbation.clear()
-    m = rt.comm.all_reduce_metrics(parts, name=f"{run.tag}/loss")
-    return {"lr": lr, **{k: v / (rt.world_size * job.gas) for k, v in m.items()}}
+    return lr, parts
+
+
+class _StepLog:
+    """The steps' loss terms, kept on the device until a logging point reads them all at once: every
+    ``run.log_every`` steps when there is a log file or a progress bar to feed, before a checkpoint,
+    and at the end of the job. A read stacks the waiting steps' terms, moves them to the
+    communicator's device once, sums each step's terms over ranks (one small all-reduce per step, as
+    each step had before, so the sums are the same bit for bit at any world size) and reads them back
+    in one transfer; then every step gets its log line (the same values as when each step read its
+    own), its loss in ``losses`` and the progress bar its postfix.
+
+    Step times: a step's own wall time covers only what the host waited for; each read spreads its
+    wait over the steps it read, so the times add up to the job's wall time on a GPU too."""
+
+    def __init__(self, rt: Runtime, job: _Job, run: DistillRun, losses: list[float], log_fh, bar):
+        self.rt, self.job, self.run, self.losses, self.log_fh, self.bar = rt, job, run, losses, log_fh, bar
+        self.pending: list[tuple[int, float, torch.Tensor]] = []
+        self.step_times: list[float] = []
+
+    def add(self, step: int, lr: float, parts: torch.Tensor, seconds: float) -> None:
+        self.pending.append((step, lr, parts))
+        self.step_times.append(seconds)
+        if self.bar:
+            self.bar.update(1)
+        if (self.log_fh or self.bar) and (step + 1) % self.run.log_every == 0:
+            self.read()
+
+    def read(self) -> None:
+        """Read every waiting step (a collective: every rank calls it at the same steps)."""
+        if not self.pending:
+            return
+        t0 = time.perf_counter()
+        buf = torch.stack([parts for _, _, parts in self.pending]).to(self.rt.comm.device)
+        for row in buf:
+            self.rt.comm.all_reduce_(row, name=f"{self.run.tag}/loss")
+        scale = self.rt.world_size * self.job.gas
+        for (step, lr, _), values in zip(self.pending, buf.tolist()):
+            m = {"lr": lr, **{k: v / scale for k, v in zip(PARTS, values)}}
+            self.losses.append(m["loss"])
+            if self.log_fh:
+                self.log_fh.write(json.dumps({"step": step + 1, **m}) + "\n")
+        if self.log_fh:
+            self.log_fh.flush()
+        if self.bar:
+            self.bar.set_postfix(loss=f"{self.losses[-1]:.4f}")
+        wait = (time.perf_counter() - t0) / len(self.pending)
+        for i in range(len(self.step_times) - len(self.pending), len(self.step_times)):
+            self.step_times[i] += wait
+        self.pending = []
 
 
 def _train(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun, chunks: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -282,28 +339,23 @@ def _train(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun, chunks: to
         from tqdm import tqdm
 
         bar = tqdm(total=job.total, initial=start, desc=run.tag, unit="step", dynamic_ncols=True)
-    step_times = []
+    steps = _StepLog(rt, job, run, losses, log_fh, bar)
     try:
         for step in range(start, job.total):
             t0 = time.perf_counter()
-            m = _step(rt, job, d, run, step, chunks)
-            losses.append(m["loss"])
-            step_times.append(time.perf_counter() - t0)
-            if log_fh:
-                log_fh.write(json.dumps({"step": step + 1, **m}) + "\n")
-                log_fh.flush()
-            if bar:
-                bar.set_postfix(loss=f"{m['loss']:.4f}")
-                bar.update(1)
+            lr, parts = _distill_step(rt, job, d, run, step, chunks)
+            steps.add(step, lr, parts, time.perf_counter() - t0)
             if run.checkpoint_every and run.checkpoint_dir and (step + 1) % run.checkpoint_every == 0 \
                     and step + 1 < job.total:
+                steps.read()
                 _checkpoint(rt, job, d, run, step + 1, losses)
+        steps.read()
     finally:
         if bar:
             bar.close()
         if log_fh:
             log_fh.close()
-    return losses, step_times
+    return losses, steps.step_times
 
 
 def _checkpoint(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun, step: int, losses: list[float]) -> None:
@@ -380,7 +432,7 @@ def run_distillation(rt: Runtime, teacher: Teacher, student: nn.Module,
     imitates the last FM layer of the block it replaces); by default the same index. A result that is
     not finite on some rank comes back with ``finite`` False on every rank: callers keep what they had."""
     original = _snapshot(student, layers)
-    with _lent(teacher):
+    with _lent(teacher, next(student.parameters()).dtype):
         t0 = time.perf_counter()
         job = _set_up(rt, teacher, student, layers, len(train_chunks), d, run, splits, layer_map)
         set_up_seconds = time.perf_counter() - t0
@@ -404,17 +456,23 @@ def run_distillation(rt: Runtime, teacher: Teacher, student: nn.Module,
 
 
 @contextlib.contextmanager
-def _lent(teacher: Teacher) -> Iterator[None]:
-    """A teacher the caller holds goes back as it came: the job freezes it and puts it in eval mode."""
+def _lent(teacher: Teacher, dtype: torch.dtype) -> Iterator[None]:
+    """A teacher the caller holds goes back as it came: the job freezes it and puts it in eval mode, and
+    DeepSpeed's engine casts every module it wraps to its training dtype (at ZeRO stages 0-2 the
+    teacher is the caller's model itself, e.g. the evaluation FM with its fp32 LoRA in a bf16 run).
+    A parameter not of the job's ``dtype`` (the ones a cast would change) gets its own tensor back (on
+    the device the job moved it to), so its dtype and values are exactly what they were."""
     if not isinstance(teacher, nn.Module):
         yield
         return
-    flags = [(p, p.requires_grad) for p in teacher.parameters()]
+    flags = [(p, p.requires_grad, p.data if p.dtype != dtype else None) for p in teacher.parameters()]
     modes = [(m, m.training) for m in teacher.modules()]
     try:
         yield
     finally:
-        for p, flag in flags:
+        for p, flag, data in flags:
+            if data is not None and p.dtype != data.dtype and not zero.is_partitioned(p):
+                p.data = data.to(p.device)  # the values it had: a cast there and back would round them
             p.requires_grad_(flag)
             p.grad = None
         for m, mode in modes:

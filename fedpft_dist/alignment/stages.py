@@ -120,7 +120,7 @@ def layer_level_run(cfg: Config, layout: RunLayout, emulator: bool = False,
     d = cfg.distill
     return DistillRun(lr=d.lr, alpha=0.0 if emulator else d.alpha, whole_layers=emulator, steps=d.steps, epoch_fraction=d.epoch_fraction, seed=cfg.run.seed,
                       eval_batch=cfg.proxy.batch_size, tag="distill", checkpoint_every=d.checkpoint_every,
-                      checkpoint_dir=str(layout.distill_checkpoints), resume=d.resume,
+                      log_every=d.log_every, checkpoint_dir=str(layout.distill_checkpoints), resume=d.resume,
                       fingerprint=fingerprint, replace_stale=cfg.run.rebuild, log_path=str(layout.distill_log),
                       adapter_noise=0.0 if emulator else d.adapter_noise, adapter_noise_rank=d.adapter_noise_rank,
                       jvp_weight=0.0 if emulator else d.jvp_weight)

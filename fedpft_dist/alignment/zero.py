@@ -208,7 +208,7 @@ def set_full_train_state(engine, named_params: dict[str, nn.Parameter], state: d
     for p in _optimizer_tensors(engine):
         st = base.state[p]
         if "exp_avg" not in st:
-            st["step"] = torch.tensor(0.0)
+            st["step"] = _step_count(base, p, 0)
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     for name, p in named_params.items():
@@ -225,5 +225,15 @@ def set_full_train_state(engine, named_params: dict[str, nn.Parameter], state: d
                 p.data.copy_(value.to(p.dtype))
             for key in ADAM_STATES:
                 base.state[p][key].copy_(state[f"{name}::{key}"])
-    for st in base.state.values():
-        st["step"] = torch.tensor(float(step))
+    for p, st in base.state.items():
+        st["step"] = _step_count(base, p, step)
+
+
+def _step_count(opt: torch.optim.Optimizer, p: torch.Tensor, step: int) -> torch.Tensor:
+    """The step count as torch's Adam(W) keeps it for ``p``: on the CPU, unless the optimizer is fused
+    or capturable (then fp32 on the parameter's device, where the fused kernel reads it)."""
+    on_device = any(g.get("fused") or g.get("capturable") for g in opt.param_groups) or \
+        bool(opt.defaults.get("fused") or opt.defaults.get("capturable"))
+    if on_device:
+        return torch.tensor(float(step), dtype=torch.float32, device=p.device)
+    return torch.tensor(float(step))

@@ -252,6 +252,11 @@ def run_bench(cfg: Config, echo: Callable[[str], None] = print) -> dict:
         result["peak_memory_mb_per_rank"] = [row[0] for row in run_peak]
         result["startup_s"] = max_per_key(rt, summary["startup_seconds"])
         result["placement"] = placement(rt)
+        # The evaluation FM's adapter after the run's alignments: at ZeRO 0-2 the FM is the alignment's
+        # teacher, which DeepSpeed's engine casts to its training dtype; the adapter must keep its own.
+        result["fm_adapter_dtypes"] = sorted({str(p.dtype).replace("torch.", "")
+                                              for n, p in engine.parts.models.evaluate.named_parameters()
+                                              if "lora_" in n})
         result.update(measure_limits(cfg, rt, engine, rounds, result))
     out = {
         "benchmark": "federated", "world_size": rt.world_size, "device": rt.device.type,

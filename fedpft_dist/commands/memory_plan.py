@@ -299,7 +299,9 @@ def run_memory_plan(cfg, model_config: Optional[str], world_size: int, json_out:
                         "--ranks-per-client (dist.ranks_per_client) must be >= 2")
     if device_gb <= 0:
         raise UserError(f"--device-gb must be > 0, got {device_gb:g}")
-    path = Path(model_config) if model_config else Path(cfg.model.path) / "config.json"
+    from ..models.loading import config_path
+
+    path = Path(model_config) if model_config else config_path(cfg.model.path)
     if not path.is_file():
         raise UserError(f"--model-config: {path} not found (give the FM's config.json)")
     raw = json.loads(path.read_text())

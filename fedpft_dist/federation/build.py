@@ -12,6 +12,7 @@ import torch.nn as nn
 from ..config import Config
 from ..errors import ConfigError
 from ..models.adapters import adapter_slots, full_width_layers, rebind_adapter_slots, with_lora
+from ..models.compat import activation_checkpointing
 from ..models.families import layers_prefix, transformer_layers
 from ..models.loading import load_model
 from ..models.proxy import count_params, load_proxy, read_proxy_meta, resolve_retained_layers
@@ -32,7 +33,7 @@ def _checkpointing(model: nn.Module, on: bool) -> None:
     """Per-layer gradient checkpointing in training mode (evaluation never stores activations).
     Non-reentrant: the frozen embeddings' outputs need not require grad, and dropout masks repeat."""
     if on:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        activation_checkpointing(model, True)
 
 
 def check_client_sharding(cfg: Config, method: Method, groups: Optional[ClientGroups]) -> None:

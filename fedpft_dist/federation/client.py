@@ -17,8 +17,9 @@ import torch.nn.functional as F
 
 from ..data.tasks import ClientData
 from ..models.adapters import get_adapter, set_adapter
-from ..models.lm import IGNORE, next_token_labels, next_token_sums
+from ..models.lm import IGNORE, next_token_labels, next_token_loss_sum, next_token_stats
 from ..runtime import Communicator
+from ..runtime.optim import adamw
 from ..runtime.shard import is_sharded
 
 
@@ -55,57 +56,124 @@ def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data
     every step, is the whole batch's gradient; every rank then takes the same step and ends with
     the same adapter. A model sharded over the group (``fed.client_sharding``) sums the gradients in
     its own backward pass instead.
+
+    Host syncs: the batches' widths, counts and token counts are worked out before the first step
+    (:func:`_batch_plan`, one read of the masks), the steps (:func:`_train_step`) read nothing back,
+    and the loss sum stays on the device until it is read once, after the last step.
     """
     t0 = time.perf_counter()
+    local = _set_up(model, global_adapter, lr, weight_decay, seed, data.labels is None, recorder, prox_mu, group,
+                    head_lr_scale)
+    plan = _batch_plan(data, epochs, batch_size, torch.Generator().manual_seed(seed), local.group, local.sharded)
+    loss = torch.zeros((), dtype=torch.float64, device=local.device)
+    t1 = time.perf_counter()
+    for batch in plan:
+        total = _train_step(local, data, batch)
+        if total is not None:
+            loss += total.double()   # float64, as the sum of the steps' values read one by one was
+    loss_sum = float(loss)           # the client's one read of its loss
+    t2 = time.perf_counter()
+    adapter = get_adapter(model)
+    seconds = {"set_up": t1 - t0, "compute": t2 - t1, "collect": time.perf_counter() - t2}
+    return ClientUpdate(adapter, len(data), loss_sum, len(plan), sum(b.tokens for b in plan),
+                        float(sum(b.count for b in plan)), seconds)
+
+
+@dataclass
+class _Local:
+    """One client's local training, set up: what every step uses."""
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    params: list[nn.Parameter]                # the trainable parameters, in model order
+    anchor: Optional[list[torch.Tensor]]      # FedProx: the global adapter's values (None without it)
+    prox_mu: float
+    group: Optional[Communicator]             # the client group when it has more than one rank
+    sharded: bool                             # the model is sharded over the group
+    device: torch.device
+    causal: bool
+    recorder: object = None
+
+
+def _set_up(model: nn.Module, global_adapter: dict[str, torch.Tensor], lr: float, weight_decay: float, seed: int,
+            causal: bool, recorder=None, prox_mu: float = 0.0, group: Optional[Communicator] = None,
+            head_lr_scale: float = 1.0) -> _Local:
+    """The global adapter in, training mode, a fresh AdamW (fused on CUDA), FedProx's anchor, and the
+    seed of dropout: a client's training up to its first step (see :func:`train_client`)."""
     set_adapter(model, global_adapter)
     model.train()
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
-    opt = torch.optim.AdamW(_param_groups(named, lr, head_lr_scale), lr=lr, weight_decay=weight_decay)
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    device = params[0].device
-    n = len(data)
-    causal = data.labels is None
+    opt = adamw(_param_groups(named, lr, head_lr_scale), lr=lr, weight_decay=weight_decay)
     split = group is not None and group.world_size > 1
-    sharded = split and is_sharded(params[0])
-    loss_sum, loss_count, steps, tokens = 0.0, 0.0, 0, 0
-    t1 = time.perf_counter()
+    torch.manual_seed(seed)
+    return _Local(model, opt, params, anchor, prox_mu, group if split else None, split and is_sharded(params[0]),
+                  params[0].device, causal, recorder)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """One step of a client's plan, with everything the host needs to know about it as Python values."""
+    rows: torch.Tensor   # the rows this rank computes (a stand-in row at weight 0: see ``weight``)
+    weight: float        # 1; 0 for the stand-in row of a sharded model's rank without rows of this batch
+    compute: bool        # whether this rank runs the model at this step
+    width: int           # the whole batch's longest real sequence: every row is cut to it
+    count: int           # what the whole batch's loss is divided by: its examples, or its next-token targets
+    tokens: int          # real tokens of this rank's rows
+
+
+def _batch_plan(data: ClientData, epochs: int, batch_size: int, gen: torch.Generator,
+                group: Optional[Communicator], sharded: bool) -> list[_Batch]:
+    """Every step of a client's local training: batches of a fresh ``gen`` permutation per epoch, with
+    their widths, counts and this rank's token counts computed on the masks and read in one
+    ``tolist`` (the steps then need no read of their own). ``group``: a client group of more than one
+    rank, which takes consecutive row blocks of every batch."""
+    causal = data.labels is None
+    lengths = data.attention_mask.sum(1).long()
+    if causal:   # next-token targets per row, counted up to each position
+        valid = next_token_labels(data.input_ids, data.attention_mask)[:, 1:] != IGNORE
+        upto = torch.cat([torch.zeros_like(lengths[:, None]), valid.long().cumsum(1)], 1)
+    batches, mine, stats = [], [], []
     for _ in range(epochs):
-        order = torch.randperm(n, generator=gen)
-        for start in range(0, n, batch_size):
+        order = torch.randperm(len(data), generator=gen)
+        for start in range(0, len(data), batch_size):
             batch = order[start: start + batch_size]
-            # the whole batch's width and count, whichever rows this rank computes
-            width = int(data.attention_mask[batch].sum(1).max())
-            if causal:
-                count = int((next_token_labels(data.input_ids[batch, :width],
-                                               data.attention_mask[batch, :width])[:, 1:] != IGNORE).sum())
-            else:
-                count = len(batch)
-            rows = batch.tensor_split(group.world_size)[group.rank] if split else batch
-            if len(rows) or sharded:
-                # a sharded model's forward and backward are collectives of the group: a rank without
-                # rows of this batch runs one row at weight 0 (recording nothing)
-                total = _loss_sum(model, data, rows if len(rows) else batch[:1], width, device, causal, recorder,
-                                  weight=1.0 if len(rows) else 0.0)
-                (total / max(1, count)).float().backward()
-                loss_sum += float(total.detach())
-                tokens += int(data.attention_mask[rows].sum())
-            if split and not sharded:
-                _sum_gradients(params, group)   # a sharded model's backward sums them (reduce-scatter)
-            if anchor is not None:
-                # d/dtheta of mu/2 |theta - theta_global|^2, added once (after the group's sum)
-                for p, p0 in zip(params, anchor):
-                    p.grad.add_(p.detach() - p0, alpha=prox_mu)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            loss_count += count
-            steps += 1
-    t2 = time.perf_counter()
-    adapter = get_adapter(model)
-    seconds = {"set_up": t1 - t0, "compute": t2 - t1, "collect": time.perf_counter() - t2}
-    return ClientUpdate(adapter, n, loss_sum, steps, tokens, loss_count, seconds)
+            rows = batch.tensor_split(group.world_size)[group.rank] if group is not None else batch
+            width = lengths[batch].max()   # the whole batch's, whichever rows this rank computes
+            # a batch cut to ``width`` keeps the targets of positions 1 .. width - 1
+            count = upto[batch, (width - 1).clamp_min(0).reshape(1)].sum() if causal else width.new_tensor(len(batch))
+            batches.append(batch)
+            mine.append(rows)
+            stats.append(torch.stack([width, count, lengths[rows].sum()]))
+    values = torch.stack(stats).tolist() if stats else []
+    plan = []
+    for batch, rows, (width, count, tokens) in zip(batches, mine, values):
+        stand_in = not len(rows) and sharded   # a sharded model's forward and backward are collectives
+        plan.append(_Batch(batch[:1] if stand_in else rows, 0.0 if stand_in else 1.0, bool(len(rows)) or sharded,
+                           width, count, tokens))
+    return plan
+
+
+def _train_step(local: _Local, data: ClientData, batch: _Batch) -> Optional[torch.Tensor]:
+    """One optimizer step: this rank's rows of ``batch`` forward and backward, the group's gradient
+    sum, FedProx's term, AdamW. Returns this rank's loss sum over its rows (detached, on the device;
+    None when it computed nothing). Reads nothing back to the host: no ``.item()``, ``int()``,
+    ``float()`` or ``.tolist()`` of a tensor (the plan holds the counts as Python values)."""
+    total = None
+    if batch.compute:
+        total = _loss_sum(local.model, data, batch.rows, batch.width, local.device, local.causal, local.recorder,
+                          weight=batch.weight)
+        (total / max(1, batch.count)).float().backward()
+        total = total.detach()
+    if local.group is not None and not local.sharded:
+        _sum_gradients(local.params, local.group)   # a sharded model's backward sums them (reduce-scatter)
+    if local.anchor is not None:
+        # d/dtheta of mu/2 |theta - theta_global|^2, added once (after the group's sum)
+        for p, p0 in zip(local.params, local.anchor):
+            p.grad.add_(p.detach() - p0, alpha=local.prox_mu)
+    local.opt.step()
+    local.opt.zero_grad(set_to_none=True)
+    return total
 
 
 def _param_groups(named: list[tuple[str, nn.Parameter]], lr: float, head_lr_scale: float) -> list[dict]:
@@ -121,16 +189,18 @@ def _param_groups(named: list[tuple[str, nn.Parameter]], lr: float, head_lr_scal
 def _loss_sum(model: nn.Module, data: ClientData, rows: torch.Tensor, width: int, device: torch.device,
               causal: bool, recorder, weight: float = 1.0) -> torch.Tensor:
     """``weight`` x the loss summed over ``rows`` (examples, or their next-token targets), cut to
-    ``width``; the recorder sees the rows only at weight 1."""
-    mask = data.attention_mask[rows, :width].to(device)
-    ids = data.input_ids[rows, :width].to(device)
+    ``width``; the recorder sees the rows only at weight 1. The rows go to the device without waiting
+    for it (``non_blocking``: a blocking copy to a GPU waits for the work queued before it)."""
+    mask = data.attention_mask[rows, :width].to(device, non_blocking=True)
+    ids = data.input_ids[rows, :width].to(device, non_blocking=True)
     if recorder is not None:
         recorder.mask = mask if weight else torch.zeros_like(mask)
-    extra = {} if data.token_type_ids is None else {"token_type_ids": data.token_type_ids[rows, :width].to(device)}
+    extra = {} if data.token_type_ids is None else \
+        {"token_type_ids": data.token_type_ids[rows, :width].to(device, non_blocking=True)}
     logits = model(input_ids=ids, attention_mask=mask, **extra).logits
     if causal:
-        return weight * next_token_sums(logits, next_token_labels(ids, mask))[0]
-    return weight * F.cross_entropy(logits.float(), data.labels[rows].to(device), reduction="sum")
+        return weight * next_token_loss_sum(logits, next_token_labels(ids, mask))
+    return weight * F.cross_entropy(logits.float(), data.labels[rows].to(device, non_blocking=True), reduction="sum")
 
 
 def _sum_gradients(params: list[nn.Parameter], group: Communicator) -> None:
@@ -149,15 +219,25 @@ def _sum_gradients(params: list[nn.Parameter], group: Communicator) -> None:
 def eval_batches(input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int, device: torch.device,
                  token_type_ids: Optional[torch.Tensor] = None) -> Iterator[dict[str, torch.Tensor]]:
     """Model inputs of consecutive ``batch_size`` rows, each batch cut to its longest real sequence
-    (right padding) and moved to ``device``."""
-    for start in range(0, len(input_ids), batch_size):
+    (right padding) and moved to ``device`` without waiting for it. The widths of all batches are read
+    in one go, before the first."""
+    for start, width in zip(range(0, len(input_ids), batch_size), batch_widths(attention_mask, batch_size)):
         rows = slice(start, start + batch_size)
-        width = max(1, int(attention_mask[rows].sum(1).max()))
-        batch = {"input_ids": input_ids[rows, :width].to(device),
-                 "attention_mask": attention_mask[rows, :width].to(device)}
+        batch = {"input_ids": input_ids[rows, :width].to(device, non_blocking=True),
+                 "attention_mask": attention_mask[rows, :width].to(device, non_blocking=True)}
         if token_type_ids is not None:
-            batch["token_type_ids"] = token_type_ids[rows, :width].to(device)
+            batch["token_type_ids"] = token_type_ids[rows, :width].to(device, non_blocking=True)
         yield batch
+
+
+def batch_widths(attention_mask: torch.Tensor, batch_size: int) -> list[int]:
+    """The longest real sequence (at least 1) of each run of ``batch_size`` consecutive rows, in one read."""
+    n = len(attention_mask)
+    if n == 0:
+        return []
+    lengths = attention_mask.sum(1).long()
+    padded = torch.cat([lengths, lengths.new_zeros(-n % batch_size)])   # zero-length rows change no maximum
+    return padded.view(-1, batch_size).amax(1).clamp_min(1).tolist()
 
 
 def length_order(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -171,17 +251,18 @@ def length_order(attention_mask: torch.Tensor) -> torch.Tensor:
 def next_token_eval(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int,
                     device: Optional[torch.device] = None, by_length: bool = True) -> torch.Tensor:
     """float64 [loss sum, correct, targets] of next-token prediction over the rows (model in eval
-    mode), in batches of rows of similar length (``by_length``) or in row order."""
+    mode), in batches of rows of similar length (``by_length``) or in row order; on the CPU. The
+    sums stay on the device until the last batch, then come back in one read."""
     model.eval()
-    out = torch.zeros(3, dtype=torch.float64)
+    device = device or next(model.parameters()).device
+    out = torch.zeros(3, dtype=torch.float64, device=device)
     if by_length:
         order = length_order(attention_mask)
         input_ids, attention_mask = input_ids[order], attention_mask[order]
-    for batch in eval_batches(input_ids, attention_mask, batch_size, device or next(model.parameters()).device):
+    for batch in eval_batches(input_ids, attention_mask, batch_size, device):
         logits = model(**batch).logits
-        loss, correct, count = next_token_sums(logits, next_token_labels(batch["input_ids"], batch["attention_mask"]))
-        out += torch.tensor([float(loss), correct, count], dtype=torch.float64)
-    return out
+        out += next_token_stats(logits, next_token_labels(batch["input_ids"], batch["attention_mask"])).to(device)
+    return out.cpu()
 
 
 def perplexity_and_accuracy(sums: torch.Tensor) -> tuple[float, float, float]:
@@ -206,24 +287,20 @@ def predict(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
         return torch.zeros(0, dtype=torch.long)
     order = length_order(attention_mask) if by_length else torch.arange(len(input_ids))
     types = token_type_ids[order] if token_type_ids is not None else None
-    preds = torch.cat([model(**batch).logits.argmax(-1).cpu()
-                       for batch in eval_batches(input_ids[order], attention_mask[order], batch_size, device, types)])
+    # the predictions stay on the device until the last batch, then come back in one read
+    preds = torch.cat([model(**batch).logits.argmax(-1)
+                       for batch in eval_batches(input_ids[order], attention_mask[order], batch_size, device, types)]).cpu()
     out = torch.empty_like(preds)
     out[order] = preds
     return out
 
 
 def confusion_counts(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
-    """Per-class true positives, false positives, false negatives (float64, to be summed over ranks)."""
-    tp = torch.zeros(num_classes, dtype=torch.float64)
-    fp = torch.zeros(num_classes, dtype=torch.float64)
-    fn = torch.zeros(num_classes, dtype=torch.float64)
-    for c in range(num_classes):
-        p, y = preds == c, labels == c
-        tp[c] = float((p & y).sum())
-        fp[c] = float((p & ~y).sum())
-        fn[c] = float((~p & y).sum())
-    return {"tp": tp, "fp": fp, "fn": fn}
+    """Per-class true positives, false positives, false negatives (float64, to be summed over ranks;
+    on the predictions' device, computed without a read)."""
+    classes = torch.arange(num_classes, device=preds.device)
+    p, y = preds[:, None] == classes, labels.to(preds.device)[:, None] == classes   # [rows, classes]
+    return {"tp": (p & y).sum(0).double(), "fp": (p & ~y).sum(0).double(), "fn": (~p & y).sum(0).double()}
 
 
 def accuracy_and_macro_f1(counts: dict[str, torch.Tensor]) -> tuple[float, float]:

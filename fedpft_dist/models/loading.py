@@ -11,6 +11,7 @@ import torch
 from ..errors import UserError
 from ..fsutil import atomic_directory
 from ..resources import cache_dir, resource_path
+from .compat import quiet_transformers
 
 log = logging.getLogger(__name__)
 
@@ -18,14 +19,6 @@ log = logging.getLogger(__name__)
 BUILTIN_MODELS = ("minilm", "smollm2")
 TASKS = ("base", "causal-lm", "sequence-classification")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def quiet_transformers() -> None:
-    """No per-load weight reports or progress bars from transformers."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
 
 
 def smollm2_dir() -> Path:
@@ -60,7 +53,12 @@ def smollm2_dir() -> Path:
 
 
 def resolve_model_dir(path: str, key: str = "model.path") -> Path:
-    """A built-in name (``minilm``, ``smollm2``) or a local Hugging Face directory."""
+    """A built-in name (``minilm``, ``smollm2``), ``random:DIR[@SEED]`` (a model of DIR's config.json with
+    seeded random weights, see :mod:`.random_init`) or a local Hugging Face directory."""
+    from . import random_init
+
+    if random_init.is_random(path):
+        return random_init.random_model_dir(path, key)
     if path == "minilm":
         return resource_path("minilm")
     if path == "smollm2":
@@ -72,7 +70,8 @@ def resolve_model_dir(path: str, key: str = "model.path") -> Path:
         raise UserError(f"{key}: {p} is a file; it must be a Hugging Face model directory (config.json and "
                         f"safetensors weights)")
     if not p.is_dir():
-        raise UserError(f"{key}: model directory not found: {p} (built-in names: {', '.join(BUILTIN_MODELS)})")
+        raise UserError(f"{key}: model directory not found: {p} (built-in names: {', '.join(BUILTIN_MODELS)}; "
+                        f"random:DIR builds one from DIR/config.json)")
     if not (p / "config.json").is_file():
         raise UserError(f"{key}: {p} has no config.json (not a Hugging Face model directory)")
     _check_model_files(p, key)
@@ -150,7 +149,8 @@ def load_model(model_dir: Path, task: str, dtype: str = "float32", num_labels: O
     import json
 
     quiet_transformers()
-    kwargs = {"dtype": DTYPES[dtype], "local_files_only": True, "use_safetensors": True}
+    # SDPA attention (fused kernels on GPUs) is what every supported family runs; said, not left to a default
+    kwargs = {"dtype": DTYPES[dtype], "local_files_only": True, "use_safetensors": True, "attn_implementation": "sdpa"}
     if task == "sequence-classification" and num_labels is not None:
         kwargs["num_labels"] = num_labels
     if dropout is not None:
@@ -159,6 +159,16 @@ def load_model(model_dir: Path, task: str, dtype: str = "float32", num_labels: O
         return auto_class(task).from_pretrained(str(model_dir), **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load {task} model from {model_dir}: {str(exc).splitlines()[0]}") from None
+
+
+def config_path(path: str) -> Path:
+    """The config.json a model path names, without building or converting weights where it can (a
+    plan needs the shape only): ``random:DIR`` reads DIR/config.json."""
+    from . import random_init
+
+    if random_init.is_random(path):
+        return random_init.parse(path)[0] / "config.json"
+    return (resolve_model_dir(path) if path in BUILTIN_MODELS else Path(path)) / "config.json"
 
 
 def load_tokenizer(model_dir: Path):

@@ -326,23 +326,24 @@ def hidden_error_sums(fm: nn.Module, proxy: nn.Module, chunks: torch.Tensor, bat
                       layer_map: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per proxy layer j (outputs of layers 0..L-1): sum((H_FM - H_proxy)^2) and sum(H_FM^2) over all
     tokens of ``chunks``, comparing with FM layer ``layer_map[j]`` (default j). Sums, so that shards
-    of the text on several ranks add up exactly."""
+    of the text on several ranks add up exactly. The sums stay on the device until the last batch
+    (one read; on the CPU when they come back)."""
     fm.eval()
     proxy.eval()
     n_layers = len(transformer_layers(proxy))
     layer_map = list(layer_map) if layer_map is not None else list(range(n_layers))
-    num = torch.zeros(n_layers, dtype=torch.float64)
-    den = torch.zeros(n_layers, dtype=torch.float64)
     device = _input_device(fm)
+    num = torch.zeros(n_layers, dtype=torch.float64, device=device)
+    den = torch.zeros(n_layers, dtype=torch.float64, device=device)
     for start in range(0, len(chunks), batch_size):
-        ids = chunks[start: start + batch_size].to(device)
+        ids = chunks[start: start + batch_size].to(device, non_blocking=True)
         mask = torch.ones_like(ids)
         ht = _forward_hidden(fm, ids, mask)[1:]
         hs = _forward_hidden(proxy, ids, mask)[1:]
         ht = [ht[l] for l in layer_map]
-        num += torch.stack([(t.float() - s.float()).pow(2).sum() for t, s in zip(ht, hs)]).double().cpu()
-        den += torch.stack([t.float().pow(2).sum() for t in ht]).double().cpu()
-    return num, den
+        num += torch.stack([(t.float() - s.float()).pow(2).sum() for t, s in zip(ht, hs)]).double().to(device)
+        den += torch.stack([t.float().pow(2).sum() for t in ht]).double().to(device)
+    return num.cpu(), den.cpu()
 
 
 def hidden_state_errors(fm: nn.Module, proxy: nn.Module, chunks: torch.Tensor, batch_size: int,
@@ -357,19 +358,20 @@ def hidden_state_errors(fm: nn.Module, proxy: nn.Module, chunks: torch.Tensor, b
 @torch.no_grad()
 def next_token_losses(models: Sequence[nn.Module], chunks: torch.Tensor, batch_size: int) -> list[float]:
     """Each causal LM's mean next-token loss (nats) over ``chunks`` [n, seq] (every token real)."""
-    from .lm import next_token_labels, next_token_sums
+    from .lm import IGNORE, next_token_labels, next_token_loss_sum
 
     out = []
     for model in models:
         device = _input_device(model)
-        total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+        sums = torch.zeros(2, dtype=torch.float64, device=device)   # [loss sum, targets], read once
         for start in range(0, len(chunks), batch_size):
             ids = chunks[start: start + batch_size].to(device)
             mask = torch.ones_like(ids)
-            loss, _, n = next_token_sums(model(input_ids=ids, attention_mask=mask).logits,
-                                         next_token_labels(ids, mask))
-            total, count = total + loss.double(), count + int(n)
-        out.append(float(total) / max(count, 1))
+            labels = next_token_labels(ids, mask)
+            loss = next_token_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels)
+            sums += torch.stack([loss.double(), (labels[:, 1:] != IGNORE).sum().double()])
+        total, count = sums.tolist()
+        out.append(total / max(count, 1))
     return out
 
 
