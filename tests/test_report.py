@@ -29,7 +29,7 @@ def test_report_groups_seeds(tmp_path):
     proc = run_cli("report", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), timeout=120)
     assert proc.returncode == 0, proc.stderr
     table = (tmp_path / "out" / "report.md").read_text()
-    assert "| fedpft / iid | 2 | 2 | 70.0 ± 14.1 | 70.0 ± 14.1 | 60.0 ± 14.1 | 19.0M | 5.00 | 10 |" in table
+    assert "| fedpft / iid | 2 | 2 | 70.0 ± 14.1 | 70.0 ± 14.1 | 60.0 ± 14.1 | – | 19.0M | 5.00 | 10 |" in table
     assert "| fedot / dirichlet(α=1.0) | 1 | 2 | 50.0 |" in table
     for png in ("accuracy.png", "cost.png"):
         data = (tmp_path / "out" / png).read_bytes()
@@ -48,7 +48,7 @@ def _fake_lm_run(path, method, seed, ppls, accs, initial=None, partition="iid", 
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = {"method": method, "task": "causal-lm", "rounds": len(ppls), "world_size": 1, "partition": partition,
                "final_accuracy": None, "best_accuracy": None, "final_macro_f1": None,
-               "client_params": 60_000_000, "client_train_flops_per_example": 2.5e10, "wall_seconds": 20.0 + seed,
+               "trainable_params": 1_500_000, "client_params": 60_000_000, "client_train_flops_per_example": 2.5e10, "wall_seconds": 20.0 + seed,
                "final_perplexity": ppls[-1], "best_perplexity": min(ppls), "final_next_token_accuracy": accs[-1],
                "final_test_loss": 2.0}
     if initial is not None:
@@ -61,7 +61,7 @@ def _fake_lm_run(path, method, seed, ppls, accs, initial=None, partition="iid", 
 
 
 LM_HEADER = ("| method / partition | seeds | rounds | initial perplexity | final perplexity | best perplexity "
-             "| final next-token accuracy (%) | client params | client GFLOPs / example | wall s |")
+             "| final next-token accuracy (%) | trainable params | client params | client GFLOPs / example | wall s |")
 
 
 def test_report_of_causal_lm_runs_shows_perplexity(tmp_path):
@@ -74,9 +74,9 @@ def test_report_of_causal_lm_runs_shows_perplexity(tmp_path):
     rows = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ")]
     assert rows == [
         LM_HEADER,
-        "| fedpft / iid | 2 | 3 | 31.00 ± 1.41 | 13.00 ± 1.41 | 12.00 ± 1.41 | 41.0 ± 1.4 | 60.0M | 25.00 | 20 |",
+        "| fedpft / iid | 2 | 3 | 31.00 ± 1.41 | 13.00 ± 1.41 | 12.00 ± 1.41 | 41.0 ± 1.4 | 1.500M | 60.0M | 25.00 | 20 |",
         # no fed.eval_initial: no initial perplexity, and 1 seed: no ± std
-        "| fedot / dirichlet(α=1.0) | 1 | 2 | – | 15.50 | 15.50 | 35.0 | 60.0M | 25.00 | 20 |",
+        "| fedot / dirichlet(α=1.0) | 1 | 2 | – | 15.50 | 15.50 | 35.0 | 1.500M | 60.0M | 25.00 | 20 |",
         # perplexity per round, mean over seeds; round 0 is initial_perplexity where the runs have it
         "| group | round 0 | round 1 | round 2 | round 3 |",
         "| fedpft / iid | 31.00 | 20.00 | 12.00 | 13.00 |",
@@ -109,13 +109,13 @@ def test_report_of_both_tasks_has_a_table_per_task(tmp_path):
     lm_table, lm_paired = lm.split("### Paired differences (same seeds)\n")
     # Swept keys are each task's own: the LM runs' model.task and proxy.keep_ratio are no classification
     # column, and classification keeps today's rows.
-    assert "| fedpft / iid | 2 | 2 | 70.0 ± 14.1 | 70.0 ± 14.1 | 60.0 ± 14.1 | 19.0M | 5.00 | 10 |" in cls
+    assert "| fedpft / iid | 2 | 2 | 70.0 ± 14.1 | 70.0 ± 14.1 | 60.0 ± 14.1 | – | 19.0M | 5.00 | 10 |" in cls
     assert "perplexity" not in cls and "accuracy" not in lm.replace("next-token accuracy", "")
     assert [line for line in lm_table.splitlines() if line.startswith("| ")] == [
         "| method / partition | proxy.keep_ratio | seeds | rounds | final perplexity | best perplexity "
-        "| final next-token accuracy (%) | client params | client GFLOPs / example | wall s |",
-        "| fedpft / iid | 0.25 | 2 | 2 | 12.50 ± 0.71 | 12.50 ± 0.71 | 40.0 ± 0.0 | 60.0M | 25.00 | 20 |",
-        "| fedpft / iid | 0.5 | 2 | 2 | 10.00 ± 0.00 | 10.00 ± 0.00 | 50.0 ± 0.0 | 60.0M | 25.00 | 20 |",
+        "| final next-token accuracy (%) | trainable params | client params | client GFLOPs / example | wall s |",
+        "| fedpft / iid | 0.25 | 2 | 2 | 12.50 ± 0.71 | 12.50 ± 0.71 | 40.0 ± 0.0 | 1.500M | 60.0M | 25.00 | 20 |",
+        "| fedpft / iid | 0.5 | 2 | 2 | 10.00 ± 0.00 | 10.00 ± 0.00 | 50.0 ± 0.0 | 1.500M | 60.0M | 25.00 | 20 |",
         "| group | round 1 | round 2 |",
         "| fedpft / iid, keep_ratio=0.25 | 20.00 | 12.50 |",
         "| fedpft / iid, keep_ratio=0.5 | 20.00 | 10.00 |"]
@@ -237,7 +237,7 @@ def test_report_pairs_groups_that_differ_in_one_setting(tmp_path):
     main, paired = report.split("## Paired differences (same seeds)\n")
     # no run measured gradient fidelity: no cosine column
     assert "| method / partition | fed.server_optimizer | seeds | rounds | final accuracy (%) | best accuracy (%) " \
-           "| final macro-F1 (%) | client params |" in main
+           "| final macro-F1 (%) | trainable params | client params |" in main
     assert "mean ± t(0.975, n − 1) · sd / √n" in paired
     rows = [line for line in paired.splitlines() if line.startswith("| ")]
     # fedavg and fedpft/adam differ in two settings: no pair; best accuracy equals final accuracy here
@@ -314,9 +314,9 @@ def test_report_pairs_gradient_fidelity_and_counts_one_class_runs(tmp_path):
     proc = run_cli("report", str(runs), "--out", str(tmp_path / "out"), timeout=120)
     assert proc.returncode == 0, proc.stderr
     main, paired = (tmp_path / "out" / "report.md").read_text().split("## Paired differences (same seeds)\n")
-    assert "| final macro-F1 (%) | LoRA gradient cosine with the FM | runs ending at one class | client params |" in main
-    assert "| fedpft / iid | 3 | 2 | 60.0 ± 0.0 | 60.0 ± 0.0 | 50.0 ± 0.0 | 0.800 ± 0.100 | 0 of 3 | 19.0M |" in main
-    assert "| fedot / iid | 3 | 2 | 60.0 ± 0.0 | 60.0 ± 0.0 | 50.0 ± 0.0 | 0.600 ± 0.100 | 1 of 3 | 19.0M |" in main
+    assert "| final macro-F1 (%) | LoRA gradient cosine with the FM | runs ending at one class | trainable params | client params |" in main
+    assert "| fedpft / iid | 3 | 2 | 60.0 ± 0.0 | 60.0 ± 0.0 | 50.0 ± 0.0 | 0.800 ± 0.100 | 0 of 3 | – | 19.0M |" in main
+    assert "| fedot / iid | 3 | 2 | 60.0 ± 0.0 | 60.0 ± 0.0 | 50.0 ± 0.0 | 0.600 ± 0.100 | 1 of 3 | – | 19.0M |" in main
     rows = [line for line in paired.splitlines() if "gradient cosine" in line]
     assert rows == ["| fedpft / iid | fedot / iid | fed.method | LoRA gradient cosine with the FM | 3 | 0 | 0.200 "
                     "| 0.100 | [-0.048, 0.448] | no |"]

@@ -249,8 +249,8 @@ def markdown_table(runs: Sequence[dict], view: TaskView) -> str:
     one_class = any(predicts_one_class(r) is not None for r in runs)
     rows = ["| method / partition | " + "".join(f"{k} | " for k in keys) + "seeds | rounds | "
             + "".join(f"{m.header} | " for m in columns) + ("runs ending at one class | " if one_class else "")
-            + "client params | client GFLOPs / example | wall s |",
-            "|---|" + "---|" * (len(keys) + len(columns) + 5 + one_class)]
+            + "trainable params | client params | client GFLOPs / example | wall s |",
+            "|---|" + "---|" * (len(keys) + len(columns) + 6 + one_class)]
     for (label, values), group in groups_of(runs, keys).items():
         s0 = group[0]["summary"]
         flops = s0.get("client_train_flops_per_example")
@@ -259,9 +259,14 @@ def markdown_table(runs: Sequence[dict], view: TaskView) -> str:
             + f"{len(group)} | {s0['rounds']} | "
             + "".join(f"{_fmt([r['summary'].get(m.key) for r in group], m.scale, m.digits)} | " for m in columns)
             + (f"{_one_class_cell(group)} | " if one_class else "")
+            + f"{_millions(s0.get('trainable_params'), 3)} | "
             + f"{s0.get('client_params', 0) / 1e6:.1f}M | {'–' if flops is None else f'{flops / 1e9:.2f}'} "
             f"| {statistics.fmean(r['summary']['wall_seconds'] for r in group):.0f} |")
     return "\n".join(rows) + "\n"
+
+
+def _millions(n: Optional[float], digits: int = 1) -> str:
+    return "–" if n is None else f"{n / 1e6:.{digits}f}M"
 
 
 def write_csv(runs: Sequence[dict], path: Path) -> None:
@@ -276,7 +281,8 @@ def write_csv(runs: Sequence[dict], path: Path) -> None:
         writer = csv.writer(f)
         writer.writerow(["method", *(["task"] if with_task else []), "partition", "dirichlet_alpha", *keys,
                          "seeds", "rounds", *(f"{m}_{stat}" for m in metrics for stat in ("mean", "std")),
-                         "client_params", "client_train_flops_per_example", "wall_seconds", "runs"])
+                         "trainable_params", "client_params", "client_train_flops_per_example", "wall_seconds",
+                         "runs"])
         for task, task_runs in tasks.items():
             for group in groups_of(task_runs).values():
                 s0 = group[0]["summary"]
@@ -289,7 +295,8 @@ def write_csv(runs: Sequence[dict], path: Path) -> None:
                 alpha = fed.get("alpha") if partition == "dirichlet" else None
                 writer.writerow([s0["method"], *([task] if with_task else []), partition, alpha,
                                  *(_cell(_frozen(flat.get(k)), "") for k in keys), len(group), s0["rounds"], *stats,
-                                 s0.get("client_params"), s0.get("client_train_flops_per_example"),
+                                 s0.get("trainable_params"), s0.get("client_params"),
+                                 s0.get("client_train_flops_per_example"),
                                  statistics.fmean(r["summary"]["wall_seconds"] for r in group),
                                  " ".join(r["dir"] for r in group)])
 
