@@ -5,6 +5,7 @@ FedOT, an interrupted and resumed FedPFT run, 1 rank = 2 ranks bit for bit), and
 """
 import json
 import math
+import shutil
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -386,6 +387,23 @@ def test_tiny_llama_baselines_with_ffn_lora(method, ffn_layers, expected, tiny_l
     assert math.isfinite(s["final_perplexity"]) and s["final_perplexity"] < s["initial_perplexity"]
     layers = sorted({int(k.split(".layers.")[1].split(".")[0]) for k in adapter(tmp_path) if ".mlp." in k})
     assert layers == expected
+
+
+@pytest.mark.slow
+def test_a_decoder_classifies_with_a_fresh_head_and_its_tokenizers_pad_id(tiny_llama_dir, tmp_path):
+    # a LLaMA classifier reads each row's last real token, found by the pad id: a config without one
+    # takes the tokenizer's; the proxy is built from the causal LM and never carries a head
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config.pop("pad_token_id", None)
+    (model / "config.json").write_text(json.dumps(config))
+    _train(tmp_path / "run", model, "model.task=sequence-classification", "fed.method=fedpft_no_layer_distill",
+           "fed.rounds=1", "fed.fidelity_every=0", "fed.align_every=0")
+    s = summary(tmp_path / "run")
+    assert s["task"] == "sequence-classification" and 0 <= s["final_accuracy"] <= 1
+    assert json.loads((tmp_path / "run" / "proxy" / "config.json").read_text())["architectures"][0].endswith("CausalLM")
+    assert any(k.startswith("base_model.model.score.") for k in adapter(tmp_path / "run"))
 
 
 # FedPFT on the decoder after a proxy without layer-level distillation: round 1 aligns, FFN LoRA, dropout,

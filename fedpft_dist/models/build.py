@@ -29,6 +29,14 @@ def greedy_sample(model, tokenizer, prompt: str, tokens: int) -> str:
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+def construction_task(task: str, fm_dir: Path) -> str:
+    """The form of the FM a proxy or emulator is built from: its own (causal-lm for decoders, the bare
+    encoder otherwise) unless ``model.task`` asks for another backbone. A classification head is the
+    clients' (sized by the dataset's labels, trained by them), so a client model never carries one
+    from construction: a decoder's proxy keeps the LM head and loads as a classifier with a fresh one."""
+    return default_task(fm_dir) if task in ("auto", "sequence-classification") else task
+
+
 def make_proxy(cfg: Config, out: Path, public: Callable[[object, str, int], torch.Tensor]) -> dict:
     """Build the proxy that ``cfg`` describes and save it to ``out``; returns its report.
     ``public(tokenizer, split, n)`` gives ``n`` chunks of public text ('train' for calibration,
@@ -36,7 +44,7 @@ def make_proxy(cfg: Config, out: Path, public: Callable[[object, str, int], torc
     t0 = time.perf_counter()
     torch.manual_seed(cfg.run.seed)
     fm_dir = resolve_model_dir(cfg.model.path)
-    task = default_task(fm_dir) if cfg.model.task == "auto" else cfg.model.task
+    task = construction_task(cfg.model.task, fm_dir)
     log.info("loading FM %s (%s)", fm_dir, task)
     fm = load_model(fm_dir, task, cfg.model.dtype, num_labels=cfg.model.num_labels)
     fm.eval()
@@ -137,7 +145,7 @@ def make_emulator(cfg: Config, out: Path, public: Callable[[object, str, int], t
     returns its report."""
     t0 = time.perf_counter()
     fm_dir = resolve_model_dir(cfg.model.path)
-    task = default_task(fm_dir) if cfg.model.task == "auto" else cfg.model.task
+    task = construction_task(cfg.model.task, fm_dir)
     fm = load_model(fm_dir, task, cfg.model.dtype, num_labels=cfg.model.num_labels)
     tokenizer = load_tokenizer(fm_dir)
     n = len(transformer_layers(fm))

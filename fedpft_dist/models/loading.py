@@ -148,11 +148,18 @@ def load_model(model_dir: Path, task: str, dtype: str = "float32", num_labels: O
     ``dropout`` (not None) replaces every dropout probability of its config."""
     import json
 
+    from .families import layout_for
+
     quiet_transformers()
     # SDPA attention (fused kernels on GPUs) is what every supported family runs; said, not left to a default
     kwargs = {"dtype": DTYPES[dtype], "local_files_only": True, "use_safetensors": True, "attn_implementation": "sdpa"}
     if task == "sequence-classification" and num_labels is not None:
         kwargs["num_labels"] = num_labels
+    if task == "sequence-classification":
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        if config.get("pad_token_id") is None and layout_for(config["model_type"]).family == "decoder":
+            # a decoder's classifier reads each row's last real token, found by the pad id: its tokenizer's
+            kwargs["pad_token_id"] = load_tokenizer(Path(model_dir)).pad_token_id
     if dropout is not None:
         kwargs.update(dropout_overrides(json.loads((Path(model_dir) / "config.json").read_text()), dropout))
     try:
