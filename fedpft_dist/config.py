@@ -347,6 +347,12 @@ class FedConfig:
                          "fedpft and fedpetuning tune the same adapter; all: every layer whose FFN the "
                          "client holds whole (every FM layer for fedpetuning; a proxy still only its "
                          "retained layers). fedot: its emulator's whole-width adapter layers either way")
+    lora_attention_layers: Literal["all", "retained"] = _opt(
+        "all", help="the layers whose attention carries LoRA. all: every layer (fedot: its adapter layers, "
+                    "as Offsite-Tuning); retained: only the layers the client holds whole (a proxy's "
+                    "retained layers, the emulator's adapter layers, proxy.retained_layers of the FM for "
+                    "fedpetuning): with lora_ffn_layers=retained every method then tunes the same layers, "
+                    "the control that separates which layers are tuned from how much the client's model errs")
     align_every: int = _opt(10, help="neuron-level distillation every this many rounds (fedpft; 0 = never)", ge=0)
     align_keep: float = _opt(0.5, help="share of the most active neurons frozen during alignment", ge=0, le=1)
     align_fraction: float = _opt(0.02, help="alignment budget: share of one pass over the public text", gt=0)

@@ -390,6 +390,21 @@ def test_tiny_llama_baselines_with_ffn_lora(method, ffn_layers, expected, tiny_l
 
 
 @pytest.mark.slow
+def test_the_control_setting_tunes_the_same_layers_in_every_method(tiny_llama_dir, tmp_path):
+    # fed.lora_attention_layers=retained with FFN LoRA on the retained layers: FedPFT and FedPETuning
+    # tune LoRA of the same shapes on the same FM layers, so they differ only in the client's model
+    shapes = {}
+    for method in ("fedpft_no_layer_distill", "fedpetuning"):
+        _train(tmp_path / method, tiny_llama_dir, f"fed.method={method}", "fed.rounds=1", "fed.fidelity_every=0",
+               "fed.align_every=0", "fed.lora_attention_layers=retained")
+        a = adapter(tmp_path / method)
+        assert sorted({int(k.split(".layers.")[1].split(".")[0]) for k in a}) == [0, 3]
+        shapes[method] = {k: tuple(v.shape) for k, v in a.items()}
+        assert summary(tmp_path / method)["trainable_params"] == sum(v.numel() for v in a.values())
+    assert shapes["fedpft_no_layer_distill"] == shapes["fedpetuning"]
+
+
+@pytest.mark.slow
 def test_a_decoder_classifies_with_a_fresh_head_and_its_tokenizers_pad_id(tiny_llama_dir, tmp_path):
     # a LLaMA classifier reads each row's last real token, found by the pad id: a config without one
     # takes the tokenizer's; the proxy is built from the causal LM and never carries a head

@@ -66,7 +66,11 @@ def build_models(cfg: Config, rt: Runtime, method: Method, layout: RunLayout, nu
     if not method.uses_proxy:
         nonemb = non_embedding_params(fm)
         _checkpointing(fm, f.gradient_checkpointing)
-        model = with_lora(fm, *lora, task=task, ffn_layers=fm_ffn_lora_layers(cfg, fm) if ffn else [])
+        attention_fm = None
+        if f.lora_attention_layers == "retained":
+            attention_fm = resolve_retained_layers(cfg.proxy.retained_layers, len(transformer_layers(fm)))
+        model = with_lora(fm, *lora, task=task, ffn_layers=fm_ffn_lora_layers(cfg, fm) if ffn else [],
+                          attention_layers=attention_fm)
         return Models(model, model, None, [], fm_params, fm_params, nonemb, local_parameter_bytes(model))
     proxy_dir = method.client_model(cfg, rt, layout)
     meta = read_proxy_meta(proxy_dir)
@@ -79,7 +83,7 @@ def build_models(cfg: Config, rt: Runtime, method: Method, layout: RunLayout, nu
     layer_map = meta.get("layer_map")
     client_ffn = _ffn_lora_layers(proxy, fm, meta) if ffn else []
     attention = None
-    if not method.tune_compressed:
+    if not method.tune_compressed or f.lora_attention_layers == "retained":
         attention = [j for j in range(len(transformer_layers(proxy))) if j not in meta["compressed_layers"]]
     on_fm = (lambda layers: [layer_map[j] for j in layers]) if layer_map is not None else (lambda layers: layers)
     # LoRA's initialisation draws from the seeded generator: client model first, then the FM.

@@ -237,6 +237,8 @@ class Engine:
                                                    if s.alignment_rounds else 0),
             "ffn_bytes_per_alignment": s.ffn_bytes_per_alignment, "alignment_rounds": s.alignment_rounds,
             "align_skipped": s.align_skipped,
+            # what a client tunes and sends: the adapter's elements (LoRA, a classifier's head, ...)
+            "trainable_params": sum(v.numel() for v in s.global_adapter.values()),
             "client_params": models.client_params, "fm_params": models.fm_params,
             # client groups: ranks per client, and the client model's parameter bytes one rank holds
             "ranks_per_client": p.groups.size, "client_sharding": f.client_sharding,
