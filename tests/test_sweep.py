@@ -238,16 +238,16 @@ def test_report_has_a_column_per_swept_key(tmp_path):
     rows = [line for line in main.split("\n\n")[1].splitlines() if line.startswith("| ")]  # the first table
     assert rows == [
         "| method / partition | proxy.keep_ratio | proxy.retained_layers | fed.alpha | fed.align_keep | seeds "
-        "| rounds | final accuracy (%) | best accuracy (%) | final macro-F1 (%) | client params "
-        "| client GFLOPs / example | wall s |",
-        "| fedpft / dirichlet | 0.25 | [0, -1] | 1.0 | 0.5 | 2 | 1 | 55.0 ± 7.1 | 55.0 ± 7.1 | 55.0 ± 7.1 | 1.0M "
+        "| rounds | final accuracy (%) | best accuracy (%) | final macro-F1 (%) | trainable params "
+        "| client params | client GFLOPs / example | wall s |",
+        "| fedpft / dirichlet | 0.25 | [0, -1] | 1.0 | 0.5 | 2 | 1 | 55.0 ± 7.1 | 55.0 ± 7.1 | 55.0 ± 7.1 | – | 1.0M "
         "| 1.00 | 5 |",
-        "| fedpft / dirichlet | 0.5 | [0, -1] | 1.0 | 0.5 | 2 | 1 | 60.0 ± 0.0 | 60.0 ± 0.0 | 60.0 ± 0.0 | 1.0M "
+        "| fedpft / dirichlet | 0.5 | [0, -1] | 1.0 | 0.5 | 2 | 1 | 60.0 ± 0.0 | 60.0 ± 0.0 | 60.0 ± 0.0 | – | 1.0M "
         "| 1.00 | 5 |",
-        "| fedpft / dirichlet | 0.25 | [0, -1] | 1.0 | 0.75 | 2 | 1 | 40.0 ± 0.0 | 40.0 ± 0.0 | 40.0 ± 0.0 | 1.0M "
+        "| fedpft / dirichlet | 0.25 | [0, -1] | 1.0 | 0.75 | 2 | 1 | 40.0 ± 0.0 | 40.0 ± 0.0 | 40.0 ± 0.0 | – | 1.0M "
         "| 1.00 | 5 |",
-        "| fedpft / dirichlet | 0.25 | [0, -1] | 0.1 | 0.5 | 1 | 1 | 30.0 | 30.0 | 30.0 | 1.0M | 1.00 | 5 |",
-        "| fedpft / dirichlet | 0.25 | [0, 5] | 1.0 | 0.5 | 1 | 1 | 20.0 | 20.0 | 20.0 | 1.0M | 1.00 | 5 |"]
+        "| fedpft / dirichlet | 0.25 | [0, -1] | 0.1 | 0.5 | 1 | 1 | 30.0 | 30.0 | 30.0 | – | 1.0M | 1.00 | 5 |",
+        "| fedpft / dirichlet | 0.25 | [0, 5] | 1.0 | 0.5 | 1 | 1 | 20.0 | 20.0 | 20.0 | – | 1.0M | 1.00 | 5 |"]
     with (runs / "report.csv").open() as f:
         table = list(csv.DictReader(f))
     assert [(r["dirichlet_alpha"], r["proxy.keep_ratio"], r["proxy.retained_layers"], r["fed.align_keep"],
