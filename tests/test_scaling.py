@@ -237,8 +237,9 @@ def test_scaling_script_parses_and_names_its_run_dirs(tmp_path):
 
 # configs/bench/many-clients.yaml cut to 60 clients of 8 tweets, 15 per round, 2 rounds (1 measured):
 # about 25 s on 1 rank of a quiet 2-core machine.
-SMALL = ("bench", "--config", "configs/bench/many-clients.yaml", "fed.num_clients=60", "data.max_train=480",
-         "fed.client_fraction=0.25", "fed.rounds=2", "bench.allreduce_iters=3", "bench.stats_steps=1")
+SMALL = ("bench", "--config", "configs/bench/many-clients.yaml", "fed.num_clients=16", "data.max_train=128",
+         "fed.client_fraction=0.5", "fed.rounds=2", "bench.allreduce_iters=3", "bench.stats_steps=1",
+         "bench.limit_reps=1")
 
 
 @pytest.mark.slow
