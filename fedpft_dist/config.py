@@ -289,6 +289,17 @@ class DataConfig:
     cache_dir: str = _opt("", help="tokenisation cache; empty = $FEDPFT_CACHE/tokens", run=False)
 
 
+def parse_adapter_layers(spec: str, key: str = "fed.fedot_adapter_layers") -> tuple[int, int]:
+    """``fed.fedot_adapter_layers`` ('B+T') as (bottom, top) layer counts."""
+    parts = str(spec).replace(" ", "").split("+")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise ConfigError(key, f"must be 'B+T' (bottom and top adapter layers, e.g. 2+2), got {spec!r}")
+    bottom, top = int(parts[0]), int(parts[1])
+    if bottom + top == 0:
+        raise ConfigError(key, f"must name at least one adapter layer, got {spec!r}")
+    return bottom, top
+
+
 @dataclass
 class FedConfig:
     """Federated fine-tuning: method, clients, rounds, optimisers, partition, LoRA, alignment, evaluation."""
@@ -390,8 +401,19 @@ class FedConfig:
     stop_after: int = _opt(0, help="end this invocation after this many rounds, with a checkpoint (for jobs with a "
                                    "wall-clock limit: resubmit with fed.resume=true); 0 = run to the end", ge=0,
                                    run=False)
-    fedot_keep_bottom: int = _opt(1, help="fedot: bottom layers kept whole", ge=0, shapes=("emulator",))
-    fedot_keep_top: int = _opt(1, help="fedot: top layers kept whole", ge=0, shapes=("emulator",))
+    fedot_adapter_layers: str = _opt(
+        "2+2", help="fedot: the adapter, 'B+T': the emulator keeps the FM's bottom B and top T layers whole and the "
+                    "clients tune them (Offsite-Tuning: 2+2)", shapes=("emulator",))
+    fedot_middle_layers: int = _opt(
+        0, help="fedot: middle layers the emulator keeps, evenly spaced (each stands for an equal block of the FM's "
+                "middle layers); 0 = auto: the number whose emulator is closest in parameters to the FedPFT proxy "
+                "of this config (proxy.keep_ratio(s), proxy.retained_layers)", ge=0, shapes=("emulator",))
+    fedot_tuning: Literal["full", "lora"] = _opt(
+        "full", help="fedot: full = every parameter of the adapter layers trains and is averaged and plugged into "
+                     "the FM (Offsite-Tuning), no LoRA; lora = LoRA (fed.lora_*) on the adapter layers")
+
+    def check(self, prefix: str) -> None:
+        parse_adapter_layers(self.fedot_adapter_layers, f"{prefix}fedot_adapter_layers")
 
 
 @dataclass

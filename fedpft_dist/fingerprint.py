@@ -92,8 +92,16 @@ def proxy_fingerprint(cfg: Config, fm_dir: Path) -> dict:
     return fp
 
 
+# An emulator sized automatically (fed.fedot_middle_layers = 0) matches the proxy's parameter count,
+# which these settings shape.
+EMULATOR_AUTO_SIZE = ("proxy.keep_ratio", "proxy.keep_ratios", "proxy.retained_layers")
+
+
 def emulator_fingerprint(cfg: Config, fm_dir: Path) -> dict:
-    return {"model.weights": weights_identity(fm_dir), **_values(cfg, EMULATOR)}
+    fp = {"model.weights": weights_identity(fm_dir), **_values(cfg, EMULATOR)}
+    if cfg.fed.fedot_middle_layers == 0:
+        fp.update(_values(cfg, EMULATOR_AUTO_SIZE))
+    return fp
 
 
 def distilled_fingerprint(cfg: Config, source: dict) -> dict:

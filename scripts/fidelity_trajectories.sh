@@ -47,7 +47,8 @@ for part in $PARTS; do
       done
       score "$config" "$traj" "$OUT/minilm-undistilled" "$OUT/minilm-undistilled.json" \
         fed.method=fedpft_no_layer_distill
-      score "$config" "$traj" "$OUT/minilm-fedot" "$OUT/minilm-fedot.json" fed.method=fedot
+      # the emulator scores the trajectory's LoRA: LoRA on its adapter layers (full tuning has none)
+      score "$config" "$traj" "$OUT/minilm-fedot" "$OUT/minilm-fedot.json" fed.method=fedot fed.fedot_tuning=lora
       score "$config" "$traj" "$OUT/minilm-keep0.5" "$OUT/minilm-keep0.5.json" proxy.keep_ratio=0.5
       # the proxy's output projections refitted to the whole FFNs (proxy.compensate), neurons ranked
       # by weight or by mean |activation|, with the config's layer-level distillation

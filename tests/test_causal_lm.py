@@ -372,21 +372,30 @@ def _metrics(run: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, ffn_layers, expected", [
+@pytest.mark.parametrize("method, ffn_layers, tuning, expected", [
     # fedpetuning: the proxy's retained layers by default (FedPFT's adapter), every FM layer with "all"
-    ("fedpetuning", "retained", [0, 3]), ("fedpetuning", "all", [0, 1, 2, 3]),
-    # fedot: the emulator's bottom and top layers, FM layers 0 and 3 (its middle layer, FM layer 1
-    # standing for 1-2, stays frozen at the clients)
-    ("fedot", "retained", [0, 3])])
-def test_tiny_llama_baselines_with_ffn_lora(method, ffn_layers, expected, tiny_llama_dir, tmp_path):
+    ("fedpetuning", "retained", "lora", [0, 3]), ("fedpetuning", "all", "lora", [0, 1, 2, 3]),
+    # fedot: the emulator's bottom and top layers, FM layers 0 and 3 (its middle layers stay frozen at
+    # the clients), with LoRA or (Offsite-Tuning's adapter) trained in full
+    # the emulator distils with the LM and KD terms at ZeRO stage 3 (the default) and 0
+    ("fedot", "retained", "lora", [0, 3]), ("fedot", "retained", "full", [0, 3])])
+def test_tiny_llama_baselines_with_ffn_lora(method, ffn_layers, tuning, expected, tiny_llama_dir, tmp_path):
     _train(tmp_path, tiny_llama_dir, f"fed.method={method}", "fed.rounds=1", "fed.eval_initial=true",
-           "fed.fedot_keep_bottom=1", "fed.fedot_keep_top=1", "fed.fidelity_every=0",
-           f"fed.lora_ffn_layers={ffn_layers}")
+           "fed.fedot_adapter_layers=1+1", f"fed.fedot_tuning={tuning}", "fed.fidelity_every=0",
+           f"fed.lora_ffn_layers={ffn_layers}", f"distill.zero_stage={0 if tuning == 'full' else 3}")
     s = summary(tmp_path)
     assert s["task"] == "causal-lm" and s["final_accuracy"] is None
     assert math.isfinite(s["final_perplexity"]) and s["final_perplexity"] < s["initial_perplexity"]
-    layers = sorted({int(k.split(".layers.")[1].split(".")[0]) for k in adapter(tmp_path) if ".mlp." in k})
+    a = adapter(tmp_path)
+    layers = sorted({int(k.split(".layers.")[1].split(".")[0]) for k in a if ".mlp." in k})
     assert layers == expected
+    assert any(".lora_" in k for k in a) == (tuning == "lora" or method != "fedot")
+    if method == "fedot":   # the plug-in gap: the adapter on the emulator itself, beside the FM
+        row = metrics(tmp_path)[-1]
+        assert math.isfinite(row["emulator_perplexity"]) and math.isfinite(row["emulator_test_loss"])
+        assert s["initial_emulator_perplexity"] > row["emulator_perplexity"]
+        log = [json.loads(line) for line in (tmp_path / "distill_log.jsonl").read_text().splitlines()]
+        assert all(r["lm"] > 0 and r["hidden"] > 0 for r in log)   # LM and KD terms both in the loss
 
 
 @pytest.mark.slow

@@ -115,7 +115,7 @@ FINGERPRINT_KEYS = {
               "proxy.compensate", "proxy.compensate_ridge"},
     "proxy_activation": {"proxy.calibration_chunks", "proxy.eps", "run.seed", "public_text.source",
                          "public_text.text_column", "public_text.max_length", "public_text.held_out_fraction"},
-    "emulator": {"model.dtype", "fed.fedot_keep_bottom", "fed.fedot_keep_top"},
+    "emulator": {"model.dtype", "fed.fedot_adapter_layers", "fed.fedot_middle_layers"},
     "distill": {"distill.steps", "distill.epoch_fraction", "distill.batch_size", "distill.lr", "distill.warmup_ratio",
                 "distill.weight_decay", "distill.grad_clip", "distill.alpha", "distill.adapter_noise",
                 "distill.adapter_noise_rank", "distill.jvp_weight", "distill.max_chunks", "run.seed",

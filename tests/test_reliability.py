@@ -457,11 +457,11 @@ def test_a_model_directory_is_reused_only_with_its_fingerprint(tmp_path, caplog)
     (emu / "config.json").write_text("{}")
     (emu / "fedpft_proxy.json").write_text(json.dumps({"fingerprint": made}))
     assert reusable(load_config(CONFIG), emu, made, "the emulator")
-    other = load_config(CONFIG, ["fed.fedot_keep_top=2"])
-    with pytest.raises(UserError, match=r"the emulator at .* was made with fed.fedot_keep_top=1, this config has 2: "
-                                        r"use a new run.dir, or set run.rebuild=true"):
+    other = load_config(CONFIG, ["fed.fedot_adapter_layers=2+1"])
+    with pytest.raises(UserError, match=r'the emulator at .* was made with fed.fedot_adapter_layers="2\+2", '
+                                        r'this config has "2\+1": use a new run.dir, or set run.rebuild=true'):
         reusable(other, emu, emulator_fingerprint(other, fm), "the emulator")
-    rebuild = load_config(CONFIG, ["fed.fedot_keep_top=2", "run.rebuild=true"])
+    rebuild = load_config(CONFIG, ["fed.fedot_adapter_layers=2+1", "run.rebuild=true"])
     with caplog.at_level(logging.WARNING):
         assert not reusable(rebuild, emu, emulator_fingerprint(rebuild, fm), "the emulator")
     assert any("making it again" in r.getMessage() for r in caplog.records)

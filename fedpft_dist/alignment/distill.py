@@ -28,6 +28,13 @@ Two optional terms fit the proxy where federated training will use it (layer lev
   ZeRO-3 gathers and frees the weights as for any forward, and the student's side carries gradients.
   The W_out W_in term is this derivative's data-free, linear part.
 
+FedOT's emulator distils as Offsite-Tuning's does: every parameter of its kept middle layers trains,
+on the hidden-state term at the output of the middle block alone (the emulator's last middle layer
+against the FM's last middle layer: the input of the top adapter layers), which Offsite-Tuning calls
+the KD term, plus, for a causal LM, the emulator's own next-token loss on the text (the LM term,
+weight ``lm_weight``; per sequence, averaged over the batch like the hidden term). An encoder
+(classification) has no LM head: the KD term alone.
+
 Dropout is off in both models: the student learns the teacher's deterministic hidden states, and a
 resumed run repeats the uninterrupted one exactly.
 """
@@ -43,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.families import FFNLayout, ffn_modules, layout_for, transformer_layers
-from .losses import relative_sq_error, relative_sq_error_per_sample
+from .losses import next_token_loss_per_sample, relative_sq_error, relative_sq_error_per_sample
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +176,7 @@ class DistillPair(nn.Module):
     returns the distillation loss and its parts (hidden-state, weight and derivative terms)."""
 
     def __init__(self, teacher: nn.Module, student: nn.Module, layers: Sequence[int], alpha: float,
-                 teacher_layers: Optional[Sequence[int]] = None, jvp_weight: float = 0.0):
+                 teacher_layers: Optional[Sequence[int]] = None, jvp_weight: float = 0.0, lm_weight: float = 0.0):
         super().__init__()
         self.teacher = teacher
         self.student = student
@@ -179,6 +186,9 @@ class DistillPair(nn.Module):
         self.teacher_layers = list(teacher_layers) if teacher_layers is not None else list(layers)
         self.alpha = alpha
         self.jvp_weight = jvp_weight
+        # > 0: the student is a causal LM, and its next-token loss on the text is a term of the loss
+        # (FedOT's emulator, as Offsite-Tuning distils it)
+        self.lm_weight = lm_weight
         self.layout = layout_for(student.config.model_type)
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -218,27 +228,38 @@ class DistillPair(nn.Module):
             out.append(relative_sq_error_per_sample(jt, js, mask).mean())
         return torch.stack(out)
 
+    def _student_forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[tuple, torch.Tensor]:
+        """The student's hidden states and, with the LM term, its next-token loss (else a zero)."""
+        if self.lm_weight == 0:
+            return self._hidden(self.student, ids, mask), torch.zeros((), device=ids.device)
+        out = self.student(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        return out.hidden_states, next_token_loss_per_sample(out.logits, ids, mask).mean()
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tangent_seed: int = 0):
+        """(loss, hidden term per layer, weight term per layer, derivative term per layer, LM term);
+        the terms detached."""
         t_layers, s_layers = transformer_layers(self.teacher), transformer_layers(self.student)
         ht, ffn_inputs = self._teacher_forward(input_ids, attention_mask)
-        hs = self._hidden(self.student, input_ids, attention_mask)
+        hs, lm = self._student_forward(input_ids, attention_mask)
         hidden = torch.stack([relative_sq_error_per_sample(ht[tl + 1], hs[l + 1], attention_mask).mean()
                               for l, tl in zip(self.layers, self.teacher_layers)])
         loss = hidden.mean()
+        if self.lm_weight > 0:
+            loss = loss + self.lm_weight * lm
         if self.jvp_weight > 0:
             jvp = self.derivative_term(ffn_inputs, attention_mask, tangent_seed)
             loss = loss + self.jvp_weight * jvp.mean()
         else:
             jvp = torch.zeros_like(hidden)
         if self.alpha == 0:  # no weight term (alignment as the paper's code does it; FedOT's emulator)
-            return loss, hidden.detach(), torch.zeros_like(hidden), jvp.detach()
+            return loss, hidden.detach(), torch.zeros_like(hidden), jvp.detach(), lm.detach()
         with torch.no_grad():
             wt = [ffn_products(t_layers[l], self.layout) for l in self.teacher_layers]
         weight = torch.stack([
             torch.stack([relative_sq_error(t, s) for t, s in zip(wt_l, ffn_products(s_layers[l], self.layout))]).mean()
             for l, wt_l in zip(self.layers, wt)])
         loss = loss + self.alpha * weight.mean()
-        return loss, hidden.detach(), weight.detach(), jvp.detach()
+        return loss, hidden.detach(), weight.detach(), jvp.detach(), lm.detach()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -73,6 +73,10 @@ class DistillRun:
     adapter_noise: float = 0.0      # > 0: adapter-perturbed distillation at this scale (a proxy only)
     adapter_noise_rank: int = _DISTILL.adapter_noise_rank
     jvp_weight: float = 0.0         # weight of the derivative term
+    lm_weight: float = 0.0          # > 0: the student is a causal LM; weight of its next-token loss
+    # The distilled layers whose outputs the hidden-state term compares (None: all of them). FedOT's
+    # emulator: its last middle layer only (Offsite-Tuning's KD at the input of the top adapter layers).
+    hidden_layers: Optional[list[int]] = None
 
 
 @dataclass
@@ -196,8 +200,10 @@ def _set_up(rt: Runtime, teacher: Teacher, student: nn.Module, layers: Sequence[
     else:
         names = ffn_parameter_names(student, layers)
     named = freeze_all_but(student, names)
-    teacher_layers = [layer_map[l] for l in layers] if layer_map is not None else None
-    pair = DistillPair(teacher, student, layers, run.alpha, teacher_layers, jvp_weight=run.jvp_weight)
+    compared = list(layers) if run.hidden_layers is None else list(run.hidden_layers)
+    teacher_layers = [layer_map[l] for l in compared] if layer_map is not None else None
+    pair = DistillPair(teacher, student, compared, run.alpha, teacher_layers, jvp_weight=run.jvp_weight,
+                       lm_weight=run.lm_weight)
     perturbation = None
     if run.adapter_noise > 0:
         if layer_map is not None:
@@ -249,7 +255,7 @@ def _resume(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun) -> tuple[
 
 
 # The loss terms a step sums on the device, in the order of the logged keys (sorted, as before).
-PARTS = ("hidden", "jvp", "loss", "weight")
+PARTS = ("hidden", "jvp", "lm", "loss", "weight")
 
 
 def _distill_step(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun, step: int,
@@ -271,10 +277,11 @@ def _distill_step(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun, ste
         ids = chunks[micro].to(rt.device, non_blocking=True)   # a blocking copy would wait for the queue
         # the micro-batch's place in the global batch seeds its tangents: the same on any number of ranks
         tangent_seed = (run.seed * 1_000_003 + step) * 4099 + rt.rank * job.gas + k
-        loss, hidden, weight, jvp = job.engine(ids, torch.ones_like(ids), tangent_seed)
+        loss, hidden, weight, jvp, lm = job.engine(ids, torch.ones_like(ids), tangent_seed)
         job.engine.backward(loss)   # DeepSpeed scales by 1/gas and steps at the boundary
         job.engine.step()
-        terms = {"loss": loss.detach(), "hidden": hidden.mean(), "weight": weight.mean(), "jvp": jvp.mean()}
+        terms = {"loss": loss.detach(), "hidden": hidden.mean(), "weight": weight.mean(), "jvp": jvp.mean(),
+                 "lm": lm}
         parts += torch.stack([terms[k].double() for k in PARTS])
     if job.perturbation is not None:
         job.perturbation.clear()

@@ -29,3 +29,17 @@ def relative_sq_error_per_sample(teacher: torch.Tensor, student: torch.Tensor, m
     num = ((t - s).pow(2) * m).sum(dim=(1, 2))
     den = (t.pow(2) * m).sum(dim=(1, 2)).clamp_min(1e-12)
     return num / den
+
+
+def next_token_loss_per_sample(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each sequence's mean next-token cross-entropy (nats) over its real targets: [batch]. Position t
+    predicts token t + 1 where both are real (``mask`` 1). Computed in fp32; averaging these over a
+    batch gives the same value however the batch is split over ranks. The LM term of FedOT's emulator
+    distillation."""
+    import torch.nn.functional as F
+
+    logits, targets = logits[:, :-1].float(), input_ids[:, 1:]
+    valid = (mask[:, :-1] * mask[:, 1:]).to(logits.dtype)
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    nll = nll.view(targets.shape) * valid
+    return nll.sum(1) / valid.sum(1).clamp_min(1.0)

@@ -111,19 +111,36 @@ def source_fingerprint(cfg: Config, layout: RunLayout, emulator: bool = False) -
 # Stage 2: layer-level distillation
 # ----------------------------------------------------------------------------------------------------
 
-def layer_level_run(cfg: Config, layout: RunLayout, emulator: bool = False,
+# Weight of the emulator's next-token loss beside the KD term in FedOT's distillation (causal LMs).
+EMULATOR_LM_WEIGHT = 1.0
+
+
+def layer_level_run(cfg: Config, layout: RunLayout, emulator: Optional[dict] = None,
                     fingerprint: Optional[dict] = None) -> DistillRun:
-    """The layer-level job: the distill section's learning rate, loss weight, step budget,
-    checkpoints and log, and the run's seed. FedOT's emulator distils the way Offsite-Tuning does:
-    every parameter of its middle layers trains, on the hidden-state term alone (no weight or
-    derivative term, no adapter perturbation)."""
+    """The layer-level job: the distill section's learning rate, loss weight, step budget (the same
+    distill.steps x distill.batch_size chunks for a proxy and an emulator), checkpoints and log, and
+    the run's seed. FedOT's emulator (``emulator``: its saved meta) distils the way Offsite-Tuning
+    does: every parameter of its middle layers trains, on the KD term (the hidden state at the output
+    of the middle block, the input of the top adapter layers, against the FM's there) plus, for a
+    causal LM, its next-token loss on the public text (:mod:`fedpft_dist.alignment.distill`); no
+    weight or derivative term, no adapter perturbation."""
     d = cfg.distill
-    return DistillRun(lr=d.lr, alpha=0.0 if emulator else d.alpha, whole_layers=emulator, steps=d.steps, epoch_fraction=d.epoch_fraction, seed=cfg.run.seed,
+    on_proxy = emulator is None
+    return DistillRun(lr=d.lr, alpha=d.alpha if on_proxy else 0.0, whole_layers=not on_proxy, steps=d.steps,
+                      epoch_fraction=d.epoch_fraction, seed=cfg.run.seed,
                       eval_batch=cfg.proxy.batch_size, tag="distill", checkpoint_every=d.checkpoint_every,
                       log_every=d.log_every, checkpoint_dir=str(layout.distill_checkpoints), resume=d.resume,
                       fingerprint=fingerprint, replace_stale=cfg.run.rebuild, log_path=str(layout.distill_log),
-                      adapter_noise=0.0 if emulator else d.adapter_noise, adapter_noise_rank=d.adapter_noise_rank,
-                      jvp_weight=0.0 if emulator else d.jvp_weight)
+                      adapter_noise=d.adapter_noise if on_proxy else 0.0, adapter_noise_rank=d.adapter_noise_rank,
+                      jvp_weight=d.jvp_weight if on_proxy else 0.0,
+                      lm_weight=0.0 if on_proxy or not emulator_lm(emulator) else EMULATOR_LM_WEIGHT,
+                      hidden_layers=None if on_proxy else [max(emulator["compressed_layers"])])
+
+
+def emulator_lm(meta: dict) -> bool:
+    """Whether an emulator's distillation has the LM term: it is built as a causal LM (a decoder FM,
+    also one that classifies); an encoder has no LM head."""
+    return meta.get("task") == "causal-lm"
 
 
 @dataclass
@@ -133,8 +150,8 @@ class Distilled:
 
 
 def distill_proxy(cfg: Config, rt: Runtime, layout: RunLayout, emulator: bool = False) -> Distilled:
-    """Layer-level distillation of the proxy (FedOT: of the emulator, each kept middle layer against
-    the output of the block of FM layers it stands for) on all ranks of ``rt``; rank 0 saves the
+    """Layer-level distillation of the proxy (FedOT: of the emulator's middle layers, on the KD term at
+    the middle block's output and, for a causal LM, its next-token loss) on all ranks of ``rt``; rank 0 saves the
     result and ``distill.json``. A result that is not finite is not used: the proxy is saved as it
     was, and the report says so."""
     t0 = time.perf_counter()
@@ -145,11 +162,16 @@ def distill_proxy(cfg: Config, rt: Runtime, layout: RunLayout, emulator: bool = 
     tokenizer = load_tokenizer(source)
     train = public_chunks(cfg, tokenizer, "train", cfg.distill.max_chunks)
     held = public_chunks(cfg, tokenizer, "held_out", cfg.distill.eval_chunks)
-    student, _ = load_proxy(source, task="base", dtype=cfg.model.dtype)
+    lm = emulator and emulator_lm(meta)
+    student, _ = load_proxy(source, task="causal-lm" if lm else "base", dtype=cfg.model.dtype)
     layers = meta["compressed_layers"]
     result = run_distillation(rt, lambda: load_model(fm_dir, "base", cfg.model.dtype), student, layers,
-                              train, held, cfg.distill, layer_level_run(cfg, layout, emulator, fingerprint),
+                              train, held, cfg.distill,
+                              layer_level_run(cfg, layout, meta if emulator else None, fingerprint),
                               layer_map=meta.get("target_layers"))
+    if lm:   # the causal LM's names -> the backbone's, which the saved model is loaded by below
+        prefix = student.base_model_prefix + "."
+        result.state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in result.state.items()}
     out = layout.emulator_distilled if emulator else layout.distilled
     report = {"proxy_in": str(source), "proxy_out": str(out), "fm_path": str(fm_dir),
               "world_size": rt.world_size, "zero_stage": cfg.distill.zero_stage,

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..config import Config
 from ..errors import ConfigError
-from ..models.adapters import adapter_slots, full_width_layers, rebind_adapter_slots, with_lora
+from ..models.adapters import adapter_slots, full_width_layers, rebind_adapter_slots, with_full_layers, with_lora
 from ..models.compat import activation_checkpointing
 from ..models.families import layers_prefix, transformer_layers
 from ..models.loading import load_model
@@ -81,15 +81,24 @@ def build_models(cfg: Config, rt: Runtime, method: Method, layout: RunLayout, nu
     _checkpointing(proxy, f.gradient_checkpointing)
     client_params, nonemb = count_params(proxy), non_embedding_params(proxy)  # before LoRA is added
     layer_map = meta.get("layer_map")
-    client_ffn = _ffn_lora_layers(proxy, fm, meta) if ffn else []
-    attention = None
-    if not method.tune_compressed or f.lora_attention_layers == "retained":
-        attention = [j for j in range(len(transformer_layers(proxy))) if j not in meta["compressed_layers"]]
+    whole = [j for j in range(len(transformer_layers(proxy))) if j not in meta["compressed_layers"]]
     on_fm = (lambda layers: [layer_map[j] for j in layers]) if layer_map is not None else (lambda layers: layers)
-    # LoRA's initialisation draws from the seeded generator: client model first, then the FM.
-    client = with_lora(proxy, *lora, task=task, ffn_layers=client_ffn, attention_layers=attention)
-    evaluate = with_lora(fm, *lora, task=task, ffn_layers=on_fm(client_ffn),
-                         attention_layers=None if attention is None else on_fm(attention))
+    if method.full_tuning(cfg):
+        if sharding:
+            raise ConfigError("fed.client_sharding", "clients that tune whole layers (fed.fedot_tuning=full) hold "
+                                                     "unsharded models: set fed.fedot_tuning=lora to shard")
+        # the layers the client holds whole train in full; the FM's copies of them take the result
+        client = with_full_layers(proxy, whole, task=task)
+        evaluate = with_full_layers(fm, on_fm(whole), task=task)
+    else:
+        client_ffn = _ffn_lora_layers(proxy, fm, meta) if ffn else []
+        attention = None
+        if not method.tune_compressed or f.lora_attention_layers == "retained":
+            attention = whole
+        # LoRA's initialisation draws from the seeded generator: client model first, then the FM.
+        client = with_lora(proxy, *lora, task=task, ffn_layers=client_ffn, attention_layers=attention)
+        evaluate = with_lora(fm, *lora, task=task, ffn_layers=on_fm(client_ffn),
+                             attention_layers=None if attention is None else on_fm(attention))
     if sharding:
         adapter_slots(client)   # found by storage, which only plain tensors have: before sharding
         shard_client_model(client, transformer_layers(client.get_base_model()), groups.comm)

@@ -16,9 +16,10 @@ from typing import Callable, Optional
 
 from ..alignment.fidelity import FidelitySetting, common_layers, gradient_fidelity
 from ..checkpoint import move_aside, save_checkpoint
-from ..config import Config
+from ..config import Config, parse_adapter_layers
 from ..environment import StopSignals
 from ..errors import TrainingDiverged
+from ..models.adapters import set_adapter
 from ..models.families import transformer_layers
 from ..models.proxy import ActivationRecorder
 from ..runtime import Runtime
@@ -102,6 +103,11 @@ class RoundCallback:
         return {}
 
 
+# The emulator's metrics beside the FM's in a FedOT run's evaluation rows (prefixed emulator_).
+EMULATOR_KEYS_CAUSAL = ("test_loss", "perplexity", "next_token_accuracy")
+EMULATOR_KEYS_CLASSIFICATION = ("accuracy", "macro_f1")
+
+
 class Evaluation(RoundCallback):
     """The FM with the global adapter on the test set, sharded over ranks, in the rounds the plan
     says (and, with ``fed.eval_initial``, before round 1); keeps the best value of the headline metric
@@ -114,7 +120,24 @@ class Evaluation(RoundCallback):
     def measure(self) -> dict:
         p = self.parts
         p.models.plug(p.state.global_adapter)   # a no-op after a round, which plugs it after aggregation
-        return evaluate(self.rt, p.models.evaluate, p.task, self.cfg.fed.eval_batch_size)
+        out = evaluate(self.rt, p.models.evaluate, p.task, self.cfg.fed.eval_batch_size)
+        if p.method.evaluates_client:
+            out.update(self.on_client())
+        return out
+
+    def on_client(self) -> dict:
+        """The plug-in gap (FedOT): the global adapter on the client model itself (the emulator), with
+        the same test rows and the same collectives as on the FM, as ``emulator_*`` keys. A sharded
+        client model is not measured (its forwards are collectives of the client group, whose ranks
+        hold different test rows): the keys are None."""
+        p = self.parts
+        keys = EMULATOR_KEYS_CAUSAL if p.task.causal_lm else EMULATOR_KEYS_CLASSIFICATION
+        if self.cfg.fed.client_sharding != "none":
+            return {f"emulator_{k}": None for k in keys}
+        # the client model holds the last client's adapter: every client's training sets the global one first
+        set_adapter(p.models.client, p.state.global_adapter)
+        got = evaluate(self.rt, p.models.client, p.task, self.cfg.fed.eval_batch_size)
+        return {f"emulator_{k}": got[k] for k in keys}
 
     def before_rounds(self) -> None:
         state = self.parts.state
@@ -183,7 +206,7 @@ def fidelity_setting(cfg: Config, causal: bool, models: Models, layer_token: str
     """The monitor's setting: the common layers are an emulator's adapter layers of this FM."""
     layers = len(transformer_layers(models.evaluate.get_base_model()))
     return FidelitySetting(causal, layer_token,
-                           common_layers(layers, cfg.fed.fedot_keep_bottom, cfg.fed.fedot_keep_top), cfg.run.seed,
+                           common_layers(layers, *parse_adapter_layers(cfg.fed.fedot_adapter_layers)), cfg.run.seed,
                            batch_size=cfg.fed.batch_size)
 
 

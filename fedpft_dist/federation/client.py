@@ -7,6 +7,7 @@ it; the loss is the token-weighted mean next-token cross-entropy).
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
@@ -178,12 +179,21 @@ def _train_step(local: _Local, data: ClientData, batch: _Batch) -> Optional[torc
 
 def _param_groups(named: list[tuple[str, nn.Parameter]], lr: float, head_lr_scale: float) -> list[dict]:
     """The trainable ``(name, parameter)``s in model order; with a head scale other than 1, the head
-    (peft's ``modules_to_save`` copy) in a group of its own at ``lr * head_lr_scale``."""
+    (peft's ``modules_to_save`` copy) in a group of its own at ``lr * head_lr_scale``. A transformer
+    layer trained in full (FedOT's adapter; also a ``modules_to_save`` copy, of an item of the layer
+    list: ``<layers>.<i>.modules_to_save.``) is no head: it keeps the round's rate."""
     if head_lr_scale == 1.0:
         return [{"params": [p for _, p in named]}]
-    head = [p for n, p in named if ".modules_to_save." in n]
-    rest = [p for n, p in named if ".modules_to_save." not in n]
+
+    def is_head(n: str) -> bool:
+        return ".modules_to_save." in n and _WHOLE_LAYER.search(n) is None
+
+    head = [p for n, p in named if is_head(n)]
+    rest = [p for n, p in named if not is_head(n)]
     return [g for g in ({"params": rest}, {"params": head, "lr": lr * head_lr_scale}) if g["params"]]
+
+
+_WHOLE_LAYER = re.compile(r"\.\d+\.modules_to_save\.")
 
 
 def _loss_sum(model: nn.Module, data: ClientData, rows: torch.Tensor, width: int, device: torch.device,

@@ -127,8 +127,10 @@ class Engine:
         mine = assign_to_ranks(sampled, [p.cost[c] for c in sampled], p.groups.count)[p.groups.index]
         evaluate = (t + 1) % f.eval_every == 0 or t + 1 == f.rounds
         every = f.fidelity_every
-        # gradient fidelity compares the client model with the FM: nothing to compare when they are one
-        monitoring = p.method.uses_proxy and every != 0
+        # gradient fidelity compares the client model with the FM: nothing to compare when they are one.
+        # Whole layers tuned in full (FedOT's default) are not measured: per-example gradients of whole
+        # layers would take probe examples x layer parameters of memory.
+        monitoring = p.method.uses_proxy and every != 0 and not p.method.full_tuning(self.cfg)
         return RoundPlan(t, sampled, mine, round_lr(f.lr, f.lr_schedule, t, f.rounds),
                          server_step=p.server_step is not None and p.server_step.due(t),
                          evaluate=evaluate,
@@ -231,13 +233,15 @@ class Engine:
             "world_size": self.rt.world_size,
             "num_clients": f.num_clients, "clients_per_round": p.clients_per_round, "dataset": self.cfg.data.dataset,
             "partition": f.partition, "lora_targets": f.lora_targets, "server_optimizer": f.server_optimizer,
+            "full_tuning": p.method.full_tuning(self.cfg),
             "prox_mu": f.prox_mu, "excluded_clients": s.excluded_clients, "phase_seconds": phase,
             "bytes_up_per_client": p.up_bytes,
             "bytes_down_per_client": p.up_bytes + (s.ffn_bytes_per_alignment * s.alignment_rounds / f.rounds
                                                    if s.alignment_rounds else 0),
             "ffn_bytes_per_alignment": s.ffn_bytes_per_alignment, "alignment_rounds": s.alignment_rounds,
             "align_skipped": s.align_skipped,
-            # what a client tunes and sends: the adapter's elements (LoRA, a classifier's head, ...)
+            # what a client tunes and sends: the adapter's elements (LoRA, a classifier's head, FedOT's
+            # whole adapter layers, ...)
             "trainable_params": sum(v.numel() for v in s.global_adapter.values()),
             "client_params": models.client_params, "fm_params": models.fm_params,
             # client groups: ranks per client, and the client model's parameter bytes one rank holds

@@ -47,6 +47,12 @@ class Method:
     # model's layer_map (FM layer of each client layer) and the name of its layer list.
     to_fm: Optional[Callable[[dict, list[int], str], dict]] = None
     client_fingerprint: Optional[ClientFingerprint] = None
+    # Whether the config has the clients train the layers they hold whole (those not compressed) in full,
+    # without LoRA; FedOT with fed.fedot_tuning=full, as Offsite-Tuning's adapter.
+    full_tuning: Callable[[Config], bool] = lambda cfg: False
+    # Plug-in evaluation also scores the global adapter on the client model itself (the emulator): the
+    # plug-in gap, metrics keys emulator_*.
+    evaluates_client: bool = False
 
     @property
     def uses_proxy(self) -> bool:
@@ -90,9 +96,10 @@ register(Method("fedpft", "proxy with layer-level distillation before and neuron
                           "federated training", distilled_proxy, server_step=neuron_alignment,
                 client_fingerprint=_distilled))
 register(Method("fedpetuning", "LoRA on the full FM at the clients", None))
-register(Method("fedot", "Offsite-Tuning emulator (every other middle layer dropped, distilled); clients tune the "
-                         "bottom and top layers", _distilled_emulator, tune_compressed=False, to_fm=adapter_to_fm,
-                client_fingerprint=_distilled_emulator_fingerprint))
+register(Method("fedot", "Offsite-Tuning emulator (the FM's bottom and top layers, evenly spaced middle layers "
+                         "distilled); clients tune the bottom and top layers (in full, or LoRA)", _distilled_emulator,
+                tune_compressed=False, to_fm=adapter_to_fm, client_fingerprint=_distilled_emulator_fingerprint,
+                full_tuning=lambda cfg: cfg.fed.fedot_tuning == "full", evaluates_client=True))
 register(Method("fedpft_no_layer_distill", "fedpft without layer-level distillation", ensure_proxy,
                 server_step=neuron_alignment, client_fingerprint=source_fingerprint))
 register(Method("fedpft_no_neuron_distill", "fedpft without neuron-level alignment", distilled_proxy,

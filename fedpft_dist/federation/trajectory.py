@@ -103,6 +103,9 @@ def score_trajectory(cfg: Config, rt: Runtime, trajectory: Trajectory,
     if not method.uses_proxy:
         raise UserError(f"fed.method: {f.method} trains the FM itself: there is no client model to score "
                         f"(use fedpft, fedot or one of fedpft's ablations)")
+    if method.full_tuning(cfg):
+        raise UserError(f"fed.fedot_tuning: full tuning trains whole layers, not the LoRA a trajectory holds: set "
+                        f"fed.fedot_tuning=lora to score the emulator along a LoRA trajectory")
     t0 = time.perf_counter()
     fm_dir = resolve_model_dir(cfg.model.path)
     kind = resolve_task(cfg, fm_dir)

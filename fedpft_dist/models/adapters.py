@@ -66,6 +66,28 @@ def lora_config(model: nn.Module, r: int, alpha: float, dropout: float, task: st
                       task_type="CAUSAL_LM" if causal else None)
 
 
+def full_layers_config(model: nn.Module, layers: Sequence[int], task: str = "sequence-classification"):
+    """No LoRA anywhere: every parameter of the transformer layers ``layers`` trains in full (peft's
+    ``modules_to_save``: each such layer holds a trainable copy, which the adapter's state dict carries
+    under the layer's own names), and a classifier's head as with LoRA. Offsite-Tuning's adapter."""
+    from peft import LoraConfig
+    from peft.utils.constants import DUMMY_TARGET_MODULES
+
+    prefix = layers_prefix(model)
+    causal = task == "causal-lm"
+    saved = [f"{prefix}.{l}" for l in layers] + ([] if causal else head_modules(model))
+    return LoraConfig(r=1, target_modules=DUMMY_TARGET_MODULES, modules_to_save=saved, bias="none",
+                      task_type="CAUSAL_LM" if causal else None)
+
+
+def with_full_layers(model: nn.Module, layers: Sequence[int], task: str = "sequence-classification") -> nn.Module:
+    """``model`` wrapped by peft with the layers ``layers`` (and a classifier's head) trainable in full,
+    everything else frozen, no LoRA (:func:`full_layers_config`)."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, full_layers_config(model, layers, task))
+
+
 def with_lora(model: nn.Module, r: int, alpha: float, dropout: float, task: str = "sequence-classification",
               ffn_layers: Sequence[int] = (), attention_layers: Optional[Sequence[int]] = None) -> nn.Module:
     """``model`` wrapped by peft: LoRA on attention (of every layer, or of ``attention_layers``) and on

@@ -11,7 +11,7 @@ import torch
 
 from ..config import Config
 from ..fingerprint import emulator_fingerprint, proxy_fingerprint
-from .emulator import build_emulator, emulator_layers, emulator_targets
+from .emulator import build_emulator, emulator_targets, fedot_layers
 from .families import transformer_layers
 from .loading import default_task, load_model, load_tokenizer, resolve_model_dir
 from .proxy import (MomentRecorder, activation_moments, activation_saliency_scores, build_proxy, compensate_proxy,
@@ -141,25 +141,25 @@ def _compensate(proxy, fm, kept: dict[int, list[int]], calib: torch.Tensor, mome
 
 
 def make_emulator(cfg: Config, out: Path, public: Callable[[object, str, int], torch.Tensor]) -> dict:
-    """The FedOT baseline's emulator (every other middle layer dropped), saved like a proxy to ``out``;
-    returns its report."""
+    """The FedOT baseline's emulator (the adapter layers and evenly spaced middle layers; see
+    :mod:`fedpft_dist.models.emulator`), saved like a proxy to ``out``; returns its report."""
     t0 = time.perf_counter()
     fm_dir = resolve_model_dir(cfg.model.path)
     task = construction_task(cfg.model.task, fm_dir)
     fm = load_model(fm_dir, task, cfg.model.dtype, num_labels=cfg.model.num_labels)
     tokenizer = load_tokenizer(fm_dir)
     n = len(transformer_layers(fm))
-    kept = emulator_layers(n, cfg.fed.fedot_keep_bottom, cfg.fed.fedot_keep_top)
+    kept, sizing = fedot_layers(cfg, fm)
     emulator = build_emulator(fm, kept)
     targets = emulator_targets(kept, n)
-    b, t = cfg.fed.fedot_keep_bottom, cfg.fed.fedot_keep_top
+    b, t = sizing["adapter_layers"]
     middle = list(range(b, len(kept) - t))
     held = public(tokenizer, "held_out", cfg.proxy.eval_chunks)
     errors = hidden_state_errors(fm, emulator, held, cfg.proxy.batch_size, targets)
     report = {**describe_layout(fm), "kind": "emulator", "fm_path": str(fm_dir), "task": task, "num_layers": n,
               "layer_map": kept, "target_layers": targets, "compressed_layers": middle,
               "retained_layers": list(range(b)) + list(range(len(kept) - t, len(kept))),
-              "fm_params": count_params(fm), "proxy_params": count_params(emulator),
+              "fm_params": count_params(fm), "proxy_params": count_params(emulator), **sizing,
               "hidden_error_per_layer": errors, "hidden_error_mean": sum(errors) / len(errors)}
     meta = {k: v for k, v in report.items() if not k.startswith("hidden_error")}
     meta["fingerprint"] = emulator_fingerprint(cfg, fm_dir)
