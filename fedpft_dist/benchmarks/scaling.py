@@ -75,11 +75,12 @@ def load_bench(path: Path) -> BenchRun:
     return BenchRun(path, bench, config)
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """A nested config as ``{"section.key": value}``."""
     out: dict[str, object] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -93,7 +94,7 @@ def check_one_workload(runs: Sequence[BenchRun]) -> None:
     """UserError naming the first config key (or bench.json field) whose value differs between the runs,
     other than the launch keys; a key is compared among the runs that have it (configs of older versions
     lack newer keys)."""
-    sources = (("", [(r, _flatten(r.config)) for r in runs if r.config]),
+    sources = (("", [(r, flatten(r.config)) for r in runs if r.config]),
                ("bench.json ", [(r, {k: r.bench.get(k) for k in RECORDED if k in r.bench}) for r in runs]))
     for source, flat in sources:
         keys = sorted({k for _, f in flat for k in f if not _is_launch_key(k)})

@@ -162,20 +162,10 @@ def group_key(run: dict, with_alpha: bool = True) -> str:
     return " / ".join(_label_parts(run, with_alpha))
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def swept_keys(runs: Sequence[dict]) -> list[str]:
     """Config keys, other than seeds, output paths and the label's, whose values differ between runs
     (only keys every run's config.yaml has can be compared)."""
-    flat = [_flatten(r["config"]) for r in runs]
+    flat = [scaling.flatten(r["config"]) for r in runs]
     if not flat:
         return []
     keys = [k for k in flat[0] if all(k in f for f in flat[1:])]
@@ -224,7 +214,7 @@ def groups_of(runs: Sequence[dict], keys: Optional[Sequence[str]] = None
     keys = swept_keys(runs) if keys is None else keys
     groups: "OrderedDict[tuple[str, tuple], list[dict]]" = OrderedDict()
     for run in runs:
-        flat = _flatten(run["config"])
+        flat = scaling.flatten(run["config"])
         values = tuple(_frozen(flat.get(k)) for k in keys)
         groups.setdefault((group_key(run, with_alpha=ALPHA not in keys), values), []).append(run)
     return groups
@@ -286,7 +276,7 @@ def write_csv(runs: Sequence[dict], path: Path) -> None:
         for task, task_runs in tasks.items():
             for group in groups_of(task_runs).values():
                 s0 = group[0]["summary"]
-                flat = _flatten(group[0]["config"])
+                flat = scaling.flatten(group[0]["config"])
                 stats = [x for m in metrics
                          for x in (_mean_std([r["summary"].get(m) for r in group]) if m in VIEWS[task].csv_metrics
                                    else ("", ""))]
