@@ -18,7 +18,7 @@ from helpers import adapter, metrics, summary, tail
 from fedpft_dist.config import load_config
 from fedpft_dist.errors import ConfigError
 from fedpft_dist.federation.client import next_token_eval, perplexity_and_accuracy
-from fedpft_dist.models.lm import IGNORE, next_token_labels, next_token_sums
+from fedpft_dist.models.lm import IGNORE, next_token_labels, next_token_stats
 
 SMOLLM2 = "configs/smollm2-tiny.yaml"
 
@@ -70,6 +70,11 @@ def test_next_token_labels_mask_padding_on_either_side():
     labels = next_token_labels(ids, mask)
     # right padding: pads are no targets; left padding: neither is the first real token (no context)
     assert labels.tolist() == [[5, 6, 7, IGNORE, IGNORE], [IGNORE, IGNORE, IGNORE, 9, 10]]
+
+
+def next_token_sums(logits, labels):
+    loss, correct, count = next_token_stats(logits, labels)
+    return loss, int(correct), int(count)
 
 
 def test_next_token_sums_match_a_direct_computation_and_add_up_over_shards():

@@ -3,8 +3,7 @@ and the gradient-fidelity monitor share.
 
 Nothing here reads a value back to the host: the sums stay tensors on the logits' device, so a
 training step or an evaluation batch queues its work without waiting for the accelerator; callers
-read them once (per client, per evaluation shard). :func:`next_token_sums` is the one exception, a
-convenience for small reports and tests.
+read them once (per client, per evaluation shard).
 """
 from __future__ import annotations
 
@@ -49,13 +48,3 @@ def next_token_stats(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     valid = target != IGNORE
     correct = ((pred.argmax(-1) == target) & valid).sum()
     return torch.stack([_loss_sum(pred, target), correct.double(), valid.sum().double()])
-
-
-def next_token_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """(sum of next-token cross-entropy, correct argmax predictions, targets), the counts read back
-    as ints (one transfer): :func:`next_token_stats` for reports; loops use that or
-    :func:`next_token_loss_sum` and read once at their end."""
-    pred, target = _shifted(logits, labels)
-    valid = target != IGNORE
-    counts = torch.stack([((pred.argmax(-1) == target) & valid).sum(), valid.sum()]).tolist()
-    return _loss_sum(pred, target), counts[0], counts[1]
