@@ -225,6 +225,9 @@ class DistillConfig:
     proxy: str = _opt("", help="proxy directory to distil; empty = where fedpft proxy puts it (proxy.out, else "
                                "<run.dir>/proxy), built first if missing", run=False)
     out: str = _opt("", help="where to save the distilled proxy; empty = <run.dir>/proxy_distilled", run=False)
+    emulator_out: str = _opt("", help="fedot: where to save the distilled emulator, or reuse it from when one made "
+                                      "with this config's settings is there; empty = <run.dir>/emulator_distilled",
+                             run=False)
     zero_stage: int = _opt(3, help="DeepSpeed ZeRO stage (0-3); at 3 the FM is partitioned over ranks", ge=0, le=3,
                            run=False)
     steps: int = _opt(0, help="optimizer steps; 0 = use epoch_fraction", ge=0, shapes=("distill",))

@@ -5,7 +5,7 @@
       proxy/                 Stage 1 (proxy.out overrides)      proxy.json   its report
       proxy_distilled/       Stage 2 (distill.out overrides)    distill.json, distill_log.jsonl
       emulator/              FedOT's emulator                   emulator.json
-      emulator_distilled/    FedOT's distilled emulator
+      emulator_distilled/    FedOT's distilled emulator (distill.emulator_out overrides)
       checkpoints/rounds/    federated round checkpoints
       checkpoints/distill/   layer-level distillation checkpoints
       metrics.jsonl, summary.json, adapter/   federated training
@@ -56,7 +56,7 @@ class RunLayout:
             distill_report=run / "distill.json", distill_log=run / "distill_log.jsonl",
             distill_checkpoints=run / "checkpoints" / "distill",
             emulator=run / "emulator", emulator_report=run / "emulator.json",
-            emulator_distilled=run / "emulator_distilled",
+            emulator_distilled=Path(cfg.distill.emulator_out) if cfg.distill.emulator_out else run / "emulator_distilled",
             round_checkpoints=run / "checkpoints" / "rounds",
             metrics=run / "metrics.jsonl", tensorboard=run / "tensorboard", summary=run / "summary.json",
             adapter=run / "adapter", round_adapters=run / "round_adapters",

@@ -1,20 +1,28 @@
 #!/usr/bin/env bash
-# The runs behind docs/results.md, each a 2-rank job on this machine, then one report over all:
-#   tweets (configs/experiments/tweets.yaml), seeds 0-4, about 30 minutes per seed on 2 CPU cores:
-#     IID split:               FedPFT, FedPETuning, FedOT, FedPFT without layer-level distillation,
-#                              FedPFT without neuron-level alignment
-#     Dirichlet alpha=1 split: FedPFT, FedPETuning, FedOT
-#   Austen next-token training on SmolLM2-135M (configs/smollm2-austen.yaml), seeds 0-2, about
-#   16 minutes per seed: FedPFT, FedPETuning, FedOT (AUSTEN_METHODS to choose); every round's global
-#   adapter is kept (round_adapters/: a trajectory for `fedpft fidelity --trajectory`)
-#   bash scripts/experiments.sh                       everything, then the report
-#   PARTS=tweets SEEDS="0 1" bash scripts/experiments.sh
-#   PARTS=austen AUSTEN_METHODS="fedpft fedpetuning" OUT=runs/experiments-refit bash scripts/experiments.sh
+# The runs behind docs/results.md, each a 2-rank job on this machine, then one report per comparison:
+#   decoder: SmolLM2-135M-Instruct, seeds 0-4, about 36 minutes per seed on 2 CPU cores; per seed one
+#     proxy (built and distilled once) and one FedOT emulator serve both tasks:
+#     tweets as sequence classification (configs/experiments/smollm2-tweets.yaml)
+#       IID split:               FedOT, FedPFT, FedPETuning, FedPFT without layer-level distillation,
+#                                FedPFT without neuron-level alignment
+#       Dirichlet alpha=1 split: FedPFT, FedPETuning, FedOT
+#     Austen next-token training (configs/experiments/smollm2-austen.yaml): FedPFT, FedPETuning, FedOT
+#     -> docs/results/decoder/
+#   tweets: all-MiniLM-L6-v2 on tweets (configs/experiments/tweets.yaml), seeds 0-4, about 30 minutes
+#     per seed: the five methods on the IID split, FedPFT, FedPETuning and FedOT on the Dirichlet split
+#   austen: Austen next-token training with configs/smollm2-austen.yaml, seeds 0-2, about 16 minutes
+#     per seed: FedPFT, FedPETuning, FedOT (AUSTEN_METHODS to choose); every round's adapter is kept
+#     -> docs/results/ (tweets and austen together)
+#   bash scripts/experiments.sh                       the decoder comparison, then its report
+#   PARTS="tweets austen" bash scripts/experiments.sh
+#   PARTS=decoder SEEDS="0 1" REPORT=0 bash scripts/experiments.sh
 # It resumes: a finished run (summary.json) is skipped, an interrupted one continues from its newest
-# round checkpoint. Per seed, the proxy is built and distilled once and shared by the FedPFT variants.
+# round checkpoint, a finished proxy or emulator is reused. A seed fixes the data split, the partition,
+# the head's initialisation, the client sample, the proxy's calibration text and both distillations'
+# data order, the same for every method, so the seeds pair the runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PARTS=${PARTS:-tweets austen}
+PARTS=${PARTS:-decoder}
 OUT=${OUT:-runs/experiments}
 PY=${FEDPFT_PYTHON:-.venv/bin/python}
 REPORT=${REPORT:-1}
@@ -34,21 +42,46 @@ experiment() {
   done
 }
 
-train() {  # train CONFIG OUT SEED PARTITION METHOD [OVERRIDE ...]
+train() {  # train CONFIG OUT SEED PARTITION METHOD [OVERRIDE ...]  (the proxy and emulator of $SHARED)
   local config=$1 out=$2 seed=$3 part=$4 method=$5; shift 5
-  local dir=$out/$method-$part-seed$seed shared=$out/shared/seed$seed
+  local dir=$out/$method-$part-seed$seed shared=${SHARED:-$out/shared}/seed$seed
   if [ -f "$dir/summary.json" ]; then return; fi
   run train --config "$config" run.dir="$dir" run.seed="$seed" fed.method="$method" fed.partition="$part" \
-    fed.resume=true distill.proxy="$shared/proxy" distill.out="$shared/proxy_distilled" "$@"
+    fed.resume=true distill.proxy="$shared/proxy" distill.out="$shared/proxy_distilled" \
+    distill.emulator_out="$shared/emulator_distilled" "$@"
+}
+
+decoder() {  # decoder OUT "SEEDS"
+  local out=$1 seed method tweets=configs/experiments/smollm2-tweets.yaml austen=configs/experiments/smollm2-austen.yaml
+  for seed in $2; do
+    if [ ! -f "$out/shared/seed$seed/proxy_distilled/config.json" ]; then
+      run distill --config "$tweets" run.dir="$out/shared/seed$seed" run.seed="$seed"
+    fi
+    for method in fedot fedpft fedpetuning fedpft_no_layer_distill fedpft_no_neuron_distill; do
+      SHARED=$out/shared train "$tweets" "$out/smollm2-tweets" "$seed" iid "$method"
+    done
+    for method in fedpft fedpetuning fedot; do
+      SHARED=$out/shared train "$tweets" "$out/smollm2-tweets" "$seed" dirichlet "$method"
+    done
+    for method in fedpft fedpetuning fedot; do
+      SHARED=$out/shared train "$austen" "$out/smollm2-austen" "$seed" iid "$method"
+    done
+  done
 }
 
 for part in $PARTS; do
   case $part in
+    decoder) decoder "$OUT/decoder" "${SEEDS:-0 1 2 3 4}"
+             if [ "$REPORT" = 1 ]; then
+               "$PY" -m fedpft_dist report "$OUT/decoder/smollm2-tweets" "$OUT/decoder/smollm2-austen" --out docs/results/decoder
+             fi ;;
     tweets) experiment configs/experiments/tweets.yaml "$OUT/tweets" "${SEEDS:-0 1 2 3 4}" \
               "fedpft fedpetuning fedot fedpft_no_layer_distill fedpft_no_neuron_distill" "fedpft fedpetuning fedot" ;;
     austen) experiment configs/smollm2-austen.yaml "$OUT/austen" "${SEEDS:-0 1 2}" \
               "${AUSTEN_METHODS:-fedpft fedpetuning fedot}" "" fed.checkpoint_every=2 fed.save_round_adapters=true ;;
-    *) echo "PARTS: unknown part '$part' (tweets, austen)" >&2; exit 2 ;;
+    *) echo "PARTS: unknown part '$part' (decoder, tweets, austen)" >&2; exit 2 ;;
   esac
 done
-if [ "$REPORT" = 1 ]; then "$PY" -m fedpft_dist report "$OUT/tweets" "$OUT/austen" --out docs/results; fi
+case " $PARTS " in *" tweets "*|*" austen "*)
+  if [ "$REPORT" = 1 ]; then "$PY" -m fedpft_dist report "$OUT/tweets" "$OUT/austen" --out docs/results; fi ;;
+esac

@@ -128,7 +128,7 @@ NOT_IN_RUN = {"model.path", "data.cache_dir", "fed.checkpoint_every", "fed.resum
               "fed.fidelity_transfer_steps", "fed.save_round_adapters", "fed.fidelity_examples",
               "fed.max_excluded_rounds", "fed.client_sharding", "proxy.out",
               "proxy.batch_size", "proxy.eval_chunks", "proxy.sample_prompt", "proxy.sample_tokens", "distill.proxy",
-              "distill.out", "distill.zero_stage", "distill.micro_batch", "distill.eval_chunks",
+              "distill.out", "distill.emulator_out", "distill.zero_stage", "distill.micro_batch", "distill.eval_chunks",
               "distill.checkpoint_every", "distill.log_every", "distill.resume"}
 
 

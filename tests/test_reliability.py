@@ -469,3 +469,24 @@ def test_a_model_directory_is_reused_only_with_its_fingerprint(tmp_path, caplog)
     (emu / "fedpft_proxy.json").write_text(json.dumps({"kind": "emulator"}))   # made before fingerprints
     with pytest.raises(UserError, match="no record of its settings"):
         reusable(load_config(CONFIG), emu, made, "the emulator")
+
+
+def test_distill_emulator_out_shares_one_distilled_emulator_between_runs(tmp_path):
+    """distill.emulator_out: a FedOT run reuses the distilled emulator another run left there when its
+    settings match (nothing is distilled: no runtime is needed) and refuses one distilled otherwise."""
+    from fedpft_dist.alignment.stages import distilled_proxy
+    from fedpft_dist.fingerprint import distilled_fingerprint, emulator_fingerprint
+    from fedpft_dist.run_layout import RunLayout
+
+    shared = tmp_path / "shared" / "emulator_distilled"
+    cfg = load_config(CONFIG, [f"run.dir={tmp_path / 'a'}", f"distill.emulator_out={shared}", "fed.method=fedot"])
+    layout = RunLayout.from_config(cfg)
+    assert layout.emulator_distilled == shared and layout.emulator == tmp_path / "a" / "emulator"
+    shared.mkdir(parents=True)
+    (shared / "config.json").write_text("{}")
+    made = distilled_fingerprint(cfg, emulator_fingerprint(cfg, resolve_model_dir("minilm")))
+    (shared / "fedpft_proxy.json").write_text(json.dumps({"fingerprint": made}))
+    assert distilled_proxy(cfg, None, layout, emulator=True) == shared
+    other = load_config(CONFIG, [f"run.dir={tmp_path / 'b'}", f"distill.emulator_out={shared}", "run.seed=1"])
+    with pytest.raises(UserError, match=r"the distilled emulator at .* was made with run.seed=0"):
+        distilled_proxy(other, None, RunLayout.from_config(other), emulator=True)

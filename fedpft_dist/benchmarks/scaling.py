@@ -30,7 +30,7 @@ BENCH_FILE = "bench.json"
 # section): runs that differ only in these (and in the world size, which no config holds) are one
 # workload. dist.threads_per_rank and dist.backend change what a rank computes with: not here.
 LAUNCH_KEYS = ("run.dir", "run.log_level", "dist.timeout_s", "dist.log_all_ranks", "bench.out", "doctor.",
-               "proxy.out", "distill.out", "distill.proxy", "distill.resume", "data.cache_dir")
+               "proxy.out", "distill.out", "distill.emulator_out", "distill.proxy", "distill.resume", "data.cache_dir")
 # What bench.json itself records about the workload and the machine, compared as the config is.
 RECORDED = ("benchmark", "method", "model", "rounds", "clients_per_round", "warmup_rounds", "device",
             "backend", "cuda_device", "torch")

@@ -55,7 +55,7 @@ def load_run(run_dir: Path) -> dict:
 # Keys that say where a run writes or how its job runs, not what it computes: runs that differ only
 # in these are repeats of one setting. A key ending in "." covers its whole section.
 NOT_SETTINGS = ("run.dir", "run.seed", "run.log_level", "dist.", "doctor.", "proxy.out", "distill.proxy",
-                "distill.out", "distill.checkpoint_every", "distill.resume", "data.cache_dir",
+                "distill.out", "distill.emulator_out", "distill.checkpoint_every", "distill.resume", "data.cache_dir",
                 "fed.checkpoint_every", "fed.resume", "fed.stop_after", "fed.eval_batch_size",
                 "fed.eval_initial")  # an extra evaluation before round 1: the rounds are the same
 # In the method / partition label; fed.alpha too, unless it differs between the runs (then it is a column).
