@@ -47,8 +47,11 @@ def main(proxy_dir: str, out_dir: str) -> None:
                 "state_numel": {k: v.numel() for k, v in r.state.items()}, "raw_numel": raw}
 
     # ZeRO stages 0, 2 and 3: the same trajectory
+    # stage 3 also writes the step log and reads the loss terms mid-job (after step 3 of 4): a read is a
+    # collective that every rank makes, though only rank 0 writes the file
     for stage in (0, 2, 3):
-        results[f"stage{stage}"] = job(f"stage{stage}", stage)
+        logged = {"log_path": str(out / "stage3_log.jsonl"), "log_every": 3} if stage == 3 else {}
+        results[f"stage{stage}"] = job(f"stage{stage}", stage, **logged)
 
     # adapter perturbation and the derivative term: hooks and extra FFN forwards under ZeRO-3 too
     for stage in (0, 3):

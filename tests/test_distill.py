@@ -59,6 +59,16 @@ def test_perturbed_distillation_with_the_derivative_term_at_zero_stages_0_and_3(
     assert r["terms3"]["after"][1] < r["terms3"]["before"][1]
 
 
+def test_the_step_log_is_read_mid_job_on_every_rank(results):
+    """distill.log_every=3 of 4 steps at ZeRO-3 on 2 ranks: the job reads the steps' loss terms after
+    step 3 and at the end (every rank joins the read; a read on rank 0 alone hangs the job) and the
+    log has one line per step with the job's losses."""
+    r, out = results
+    lines = [json.loads(line) for line in (out / "stage3_log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4]
+    assert [line["loss"] for line in lines] == r["stage3"]["losses"]
+
+
 def test_per_layer_error_falls(results):
     r, _ = results
     before, after = r["stage3"]["before"], r["stage3"]["after"]

@@ -310,7 +310,9 @@ class _StepLog:
         self.step_times.append(seconds)
         if self.bar:
             self.bar.update(1)
-        if (self.log_fh or self.bar) and (step + 1) % self.run.log_every == 0:
+        # Whether to read is the same on every rank (the read is a collective; only rank 0 holds the
+        # log file and the bar).
+        if (self.run.log_path or self.run.progress) and (step + 1) % self.run.log_every == 0:
             self.read()
 
     def read(self) -> None:
