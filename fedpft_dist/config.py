@@ -349,6 +349,10 @@ class FedConfig:
     lora_r: int = _opt(8, help="LoRA rank", ge=1)
     lora_alpha: float = _opt(48.0, help="LoRA alpha", gt=0)
     lora_dropout: float = _opt(0.1, help="LoRA dropout", ge=0, lt=1)
+    grad_accum: int = _opt(1, help="split each local step's batch (this rank's rows of it) into this many micro-batches "
+                                   "whose gradients add up before the one optimizer step: the same step, with the "
+                                   "activations of batch_size / grad_accum rows at a time (at most batch_size)",
+                           ge=1, run=False)
     gradient_checkpointing: bool = _opt(False, help="client training recomputes each layer's activations in the "
                                                     "backward pass: activation memory of one layer instead of all, "
                                                     "for about a third more compute")
@@ -417,6 +421,9 @@ class FedConfig:
 
     def check(self, prefix: str) -> None:
         parse_adapter_layers(self.fedot_adapter_layers, f"{prefix}fedot_adapter_layers")
+        if self.grad_accum > self.batch_size:
+            raise ConfigError(f"{prefix}grad_accum", f"must be at most fed.batch_size ({self.batch_size}), got "
+                                                     f"{self.grad_accum}")
 
 
 @dataclass

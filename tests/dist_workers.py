@@ -155,7 +155,7 @@ def toy_client(kind: str, client: int):
     return model, ClientData(input_ids=ids * mask, attention_mask=mask, labels=labels, token_type_ids=None)
 
 
-def toy_train(kind: str, client: int, group=None, prox_mu: float = 0.0, shard: bool = False):
+def toy_train(kind: str, client: int, group=None, prox_mu: float = 0.0, shard: bool = False, grad_accum: int = 1):
     """train_client on a toy client whose adapter is all its parameters; returns the update (and,
     with ``shard``, the model sharded over ``group`` first, the bytes of parameters this rank holds)."""
     from fedpft_dist.federation import client as client_mod
@@ -171,9 +171,20 @@ def toy_train(kind: str, client: int, group=None, prox_mu: float = 0.0, shard: b
     client_mod.get_adapter = lambda m: {k: full_value(p.detach()).clone() for k, p in m.named_parameters()}
     try:
         return client_mod.train_client(model, start, data, 2, 4, 0.05, 0.01, seed=3 + client,
-                                       prox_mu=prox_mu, group=group)
+                                       prox_mu=prox_mu, group=group, grad_accum=grad_accum)
     finally:
         client_mod.set_adapter, client_mod.get_adapter = set_adapter, get_adapter
+
+
+# (task, FedProx mu, sharded over the group, fed.grad_accum): with 3 micro-batches of a rank's 2 rows
+# of each batch of 4, every rank has an empty micro-batch per step (a stand-in row when sharded)
+GROUP_CASES = (("classify", 0.0, False, 1), ("causal", 0.0, False, 1), ("classify", 5.0, False, 1),
+               ("classify", 0.0, True, 1), ("causal", 5.0, True, 1), ("classify", 0.0, False, 3),
+               ("causal", 0.0, True, 3))
+
+
+def case_tag(kind: str, mu: float, shard: bool, accum: int) -> str:
+    return f"{kind}-{mu:g}" + ("-fsdp" if shard else "") + (f"-accum{accum}" if accum > 1 else "")
 
 
 def client_groups_suite(rank: int, out_dir: str) -> None:
@@ -187,10 +198,9 @@ def client_groups_suite(rank: int, out_dir: str) -> None:
     sent = groups.comm.broadcast_state({"v": torch.tensor([10.0 * rank])} if groups.leader else None)["v"].item()
     tensors, info = {}, {"rank": rank, "group": groups.index, "group_rank": groups.comm.rank,
                          "count": groups.count, "leader": groups.leader, "group_sum": own, "group_broadcast": sent}
-    for kind, mu, shard in (("classify", 0.0, False), ("causal", 0.0, False), ("classify", 5.0, False),
-                            ("classify", 0.0, True), ("causal", 5.0, True)):
-        upd = toy_train(kind, groups.index, groups.comm, mu, shard)
-        tag = f"{kind}-{mu:g}" + ("-fsdp" if shard else "")
+    for kind, mu, shard, accum in GROUP_CASES:
+        upd = toy_train(kind, groups.index, groups.comm, mu, shard, accum)
+        tag = case_tag(kind, mu, shard, accum)
         if shard:
             info[f"{tag}/local_bytes"] = toy_train.local_bytes
         tensors.update({f"{tag}/{k}": v for k, v in upd.adapter.items()})

@@ -324,6 +324,12 @@ def test_memory_plan_70b_client_groups():
         for key in ("activations without checkpointing", "activations with per-layer checkpointing"):
             assert terms(plan, key) * g == pytest.approx(terms(alone, key), rel=1e-12)
         assert terms(plan, "FM for plug-in") == terms(alone, "FM for plug-in") == 2 * c["fm"]
+    # fed.grad_accum: a rank of a group of 8 computes 1 of its rows at a time; alone, 8 / 4 = 2 rows
+    one_row = memory_plan(load_config(REPO / "configs/large/llama-70b.yaml", ["fed.grad_accum=4"]), model, 64,
+                          ranks_per_client=1, client_sharding="none")
+    assert one_row["client_rows_per_rank"] == 2 and one_row["grad_accum"] == 4
+    assert terms(one_row, "activations without") * 4 == pytest.approx(terms(alone, "activations without"), rel=1e-12)
+    assert terms(one_row, "proxy weights") == terms(alone, "proxy weights")
     whole = memory_plan(cfg, model, 64, ranks_per_client=8, client_sharding="none")
     assert terms(whole, "proxy weights") == terms(alone, "proxy weights")
     assert terms(whole, "activations without") * 8 == pytest.approx(terms(alone, "activations without"), rel=1e-12)

@@ -14,12 +14,10 @@ from fedpft_dist.errors import UserError
 from helpers import adapter, assert_same_rounds, assert_trained, max_abs_diff, metrics, summary, train
 from fedpft_dist.runtime import init_runtime, spawn_local
 
-from dist_workers import client_groups_suite, toy_train
+from dist_workers import GROUP_CASES, case_tag, client_groups_suite, toy_train
 
 pytestmark = pytest.mark.distributed
 
-CASES = (("classify", 0.0, False), ("causal", 0.0, False), ("classify", 5.0, False),
-         ("classify", 0.0, True), ("causal", 5.0, True))
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +38,11 @@ def test_the_ranks_form_consecutive_groups_with_their_own_collectives(four_ranks
     assert [i["group_broadcast"] for i in infos] == [0.0, 0.0, 20.0, 20.0]
 
 
-@pytest.mark.parametrize("kind,mu,shard", CASES)
-def test_a_split_batch_gives_the_single_rank_update(four_ranks, kind, mu, shard):
-    """Each group's two ranks split every batch (sharded over the two with FSDP2, or whole on each)."""
-    tag = f"{kind}-{mu:g}" + ("-fsdp" if shard else "")
+@pytest.mark.parametrize("kind,mu,shard,accum", GROUP_CASES)
+def test_a_split_batch_gives_the_single_rank_update(four_ranks, kind, mu, shard, accum):
+    """Each group's two ranks split every batch (sharded over the two with FSDP2, or whole on each),
+    with each rank's rows in fed.grad_accum micro-batches: the update of one rank without them."""
+    tag = case_tag(kind, mu, shard, accum)
     for client in (0, 1):
         alone = toy_train(kind, client, prox_mu=mu)
         (info_a, a), (info_b, b) = four_ranks[2 * client], four_ranks[2 * client + 1]
@@ -64,6 +63,34 @@ def test_a_split_batch_gives_the_single_rank_update(four_ranks, kind, mu, shard)
             whole = sum(v.numel() * v.element_size() for v in alone.adapter.values())
             assert info_a[f"{tag}/local_bytes"] + info_b[f"{tag}/local_bytes"] == whole
             assert abs(info_a[f"{tag}/local_bytes"] - whole / 2) <= whole * 0.05
+
+
+@pytest.mark.parametrize("kind", ["classify", "causal"])
+def test_gradient_accumulation_gives_the_same_update_on_one_rank(kind):
+    """fed.grad_accum = 2 and 4 (a micro-batch of one row) on one rank: the update, loss, counts and
+    tokens of grad_accum = 1, up to the order of floating-point sums."""
+    from dist_workers import toy_client
+    from fedpft_dist.federation.client import _batch_plan
+
+    _, data = toy_client(kind, 0)
+    for accum in (1, 2, 4):   # each step's 4 rows (the last batch: 1) in micro-batches of 4 // accum rows
+        plan = _batch_plan(data, 2, 4, torch.Generator().manual_seed(3), None, False, accum)
+        assert [len(m.rows) for m in plan[0].micro] == [4 // accum] * accum
+        assert sum(len(m.rows) for b in plan for m in b.micro) == 2 * len(data)
+    plain = toy_train(kind, 0)
+    for accum in (2, 4):
+        upd = toy_train(kind, 0, grad_accum=accum)
+        assert max((upd.adapter[k] - v).abs().max().item() for k, v in plain.adapter.items()) <= 1e-6, accum
+        assert upd.loss_sum == pytest.approx(plain.loss_sum, rel=1e-6)
+        assert (upd.loss_count, upd.tokens, upd.steps) == (plain.loss_count, plain.tokens, plain.steps)
+
+
+def test_a_grad_accum_above_the_batch_size_is_refused():
+    from fedpft_dist.config import load_config
+    from fedpft_dist.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"fed.grad_accum: must be at most fed.batch_size \(8\), got 9"):
+        load_config("configs/tiny.yaml", ["fed.batch_size=8", "fed.grad_accum=9"])
 
 
 def test_a_group_size_that_does_not_divide_the_world_is_one_user_error():

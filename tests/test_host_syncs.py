@@ -151,10 +151,11 @@ def test_the_plan_holds_what_the_steps_read_before():
     again = torch.Generator().manual_seed(5)
     orders = [torch.randperm(7, generator=again) for _ in range(2)]
     batches = [o[s: s + 3] for o in orders for s in range(0, 7, 3)]
-    assert [b.rows.tolist() for b in plan] == [b.tolist() for b in batches]
+    assert [[m.rows.tolist() for m in b.micro] for b in plan] == [[b.tolist()] for b in batches]
     for b, rows in zip(plan, batches):
         width = int(mask[rows].sum(1).max())
-        assert b.width == width and b.tokens == int(mask[rows].sum()) and b.compute and b.weight == 1.0
+        (m,) = b.micro
+        assert b.width == width and b.tokens == m.tokens == int(mask[rows].sum()) and m.compute and m.weight == 1.0
         assert b.count == int((next_token_labels(ids[rows, :width], mask[rows, :width])[:, 1:] != IGNORE).sum())
 
 

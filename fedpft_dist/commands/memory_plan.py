@@ -114,8 +114,10 @@ def client_training_terms(cfg, model_config, c: dict, g: int, sharded: bool, b: 
     drop = f.lora_dropout > 0
     lora = c["lora_attention"] + c["lora_ffn"]
     share = g if sharded else 1
-    # a batch of fed.batch_size rows is cut into g row blocks (tensor_split): the first rank's is the largest
-    rows = math.ceil(f.batch_size / g)
+    # a batch of fed.batch_size rows is cut into g row blocks (tensor_split): the first rank's is the
+    # largest; fed.grad_accum cuts a rank's block into that many micro-batches, computed one at a time
+    accum = getattr(f, "grad_accum", 1)
+    rows = math.ceil(math.ceil(f.batch_size / g) / accum)
     tokens = rows * cfg.data.max_length
     per_layer = (comp * layer_activation_bytes(h, kv, k, True, False, drop)
                  + len(c["lora_ffn_layers"]) * layer_activation_bytes(h, kv, inter, True, True, drop)
@@ -123,7 +125,7 @@ def client_training_terms(cfg, model_config, c: dict, g: int, sharded: bool, b: 
     biggest = layer_activation_bytes(h, kv, inter, True, bool(c["lora_ffn_layers"]), drop)
     head = 2 * vocab + 4 * vocab + 4 * vocab   # bf16 logits, their fp32 copy for the loss, its gradient
     of_g = f", 1/{g} shard (FSDP2)" if sharded else ""
-    of_rows = f" ({rows} of {f.batch_size} rows)" if g > 1 else ""
+    of_rows = f" ({rows} of {f.batch_size} rows at a time)" if g > 1 or accum > 1 else ""
     weights = {"proxy weights" + of_g: b * c["proxy"] / share,
                "LoRA fp32 weights + grads + AdamW m, v (16 B/param)" + of_g: 16 * lora / share}
     if sharded:
@@ -250,7 +252,8 @@ def memory_plan(cfg, model_config, world_size: int, ranks_per_client: Optional[i
               "evaluation": {"FM + activations": sum(evaluate.values())}}
     fits = {phase: {key: v <= device_gb * GB for key, v in t.items()} for phase, t in totals.items()}
     return {"counts": c, "world_size": world_size, "ranks_per_client": g, "client_sharding": sharding,
-            "client_groups": world_size // g, "dtype_bytes": b, "batch_size": f.batch_size, "client_rows_per_rank": rows,
+            "client_groups": world_size // g, "dtype_bytes": b, "batch_size": f.batch_size,
+            "grad_accum": getattr(f, "grad_accum", 1), "client_rows_per_rank": rows,
             "client_tokens": tokens, "distill_tokens_per_micro_batch": dtok, "eval_tokens": etok,
             "client_training": client, "distillation": distill, "alignment": align, "evaluation": evaluate,
             "device_gb": device_gb, "totals": totals, "fits": fits}
@@ -266,6 +269,9 @@ def format_plan(plan: dict) -> str:
              f"of {c['layers']} layers keep {c['kept']} FFN neurons; trainable FFN {c['ffn_trainable']:,}; "
              f"LoRA attention {c['lora_attention']:,}, FFN {c['lora_ffn']:,} (layers {c['lora_ffn_layers']})"]
     g = plan["ranks_per_client"]
+    if plan.get("grad_accum", 1) > 1:
+        lines.append(f"fed.grad_accum {plan['grad_accum']}: a rank computes {plan['client_rows_per_rank']} of each "
+                     f"batch's {plan['batch_size']} rows at a time ({plan['client_tokens']:,} tokens)")
     if g > 1:
         lines.append(f"client groups: {plan['client_groups']} groups of {g} ranks, fed.client_sharding "
                      f"{plan['client_sharding']}; a rank computes at most {plan['client_rows_per_rank']} of each "

@@ -40,7 +40,7 @@ class ClientUpdate:
 def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data: ClientData, epochs: int,
                  batch_size: int, lr: float, weight_decay: float, seed: int, recorder=None,
                  prox_mu: float = 0.0, group: Optional[Communicator] = None,
-                 head_lr_scale: float = 1.0) -> ClientUpdate:
+                 head_lr_scale: float = 1.0, grad_accum: int = 1) -> ClientUpdate:
     """Start from the global adapter, train ``epochs`` local epochs, return the new adapter.
 
     ``seed`` fixes the batch order and dropout, so the update depends only on (client, round), not on
@@ -58,6 +58,11 @@ def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data
     the same adapter. A model sharded over the group (``fed.client_sharding``) sums the gradients in
     its own backward pass instead.
 
+    ``grad_accum`` (``fed.grad_accum``) computes each step's rows (this rank's block of the batch) in
+    that many consecutive micro-batches, each cut to the whole batch's width, their gradients summed
+    before the one optimizer step: the same step as without it, up to the order of floating-point
+    sums, with the activations of 1/grad_accum of the rows at a time.
+
     Host syncs: the batches' widths, counts and token counts are worked out before the first step
     (:func:`_batch_plan`, one read of the masks), the steps (:func:`_train_step`) read nothing back,
     and the loss sum stays on the device until it is read once, after the last step.
@@ -65,7 +70,8 @@ def train_client(model: nn.Module, global_adapter: dict[str, torch.Tensor], data
     t0 = time.perf_counter()
     local = _set_up(model, global_adapter, lr, weight_decay, seed, data.labels is None, recorder, prox_mu, group,
                     head_lr_scale)
-    plan = _batch_plan(data, epochs, batch_size, torch.Generator().manual_seed(seed), local.group, local.sharded)
+    plan = _batch_plan(data, epochs, batch_size, torch.Generator().manual_seed(seed), local.group, local.sharded,
+                       grad_accum)
     loss = torch.zeros((), dtype=torch.float64, device=local.device)
     t1 = time.perf_counter()
     for batch in plan:
@@ -113,22 +119,34 @@ def _set_up(model: nn.Module, global_adapter: dict[str, torch.Tensor], lr: float
 
 
 @dataclass(frozen=True)
+class _Micro:
+    """One forward and backward of a step: some of this rank's rows of the batch."""
+    rows: torch.Tensor   # the rows this rank computes (a stand-in row at weight 0: see ``weight``)
+    weight: float        # 1; 0 for the stand-in row of a sharded model's rank without rows here
+    compute: bool        # whether this rank runs the model for this micro-batch
+    tokens: int          # real tokens of these rows
+
+
+@dataclass(frozen=True)
 class _Batch:
     """One step of a client's plan, with everything the host needs to know about it as Python values."""
-    rows: torch.Tensor   # the rows this rank computes (a stand-in row at weight 0: see ``weight``)
-    weight: float        # 1; 0 for the stand-in row of a sharded model's rank without rows of this batch
-    compute: bool        # whether this rank runs the model at this step
+    micro: tuple[_Micro, ...]   # fed.grad_accum micro-batches, their gradients summed before the step
     width: int           # the whole batch's longest real sequence: every row is cut to it
     count: int           # what the whole batch's loss is divided by: its examples, or its next-token targets
-    tokens: int          # real tokens of this rank's rows
+
+    @property
+    def tokens(self) -> int:   # real tokens of this rank's rows
+        return sum(m.tokens for m in self.micro)
 
 
 def _batch_plan(data: ClientData, epochs: int, batch_size: int, gen: torch.Generator,
-                group: Optional[Communicator], sharded: bool) -> list[_Batch]:
+                group: Optional[Communicator], sharded: bool, grad_accum: int = 1) -> list[_Batch]:
     """Every step of a client's local training: batches of a fresh ``gen`` permutation per epoch, with
     their widths, counts and this rank's token counts computed on the masks and read in one
     ``tolist`` (the steps then need no read of their own). ``group``: a client group of more than one
-    rank, which takes consecutive row blocks of every batch."""
+    rank, which takes consecutive row blocks of every batch; ``grad_accum``: this rank's block in that
+    many consecutive micro-batches (a sharded model's rank runs every one, a stand-in where it has
+    no rows, since its forward and backward are collectives)."""
     causal = data.labels is None
     lengths = data.attention_mask.sum(1).long()
     if causal:   # next-token targets per row, counted up to each position
@@ -140,18 +158,25 @@ def _batch_plan(data: ClientData, epochs: int, batch_size: int, gen: torch.Gener
         for start in range(0, len(data), batch_size):
             batch = order[start: start + batch_size]
             rows = batch.tensor_split(group.world_size)[group.rank] if group is not None else batch
+            micro = rows.tensor_split(grad_accum)
             width = lengths[batch].max()   # the whole batch's, whichever rows this rank computes
             # a batch cut to ``width`` keeps the targets of positions 1 .. width - 1
             count = upto[batch, (width - 1).clamp_min(0).reshape(1)].sum() if causal else width.new_tensor(len(batch))
             batches.append(batch)
-            mine.append(rows)
-            stats.append(torch.stack([width, count, lengths[rows].sum()]))
-    values = torch.stack(stats).tolist() if stats else []
-    plan = []
-    for batch, rows, (width, count, tokens) in zip(batches, mine, values):
-        stand_in = not len(rows) and sharded   # a sharded model's forward and backward are collectives
-        plan.append(_Batch(batch[:1] if stand_in else rows, 0.0 if stand_in else 1.0, bool(len(rows)) or sharded,
-                           width, count, tokens))
+            mine.append(micro)
+            stats.append(torch.stack([width, count, *(lengths[m].sum() for m in micro)]))
+    values = torch.cat(stats).tolist() if stats else []
+    plan, at = [], 0
+    for batch, micro in zip(batches, mine):
+        width, count = values[at], values[at + 1]
+        tokens = values[at + 2: at + 2 + len(micro)]
+        at += 2 + len(micro)
+        steps = []
+        for rows, n in zip(micro, tokens):
+            stand_in = not len(rows) and sharded   # a sharded model's forward and backward are collectives
+            steps.append(_Micro(batch[:1] if stand_in else rows, 0.0 if stand_in else 1.0,
+                                bool(len(rows)) or sharded, n))
+        plan.append(_Batch(tuple(steps), width, count))
     return plan
 
 
@@ -161,11 +186,13 @@ def _train_step(local: _Local, data: ClientData, batch: _Batch) -> Optional[torc
     None when it computed nothing). Reads nothing back to the host: no ``.item()``, ``int()``,
     ``float()`` or ``.tolist()`` of a tensor (the plan holds the counts as Python values)."""
     total = None
-    if batch.compute:
-        total = _loss_sum(local.model, data, batch.rows, batch.width, local.device, local.causal, local.recorder,
-                          weight=batch.weight)
-        (total / max(1, batch.count)).float().backward()
-        total = total.detach()
+    for micro in batch.micro:
+        if not micro.compute:
+            continue
+        part = _loss_sum(local.model, data, micro.rows, batch.width, local.device, local.causal, local.recorder,
+                         weight=micro.weight)
+        (part / max(1, batch.count)).float().backward()   # gradients add up over the micro-batches
+        total = part.detach() if total is None else total + part.detach()
     if local.group is not None and not local.sharded:
         _sum_gradients(local.params, local.group)   # a sharded model's backward sums them (reduce-scatter)
     if local.anchor is not None:

@@ -154,7 +154,7 @@ class Engine:
             spent["slice"] += time.perf_counter() - t0
             upd = train_client(models.client, state.global_adapter, data, f.local_epochs,
                                f.batch_size, plan.lr, f.weight_decay, client_seed(self.cfg.run.seed, plan.index, c),
-                               recorder, f.prox_mu, groups.comm, f.head_lr_scale)
+                               recorder, f.prox_mu, groups.comm, f.head_lr_scale, f.grad_accum)
             p.progress.client_done()
             t0 = time.perf_counter()
             if local.aggregator.accumulate(upd.adapter, local.aggregator.weight(upd), contribute=groups.leader):
