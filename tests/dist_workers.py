@@ -210,3 +210,55 @@ def client_groups_suite(rank: int, out_dir: str) -> None:
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(info, f)
     rt.shutdown()
+
+
+def _memory(field: str) -> int:
+    """A /proc/self/status memory figure in bytes (VmRSS, VmHWM)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def sharded_fm_suite(rank: int, out_dir: str, model_dir: str) -> None:
+    """The LLaMA-shaped model at ``model_dir`` loaded sharded over the world with LoRA on it: the
+    host memory the load took (peak resident bytes over the resident bytes before it), the bytes
+    this rank holds, and logits with a random adapter; then the same from the whole model."""
+    from pathlib import Path
+
+    from fedpft_dist.models.adapters import get_adapter, set_adapter, with_lora
+    from fedpft_dist.models.loading import load_model, load_tokenizer
+    from fedpft_dist.models.sharded import load_sharded
+
+    rt = init_runtime(timeout_s=120, threads_per_rank=1)
+    md = Path(model_dir)
+    pad = load_tokenizer(md).pad_token_id
+    wrap = lambda m: with_lora(m, 8, 16, 0.0, task="sequence-classification", ffn_layers=[0])  # noqa: E731
+    # the modules a load imports, imported first: the measure is of the model's bytes
+    import peft  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    with open("/proc/self/clear_refs", "w") as fh:   # the peak (VmHWM) starts again from the resident bytes
+        fh.write("5")
+    before = _memory("VmRSS")
+    model, report = load_sharded(md, "sequence-classification", rt.comm, wrap=wrap, num_labels=3, pad_token_id=pad)
+    grown = _memory("VmHWM") - before
+    whole = wrap(load_model(md, "sequence-classification", num_labels=3))
+    gen = torch.Generator().manual_seed(0)
+    adapter = {k: torch.randn(v.shape, generator=gen) * 0.1 for k, v in get_adapter(whole).items()}
+    set_adapter(whole, adapter)
+    set_adapter(model, adapter)
+    ids = torch.randint(0, 1000, (3, 11), generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        sharded, plain = model(input_ids=ids).logits, whole.eval()(input_ids=ids).logits
+    layer_bytes = max(sum(p.numel() * p.element_size() for p in layer.parameters())
+                      for layer in whole.get_base_model().model.layers)
+    info = {"grown": grown, "held": report["bytes_held"], "read": report["bytes_read"], "zeroed": report["zeroed"],
+            "whole": sum(p.numel() * p.element_size() for p in whole.parameters()), "layer": layer_bytes,
+            "logits_diff": (sharded - plain).abs().max().item(),
+            "adapter_back": max((v - adapter[k]).abs().max().item() for k, v in get_adapter(model).items())}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump(info, fh)
+    rt.shutdown()

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..runtime.shard import assign_full, full_value
+from ..runtime.shard import assign_full, full_value, is_sharded
 from .families import ffn_width, layers_prefix, layout_for, transformer_layers
 
 ADAPTER_PREFIX = "base_model.model."
@@ -106,8 +106,16 @@ def adapter_slots(peft_model: nn.Module) -> Optional[dict[str, nn.Parameter]]:
     if slots is None:
         from peft import get_peft_model_state_dict
 
-        by_storage = {(p.data_ptr(), tuple(p.shape)): name for name, p in peft_model.named_parameters()}
-        names = {k: by_storage.get((v.data_ptr(), tuple(v.shape))) for k, v in get_peft_model_state_dict(peft_model).items()}
+        params = dict(peft_model.named_parameters())
+        keys = get_peft_model_state_dict(peft_model)
+        if any(is_sharded(p) for p in params.values()):
+            # a shard's storage does not say which tensor it is (an empty shard has none): peft's own
+            # naming, the parameter's name without the adapter's name "default" (and modules_to_save)
+            by_name = {n.replace(".modules_to_save.default.", ".").replace(".default.", "."): n for n in params}
+            names = {k: by_name.get(k) for k in keys}
+        else:
+            by_storage = {(p.data_ptr(), tuple(p.shape)): name for name, p in params.items()}
+            names = {k: by_storage.get((v.data_ptr(), tuple(v.shape))) for k, v in keys.items()}
         names = names if all(n is not None for n in names.values()) else {}
         object.__setattr__(peft_model, "_fedpft_adapter_names", names)
         slots = rebind_adapter_slots(peft_model)

@@ -32,14 +32,16 @@ def is_sharded(t: torch.Tensor) -> bool:
 
 def shard_client_model(model: nn.Module, layers: Iterable[nn.Module], comm: Communicator) -> None:
     """``fully_shard`` each of ``layers`` (the transformer blocks: one all-gather each) and then the
-    whole ``model`` (embeddings, head) over the process group of ``comm``, a client group of > 1 ranks."""
+    whole ``model`` (embeddings, head) over the ranks of ``comm`` (a client group, or the world), > 1."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    if comm.group is None or comm.world_size < 2:
-        raise ValueError("shard_client_model needs a client group of at least 2 ranks")
+    import torch.distributed as dist
+
+    if comm.world_size < 2:
+        raise ValueError("shard_client_model needs at least 2 ranks")
     device_type = "cuda" if comm.device.type == "cuda" else "cpu"
-    mesh = DeviceMesh.from_group(comm.group, device_type=device_type)
+    mesh = DeviceMesh.from_group(comm.group if comm.group is not None else dist.group.WORLD, device_type=device_type)
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh, reshard_after_forward=True)
