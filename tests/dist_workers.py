@@ -259,6 +259,28 @@ def sharded_fm_suite(rank: int, out_dir: str, model_dir: str) -> None:
             "whole": sum(p.numel() * p.element_size() for p in whole.parameters()), "layer": layer_bytes,
             "logits_diff": (sharded - plain).abs().max().item(),
             "adapter_back": max((v - adapter[k]).abs().max().item() for k, v in get_adapter(model).items())}
+    # plug-in evaluation over the 4 ranks: 7 test rows in batches of 2 give ranks 0-2 two forward
+    # passes and rank 3 one (plus a stand-in); classification, then next-token loss on a causal LM
+    from types import SimpleNamespace
+
+    from fedpft_dist.federation.evaluation import evaluate
+
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([11, 3, 7, 9, 2, 11, 5])
+    mask = (torch.arange(11)[None, :] < lengths[:, None]).long()
+    task = SimpleNamespace(test_ids=torch.randint(0, 1000, (7, 11), generator=gen) * mask, test_mask=mask,
+                           test_types=None, test_labels=torch.randint(0, 3, (7,), generator=gen), num_classes=3,
+                           causal_lm=False)
+    info["classify"] = [evaluate(rt, model, task, 2), evaluate(rt, whole, task, 2)]
+    del model, whole
+    lm_wrap = lambda m: with_lora(m, 8, 16, 0.0, task="causal-lm")  # noqa: E731
+    model, _ = load_sharded(md, "causal-lm", rt.comm, wrap=lm_wrap)
+    whole = lm_wrap(load_model(md, "causal-lm"))
+    adapter = {k: torch.randn(v.shape, generator=gen) * 0.1 for k, v in get_adapter(whole).items()}
+    set_adapter(whole, adapter)
+    set_adapter(model, adapter)
+    task.causal_lm = True
+    info["causal"] = [evaluate(rt, model, task, 2), evaluate(rt, whole, task, 2)]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
         json.dump(info, fh)
     rt.shutdown()

@@ -1,7 +1,7 @@
 """The FM held sharded (fedpft_dist.models.sharded): built on the meta device, LoRA attached there,
 sharded per layer with FSDP2 over 4 gloo ranks and each rank's shard read from the files; a rank
 holds a quarter of the weights, its host memory during the load stays at its shard plus a layer,
-and the sharded model computes what the whole one does."""
+and the sharded model computes what the whole one does, plug-in evaluation included."""
 import json
 import shutil
 
@@ -56,3 +56,13 @@ def test_the_sharded_model_computes_what_the_whole_one_does(four_ranks):
     for r in four_ranks:
         assert r["adapter_back"] == 0.0
         assert r["logits_diff"] <= 1e-5
+
+
+def test_plug_in_evaluation_over_the_sharded_model_is_the_whole_models(four_ranks):
+    """7 test rows over 4 ranks in batches of 2: a rank with fewer batches joins the others' forward
+    passes with stand-ins; the metrics are those of the whole model, on every rank."""
+    for r in four_ranks:
+        for kind in ("classify", "causal"):
+            sharded, whole = r[kind]
+            assert sharded == pytest.approx(whole, rel=1e-6), kind
+        assert r["classify"][0]["test_examples"] == 7 and r["causal"][0]["test_tokens"] == 48 - 7

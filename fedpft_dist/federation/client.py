@@ -284,21 +284,34 @@ def length_order(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.sort(attention_mask.sum(1), descending=True, stable=True).indices
 
 
+def stand_in_forwards(model: nn.Module, done: int, batches: int, device: torch.device, types: bool = False) -> None:
+    """Forward passes of a one-token row, their outputs dropped, until ``batches`` have run: a model
+    sharded over the ranks computes each forward with all of them (its layers' weights are gathered
+    for it), so a rank with fewer rows to evaluate than the others still joins every pass."""
+    for _ in range(max(0, batches - done)):
+        ones = torch.ones(1, 1, dtype=torch.long, device=device)
+        model(input_ids=ones, attention_mask=ones, **({"token_type_ids": torch.zeros_like(ones)} if types else {}))
+
+
 @torch.no_grad()
 def next_token_eval(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int,
-                    device: Optional[torch.device] = None, by_length: bool = True) -> torch.Tensor:
+                    device: Optional[torch.device] = None, by_length: bool = True, batches: int = 0) -> torch.Tensor:
     """float64 [loss sum, correct, targets] of next-token prediction over the rows (model in eval
     mode), in batches of rows of similar length (``by_length``) or in row order; on the CPU. The
-    sums stay on the device until the last batch, then come back in one read."""
+    sums stay on the device until the last batch, then come back in one read. ``batches``: run at
+    least this many forward passes (:func:`stand_in_forwards`)."""
     model.eval()
     device = device or next(model.parameters()).device
     out = torch.zeros(3, dtype=torch.float64, device=device)
     if by_length:
         order = length_order(attention_mask)
         input_ids, attention_mask = input_ids[order], attention_mask[order]
+    done = 0
     for batch in eval_batches(input_ids, attention_mask, batch_size, device):
         logits = model(**batch).logits
         out += next_token_stats(logits, next_token_labels(batch["input_ids"], batch["attention_mask"])).to(device)
+        done += 1
+    stand_in_forwards(model, done, batches, device)
     return out.cpu()
 
 
@@ -315,18 +328,22 @@ def perplexity_and_accuracy(sums: torch.Tensor) -> tuple[float, float, float]:
 @torch.no_grad()
 def predict(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int,
             device: Optional[torch.device] = None, token_type_ids: Optional[torch.Tensor] = None,
-            by_length: bool = True) -> torch.Tensor:
+            by_length: bool = True, batches: int = 0) -> torch.Tensor:
     """Argmax class of every row, in the rows' order (the model in eval mode). ``by_length`` runs the
-    rows in batches of similar length (less padding to compute), then puts the predictions back."""
+    rows in batches of similar length (less padding to compute), then puts the predictions back.
+    ``batches``: run at least this many forward passes (:func:`stand_in_forwards`)."""
     model.eval()
     device = device or next(model.parameters()).device
     if len(input_ids) == 0:
+        stand_in_forwards(model, 0, batches, device, token_type_ids is not None)
         return torch.zeros(0, dtype=torch.long)
     order = length_order(attention_mask) if by_length else torch.arange(len(input_ids))
     types = token_type_ids[order] if token_type_ids is not None else None
     # the predictions stay on the device until the last batch, then come back in one read
-    preds = torch.cat([model(**batch).logits.argmax(-1)
-                       for batch in eval_batches(input_ids[order], attention_mask[order], batch_size, device, types)]).cpu()
+    preds = [model(**batch).logits.argmax(-1)
+             for batch in eval_batches(input_ids[order], attention_mask[order], batch_size, device, types)]
+    stand_in_forwards(model, len(preds), batches, device, types is not None)
+    preds = torch.cat(preds).cpu()
     out = torch.empty_like(preds)
     out[order] = preds
     return out
