@@ -281,6 +281,15 @@ def sharded_fm_suite(rank: int, out_dir: str, model_dir: str) -> None:
     set_adapter(model, adapter)
     task.causal_lm = True
     info["causal"] = [evaluate(rt, model, task, 2), evaluate(rt, whole, task, 2)]
+    # the gradient-fidelity monitor with the sharded model as the FM and the whole one as the client:
+    # the same gradients, so cosine 1 and relative error 0
+    from fedpft_dist.alignment.fidelity import FidelitySetting, gradient_fidelity
+    from fedpft_dist.data.tasks import ClientData
+
+    probe = ClientData(task.test_ids, task.test_mask, None)
+    fidelity = gradient_fidelity(rt, whole, model, adapter, lambda a: a, probe, FidelitySetting(True, "layers",
+                                                                                                  batch_size=2))
+    info["fidelity"] = {k: fidelity[k] for k in ("grad_cosine", "grad_rel_error", "grad_probe_examples")}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
         json.dump(info, fh)
     rt.shutdown()

@@ -66,3 +66,12 @@ def test_plug_in_evaluation_over_the_sharded_model_is_the_whole_models(four_rank
             sharded, whole = r[kind]
             assert sharded == pytest.approx(whole, rel=1e-6), kind
         assert r["classify"][0]["test_examples"] == 7 and r["causal"][0]["test_tokens"] == 48 - 7
+
+
+def test_the_fidelity_monitor_takes_the_fm_side_from_the_sharded_model(four_ranks):
+    """The sharded FM against the whole model as the client: every probe example's adapter gradient
+    is the same (the sharded side runs each example with all 4 ranks)."""
+    for r in four_ranks:
+        f = r["fidelity"]
+        assert f["grad_probe_examples"] == 7
+        assert f["grad_cosine"] == pytest.approx(1.0, abs=1e-6) and f["grad_rel_error"] <= 1e-5

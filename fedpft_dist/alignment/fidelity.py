@@ -40,7 +40,7 @@ from ..data.tasks import ClientData, Task
 from ..models.adapters import set_adapter
 from ..models.lm import next_token_labels, next_token_loss_sum
 from ..runtime import ClientGroups, Communicator, Runtime
-from ..runtime.shard import full_value
+from ..runtime.shard import full_value, is_sharded
 
 LORA_MARK = (".lora_A.", ".lora_B.")
 
@@ -401,7 +401,13 @@ def fidelity_with_fm_gradients(rt: Runtime, client_model: nn.Module, fm_model: n
     shapes = {k: v.shape for k, v in client_adapter.items()}
     client_rows = to_fm(client_rows)
     shapes = to_fm(shapes)
-    if fm_rows is None:
+    if any(is_sharded(p) for p in fm_model.parameters()):
+        # an FM sharded over the ranks runs every probe example with all of them (each forward and
+        # backward a collective); rank 0 holds the gradients, the others zeros
+        fm_mine = torch.arange(len(probe))
+        if fm_rows is None:
+            fm_rows = example_gradients(fm_model, to_fm(client_adapter), probe, loss_fn, rt.comm, setting.batch_size)
+    elif fm_rows is None:
         fm_rows = example_gradients(fm_model, to_fm(client_adapter), probe_rows(probe, fm_mine), loss_fn,
                                     batch_size=setting.batch_size)
     keys = sorted(set(client_rows) & set(fm_rows))
