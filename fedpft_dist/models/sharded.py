@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -23,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..runtime import Communicator
-from ..runtime.shard import is_sharded, local_parameter_bytes, shard_client_model
+from ..runtime.shard import is_sharded, local_parameter_bytes, shard_client_model, shard_rows
 from .families import transformer_layers
 from .loading import DTYPES, auto_class, quiet_transformers
 
@@ -91,18 +90,6 @@ def checkpoint_name(param_name: str, keys: dict[str, Path], prefix: str) -> Opti
     return None
 
 
-def _rows_of(param: torch.Tensor) -> tuple[int, int]:
-    """(first row, row count) of this rank's shard of a Shard(0) parameter."""
-    from torch.distributed.tensor import Shard
-
-    if len(param.placements) != 1 or not isinstance(param.placements[0], Shard) or param.placements[0].dim != 0:
-        raise ValueError(f"expected a parameter sharded along dim 0, got placements {param.placements}")
-    world, rank = param.device_mesh.size(), param.device_mesh.get_local_rank()
-    chunk = math.ceil(param.shape[0] / world)
-    start = min(param.shape[0], rank * chunk)
-    return start, param.to_local().shape[0]
-
-
 @torch.no_grad()
 def load_shards(model: nn.Module, model_dir: Path, prefix: str) -> dict:
     """Each of ``model``'s parameters (this rank's shard when sharded) read from ``model_dir``'s
@@ -121,7 +108,7 @@ def load_shards(model: nn.Module, model_dir: Path, prefix: str) -> dict:
             local.zero_()
             zeroed.append(name)
             continue
-        start, rows = _rows_of(param) if is_sharded(param) else (0, local.shape[0] if local.dim() else 1)
+        start, rows = shard_rows(param) if is_sharded(param) else (0, local.shape[0] if local.dim() else 1)
         with safe_open(str(keys[key]), framework="pt") as fh:
             source = fh.get_slice(key)
             shape = source.get_shape()

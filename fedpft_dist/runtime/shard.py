@@ -17,6 +17,7 @@ A sharded parameter must never be read or written as a plain tensor: :func:`full
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable, Mapping
 
 import torch
@@ -51,6 +52,18 @@ def shard_client_model(model: nn.Module, layers: Iterable[nn.Module], comm: Comm
         if isinstance(module, FSDPModule):
             module.set_force_sum_reduction_for_comms(True)
             module.set_gradient_divide_factor(1.0)
+
+
+def shard_rows(param: torch.Tensor) -> tuple[int, int]:
+    """(first row, row count) of this rank's shard of a parameter FSDP2 shards along dim 0: with
+    ``n`` rows over ``W`` ranks, rank ``r`` holds rows from ``r * ceil(n / W)`` (torch.chunk's split)."""
+    from torch.distributed.tensor import Shard
+
+    if len(param.placements) != 1 or not isinstance(param.placements[0], Shard) or param.placements[0].dim != 0:
+        raise ValueError(f"expected a parameter sharded along dim 0, got placements {param.placements}")
+    world, rank = param.device_mesh.size(), param.device_mesh.get_local_rank()
+    chunk = math.ceil(param.shape[0] / world)
+    return min(param.shape[0], rank * chunk), param.to_local().shape[0]
 
 
 def full_value(t: torch.Tensor) -> torch.Tensor:
