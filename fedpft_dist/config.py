@@ -156,6 +156,11 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = _opt("float32", help="weights dtype",
                                                             shapes=("proxy", "emulator"))
     num_labels: int = _opt(2, help="classes of a sequence-classification head", ge=2)
+    fm_sharding: Literal["none", "fsdp"] = _opt(
+        "none", help="how fedpft train holds the FM it evaluates with the global adapter (and the fidelity monitor "
+                     "differentiates): none = whole on every rank; fsdp = built on the meta device and sharded per "
+                     "layer with FSDP2 over all ranks, each rank reading its shard from the files (proxy and "
+                     "emulator methods; alignment's teacher is then ZeRO-3's)", run=False)
     dropout: float = _opt(
         -1.0, help="dropout of the models federated training uses (hidden, attention and head dropout, every "
                    "config key of the model that names a dropout); -1 = the model's own. With dropout > 0 a "

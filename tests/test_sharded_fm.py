@@ -11,6 +11,7 @@ from fedpft_dist.models.loading import resolve_model_dir
 from fedpft_dist.runtime import spawn_local
 
 from dist_workers import sharded_fm_suite
+from helpers import adapter, max_abs_diff, summary, train
 
 pytestmark = pytest.mark.distributed
 
@@ -20,7 +21,8 @@ SHAPE = {"hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 4, 
 
 
 @pytest.fixture(scope="module")
-def four_ranks(tmp_path_factory):
+def spec(tmp_path_factory):
+    """A directory for ``model.path: random:DIR``: SmolLM2's config at SHAPE, and its tokenizer."""
     spec = tmp_path_factory.mktemp("spec")
     source = resolve_model_dir("smollm2")
     config = {**json.loads((source / "config.json").read_text()), **SHAPE}
@@ -28,6 +30,11 @@ def four_ranks(tmp_path_factory):
     (spec / "config.json").write_text(json.dumps(config))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(source / name, spec / name)
+    return spec
+
+
+@pytest.fixture(scope="module")
+def four_ranks(spec, tmp_path_factory):
     model_dir = resolve_model_dir(f"random:{spec}")
     out = tmp_path_factory.mktemp("sharded")
     spawn_local(sharded_fm_suite, 4, args=(str(out), str(model_dir)))
@@ -75,3 +82,47 @@ def test_the_fidelity_monitor_takes_the_fm_side_from_the_sharded_model(four_rank
         f = r["fidelity"]
         assert f["grad_probe_examples"] == 7
         assert f["grad_cosine"] == pytest.approx(1.0, abs=1e-6) and f["grad_rel_error"] <= 1e-5
+
+
+@pytest.mark.slow
+def test_fedpft_with_the_fm_sharded_gives_the_unsharded_run(spec, tmp_path):
+    """configs/smollm2-tiny.yaml on the LLaMA-shaped model, 4 ranks, one client each: with
+    model.fm_sharding=fsdp (the FM of evaluation, the fidelity monitor, its update transfer and the
+    distillation's fidelity report sharded over the 4 ranks) the global adapter, the perplexities
+    and the gradient fidelity are the unsharded run's."""
+    # LoRA dropout off: the FM's own local steps of the update transfer split each batch over the 4
+    # ranks, whose dropout masks are not the ones one rank draws for the whole batch
+    common = (f"model.path=random:{spec}", "distill.batch_size=4", "fed.client_fraction=1.0", "fed.lora_dropout=0")
+    plain, sharded = tmp_path / "plain", tmp_path / "sharded"
+    train(plain, *common, ranks=4, config="configs/smollm2-tiny.yaml", timeout=600)
+    train(sharded, *common, "model.fm_sharding=fsdp", f"distill.proxy={plain / 'proxy'}", ranks=4,
+          config="configs/smollm2-tiny.yaml", timeout=600)
+    assert max_abs_diff(adapter(plain), adapter(sharded)) <= 1e-5
+    a, b = summary(plain), summary(sharded)
+    for key in ("initial_perplexity", "final_perplexity", "final_next_token_accuracy", "final_grad_cosine",
+                "final_transfer"):
+        assert a[key] is not None and b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+    before = json.loads((plain / "distill.json").read_text())["fidelity_after"]["grad_cosine"]
+    after = json.loads((sharded / "distill.json").read_text())["fidelity_after"]["grad_cosine"]
+    assert after == pytest.approx(before, rel=1e-5)
+
+
+def test_a_sharded_fm_is_refused_where_it_cannot_serve():
+    from types import SimpleNamespace
+
+    from fedpft_dist.config import load_config
+    from fedpft_dist.errors import ConfigError
+    from fedpft_dist.federation.build import check_fm_sharding
+    from fedpft_dist.federation.methods import get_method
+
+    cfg = load_config("configs/smollm2-tiny.yaml", ["model.fm_sharding=fsdp"])
+    two = SimpleNamespace(world_size=2)
+    check_fm_sharding(cfg, two, get_method("fedpft"))
+    with pytest.raises(ConfigError, match="model.fm_sharding: 'fsdp' shards the FM over the ranks: run on 2 or more"):
+        check_fm_sharding(cfg, SimpleNamespace(world_size=1), get_method("fedpft"))
+    with pytest.raises(ConfigError, match="model.fm_sharding: fed.method=fedpetuning trains the FM itself"):
+        check_fm_sharding(load_config("configs/smollm2-tiny.yaml", ["model.fm_sharding=fsdp", "fed.method=fedpetuning"]),
+                          two, get_method("fedpetuning"))
+    with pytest.raises(ConfigError, match="distill.zero_stage: with model.fm_sharding=fsdp"):
+        check_fm_sharding(load_config("configs/smollm2-tiny.yaml", ["model.fm_sharding=fsdp", "distill.zero_stage=0"]),
+                          two, get_method("fedpft"))

@@ -25,7 +25,8 @@ from ..data.tasks import prepare_task
 from ..models.adapters import get_adapter, merge_lora_into, with_lora
 from ..models.families import layers_prefix
 from ..models.build import make_emulator, make_proxy
-from ..models.loading import load_model, load_tokenizer, resolve_model_dir, resolve_task
+from ..models.loading import config_overrides, load_model, load_tokenizer, resolve_model_dir, resolve_task
+from ..models.sharded import load_sharded
 from ..models.proxy import load_proxy, read_proxy_meta, save_proxy
 from ..run_layout import RunLayout, is_model_dir
 from ..runtime import Runtime
@@ -211,7 +212,12 @@ def proxy_fidelity(cfg: Config, rt: Runtime, proxy_dir: Path, states: list[Optio
     kind = resolve_task(cfg, fm_dir)
     task = prepare_task(cfg, load_tokenizer(fm_dir), kind)
     lora = (f.lora_r, f.lora_alpha, f.lora_dropout)
-    fm = with_lora(load_model(fm_dir, kind, cfg.model.dtype, num_labels=task.num_classes).to(rt.device), *lora, task=kind)
+    if cfg.model.fm_sharding != "none" and rt.world_size > 1:   # the FM side with all ranks (alignment.fidelity)
+        fm, _ = load_sharded(fm_dir, kind, rt.comm, cfg.model.dtype, wrap=lambda m: with_lora(m, *lora, task=kind),
+                             **config_overrides(fm_dir, kind, task.num_classes))
+    else:
+        fm = with_lora(load_model(fm_dir, kind, cfg.model.dtype, num_labels=task.num_classes).to(rt.device), *lora,
+                       task=kind)
     probe = probe_data(task, probe_indices(task, f.fidelity_examples, cfg.run.seed))
     token = layers_prefix(fm.get_base_model()).rsplit(".", 1)[-1]
     out, first, fm_grads = [], None, None

@@ -14,7 +14,8 @@ from ..errors import ConfigError
 from ..models.adapters import adapter_slots, full_width_layers, rebind_adapter_slots, with_full_layers, with_lora
 from ..models.compat import activation_checkpointing
 from ..models.families import layers_prefix, transformer_layers
-from ..models.loading import load_model
+from ..models.loading import config_overrides, load_model
+from ..models.sharded import build_on_meta, materialise_sharded
 from ..models.proxy import count_params, load_proxy, read_proxy_meta, resolve_retained_layers
 from ..run_layout import RunLayout
 from ..runtime import ClientGroups, Runtime
@@ -49,18 +50,40 @@ def check_client_sharding(cfg: Config, method: Method, groups: Optional[ClientGr
                                                  "whole on every rank: sharding is for proxy and emulator clients")
 
 
+def check_fm_sharding(cfg: Config, rt: Runtime, method: Method) -> None:
+    """``model.fm_sharding: fsdp`` needs 2 or more ranks, clients with a model of their own, and
+    alignment at ZeRO-3 (whose teacher is partitioned; at stages 0-2 the teacher is the FM in memory)."""
+    if cfg.model.fm_sharding == "none":
+        return
+    if rt.world_size < 2:
+        raise ConfigError("model.fm_sharding", "'fsdp' shards the FM over the ranks: run on 2 or more")
+    if not method.uses_proxy:
+        raise ConfigError("model.fm_sharding", f"fed.method={cfg.fed.method} trains the FM itself at the clients: "
+                                               "a sharded FM is for proxy and emulator methods")
+    if method.aligns and cfg.fed.align_every > 0 and cfg.distill.zero_stage != 3:
+        raise ConfigError("distill.zero_stage", "with model.fm_sharding=fsdp, alignment's teacher is the FM "
+                                                "partitioned by ZeRO-3: set 3")
+
+
 def build_models(cfg: Config, rt: Runtime, method: Method, layout: RunLayout, num_labels: int, fm_dir: Path,
                  task: str, groups: Optional[ClientGroups] = None) -> Models:
     """The clients' peft model and the FM's (for plug-in evaluation) for ``method`` and ``task``.
-    Every rank loads the whole FM: evaluation runs on it, unpartitioned. With ``fed.client_sharding``
+    Every rank loads the whole FM, or with ``model.fm_sharding`` its shard of it (built on the meta
+    device; evaluation and the fidelity monitor run it with all ranks). With ``fed.client_sharding``
     the client model is sharded over the ranks of this rank's client group (``groups``)."""
     f = cfg.fed
     check_client_sharding(cfg, method, groups)
+    check_fm_sharding(cfg, rt, method)
     sharding = f.client_sharding != "none"
+    fm_sharded = cfg.model.fm_sharding != "none"
     lora = (f.lora_r, f.lora_alpha, f.lora_dropout)
     dropout = None if cfg.model.dropout < 0 else cfg.model.dropout
     torch.manual_seed(cfg.run.seed)  # the head's initialisation is part of the shared starting point
-    fm = load_model(fm_dir, task, cfg.model.dtype, num_labels=num_labels, dropout=dropout).to(rt.device)
+    if fm_sharded:   # on the meta device until its shards are read, after the adapter is attached
+        fm = build_on_meta(fm_dir, task, cfg.model.dtype, **config_overrides(fm_dir, task, num_labels, dropout))
+    else:
+        fm = load_model(fm_dir, task, cfg.model.dtype, num_labels=num_labels, dropout=dropout).to(rt.device)
+    fm_prefix = fm.base_model_prefix
     fm_params = count_params(fm)
     ffn = f.lora_targets == "attention+ffn"
     if not method.uses_proxy:
@@ -99,6 +122,8 @@ def build_models(cfg: Config, rt: Runtime, method: Method, layout: RunLayout, nu
         client = with_lora(proxy, *lora, task=task, ffn_layers=client_ffn, attention_layers=attention)
         evaluate = with_lora(fm, *lora, task=task, ffn_layers=on_fm(client_ffn),
                              attention_layers=None if attention is None else on_fm(attention))
+    if fm_sharded:
+        materialise_sharded(evaluate, fm_dir, rt.comm, fm_prefix)
     if sharding:
         adapter_slots(client)   # found by storage, which only plain tensors have: before sharding
         shard_client_model(client, transformer_layers(client.get_base_model()), groups.comm)

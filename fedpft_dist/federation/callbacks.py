@@ -189,7 +189,8 @@ class Fidelity(RoundCallback):
             if f.fidelity_transfer_steps:
                 transfer = transfer_setting(self.cfg, p.task.causal_lm, ctx.plan.lr, ctx.plan.index)
                 self.last.update(update_transfer(m.client, m.evaluate, p.state.global_adapter, m.to_fm, p.probe,
-                                                 transfer, p.groups.comm if sharded else None))
+                                                 transfer, p.groups.comm if sharded else None,
+                                                 self.rt.comm if self.cfg.model.fm_sharding != "none" else None))
                 m.plugged = None   # the FM's adapter was moved and put back: plug it again when needed
         return AfterRound(self.last)
 

@@ -22,9 +22,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors.torch import save_file
 
 from ..config import Config
 from ..environment import StopSignals
@@ -215,10 +217,18 @@ class Engine:
         p.progress.close()
         phase = self.rt.comm.all_reduce_metrics(self.clock.total, op="max", name="summary/phase-seconds")
         summary = self.summary(phase, wall_seconds, stopped)
+        if not stopped and self.cfg.model.fm_sharding != "none":
+            # a sharded FM: every rank plugs its shards of the adapter in, rank 0 writes the adapter whole
+            p.models.plug(p.state.global_adapter)
+            saved = p.models.to_fm(p.state.global_adapter)
         if self.rt.is_main and not stopped:
             p.models.plug(p.state.global_adapter)
             with atomic_directory(p.layout.adapter) as tmp:
-                p.models.evaluate.save_pretrained(str(tmp))
+                if self.cfg.model.fm_sharding != "none":   # peft's own two files, from the whole tensors
+                    p.models.evaluate.peft_config["default"].save_pretrained(str(tmp))
+                    save_file({k: v.contiguous() for k, v in saved.items()}, str(Path(tmp) / "adapter_model.safetensors"))
+                else:
+                    p.models.evaluate.save_pretrained(str(tmp))
             atomic_write_json(p.layout.summary, summary)
         self.rt.comm.barrier(name="summary/written")
         return summary

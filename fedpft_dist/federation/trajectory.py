@@ -129,7 +129,8 @@ def score_trajectory(cfg: Config, rt: Runtime, trajectory: Trajectory,
         if f.fidelity_transfer_steps:
             row.update(update_transfer(models.client, models.evaluate, adapter, models.to_fm, probe,
                                        transfer_setting(cfg, task.causal_lm, f.lr, i),
-                                       groups.comm if sharded else None))
+                                       groups.comm if sharded else None,
+                                       rt.comm if cfg.model.fm_sharding != "none" else None))
         row["seconds"] = round(time.perf_counter() - t1, 4)
         rows.append(row)
         if progress is not None:

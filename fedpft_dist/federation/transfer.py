@@ -75,10 +75,11 @@ def _steps_data(data: ClientData, steps: int, batch_size: int) -> tuple[ClientDa
 
 def update_transfer(client_model: nn.Module, fm_model: nn.Module, client_adapter: dict[str, torch.Tensor],
                     to_fm: Callable[[dict], dict], data: ClientData, setting: TransferSetting,
-                    group: Optional[Communicator] = None) -> dict:
+                    group: Optional[Communicator] = None, fm_group: Optional[Communicator] = None) -> dict:
     """``transfer`` and the two loss decreases it divides (``transfer_client_decrease``,
     ``transfer_fm_decrease``), with the first k x batch-size rows of ``data`` as the probe client; ``group``: the client group ``client_model`` is sharded
-    over (every rank of it calls this)."""
+    over (every rank of it calls this); ``fm_group``: the ranks ``fm_model`` is sharded over (all of
+    them call this; its local steps split each batch over them as a client group does)."""
     s = setting
     data, steps = _steps_data(data, s.steps, s.batch_size)
     start = to_fm(client_adapter)
@@ -95,7 +96,8 @@ def update_transfer(client_model: nn.Module, fm_model: nn.Module, client_adapter
         for p in frozen:
             p.requires_grad_(False)
         try:
-            own = train_client(fm_model, fm_all, steps, 1, s.batch_size, s.lr, s.weight_decay, s.seed).adapter
+            own = train_client(fm_model, fm_all, steps, 1, s.batch_size, s.lr, s.weight_decay, s.seed,
+                               group=fm_group).adapter
         finally:
             for p in frozen:
                 p.requires_grad_(True)

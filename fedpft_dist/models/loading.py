@@ -146,26 +146,35 @@ def load_model(model_dir: Path, task: str, dtype: str = "float32", num_labels: O
                dropout: Optional[float] = None):
     """Load a FM or a proxy (the proxy classes register when this package is imported) from ``model_dir``;
     ``dropout`` (not None) replaces every dropout probability of its config."""
-    import json
-
-    from .families import layout_for
-
     quiet_transformers()
     # SDPA attention (fused kernels on GPUs) is what every supported family runs; said, not left to a default
-    kwargs = {"dtype": DTYPES[dtype], "local_files_only": True, "use_safetensors": True, "attn_implementation": "sdpa"}
-    if task == "sequence-classification" and num_labels is not None:
-        kwargs["num_labels"] = num_labels
-    if task == "sequence-classification":
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-        if config.get("pad_token_id") is None and layout_for(config["model_type"]).family == "decoder":
-            # a decoder's classifier reads each row's last real token, found by the pad id: its tokenizer's
-            kwargs["pad_token_id"] = load_tokenizer(Path(model_dir)).pad_token_id
-    if dropout is not None:
-        kwargs.update(dropout_overrides(json.loads((Path(model_dir) / "config.json").read_text()), dropout))
+    kwargs = {"dtype": DTYPES[dtype], "local_files_only": True, "use_safetensors": True, "attn_implementation": "sdpa",
+              **config_overrides(model_dir, task, num_labels, dropout)}
     try:
         return auto_class(task).from_pretrained(str(model_dir), **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load {task} model from {model_dir}: {str(exc).splitlines()[0]}") from None
+
+
+def config_overrides(model_dir: Path, task: str, num_labels: Optional[int] = None,
+                     dropout: Optional[float] = None) -> dict:
+    """What a federated run changes in a model's config: the classes of a classifier's head, a decoder
+    classifier's pad id (its tokenizer's: the head reads each row's last real token), and every
+    dropout probability (``dropout`` not None)."""
+    import json
+
+    from .families import layout_for
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    out: dict = {}
+    if task == "sequence-classification" and num_labels is not None:
+        out["num_labels"] = num_labels
+    if task == "sequence-classification" and config.get("pad_token_id") is None \
+            and layout_for(config["model_type"]).family == "decoder":
+        out["pad_token_id"] = load_tokenizer(Path(model_dir)).pad_token_id
+    if dropout is not None:
+        out.update(dropout_overrides(config, dropout))
+    return out
 
 
 def config_path(path: str) -> Path:

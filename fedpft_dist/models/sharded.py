@@ -128,16 +128,11 @@ def load_shards(model: nn.Module, model_dir: Path, prefix: str) -> dict:
     return {"loaded": loaded, "zeroed": zeroed, "bytes_read": read}
 
 
-def load_sharded(model_dir: Path, task: str, comm: Communicator, dtype: str = "float32",
-                 wrap: Optional[Callable[[nn.Module], nn.Module]] = None, **config_overrides) -> tuple[nn.Module, dict]:
-    """The model of ``model_dir`` for ``task``, sharded over ``comm``'s ranks (each transformer layer,
-    then the rest), after ``wrap`` (e.g. LoRA) is applied on the meta device; each rank's shards read
-    from the files. Returns the model (training mode off) and a report: the bytes this rank holds
-    and read, and the parameters the files did not hold (zero)."""
-    model = build_on_meta(model_dir, task, dtype, **config_overrides)
-    prefix = model.base_model_prefix
-    if wrap is not None:
-        model = wrap(model)
+def materialise_sharded(model: nn.Module, model_dir: Path, comm: Communicator, prefix: str) -> dict:
+    """``model`` (built on the meta device, possibly wrapped) sharded over ``comm``'s ranks, each
+    transformer layer and then the rest, its shards allocated on ``comm``'s device and read from
+    ``model_dir``'s files; training mode off. Returns :func:`load_shards`' report and the bytes this
+    rank holds."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     shard_client_model(model, transformer_layers(base), comm)
     buffers = {name: b.clone() for name, b in model.named_buffers()}
@@ -149,4 +144,16 @@ def load_sharded(model_dir: Path, task: str, comm: Communicator, dtype: str = "f
     report = load_shards(model, model_dir, prefix)
     model.eval()
     report["bytes_held"] = local_parameter_bytes(model)
-    return model, report
+    return report
+
+
+def load_sharded(model_dir: Path, task: str, comm: Communicator, dtype: str = "float32",
+                 wrap: Optional[Callable[[nn.Module], nn.Module]] = None, **config_overrides) -> tuple[nn.Module, dict]:
+    """The model of ``model_dir`` for ``task``, sharded over ``comm``'s ranks after ``wrap`` (e.g.
+    LoRA) is applied on the meta device (:func:`materialise_sharded`). Returns the model and the
+    report: the bytes this rank holds and read, and the parameters the files did not hold (zero)."""
+    model = build_on_meta(model_dir, task, dtype, **config_overrides)
+    prefix = model.base_model_prefix
+    if wrap is not None:
+        model = wrap(model)
+    return model, materialise_sharded(model, model_dir, comm, prefix)
