@@ -86,13 +86,14 @@ def test_the_fidelity_monitor_takes_the_fm_side_from_the_sharded_model(four_rank
 
 @pytest.mark.slow
 def test_fedpft_with_the_fm_sharded_gives_the_unsharded_run(spec, tmp_path):
-    """configs/smollm2-tiny.yaml on the LLaMA-shaped model, 4 ranks, one client each: with
+    """configs/smollm2-tiny.yaml on the LLaMA-shaped model, 4 ranks, one client each, one round: with
     model.fm_sharding=fsdp (the FM of evaluation, the fidelity monitor, its update transfer and the
     distillation's fidelity report sharded over the 4 ranks) the global adapter, the perplexities
     and the gradient fidelity are the unsharded run's."""
     # LoRA dropout off: the FM's own local steps of the update transfer split each batch over the 4
     # ranks, whose dropout masks are not the ones one rank draws for the whole batch
-    common = (f"model.path=random:{spec}", "distill.batch_size=4", "fed.client_fraction=1.0", "fed.lora_dropout=0")
+    common = (f"model.path=random:{spec}", "distill.batch_size=4", "fed.client_fraction=1.0", "fed.lora_dropout=0",
+              "fed.rounds=1", "fed.fidelity_every=1")
     plain, sharded = tmp_path / "plain", tmp_path / "sharded"
     train(plain, *common, ranks=4, config="configs/smollm2-tiny.yaml", timeout=600)
     train(sharded, *common, "model.fm_sharding=fsdp", f"distill.proxy={plain / 'proxy'}", ranks=4,
