@@ -112,18 +112,19 @@ def load_shards(model: nn.Module, model_dir: Path, prefix: str) -> dict:
         with safe_open(str(keys[key]), framework="pt") as fh:
             source = fh.get_slice(key)
             shape = source.get_shape()
-            if [rows, *shape[1:]] != list(local.shape) if local.dim() else shape != []:
+            expected = [rows, *shape[1:]] if local.dim() else shape   # a scalar is never sharded
+            if list(expected) != list(local.shape):
                 raise ValueError(f"{model_dir}: {key} has shape {tuple(shape)}, which does not give this rank's "
                                  f"{tuple(local.shape)}")
             if not local.dim():
                 local.copy_(fh.get_tensor(key))
-                continue
-            # pieces of at most PIECE_BYTES: a piece read is a tensor of its own before it is copied
-            step = max(1, PIECE_BYTES // max(1, local[:1].numel() * local.element_size()))
-            for at in range(0, rows, step):
-                piece = source[start + at: start + min(rows, at + step)]
-                local[at: at + len(piece)].copy_(piece)
-                read += piece.numel() * piece.element_size()
+                read += local.element_size()
+            else:   # pieces of at most PIECE_BYTES: a piece read is a tensor of its own before it is copied
+                step = max(1, PIECE_BYTES // max(1, local[:1].numel() * local.element_size()))
+                for at in range(0, rows, step):
+                    piece = source[start + at: start + min(rows, at + step)]
+                    local[at: at + len(piece)].copy_(piece)
+                    read += piece.numel() * piece.element_size()
         loaded.append(name)
     return {"loaded": loaded, "zeroed": zeroed, "bytes_read": read}
 
