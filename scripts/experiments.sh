@@ -17,7 +17,10 @@
 #   PARTS="tweets austen" bash scripts/experiments.sh
 #   PARTS=decoder SEEDS="0 1" REPORT=0 bash scripts/experiments.sh
 # It resumes: a finished run (summary.json) is skipped, an interrupted one continues from its newest
-# round checkpoint, a finished proxy or emulator is reused. A seed fixes the data split, the partition,
+# round checkpoint, a finished proxy or emulator is reused. The decoder part also keeps each finished
+# run's summary.json, metrics.jsonl and config.yaml under docs/results/decoder/runs/ (ARCHIVE=...):
+# those are all that `fedpft report` reads, the report is drawn from them, and a run kept there is not
+# run again, so the comparison resumes on a fresh clone once the kept files are committed. A seed fixes the data split, the partition,
 # the head's initialisation, the client sample, the proxy's calibration text and both distillations'
 # data order, the same for every method, so the seeds pair the runs.
 set -euo pipefail
@@ -26,6 +29,7 @@ PARTS=${PARTS:-decoder}
 OUT=${OUT:-runs/experiments}
 PY=${FEDPFT_PYTHON:-.venv/bin/python}
 REPORT=${REPORT:-1}
+ARCHIVE=${ARCHIVE:-docs/results/decoder/runs}
 run() { FEDPFT_PYTHON=$PY launcher/torchrun.sh 2 "$@"; }
 
 # experiment CONFIG OUT "SEEDS" "IID METHODS" "DIRICHLET METHODS" [OVERRIDE ...]
@@ -44,27 +48,35 @@ experiment() {
 
 train() {  # train CONFIG OUT SEED PARTITION METHOD [OVERRIDE ...]  (the proxy and emulator of $SHARED)
   local config=$1 out=$2 seed=$3 part=$4 method=$5; shift 5
-  local dir=$out/$method-$part-seed$seed shared=${SHARED:-$out/shared}/seed$seed
-  if [ -f "$dir/summary.json" ]; then return; fi
-  run train --config "$config" run.dir="$dir" run.seed="$seed" fed.method="$method" fed.partition="$part" \
+  local name=$method-$part-seed$seed
+  local dir=$out/$name shared=${SHARED:-$out/shared}/seed$seed kept=${KEEP:+$KEEP/$(basename "$out")/$name}
+  if [ -n "$kept" ] && [ -f "$kept/summary.json" ]; then return; fi
+  if [ ! -f "$dir/summary.json" ]; then
+    run train --config "$config" run.dir="$dir" run.seed="$seed" fed.method="$method" fed.partition="$part" \
     fed.resume=true distill.proxy="$shared/proxy" distill.out="$shared/proxy_distilled" \
     distill.emulator_out="$shared/emulator_distilled" "$@"
+  fi
+  if [ -n "$kept" ]; then
+    mkdir -p "$kept"
+    cp "$dir/summary.json" "$dir/metrics.jsonl" "$dir/config.yaml" "$kept/"
+  fi
 }
 
 decoder() {  # decoder OUT "SEEDS"
   local out=$1 seed method tweets=configs/experiments/smollm2-tweets.yaml austen=configs/experiments/smollm2-austen.yaml
   for seed in $2; do
-    if [ ! -f "$out/shared/seed$seed/proxy_distilled/config.json" ]; then
+    if [ ! -f "$ARCHIVE/smollm2-austen/fedot-iid-seed$seed/summary.json" ] \
+       && [ ! -f "$out/shared/seed$seed/proxy_distilled/config.json" ]; then
       run distill --config "$tweets" run.dir="$out/shared/seed$seed" run.seed="$seed"
     fi
     for method in fedot fedpft fedpetuning fedpft_no_layer_distill fedpft_no_neuron_distill; do
-      SHARED=$out/shared train "$tweets" "$out/smollm2-tweets" "$seed" iid "$method"
+      KEEP=$ARCHIVE SHARED=$out/shared train "$tweets" "$out/smollm2-tweets" "$seed" iid "$method"
     done
     for method in fedpft fedpetuning fedot; do
-      SHARED=$out/shared train "$tweets" "$out/smollm2-tweets" "$seed" dirichlet "$method"
+      KEEP=$ARCHIVE SHARED=$out/shared train "$tweets" "$out/smollm2-tweets" "$seed" dirichlet "$method"
     done
     for method in fedpft fedpetuning fedot; do
-      SHARED=$out/shared train "$austen" "$out/smollm2-austen" "$seed" iid "$method"
+      KEEP=$ARCHIVE SHARED=$out/shared train "$austen" "$out/smollm2-austen" "$seed" iid "$method"
     done
   done
 }
@@ -73,7 +85,7 @@ for part in $PARTS; do
   case $part in
     decoder) decoder "$OUT/decoder" "${SEEDS:-0 1 2 3 4}"
              if [ "$REPORT" = 1 ]; then
-               "$PY" -m fedpft_dist report "$OUT/decoder/smollm2-tweets" "$OUT/decoder/smollm2-austen" --out docs/results/decoder
+               "$PY" -m fedpft_dist report "$ARCHIVE/smollm2-tweets" "$ARCHIVE/smollm2-austen" --out docs/results/decoder
              fi ;;
     tweets) experiment configs/experiments/tweets.yaml "$OUT/tweets" "${SEEDS:-0 1 2 3 4}" \
               "fedpft fedpetuning fedot fedpft_no_layer_distill fedpft_no_neuron_distill" "fedpft fedpetuning fedot" ;;
