@@ -243,9 +243,13 @@ def sharded_fm_suite(rank: int, out_dir: str, model_dir: str) -> None:
     with open("/proc/self/clear_refs", "w") as fh:   # the peak (VmHWM) starts again from the resident bytes
         fh.write("5")
     before = _memory("VmRSS")
+    torch.manual_seed(0)
     model, report = load_sharded(md, "sequence-classification", rt.comm, wrap=wrap, num_labels=3, pad_token_id=pad)
     grown = _memory("VmHWM") - before
+    torch.manual_seed(0)
     whole = wrap(load_model(md, "sequence-classification", num_labels=3))
+    start = get_adapter(whole)   # the new head and LoRA as the whole model starts: the sharded one starts there
+    initial_diff = max((v - start[k]).abs().max().item() for k, v in get_adapter(model).items())
     gen = torch.Generator().manual_seed(0)
     adapter = {k: torch.randn(v.shape, generator=gen) * 0.1 for k, v in get_adapter(whole).items()}
     set_adapter(whole, adapter)
@@ -256,6 +260,8 @@ def sharded_fm_suite(rank: int, out_dir: str, model_dir: str) -> None:
     layer_bytes = max(sum(p.numel() * p.element_size() for p in layer.parameters())
                       for layer in whole.get_base_model().model.layers)
     info = {"grown": grown, "held": report["bytes_held"], "read": report["bytes_read"], "zeroed": report["zeroed"],
+            "initialised": report["initialised"], "initial_diff": initial_diff,
+            "initial_nonzero": sum(int(v.abs().sum() > 0) for v in start.values()),
             "whole": sum(p.numel() * p.element_size() for p in whole.parameters()), "layer": layer_bytes,
             "logits_diff": (sharded - plain).abs().max().item(),
             "adapter_back": max((v - adapter[k]).abs().max().item() for k, v in get_adapter(model).items())}

@@ -48,8 +48,16 @@ def test_each_rank_holds_a_quarter_of_the_model(four_ranks):
         # torch.chunk rows: a rank holds at most a ceil(n / 4) row block of every tensor
         assert abs(r["held"] - whole / 4) <= 0.02 * whole, r["held"]
         assert r["read"] <= r["held"]
-        # what the files do not hold: the LoRA tensors and the new classifier head (its two copies)
-        assert all(".lora_" in n or ".score." in n for n in r["zeroed"])
+        # what the files do not hold, the LoRA tensors and the new classifier head (its two copies),
+        # keeps its initial values; nothing is left at zero
+        assert r["initialised"] and all(".lora_" in n or ".score." in n for n in r["initialised"])
+        assert r["zeroed"] == []
+
+
+def test_a_sharded_model_starts_where_the_whole_one_does(four_ranks):
+    """The same seed: the new head and the LoRA tensors hold what loading the whole model draws."""
+    for r in four_ranks:
+        assert r["initial_nonzero"] > 0 and r["initial_diff"] == 0.0
 
 
 def test_a_rank_loads_with_its_shard_plus_a_layer_of_host_memory(four_ranks):
@@ -84,28 +92,57 @@ def test_the_fidelity_monitor_takes_the_fm_side_from_the_sharded_model(four_rank
         assert f["grad_cosine"] == pytest.approx(1.0, abs=1e-6) and f["grad_rel_error"] <= 1e-5
 
 
-@pytest.mark.slow
-def test_fedpft_with_the_fm_sharded_gives_the_unsharded_run(spec, tmp_path):
-    """configs/smollm2-tiny.yaml on the LLaMA-shaped model, 4 ranks, one client each, one round: with
-    model.fm_sharding=fsdp (the FM of evaluation, the fidelity monitor, its update transfer and the
-    distillation's fidelity report sharded over the 4 ranks) the global adapter, the perplexities
-    and the gradient fidelity are the unsharded run's."""
-    # LoRA dropout off: the FM's own local steps of the update transfer split each batch over the 4
-    # ranks, whose dropout masks are not the ones one rank draws for the whole batch
-    common = (f"model.path=random:{spec}", "distill.batch_size=4", "fed.client_fraction=1.0", "fed.lora_dropout=0",
-              "fed.rounds=1", "fed.fidelity_every=1")
-    plain, sharded = tmp_path / "plain", tmp_path / "sharded"
-    train(plain, *common, ranks=4, config="configs/smollm2-tiny.yaml", timeout=600)
-    train(sharded, *common, "model.fm_sharding=fsdp", f"distill.proxy={plain / 'proxy'}", ranks=4,
-          config="configs/smollm2-tiny.yaml", timeout=600)
-    assert max_abs_diff(adapter(plain), adapter(sharded)) <= 1e-5
-    a, b = summary(plain), summary(sharded)
-    for key in ("initial_perplexity", "final_perplexity", "final_next_token_accuracy", "final_grad_cosine",
-                "final_transfer"):
+# configs/smollm2-tiny.yaml on the LLaMA-shaped model, 4 ranks, every client in the one round. LoRA
+# dropout off: the FM's own local steps of the update transfer split each batch over the ranks, whose
+# dropout masks are not the ones one rank draws for the whole batch.
+COMMON = ("distill.batch_size=4", "fed.client_fraction=1.0", "fed.lora_dropout=0", "fed.rounds=1",
+          "fed.fidelity_every=1")
+# with client groups of 2, each group's client model sharded over its ranks too
+GROUPS_OF_2 = ("dist.ranks_per_client=2", "fed.client_sharding=fsdp")
+
+
+def tiny(run_dir, spec, *overrides):
+    train(run_dir, f"model.path=random:{spec}", *COMMON, *overrides, ranks=4, config="configs/smollm2-tiny.yaml",
+          timeout=600)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def plain_fedpft(spec, tmp_path_factory):
+    return tiny(tmp_path_factory.mktemp("plain") / "run", spec)
+
+
+def assert_same_run(a_dir, b_dir, keys):
+    assert max_abs_diff(adapter(a_dir), adapter(b_dir)) <= 1e-5
+    a, b = summary(a_dir), summary(b_dir)
+    for key in keys:
         assert a[key] is not None and b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
-    before = json.loads((plain / "distill.json").read_text())["fidelity_after"]["grad_cosine"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("groups", [(), GROUPS_OF_2], ids=["one-client-per-rank", "client-groups-of-2"])
+def test_fedpft_with_the_fm_sharded_gives_the_unsharded_run(spec, plain_fedpft, tmp_path, groups):
+    """With model.fm_sharding=fsdp (the FM of evaluation, the fidelity monitor, its update transfer
+    and the distillation's fidelity report sharded over the 4 ranks) the global adapter, the
+    perplexities and the gradient fidelity are the unsharded run's, with one client per rank and
+    with client groups of 2."""
+    sharded = tiny(tmp_path / "sharded", spec, "model.fm_sharding=fsdp", f"distill.proxy={plain_fedpft / 'proxy'}",
+                   *groups)
+    assert_same_run(plain_fedpft, sharded, ("initial_perplexity", "final_perplexity", "final_next_token_accuracy",
+                                            "final_grad_cosine", "final_transfer"))
+    before = json.loads((plain_fedpft / "distill.json").read_text())["fidelity_after"]["grad_cosine"]
     after = json.loads((sharded / "distill.json").read_text())["fidelity_after"]["grad_cosine"]
     assert after == pytest.approx(before, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_fedpetuning_trains_the_fm_sharded_over_its_client_groups(spec, tmp_path):
+    """FedPETuning's clients train the FM itself: sharded, each client group of 2 holds it over its
+    ranks (a quarter of the model would need the whole world for every client) and trains one client
+    at a time; the global adapter and the perplexities are those of the FM held whole."""
+    plain = tiny(tmp_path / "plain", spec, "fed.method=fedpetuning")
+    sharded = tiny(tmp_path / "sharded", spec, "fed.method=fedpetuning", "model.fm_sharding=fsdp", *GROUPS_OF_2)
+    assert_same_run(plain, sharded, ("initial_perplexity", "final_perplexity", "final_next_token_accuracy"))
 
 
 def test_a_sharded_fm_is_refused_where_it_cannot_serve():
@@ -118,12 +155,17 @@ def test_a_sharded_fm_is_refused_where_it_cannot_serve():
 
     cfg = load_config("configs/smollm2-tiny.yaml", ["model.fm_sharding=fsdp"])
     two = SimpleNamespace(world_size=2)
-    check_fm_sharding(cfg, two, get_method("fedpft"))
+    check_fm_sharding(cfg, two, get_method("fedpft"), None)
     with pytest.raises(ConfigError, match="model.fm_sharding: 'fsdp' shards the FM over the ranks: run on 2 or more"):
-        check_fm_sharding(cfg, SimpleNamespace(world_size=1), get_method("fedpft"))
-    with pytest.raises(ConfigError, match="model.fm_sharding: fed.method=fedpetuning trains the FM itself"):
-        check_fm_sharding(load_config("configs/smollm2-tiny.yaml", ["model.fm_sharding=fsdp", "fed.method=fedpetuning"]),
-                          two, get_method("fedpetuning"))
+        check_fm_sharding(cfg, SimpleNamespace(world_size=1), get_method("fedpft"), None)
+    petuning = load_config("configs/smollm2-tiny.yaml", ["model.fm_sharding=fsdp", "fed.method=fedpetuning"])
+    for groups in (None, SimpleNamespace(size=2)):   # no groups; groups whose client model is not sharded
+        with pytest.raises(ConfigError, match="model.fm_sharding: fed.method=fedpetuning trains the FM itself at the "
+                                              "clients, so each client group holds it sharded"):
+            check_fm_sharding(petuning, two, get_method("fedpetuning"), groups)
+    petuning = load_config("configs/smollm2-tiny.yaml", ["model.fm_sharding=fsdp", "fed.method=fedpetuning",
+                                                         "fed.client_sharding=fsdp"])
+    check_fm_sharding(petuning, two, get_method("fedpetuning"), SimpleNamespace(size=2))
     with pytest.raises(ConfigError, match="distill.zero_stage: with model.fm_sharding=fsdp"):
         check_fm_sharding(load_config("configs/smollm2-tiny.yaml", ["model.fm_sharding=fsdp", "distill.zero_stage=0"]),
-                          two, get_method("fedpft"))
+                          two, get_method("fedpft"), None)

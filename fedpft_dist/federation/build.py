@@ -15,7 +15,7 @@ from ..models.adapters import adapter_slots, full_width_layers, rebind_adapter_s
 from ..models.compat import activation_checkpointing
 from ..models.families import layers_prefix, transformer_layers
 from ..models.loading import config_overrides, load_model
-from ..models.sharded import build_on_meta, materialise_sharded
+from ..models.sharded import build_on_meta, materialise_sharded, real_new_parameters
 from ..models.proxy import count_params, load_proxy, read_proxy_meta, resolve_retained_layers
 from ..run_layout import RunLayout
 from ..runtime import ClientGroups, Runtime
@@ -45,21 +45,24 @@ def check_client_sharding(cfg: Config, method: Method, groups: Optional[ClientGr
     if groups is None or groups.size < 2:
         raise ConfigError("fed.client_sharding", f"{f.client_sharding!r} shards the client model over a client group: "
                                                  "set dist.ranks_per_client to 2 or more")
-    if not method.uses_proxy:
+    if not method.uses_proxy and cfg.model.fm_sharding == "none":
         raise ConfigError("fed.client_sharding", f"fed.method={f.method} trains the FM itself, which evaluation uses "
-                                                 "whole on every rank: sharding is for proxy and emulator clients")
+                                                 "whole on every rank: shard it with model.fm_sharding=fsdp")
 
 
-def check_fm_sharding(cfg: Config, rt: Runtime, method: Method) -> None:
-    """``model.fm_sharding: fsdp`` needs 2 or more ranks, clients with a model of their own, and
-    alignment at ZeRO-3 (whose teacher is partitioned; at stages 0-2 the teacher is the FM in memory)."""
+def check_fm_sharding(cfg: Config, rt: Runtime, method: Method, groups: Optional[ClientGroups]) -> None:
+    """``model.fm_sharding: fsdp`` needs 2 or more ranks and alignment at ZeRO-3 (whose teacher is
+    partitioned; at stages 0-2 the teacher is the FM in memory). A method whose clients train the FM
+    itself (FedPETuning) holds it sharded over each client group, which trains one client at a time
+    with the batch split over its ranks: groups of 2 or more with ``fed.client_sharding: fsdp``."""
     if cfg.model.fm_sharding == "none":
         return
     if rt.world_size < 2:
         raise ConfigError("model.fm_sharding", "'fsdp' shards the FM over the ranks: run on 2 or more")
-    if not method.uses_proxy:
-        raise ConfigError("model.fm_sharding", f"fed.method={cfg.fed.method} trains the FM itself at the clients: "
-                                               "a sharded FM is for proxy and emulator methods")
+    if not method.uses_proxy and (groups is None or groups.size < 2 or cfg.fed.client_sharding == "none"):
+        raise ConfigError("model.fm_sharding", f"fed.method={cfg.fed.method} trains the FM itself at the clients, so "
+                                               "each client group holds it sharded: set dist.ranks_per_client to 2 "
+                                               "or more and fed.client_sharding=fsdp")
     if method.aligns and cfg.fed.align_every > 0 and cfg.distill.zero_stage != 3:
         raise ConfigError("distill.zero_stage", "with model.fm_sharding=fsdp, alignment's teacher is the FM "
                                                 "partitioned by ZeRO-3: set 3")
@@ -69,11 +72,13 @@ def build_models(cfg: Config, rt: Runtime, method: Method, layout: RunLayout, nu
                  task: str, groups: Optional[ClientGroups] = None) -> Models:
     """The clients' peft model and the FM's (for plug-in evaluation) for ``method`` and ``task``.
     Every rank loads the whole FM, or with ``model.fm_sharding`` its shard of it (built on the meta
-    device; evaluation and the fidelity monitor run it with all ranks). With ``fed.client_sharding``
+    device): sharded over the world when the clients hold a proxy or an emulator (the FM is only
+    evaluated and probed, which all ranks do together), over the client group when the clients train
+    the FM itself. With ``fed.client_sharding``
     the client model is sharded over the ranks of this rank's client group (``groups``)."""
     f = cfg.fed
     check_client_sharding(cfg, method, groups)
-    check_fm_sharding(cfg, rt, method)
+    check_fm_sharding(cfg, rt, method, groups)
     sharding = f.client_sharding != "none"
     fm_sharded = cfg.model.fm_sharding != "none"
     lora = (f.lora_r, f.lora_alpha, f.lora_dropout)
@@ -92,8 +97,11 @@ def build_models(cfg: Config, rt: Runtime, method: Method, layout: RunLayout, nu
         attention_fm = None
         if f.lora_attention_layers == "retained":
             attention_fm = resolve_retained_layers(cfg.proxy.retained_layers, len(transformer_layers(fm)))
-        model = with_lora(fm, *lora, task=task, ffn_layers=fm_ffn_lora_layers(cfg, fm) if ffn else [],
-                          attention_layers=attention_fm)
+        with real_new_parameters():   # LoRA's initialisation kept when the FM is on the meta device
+            model = with_lora(fm, *lora, task=task, ffn_layers=fm_ffn_lora_layers(cfg, fm) if ffn else [],
+                              attention_layers=attention_fm)
+        if fm_sharded:   # the client model and the evaluated one, sharded over this rank's client group
+            materialise_sharded(model, fm_dir, groups.comm, fm_prefix)
         return Models(model, model, None, [], fm_params, fm_params, nonemb, local_parameter_bytes(model))
     proxy_dir = method.client_model(cfg, rt, layout)
     meta = read_proxy_meta(proxy_dir)

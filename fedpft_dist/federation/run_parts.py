@@ -31,7 +31,7 @@ from ..models.loading import load_tokenizer, resolve_model_dir, resolve_task
 from ..run_layout import RunLayout
 from ..runtime import ClientGroups, Runtime
 from ..runtime.shard import load_full_state
-from .build import build_models, check_client_sharding
+from .build import build_models, check_client_sharding, check_fm_sharding
 from .methods import Method, get_method
 from .recording import MetricsLog, RoundProgress
 from .run_models import Models
@@ -84,6 +84,7 @@ def build_run(cfg: Config, rt: Runtime) -> RunParts:
     layout, method = RunLayout.from_config(cfg), get_method(f.method)
     groups = rt.client_groups(cfg.dist.ranks_per_client)
     check_client_sharding(cfg, method, groups)
+    check_fm_sharding(cfg, rt, method, groups)
     check_outputs(cfg, rt, layout)
     fm_dir = resolve_model_dir(cfg.model.path)
     # Before anything is written: the run's fingerprint, and either the checkpoint it resumes from

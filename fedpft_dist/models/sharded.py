@@ -7,8 +7,11 @@ host memory of a load is the rank's shard plus one tensor being converted.
 
 FSDP2 shards every parameter along its first dimension in ``torch.chunk`` fashion: with ``n`` rows
 over ``W`` ranks, rank ``r`` holds rows ``[r * ceil(n / W), (r + 1) * ceil(n / W))`` (the last ones
-fewer, or none). A parameter the files do not hold (LoRA tensors, a new classifier head) starts at
-zero: the caller loads it (``set_adapter``) before use.
+fewer, or none). A parameter the files do not hold keeps the value it was created with where that
+value is real: a new classifier head is initialised at build time as ``from_pretrained`` would
+(the same draws from the seeded generator, so a run starts where the unsharded one does), and LoRA
+tensors added inside :func:`real_new_parameters` keep peft's initialisation. Anything else the files
+do not hold starts at zero.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..runtime import Communicator
-from ..runtime.shard import is_sharded, local_parameter_bytes, shard_client_model, shard_rows
+from ..runtime.shard import assign_full, is_sharded, local_parameter_bytes, shard_client_model, shard_rows
 from .families import transformer_layers
 from .loading import DTYPES, auto_class, quiet_transformers
 
@@ -51,14 +54,47 @@ def meta_parameters() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
+@contextlib.contextmanager
+def real_new_parameters() -> Iterator[None]:
+    """Parameters added inside (peft's LoRA tensors, made for real and then moved to the device of
+    the layer they wrap) stay where they were made when that layer is on the meta device: their
+    initial values survive until :func:`materialise_sharded` writes them into the shards. A dtype
+    change still applies."""
+    original = nn.Module.to
+
+    def to(module: nn.Module, *args, **kwargs):
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is not None and device.type == "meta":
+            return original(module, dtype=dtype) if dtype is not None else module
+        return original(module, *args, **kwargs)
+
+    nn.Module.to = to
+    try:
+        yield
+    finally:
+        nn.Module.to = original
+
+
 def build_on_meta(model_dir: Path, task: str, dtype: str = "float32", **config_overrides) -> nn.Module:
-    """The model of ``model_dir``'s config for ``task``, its parameters on the meta device."""
+    """The model of ``model_dir``'s config for ``task``, its parameters on the meta device, except the
+    modules the files do not hold (a new classifier head): those are made for real and initialised
+    by the model's own rule, in module order, as ``from_pretrained`` initialises what it does not
+    find (the same draws from the global generator)."""
     from transformers import AutoConfig
 
     quiet_transformers()
     config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True, **config_overrides)
     with meta_parameters():
         model = auto_class(task).from_config(config, dtype=DTYPES[dtype], attn_implementation="sdpa")
+    keys, prefix = checkpoint_keys(model_dir), model.base_model_prefix
+    # a tied parameter (an output layer sharing the embeddings) under the first name it has, the
+    # name the files hold it under
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    for module in model.modules():
+        own = [canonical[id(p)] for p in module.parameters(recurse=False)]
+        if own and all(checkpoint_name(n, keys, prefix) is None for n in own):
+            module.to_empty(device="cpu", recurse=False)
+            model._init_weights(module)
     return model
 
 
@@ -91,22 +127,27 @@ def checkpoint_name(param_name: str, keys: dict[str, Path], prefix: str) -> Opti
 
 
 @torch.no_grad()
-def load_shards(model: nn.Module, model_dir: Path, prefix: str) -> dict:
+def load_shards(model: nn.Module, model_dir: Path, prefix: str, initial: Optional[dict] = None) -> dict:
     """Each of ``model``'s parameters (this rank's shard when sharded) read from ``model_dir``'s
-    safetensors files, a slice at a time; what the files do not hold is zero. A file is opened for
+    safetensors files, a slice at a time; what the files do not hold takes its whole value in
+    ``initial`` (by parameter name), else zero. A file is opened for
     each tensor and closed after it: its pages mapped while a slice is read leave memory with it, so
     the load holds the rank's shards plus one tensor's slice. Returns the names loaded and left at
     zero, and the bytes read."""
     from safetensors import safe_open
 
     keys = checkpoint_keys(model_dir)
-    loaded, zeroed, read = [], [], 0
+    loaded, zeroed, kept, read = [], [], [], 0
     for name, param in model.named_parameters():
         local = param.to_local() if is_sharded(param) else param
         key = checkpoint_name(name, keys, prefix)
         if key is None:
-            local.zero_()
-            zeroed.append(name)
+            if initial is not None and name in initial:
+                assign_full(param, initial[name])
+                kept.append(name)
+            else:
+                local.zero_()
+                zeroed.append(name)
             continue
         start, rows = shard_rows(param) if is_sharded(param) else (0, local.shape[0] if local.dim() else 1)
         with safe_open(str(keys[key]), framework="pt") as fh:
@@ -126,15 +167,17 @@ def load_shards(model: nn.Module, model_dir: Path, prefix: str) -> dict:
                     local[at: at + len(piece)].copy_(piece)
                     read += piece.numel() * piece.element_size()
         loaded.append(name)
-    return {"loaded": loaded, "zeroed": zeroed, "bytes_read": read}
+    return {"loaded": loaded, "zeroed": zeroed, "initialised": kept, "bytes_read": read}
 
 
 def materialise_sharded(model: nn.Module, model_dir: Path, comm: Communicator, prefix: str) -> dict:
     """``model`` (built on the meta device, possibly wrapped) sharded over ``comm``'s ranks, each
     transformer layer and then the rest, its shards allocated on ``comm``'s device and read from
-    ``model_dir``'s files; training mode off. Returns :func:`load_shards`' report and the bytes this
-    rank holds."""
+    ``model_dir``'s files, the parameters made for real before (a new head, LoRA tensors: small) kept
+    at their values; training mode off. Returns :func:`load_shards`' report and the bytes this rank
+    holds."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    initial = {name: p.detach().clone() for name, p in model.named_parameters() if p.device.type != "meta"}
     shard_client_model(model, transformer_layers(base), comm)
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     model.to_empty(device=comm.device)
@@ -142,7 +185,7 @@ def materialise_sharded(model: nn.Module, model_dir: Path, comm: Communicator, p
         for name, b in model.named_buffers():
             if name in buffers:
                 b.copy_(buffers[name])
-    report = load_shards(model, model_dir, prefix)
+    report = load_shards(model, model_dir, prefix, initial)
     model.eval()
     report["bytes_held"] = local_parameter_bytes(model)
     return report
@@ -151,10 +194,11 @@ def materialise_sharded(model: nn.Module, model_dir: Path, comm: Communicator, p
 def load_sharded(model_dir: Path, task: str, comm: Communicator, dtype: str = "float32",
                  wrap: Optional[Callable[[nn.Module], nn.Module]] = None, **config_overrides) -> tuple[nn.Module, dict]:
     """The model of ``model_dir`` for ``task``, sharded over ``comm``'s ranks after ``wrap`` (e.g.
-    LoRA) is applied on the meta device (:func:`materialise_sharded`). Returns the model and the
+    LoRA, inside :func:`real_new_parameters`) is applied on the meta device (:func:`materialise_sharded`). Returns the model and the
     report: the bytes this rank holds and read, and the parameters the files did not hold (zero)."""
     model = build_on_meta(model_dir, task, dtype, **config_overrides)
     prefix = model.base_model_prefix
     if wrap is not None:
-        model = wrap(model)
+        with real_new_parameters():
+            model = wrap(model)
     return model, materialise_sharded(model, model_dir, comm, prefix)
