@@ -3,6 +3,7 @@ sharded per layer with FSDP2 over 4 gloo ranks and each rank's shard read from t
 holds a quarter of the weights, its host memory during the load stays at its shard plus a layer,
 and the sharded model computes what the whole one does, plug-in evaluation included."""
 import json
+import math
 import shutil
 
 import pytest
@@ -20,17 +21,21 @@ SHAPE = {"hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 4, 
          "num_key_value_heads": 2}
 
 
-@pytest.fixture(scope="module")
-def spec(tmp_path_factory):
-    """A directory for ``model.path: random:DIR``: SmolLM2's config at SHAPE, and its tokenizer."""
-    spec = tmp_path_factory.mktemp("spec")
+def spec_dir(spec, shape: dict):
+    """A directory for ``model.path: random:DIR``: SmolLM2's config at ``shape``, and its tokenizer."""
+    spec.mkdir(parents=True, exist_ok=True)
     source = resolve_model_dir("smollm2")
-    config = {**json.loads((source / "config.json").read_text()), **SHAPE}
+    config = {**json.loads((source / "config.json").read_text()), **shape}
     config.pop("head_dim", None)
     (spec / "config.json").write_text(json.dumps(config))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(source / name, spec / name)
     return spec
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory):
+    return spec_dir(tmp_path_factory.mktemp("spec"), SHAPE)
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +148,31 @@ def test_fedpetuning_trains_the_fm_sharded_over_its_client_groups(spec, tmp_path
     plain = tiny(tmp_path / "plain", spec, "fed.method=fedpetuning")
     sharded = tiny(tmp_path / "sharded", spec, "fed.method=fedpetuning", "model.fm_sharding=fsdp", *GROUPS_OF_2)
     assert_same_run(plain, sharded, ("initial_perplexity", "final_perplexity", "final_next_token_accuracy"))
+
+
+# 70B's depth and structure (LLaMA-3-70B: 80 layers, 64 query heads over 8 KV heads, FFN 3.5x the
+# width) at a width of 64
+DEPTH_80 = {"hidden_size": 64, "intermediate_size": 224, "num_hidden_layers": 80, "num_attention_heads": 8,
+            "num_key_value_heads": 1}
+
+
+@pytest.mark.slow
+def test_an_80_layer_decoder_runs_a_round_sharded_end_to_end(tmp_path):
+    """Proxy, ZeRO-3 distillation, a round of FedPFT with its alignment and fidelity monitor, and
+    plug-in evaluation, on an 80-layer LLaMA-shaped model held sharded over 4 ranks: each rank holds
+    a quarter of the FM."""
+    spec80 = spec_dir(tmp_path / "spec", DEPTH_80)
+    run = tiny(tmp_path / "run", spec80, "model.fm_sharding=fsdp")
+    s = summary(run)
+    assert s["rounds_done"] == 1 and s["fm_sharding"] == "fsdp"
+    for key in ("initial_perplexity", "final_perplexity", "final_grad_cosine"):
+        assert s[key] is not None and math.isfinite(s[key]), key
+    # a quarter of the FM's fp32 parameters with the adapter on it, and LoRA on the FFNs of layers 0
+    # and 79 (the proxy's retained layers)
+    quarter = 4 * (s["fm_params"] + s["trainable_params"]) / 4
+    assert abs(s["fm_bytes_per_rank"] - quarter) <= 0.01 * quarter, (s["fm_bytes_per_rank"], quarter)
+    names = adapter(run)
+    assert any(".layers.79.mlp." in k for k in names) and any(".layers.0.mlp." in k for k in names)
 
 
 def test_a_sharded_fm_is_refused_where_it_cannot_serve():

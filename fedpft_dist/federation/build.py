@@ -102,7 +102,8 @@ def build_models(cfg: Config, rt: Runtime, method: Method, layout: RunLayout, nu
                               attention_layers=attention_fm)
         if fm_sharded:   # the client model and the evaluated one, sharded over this rank's client group
             materialise_sharded(model, fm_dir, groups.comm, fm_prefix)
-        return Models(model, model, None, [], fm_params, fm_params, nonemb, local_parameter_bytes(model))
+        held = local_parameter_bytes(model)
+        return Models(model, model, None, [], fm_params, fm_params, nonemb, held, held)
     proxy_dir = method.client_model(cfg, rt, layout)
     meta = read_proxy_meta(proxy_dir)
     torch.manual_seed(cfg.run.seed)
@@ -137,7 +138,8 @@ def build_models(cfg: Config, rt: Runtime, method: Method, layout: RunLayout, nu
         shard_client_model(client, transformer_layers(client.get_base_model()), groups.comm)
         rebind_adapter_slots(client)
     models = Models(client, evaluate, proxy_dir, list(meta["compressed_layers"]), client_params, fm_params, nonemb,
-                    client_bytes_per_rank=local_parameter_bytes(client))
+                    client_bytes_per_rank=local_parameter_bytes(client),
+                    fm_bytes_per_rank=local_parameter_bytes(evaluate))
     if layer_map is not None and method.to_fm is not None:  # an emulator numbers its layers differently
         token = layers_prefix(proxy)
         models.to_fm = lambda adapter: method.to_fm(adapter, layer_map, token)

@@ -257,6 +257,8 @@ class Engine:
             # client groups: ranks per client, and the client model's parameter bytes one rank holds
             "ranks_per_client": p.groups.size, "client_sharding": f.client_sharding,
             "client_bytes_per_rank": models.client_bytes_per_rank,
+            # the FM of evaluation: whole on every rank, or sharded (model.fm_sharding) and one rank's share
+            "fm_sharding": self.cfg.model.fm_sharding, "fm_bytes_per_rank": models.fm_bytes_per_rank,
             # ~6 FLOPs per non-embedding parameter per token for a training step (forward + backward)
             "client_train_flops_per_example": 6 * models.client_nonembedding_params * mean_tokens,
             "wall_seconds": wall_seconds, "startup_seconds": p.startup,

@@ -22,6 +22,7 @@ class Models:
     fm_params: int
     client_nonembedding_params: int = 0
     client_bytes_per_rank: int = 0  # parameter bytes of the client model one rank holds (1/G when sharded)
+    fm_bytes_per_rank: int = 0      # parameter bytes of the evaluated FM one rank holds (a share when sharded)
     to_fm: Callable[[dict], dict] = lambda adapter: adapter  # client adapter -> FM module names
     # The adapter dict whose values ``evaluate`` holds (None: unknown). Global adapters are replaced,
     # never changed in place, so the same dict means the same values.
