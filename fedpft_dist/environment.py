@@ -28,6 +28,49 @@ def prepare_process() -> None:
             os.environ["DS_ACCELERATOR"] = "cpu"
 
 
+def _status_bytes(key: str) -> Optional[int]:
+    """A ``/proc/self/status`` figure (``VmRSS``, ``VmHWM``) in bytes; None where there is none."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def resident_bytes() -> Optional[int]:
+    """This process's resident set now (Linux); None elsewhere."""
+    return _status_bytes("VmRSS")
+
+
+def reset_peak_memory(device) -> None:
+    """Start a new peak: CUDA's allocator statistics on a GPU; on the CPU the resident set's high-water
+    mark (VmHWM), which ``/proc/self/clear_refs`` sets back to the current resident set (Linux)."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_bytes(device) -> Optional[int]:
+    """The peak since :func:`reset_peak_memory`: bytes CUDA's allocator handed out on a GPU (tensors
+    only), the process's resident set on the CPU (everything: the interpreter, libraries and data
+    too). None where the CPU figure cannot be read."""
+    if device.type == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated(device))
+    return _status_bytes("VmHWM")
+
+
 def return_freed_memory(collect: bool = False) -> None:
     """Hand memory that Python and torch have freed back to the operating system.
 

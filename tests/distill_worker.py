@@ -83,6 +83,13 @@ def main(proxy_dir: str, out_dir: str) -> None:
         unchanged[name] = {"same": all(torch.equal(v, ref[k]) for k, v in r0.state.items()),
                            "tensors": len(r0.state), "finite": r0.finite}
     results["lent_teacher"] = lent_teacher(rt, proxy_dir, fm_dir, layers, train, held, splits)
+    # every job's engine, optimizer and models are gone once nothing of ours refers to them
+    import gc
+
+    del st, student
+    gc.collect()
+    results["alive"] = sorted(type(o).__name__ for o in gc.get_objects()
+                              if type(o).__name__ in ("DeepSpeedEngine", "DeepSpeedZeroOptimizer_Stage3", "DistillPair"))
     if rt.is_main:
         from safetensors.torch import save_file
 

@@ -444,16 +444,19 @@ def run_distillation(rt: Runtime, teacher: Teacher, student: nn.Module,
     with _lent(teacher, next(student.parameters()).dtype):
         t0 = time.perf_counter()
         job = _set_up(rt, teacher, student, layers, len(train_chunks), d, run, splits, layer_map)
-        set_up_seconds = time.perf_counter() - t0
-        held_bytes, full_bytes = zero.held_bytes(job.pair.teacher)
-        errors_before = _errors(rt, job.pair, held_chunks, run.eval_batch, f"{run.tag}/eval-before", layer_map)
         try:
-            losses, step_times = _train(rt, job, d, run, train_chunks)
+            set_up_seconds = time.perf_counter() - t0
+            held_bytes, full_bytes = zero.held_bytes(job.pair.teacher)
+            errors_before = _errors(rt, job.pair, held_chunks, run.eval_batch, f"{run.tag}/eval-before", layer_map)
+            try:
+                losses, step_times = _train(rt, job, d, run, train_chunks)
+            finally:
+                if job.perturbation is not None:   # a teacher the caller holds goes back without hooks
+                    job.perturbation.remove()
+            errors_after = _errors(rt, job.pair, held_chunks, run.eval_batch, f"{run.tag}/eval-after", layer_map)
+            state = _distilled_state(job, student, layers, splits, original, run.whole_layers)
         finally:
-            if job.perturbation is not None:   # a teacher the caller holds goes back without hooks
-                job.perturbation.remove()
-        errors_after = _errors(rt, job.pair, held_chunks, run.eval_batch, f"{run.tag}/eval-after", layer_map)
-        state = _distilled_state(job, student, layers, splits, original, run.whole_layers)
+            zero.release(job.engine)
     return DistillResult(
         state=state, finite=_all_finite(rt, losses, state, run.tag), steps=job.total, losses=losses,
         errors_before=errors_before, errors_after=errors_after,

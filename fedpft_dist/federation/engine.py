@@ -67,6 +67,7 @@ class Engine:
         ok = False
         try:
             with self.signals:
+                self.clock.device = self.rt.device
                 self.parts = build_run(self.cfg, self.rt)
                 self.callbacks = self.standard_callbacks(self.parts)
                 for callback in self.callbacks:
@@ -217,6 +218,7 @@ class Engine:
         p.progress.close()
         phase = self.rt.comm.all_reduce_metrics(self.clock.total, op="max", name="summary/phase-seconds")
         summary = self.summary(phase, wall_seconds, stopped)
+        summary.update(self.memory_summary())
         if not stopped and self.cfg.model.fm_sharding != "none":
             # a sharded FM: every rank plugs its shards of the adapter in, rank 0 writes the adapter whole
             p.models.plug(p.state.global_adapter)
@@ -232,6 +234,21 @@ class Engine:
             atomic_write_json(p.layout.summary, summary)
         self.rt.comm.barrier(name="summary/written")
         return summary
+
+    def memory_summary(self) -> dict:
+        """Measured memory, the most over the ranks, in MiB: each phase's peak (the models' build,
+        then the round phases that ran), and on the CPU the resident set before the models were built
+        (what the interpreter, the libraries and the data take, which the peaks include). The same
+        collective on every rank: phases that did not run are -1 everywhere."""
+        p = self.parts
+        phases = {"models": p.memory.get("models"), **{k: self.clock.peak.get(k) for k in PHASES},
+                  "baseline": p.memory.get("baseline")}
+        got = self.rt.comm.all_reduce_metrics({k: float(-1 if v is None else v) for k, v in phases.items()}, op="max",
+                                              name="summary/peak-memory")
+        mib = {k: (round(v / 2**20, 1) if v >= 0 else None) for k, v in got.items()}
+        return {"peak_memory_mb": {k: v for k, v in mib.items() if k != "baseline"},
+                "memory_baseline_mb": mib["baseline"],
+                "peak_memory_kind": "cuda_max_allocated" if self.rt.device.type == "cuda" else "rss"}
 
     def summary(self, phase: dict, wall_seconds: float, stopped: bool) -> dict:
         f, p = self.cfg.fed, self.parts

@@ -9,16 +9,20 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ..environment import return_freed_memory
+from ..environment import peak_memory_bytes, reset_peak_memory, return_freed_memory
 
 from .trackers import Tracker, close_trackers
 
 
 class PhaseClock:
-    """Seconds of each round phase: the round's own (its metrics row) and the run's totals."""
+    """Seconds of each round phase, the round's own (its metrics row) and the run's totals, and the
+    peak memory of each phase over the run (:func:`~fedpft_dist.environment.peak_memory_bytes` on
+    ``device``: allocated CUDA bytes, or the CPU process's resident set)."""
 
-    def __init__(self, phases: Sequence[str]):
+    def __init__(self, phases: Sequence[str], device=None):
         self.total: dict[str, float] = dict.fromkeys(phases, 0.0)
+        self.peak: dict[str, int] = {}
+        self.device = device
 
     @contextlib.contextmanager
     def timed(self, seconds: dict[str, float], phase: str, release: bool = True,
@@ -27,7 +31,13 @@ class PhaseClock:
         phase freed goes back to the system after it (``collect``: first the reference cycles it left,
         such as a distillation's DeepSpeed engine)."""
         t0 = time.perf_counter()
+        if self.device is not None:
+            reset_peak_memory(self.device)
         yield
+        if self.device is not None:
+            peak = peak_memory_bytes(self.device)
+            if peak is not None:
+                self.peak[phase] = max(self.peak.get(phase, 0), peak)
         if release:
             return_freed_memory(collect=collect)
         seconds[phase] = time.perf_counter() - t0

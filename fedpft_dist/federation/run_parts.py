@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -21,7 +21,7 @@ from ..alignment.fidelity import probe_data, probe_indices
 from ..checkpoint import move_aside
 from ..config import Config, write_resolved_config
 from ..data.tasks import ClientData, Task, prepare_task
-from ..environment import return_freed_memory
+from ..environment import peak_memory_bytes, reset_peak_memory, resident_bytes, return_freed_memory
 from ..errors import UserError
 from ..fingerprint import run_fingerprint
 from ..fsutil import filesystem_error, run_dir_problem
@@ -65,6 +65,9 @@ class RunParts:
     clients_per_round: int
     cost: list[float]                   # each client's training examples x local epochs (the assignment's cost)
     up_bytes: int                       # bytes of the adapter a client sends
+    # bytes before the models were built (the CPU's resident set: interpreter, libraries, data) and
+    # the peak while they were built (environment.peak_memory_bytes); None where unreadable
+    memory: dict[str, Optional[int]] = field(default_factory=dict)
 
     @property
     def primary(self) -> str:
@@ -107,7 +110,11 @@ def build_run(cfg: Config, rt: Runtime) -> RunParts:
     tokenizer = load_tokenizer(fm_dir)
     task = prepare_task(cfg, tokenizer, kind)
     startup["task"] = time.perf_counter() - t0
+    return_freed_memory(collect=True)
+    memory = {"baseline": resident_bytes() if rt.device.type == "cpu" else 0}
+    reset_peak_memory(rt.device)
     models = build_models(cfg, rt, method, layout, task.num_classes, fm_dir, kind, groups)
+    memory["models"] = peak_memory_bytes(rt.device)
     return_freed_memory(collect=True)   # what building the client model (a distillation, say) left behind
     startup["models"] = time.perf_counter() - t0 - startup["task"]
     t1 = time.perf_counter()
@@ -127,7 +134,7 @@ def build_run(cfg: Config, rt: Runtime) -> RunParts:
     return RunParts(layout, method, groups, task, models, server_step, probe,
                     layers_prefix(models.evaluate.get_base_model()).rsplit(".", 1)[-1], state, server, checkpointer,
                     metrics, progress, startup, state.round, clients_per_round(f.num_clients, f.client_fraction),
-                    cost, up_bytes)
+                    cost, up_bytes, memory)
 
 
 def round_state(rt: Runtime, models: Models, server: ServerOptimizer,
