@@ -393,6 +393,10 @@ class FedConfig:
     fidelity_examples: int = _opt(128, help="probe examples of the gradient-fidelity monitor (a seeded subset of "
                                             "the test set; 128: the per-example cosine's 95 % interval is "
                                             "+-0.026 or less on the quick start)", ge=1, run=False)
+    fidelity_batch_size: int = _opt(
+        0, help="probe rows per forward and backward of the gradient-fidelity monitor (its activation memory, on the "
+                "client model and on the FM); 0 = fed.batch_size. The per-example gradients do not depend on it",
+        ge=0, run=False)
     fidelity_transfer_steps: int = _opt(
         4, help="update transfer in fidelity rounds: the FM's loss decrease on the probe examples after this many "
                 "local steps on the client model, over the decrease after as many steps on the FM itself (1: the "

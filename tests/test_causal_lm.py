@@ -291,7 +291,8 @@ def test_memory_plan_70b_client_groups():
     from fedpft_dist.commands.memory_plan import memory_plan
 
     h, i, kv, vocab = 8192, 28672, 1024, 32000
-    cfg = load_config(REPO / "configs/large/llama-70b.yaml")
+    # the FM of evaluation whole on every rank, as fedpft train keeps it by default
+    cfg = load_config(REPO / "configs/large/llama-70b.yaml", ["model.fm_sharding=none"])
     model = _config_json(LLAMA_70B)
     alone = memory_plan(cfg, model, 64, ranks_per_client=1, client_sharding="none")
     c = alone["counts"]
@@ -325,7 +326,8 @@ def test_memory_plan_70b_client_groups():
             assert terms(plan, key) * g == pytest.approx(terms(alone, key), rel=1e-12)
         assert terms(plan, "FM for plug-in") == terms(alone, "FM for plug-in") == 2 * c["fm"]
     # fed.grad_accum: a rank of a group of 8 computes 1 of its rows at a time; alone, 8 / 4 = 2 rows
-    one_row = memory_plan(load_config(REPO / "configs/large/llama-70b.yaml", ["fed.grad_accum=4"]), model, 64,
+    one_row = memory_plan(load_config(REPO / "configs/large/llama-70b.yaml", ["model.fm_sharding=none",
+                                                                              "fed.grad_accum=4"]), model, 64,
                           ranks_per_client=1, client_sharding="none")
     assert one_row["client_rows_per_rank"] == 2 and one_row["grad_accum"] == 4
     assert terms(one_row, "activations without") * 4 == pytest.approx(terms(alone, "activations without"), rel=1e-12)
@@ -342,6 +344,30 @@ def test_memory_plan_70b_client_groups():
     assert not fits["fedpft train (client model + resident FM), with checkpointing"]
     assert all(plan["fits"]["distillation"].values()) and not any(plan["fits"]["evaluation"].values())
     assert plan["distillation"]["weight term (distill.alpha = 0: not computed)"] == 0
+
+
+def test_the_70b_config_fits_80_gb_in_every_phase_with_the_monitor_on():
+    """configs/large/llama-70b.yaml as it is: the FM held sharded over the 64 ranks (a 1/64 share and
+    what a forward gathers), the fidelity monitor on; every phase's device total fits 80 GB."""
+    from fedpft_dist.commands.memory_plan import memory_plan
+
+    cfg = load_config(REPO / "configs/large/llama-70b.yaml")
+    assert cfg.model.fm_sharding == "fsdp" and cfg.fed.fidelity_every > 0
+    model = _config_json(LLAMA_70B)
+    plan = memory_plan(cfg, model, 64)
+    c = plan["counts"]
+    share = "FM for plug-in evaluation, 1/64 shard (model.fm_sharding fsdp)"
+    for phase in ("client_training", "alignment", "evaluation", "fidelity"):
+        assert plan[phase][share] == 2 * c["fm"] / 64, phase
+    assert plan["evaluation"]["FM: all-gathered full weights of 2 layers"] == 2 * 2 * c["largest_layer"]
+    for phase, fits in plan["fits"].items():
+        assert fits and all(fits.values()), (phase, fits)
+    # host RAM is reported, not checked against the device: every probe row's gradients, both sides
+    host = [k for k in plan["totals"]["fidelity"] if k.startswith("host RAM")]
+    assert len(host) == 1 and host[0] not in plan["fits"]["fidelity"]
+    lora = c["lora_attention"] + c["lora_ffn"]
+    examples = min(cfg.fed.fidelity_examples, cfg.data.max_test)
+    assert plan["totals"]["fidelity"][host[0]] == 2 * examples * 4 * lora
 
 
 def test_memory_plan_command_client_groups(tmp_path):

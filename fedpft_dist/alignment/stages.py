@@ -6,7 +6,6 @@ it made; printing is the caller's business.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -288,17 +287,16 @@ class AlignmentStudent:
     partitioned and keep the old partitioning. At stages 1-2 the optimizer turns trainable
     parameters (a post-norm FFN's LayerNorm among them) into views of its flat buffer and hooks
     their gradients. So the module a job hands to DeepSpeed lives for that job only, and this one,
-    never wrapped, keeps the proxy's weights as saved for the next alignment."""
+    never wrapped, is read from the proxy's files for each job: a copy kept between alignment rounds
+    would hold a whole proxy in every rank's host memory for the run (55 GB at 70B)."""
 
     def __init__(self, proxy_dir: Path, dtype: str):
         self.proxy_dir, self.dtype = proxy_dir, dtype
-        self._base: Optional[nn.Module] = None
 
     def fresh(self) -> nn.Module:
-        """A plain proxy with the weights as saved (the first call reads them from ``proxy_dir``)."""
-        if self._base is None:
-            self._base, _ = load_proxy(self.proxy_dir, task="base", dtype=self.dtype)
-        return copy.deepcopy(self._base)
+        """A plain proxy with the weights as saved in ``proxy_dir``."""
+        model, _ = load_proxy(self.proxy_dir, task="base", dtype=self.dtype)
+        return model
 
 
 def align_neurons(cfg: Config, rt: Runtime, student: AlignmentStudent, backbone: nn.Module, prefix: str,

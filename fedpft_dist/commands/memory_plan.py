@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 GB = 1e9
+HOST_GRADIENTS = "per-example adapter gradients of both sides, fp32, every probe row (host RAM)"
 SHARDINGS = ("none", "fsdp")
 
 
@@ -75,23 +76,29 @@ def _get(module, path: str):
 
 
 def layer_activation_bytes(h: int, kv: int, i: int, lora_attention: bool, lora_ffn: bool, dropout: bool,
-                           ffn_trainable: bool = False) -> int:
-    """Bytes autograd keeps per token for one LLaMA-style layer in bf16 (what each op saves):
-    two RMSNorms keep their fp32 input (2 x 4h); SDPA keeps q, k, v, its output (2(2h + 2kv));
-    SwiGLU keeps gate, SiLU(gate), up (3 x 2i); a LoRA module keeps the input of its A matrix (2 B per
-    element, plus a 1 B dropout mask when dropout > 0); trainable FFN weights (distillation) need
-    the inputs of W_gate/W_up (the norm output, 2h) and of W_down (2i)."""
-    total = 8 * h + 4 * h + 4 * kv + 6 * i
+                           ffn_trainable: bool = False, b: int = 2) -> int:
+    """Bytes autograd keeps per token for one LLaMA-style layer whose activations take ``b`` bytes per
+    element (what each op saves): two RMSNorms keep their fp32 input (2 x 4h); SDPA keeps q, k, v and
+    its output (b(2h + 2kv)); SwiGLU keeps gate, SiLU(gate) and up (3bi). A LoRA module keeps the
+    input of its A matrix in fp32, as peft computes LoRA in the adapter's dtype (a bf16 input is
+    cast to an fp32 copy; the frozen base layer itself keeps nothing): with dropout each module keeps
+    its own dropped-out input (4 B) and mask (1 B) per element, without it q, k and v share one copy
+    of the norm output and o keeps the attention output. Trainable FFN weights (distillation) need
+    the inputs of W_gate/W_up (the norm output, bh) and of W_down (bi)."""
+    total = 8 * h + b * (2 * h + 2 * kv) + 3 * b * i
     if lora_attention:
-        # with dropout each of q, k, v, o keeps its own dropped-out input and mask; without, q, k and
-        # v share the norm output and o keeps the attention output
-        total += 4 * 3 * h if dropout else 2 * 2 * h
+        total += 4 * 5 * h if dropout else 2 * 4 * h
     if lora_ffn:
-        # gate and up (input h) and down (input i), the same way
-        total += 2 * 3 * h + 3 * i if dropout else 2 * h + 2 * i
+        total += 5 * (2 * h + i) if dropout else 4 * h + 4 * i
     if ffn_trainable:
-        total += 2 * h + 2 * i
+        total += b * (h + i)
     return total
+
+
+def head_bytes(vocab: int, b: int) -> int:
+    """Bytes per token of the output layer's logits in training: the logits (b per element), their
+    fp32 copy for the loss (none when they are fp32 already) and its gradient (fp32)."""
+    return b * vocab + (4 * vocab if b != 4 else 0) + 4 * vocab
 
 
 def client_setting(cfg, ranks_per_client: Optional[int] = None, client_sharding: Optional[str] = None) -> tuple[int, str]:
@@ -102,7 +109,34 @@ def client_setting(cfg, ranks_per_client: Optional[int] = None, client_sharding:
     return int(g), str(mode)
 
 
-def client_training_terms(cfg, model_config, c: dict, g: int, sharded: bool, b: int) -> tuple[dict, dict, int, int]:
+def client_layers_bytes(c: dict, h: int, kv: int, k: int, inter: int, dropout: bool, b: int) -> int:
+    """Activation bytes per token of all the client model's layers in training (LoRA on every
+    layer's attention, on the FFNs of ``c["lora_ffn_layers"]``; compressed layers ``k`` wide)."""
+    n, comp, ffn = c["layers"], len(c["compressed_layers"]), len(c["lora_ffn_layers"])
+    return (comp * layer_activation_bytes(h, kv, k, True, False, dropout, b=b)
+            + ffn * layer_activation_bytes(h, kv, inter, True, True, dropout, b=b)
+            + (n - comp - ffn) * layer_activation_bytes(h, kv, inter, True, False, dropout, b=b))
+
+
+def resident_fm(cfg, c: dict, b: int, world_size: int) -> dict:
+    """The FM that ``fedpft train`` keeps for plug-in evaluation: whole on every rank, or with
+    ``model.fm_sharding: fsdp`` a 1/W share of it."""
+    if getattr(cfg.model, "fm_sharding", "none") == "fsdp":
+        return {f"FM for plug-in evaluation, 1/{world_size} shard (model.fm_sharding fsdp)": b * c["fm"] / world_size}
+    return {"FM for plug-in evaluation (resident in fedpft train)": b * c["fm"]}
+
+
+def fm_gathered(cfg, c: dict, b: int) -> dict:
+    """What a forward or backward through the sharded FM gathers whole: two layers (the one computed
+    and the prefetched one) and the root (embeddings, final norm, output layer); nothing unsharded."""
+    if getattr(cfg.model, "fm_sharding", "none") != "fsdp":
+        return {}
+    return {"FM: all-gathered full weights of 2 layers": 2 * b * c["largest_layer"],
+            "FM: all-gathered root (embeddings, final norm, output layer)": b * c["root"]}
+
+
+def client_training_terms(cfg, model_config, c: dict, g: int, sharded: bool, b: int,
+                          world_size: int = 1) -> tuple[dict, dict, int, int]:
     """Per-rank bytes of client training in groups of ``g`` ranks (sharded with FSDP2 or whole on
     each), from the counts ``c`` of :func:`decoder_counts` and ``b`` bytes per weight: the terms, the
     totals, and the rows and tokens one rank computes per step."""
@@ -119,11 +153,9 @@ def client_training_terms(cfg, model_config, c: dict, g: int, sharded: bool, b: 
     accum = getattr(f, "grad_accum", 1)
     rows = math.ceil(math.ceil(f.batch_size / g) / accum)
     tokens = rows * cfg.data.max_length
-    per_layer = (comp * layer_activation_bytes(h, kv, k, True, False, drop)
-                 + len(c["lora_ffn_layers"]) * layer_activation_bytes(h, kv, inter, True, True, drop)
-                 + (n - comp - len(c["lora_ffn_layers"])) * layer_activation_bytes(h, kv, inter, True, False, drop))
-    biggest = layer_activation_bytes(h, kv, inter, True, bool(c["lora_ffn_layers"]), drop)
-    head = 2 * vocab + 4 * vocab + 4 * vocab   # bf16 logits, their fp32 copy for the loss, its gradient
+    per_layer = client_layers_bytes(c, h, kv, k, inter, drop, b)
+    biggest = layer_activation_bytes(h, kv, inter, True, bool(c["lora_ffn_layers"]), drop, b=b)
+    head = head_bytes(vocab, b)
     of_g = f", 1/{g} shard (FSDP2)" if sharded else ""
     of_rows = f" ({rows} of {f.batch_size} rows at a time)" if g > 1 or accum > 1 else ""
     weights = {"proxy weights" + of_g: b * c["proxy"] / share,
@@ -139,15 +171,16 @@ def client_training_terms(cfg, model_config, c: dict, g: int, sharded: bool, b: 
         weights["flat fp32 copy of the LoRA gradients for the group's all-reduce"] = 4 * lora
     act = {"activations without checkpointing" + of_rows: tokens * (per_layer + head),
            "activations with per-layer checkpointing" + of_rows: tokens * (n * 2 * h + biggest + head)}
-    resident_fm = {"FM for plug-in evaluation (resident in fedpft train)": b * c["fm"]}
-    client = {**weights, **act, **resident_fm}
+    fm = resident_fm(cfg, c, b, world_size)
+    client = {**weights, **act, **fm}
     model_bytes = sum(weights.values())
+    fm_bytes = sum(fm.values())
     act_plain, act_ckpt = act.values()
     client_totals = {
         "client model, without checkpointing": model_bytes + act_plain,
         "client model, with checkpointing": model_bytes + act_ckpt,
-        "fedpft train (client model + resident FM), without checkpointing": model_bytes + act_plain + b * c["fm"],
-        "fedpft train (client model + resident FM), with checkpointing": model_bytes + act_ckpt + b * c["fm"],
+        "fedpft train (client model + resident FM), without checkpointing": model_bytes + act_plain + fm_bytes,
+        "fedpft train (client model + resident FM), with checkpointing": model_bytes + act_ckpt + fm_bytes,
     }
     return client, client_totals, rows, tokens
 
@@ -208,14 +241,15 @@ def memory_plan(cfg, model_config, world_size: int, ranks_per_client: Optional[i
     share = g if sharded else 1
 
     # -- client training: one rank (or client group) trains its clients one after another ------------
-    client, client_totals, rows, tokens = client_training_terms(cfg, model_config, c, g, sharded, b)
-    resident_fm = {"FM for plug-in evaluation (resident in fedpft train)": b * c["fm"]}
+    client, client_totals, rows, tokens = client_training_terms(cfg, model_config, c, g, sharded, b, world_size)
+    fm_held = resident_fm(cfg, c, b, world_size)
+    fm_bytes = sum(fm_held.values())
     of_g = f", 1/{g} shard (FSDP2)" if sharded else ""
 
     # -- layer-level distillation: ZeRO-3 over all ranks ---------------------------------------------
     dtok = d.micro_batch * cfg.public_text.max_length
-    student_act = (comp * layer_activation_bytes(h, kv, k, False, False, False, ffn_trainable=True)
-                   + (n - comp) * layer_activation_bytes(h, kv, inter, False, False, False))
+    student_act = (comp * layer_activation_bytes(h, kv, k, False, False, False, ffn_trainable=True, b=b)
+                   + (n - comp) * layer_activation_bytes(h, kv, inter, False, False, False, b=b))
 
     def zero3_terms(trainable: float, alpha: float, jvp_weight: float = 0.0) -> tuple[dict, dict]:
         return zero3_job_terms(c, b, world_size, dtok, student_act, model_config, trainable, alpha, jvp_weight)
@@ -231,7 +265,7 @@ def memory_plan(cfg, model_config, world_size: int, ranks_per_client: Optional[i
         align["weight term (fed.align_alpha = 0: not computed)"] = 0
     engine = (b * c["proxy"] + 4 * lora) / share
     align["client model kept by the engine: proxy weights + LoRA fp32 weights" + of_g] = engine
-    align.update(resident_fm)
+    align.update(fm_held)
     if sharded:
         # the student takes the clients' FFN weights: every compressed layer's FFN tensors are gathered
         # whole from the sharded client model, all of them before they are loaded into the student
@@ -239,27 +273,53 @@ def memory_plan(cfg, model_config, world_size: int, ranks_per_client: Optional[i
             b * c["ffn_trainable"]
         align_totals["FFN gathered from the client model"] = b * c["ffn_trainable"]
     align_totals = {**{f"{key} + the engine's client model": v + engine for key, v in align_totals.items()},
-                    **{f"{key} + the engine's client model and FM": v + engine + b * c["fm"]
+                    **{f"{key} + the engine's client model and FM": v + engine + fm_bytes
                        for key, v in align_totals.items()}}
 
-    # -- evaluation: every rank holds the whole FM -----------------------------------------------------
+    # -- evaluation: the FM whole on every rank, or its shard and what a forward gathers ----------------
     etok = f.eval_batch_size * cfg.data.max_length
     # without a graph only one layer's tensors live at a time: q, k, v, attention output, gate, up,
     # SiLU(gate) and their product
-    evaluate = {"FM weights": b * c["fm"], "one layer's activations (no graph)": etok * b * (2 * h + 2 * kv + 4 * inter),
-                "logits + fp32 copy + log-softmax": etok * (2 + 4 + 4) * vocab}
+    client_model = sum(v for key, v in client.items() if key.startswith(("proxy weights", "LoRA", "all-gathered")))
+    evaluate = {**({"FM weights": b * c["fm"]} if not fm_gathered(cfg, c, b) else fm_held), **fm_gathered(cfg, c, b),
+                "client model (resident in fedpft train)": client_model,
+                "one layer's activations (no graph)": etok * b * (2 * h + 2 * kv + 4 * inter),
+                "logits + fp32 copy + log-softmax": etok * head_bytes(vocab, b)}
+
+    # -- the gradient-fidelity monitor (every fed.fidelity_every rounds) -------------------------------
+    # each side's per-example adapter gradients (fp32, host memory, every probe row on every rank), and
+    # one batch of fed.batch_size probe rows backward through the client model, then through the FM
+    # (LoRA on every layer's attention and the retained layers' FFNs), next to what training holds
+    # the probe is a subset of the test set: at most data.max_test examples when that is set
+    examples = min(f.fidelity_examples, cfg.data.max_test) if cfg.data.max_test > 0 else f.fidelity_examples
+    probe_rows = min(examples, getattr(f, "fidelity_batch_size", 0) or f.batch_size)
+    ftok = probe_rows * cfg.data.max_length
+    fm_act = ftok * (n * layer_activation_bytes(h, kv, inter, True, False, False, b=b)
+                     + len(c["lora_ffn_layers"]) * (4 * h + 4 * inter) + head_bytes(vocab, b))
+    client_act = ftok * (client_layers_bytes(c, h, kv, k, inter, False, b) + head_bytes(vocab, b))
+    fidelity = {"client model (as in training)": client_model, **fm_held, **fm_gathered(cfg, c, b),
+                f"backward of {probe_rows} probe rows: the larger of the client's and the FM's activations":
+                    max(fm_act, client_act),
+                HOST_GRADIENTS: 2 * examples * 4 * lora}
+    off = "" if f.fidelity_every != 0 else " (fed.fidelity_every = 0: the monitor is off)"
     totals = {"client_training": client_totals, "distillation": distill_totals, "alignment": align_totals,
-              "evaluation": {"FM + activations": sum(evaluate.values())}}
-    fits = {phase: {key: v <= device_gb * GB for key, v in t.items()} for phase, t in totals.items()}
+              "evaluation": {"FM, client model and activations": sum(evaluate.values())},
+              "fidelity": {"device: client model, FM and one probe batch's backward" + off:
+                               sum(v for key, v in fidelity.items() if key != HOST_GRADIENTS),
+                           "host RAM (the CPU process, not the device): the per-example gradients": fidelity[HOST_GRADIENTS]}}
+    # the device's memory; a host-RAM total is reported beside, not checked against it
+    fits = {phase: {key: v <= device_gb * GB for key, v in t.items() if not key.startswith("host RAM")}
+            for phase, t in totals.items()}
     return {"counts": c, "world_size": world_size, "ranks_per_client": g, "client_sharding": sharding,
             "client_groups": world_size // g, "dtype_bytes": b, "batch_size": f.batch_size,
             "grad_accum": getattr(f, "grad_accum", 1), "client_rows_per_rank": rows,
             "client_tokens": tokens, "distill_tokens_per_micro_batch": dtok, "eval_tokens": etok,
             "client_training": client, "distillation": distill, "alignment": align, "evaluation": evaluate,
+            "fidelity": fidelity, "fm_sharding": getattr(cfg.model, "fm_sharding", "none"),
             "device_gb": device_gb, "totals": totals, "fits": fits}
 
 
-PHASES = ("client_training", "distillation", "alignment", "evaluation")
+PHASES = ("client_training", "distillation", "alignment", "evaluation", "fidelity")
 
 
 def format_plan(plan: dict) -> str:
@@ -279,8 +339,9 @@ def format_plan(plan: dict) -> str:
     for phase in PHASES:
         lines.append(f"\n{phase} (per rank, {plan['world_size']} ranks):")
         lines += [f"  {v / GB:9.2f} GB  {k}" for k, v in plan[phase].items()]
-        lines += [f"  {v / GB:9.2f} GB  total: {k}: {'fits' if plan['fits'][phase][k] else 'does not fit'} "
-                  f"{plan['device_gb']:g} GB" for k, v in plan["totals"][phase].items()]
+        lines += [f"  {v / GB:9.2f} GB  total: {k}" + (
+                  f": {'fits' if plan['fits'][phase][k] else 'does not fit'} {plan['device_gb']:g} GB"
+                  if k in plan["fits"][phase] else "") for k, v in plan["totals"][phase].items()]
     return "\n".join(lines)
 
 

@@ -208,7 +208,7 @@ def fidelity_setting(cfg: Config, causal: bool, models: Models, layer_token: str
     layers = len(transformer_layers(models.evaluate.get_base_model()))
     return FidelitySetting(causal, layer_token,
                            common_layers(layers, *parse_adapter_layers(cfg.fed.fedot_adapter_layers)), cfg.run.seed,
-                           batch_size=cfg.fed.batch_size)
+                           batch_size=cfg.fed.fidelity_batch_size or cfg.fed.batch_size)
 
 
 def transfer_setting(cfg: Config, causal: bool, lr: float, round_index: int) -> TransferSetting:
