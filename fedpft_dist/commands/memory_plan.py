@@ -95,10 +95,12 @@ def layer_activation_bytes(h: int, kv: int, i: int, lora_attention: bool, lora_f
     return total
 
 
-def head_bytes(vocab: int, b: int) -> int:
-    """Bytes per token of the output layer's logits in training: the logits (b per element), their
-    fp32 copy for the loss (none when they are fp32 already) and its gradient (fp32)."""
-    return b * vocab + (4 * vocab if b != 4 else 0) + 4 * vocab
+def head_bytes(vocab: int, b: int, training: bool = True) -> int:
+    """Bytes per token of the output layer's logits (``models.lm``'s next-token loss): the logits (b
+    per element), the contiguous fp32 copy of the shifted logits that the loss reshapes (a copy even
+    when they are fp32 already) and the log-softmax the loss keeps (4 + 4); training adds the
+    gradients of the log-softmax input and of the logits (4 + 4)."""
+    return b * vocab + 8 * vocab + (8 * vocab if training else 0)
 
 
 def client_setting(cfg, ranks_per_client: Optional[int] = None, client_sharding: Optional[str] = None) -> tuple[int, str]:
@@ -284,7 +286,7 @@ def memory_plan(cfg, model_config, world_size: int, ranks_per_client: Optional[i
     evaluate = {**({"FM weights": b * c["fm"]} if not fm_gathered(cfg, c, b) else fm_held), **fm_gathered(cfg, c, b),
                 "client model (resident in fedpft train)": client_model,
                 "one layer's activations (no graph)": etok * b * (2 * h + 2 * kv + 4 * inter),
-                "logits + fp32 copy + log-softmax": etok * head_bytes(vocab, b)}
+                "logits + fp32 copy + log-softmax": etok * head_bytes(vocab, b, training=False)}
 
     # -- the gradient-fidelity monitor (every fed.fidelity_every rounds) -------------------------------
     # each side's per-example adapter gradients (fp32, host memory, every probe row on every rank), and
