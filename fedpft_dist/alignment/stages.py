@@ -230,7 +230,8 @@ def proxy_fidelity(cfg: Config, rt: Runtime, proxy_dir: Path, states: list[Optio
         # The FM side depends only on the adapter: computed once when every state starts from the same one.
         same = first is not None and adapter.keys() == first.keys() and all(
             torch.equal(adapter[k], first[k]) for k in first)
-        setting = FidelitySetting(task.causal_lm, token, seed=cfg.run.seed, batch_size=f.batch_size)
+        setting = FidelitySetting(task.causal_lm, token, seed=cfg.run.seed,
+                                  batch_size=f.fidelity_batch_size or f.batch_size)
         metrics, fm_grads = fidelity_with_fm_gradients(rt, client, fm, adapter, lambda a: a, probe, setting,
                                                        fm_grads if same else None)
         first = first or adapter
