@@ -221,6 +221,43 @@ def zero3_job_terms(c: dict, b: int, world_size: int, dtok: int, student_act: fl
                    "initialisation peak (teacher shard + whole student)": terms["teacher (FM) shard"] + b * c["proxy"]}
 
 
+def evaluation_terms(cfg, model_config, c: dict, b: int, fm_held: dict, client_model: float) -> tuple[dict, int]:
+    """Plug-in evaluation's terms (the FM whole on every rank, or its shard and what a forward
+    gathers, beside the resident client model) and its tokens per batch."""
+    h, inter, vocab = model_config.hidden_size, model_config.intermediate_size, model_config.vocab_size
+    kv = model_config.num_key_value_heads * (h // model_config.num_attention_heads)
+    etok = cfg.fed.eval_batch_size * cfg.data.max_length
+    # without a graph only one layer's tensors live at a time: q, k, v, attention output, gate, up,
+    # SiLU(gate) and their product
+    gathered = fm_gathered(cfg, c, b)
+    return {**({"FM weights": b * c["fm"]} if not gathered else fm_held), **gathered,
+            "client model (resident in fedpft train)": client_model,
+            "one layer's activations (no graph)": etok * b * (2 * h + 2 * kv + 4 * inter),
+            "logits + fp32 copy + log-softmax": etok * head_bytes(vocab, b, training=False)}, etok
+
+
+def fidelity_terms(cfg, model_config, c: dict, b: int, fm_held: dict, client_model: float) -> dict:
+    """The gradient-fidelity monitor's terms: each side's per-example adapter gradients (fp32, host
+    memory, every probe row on every rank), and one batch of ``fed.fidelity_batch_size`` probe rows
+    backward through the client model, then through the FM (LoRA on every layer's attention and the
+    retained layers' FFNs), beside what training holds. The probe is a subset of the test set: at
+    most ``data.max_test`` examples when that is set."""
+    f = cfg.fed
+    h, inter, vocab = model_config.hidden_size, model_config.intermediate_size, model_config.vocab_size
+    kv = model_config.num_key_value_heads * (h // model_config.num_attention_heads)
+    k = c["kept"][0] if c["kept"] else inter
+    examples = min(f.fidelity_examples, cfg.data.max_test) if cfg.data.max_test > 0 else f.fidelity_examples
+    probe_rows = min(examples, getattr(f, "fidelity_batch_size", 0) or f.batch_size)
+    ftok = probe_rows * cfg.data.max_length
+    fm_act = ftok * (c["layers"] * layer_activation_bytes(h, kv, inter, True, False, False, b=b)
+                     + len(c["lora_ffn_layers"]) * (4 * h + 4 * inter) + head_bytes(vocab, b))
+    client_act = ftok * (client_layers_bytes(c, h, kv, k, inter, False, b) + head_bytes(vocab, b))
+    return {"client model (as in training)": client_model, **fm_held, **fm_gathered(cfg, c, b),
+            f"backward of {probe_rows} probe rows: the larger of the client's and the FM's activations":
+                max(fm_act, client_act),
+            HOST_GRADIENTS: 2 * examples * 4 * (c["lora_attention"] + c["lora_ffn"])}
+
+
 def memory_plan(cfg, model_config, world_size: int, ranks_per_client: Optional[int] = None,
                 client_sharding: Optional[str] = None, device_gb: float = 80.0) -> dict:
     """Per-rank bytes of client training, distillation (layer level), alignment and evaluation for
@@ -278,31 +315,9 @@ def memory_plan(cfg, model_config, world_size: int, ranks_per_client: Optional[i
                     **{f"{key} + the engine's client model and FM": v + engine + fm_bytes
                        for key, v in align_totals.items()}}
 
-    # -- evaluation: the FM whole on every rank, or its shard and what a forward gathers ----------------
-    etok = f.eval_batch_size * cfg.data.max_length
-    # without a graph only one layer's tensors live at a time: q, k, v, attention output, gate, up,
-    # SiLU(gate) and their product
     client_model = sum(v for key, v in client.items() if key.startswith(("proxy weights", "LoRA", "all-gathered")))
-    evaluate = {**({"FM weights": b * c["fm"]} if not fm_gathered(cfg, c, b) else fm_held), **fm_gathered(cfg, c, b),
-                "client model (resident in fedpft train)": client_model,
-                "one layer's activations (no graph)": etok * b * (2 * h + 2 * kv + 4 * inter),
-                "logits + fp32 copy + log-softmax": etok * head_bytes(vocab, b, training=False)}
-
-    # -- the gradient-fidelity monitor (every fed.fidelity_every rounds) -------------------------------
-    # each side's per-example adapter gradients (fp32, host memory, every probe row on every rank), and
-    # one batch of fed.batch_size probe rows backward through the client model, then through the FM
-    # (LoRA on every layer's attention and the retained layers' FFNs), next to what training holds
-    # the probe is a subset of the test set: at most data.max_test examples when that is set
-    examples = min(f.fidelity_examples, cfg.data.max_test) if cfg.data.max_test > 0 else f.fidelity_examples
-    probe_rows = min(examples, getattr(f, "fidelity_batch_size", 0) or f.batch_size)
-    ftok = probe_rows * cfg.data.max_length
-    fm_act = ftok * (n * layer_activation_bytes(h, kv, inter, True, False, False, b=b)
-                     + len(c["lora_ffn_layers"]) * (4 * h + 4 * inter) + head_bytes(vocab, b))
-    client_act = ftok * (client_layers_bytes(c, h, kv, k, inter, False, b) + head_bytes(vocab, b))
-    fidelity = {"client model (as in training)": client_model, **fm_held, **fm_gathered(cfg, c, b),
-                f"backward of {probe_rows} probe rows: the larger of the client's and the FM's activations":
-                    max(fm_act, client_act),
-                HOST_GRADIENTS: 2 * examples * 4 * lora}
+    evaluate, etok = evaluation_terms(cfg, model_config, c, b, fm_held, client_model)
+    fidelity = fidelity_terms(cfg, model_config, c, b, fm_held, client_model)
     off = "" if f.fidelity_every != 0 else " (fed.fidelity_every = 0: the monitor is off)"
     totals = {"client_training": client_totals, "distillation": distill_totals, "alignment": align_totals,
               "evaluation": {"FM, client model and activations": sum(evaluate.values())},
