@@ -74,8 +74,8 @@ def build_models(cfg: Config, rt: Runtime, method: Method, layout: RunLayout, nu
     Every rank loads the whole FM, or with ``model.fm_sharding`` its shard of it (built on the meta
     device): sharded over the world when the clients hold a proxy or an emulator (the FM is only
     evaluated and probed, which all ranks do together), over the client group when the clients train
-    the FM itself. With ``fed.client_sharding``
-    the client model is sharded over the ranks of this rank's client group (``groups``)."""
+    the FM itself. With ``fed.client_sharding`` the client model is sharded over the ranks of this
+    rank's client group (``groups``)."""
     f = cfg.fed
     check_client_sharding(cfg, method, groups)
     check_fm_sharding(cfg, rt, method, groups)
