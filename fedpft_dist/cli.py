@@ -71,11 +71,13 @@ COMMANDS: dict[str, tuple[Handler, str]] = {
               "overhead, peak memory per rank); writes bench.json"),
 }
 
-MEMORY_HELP = ("per-rank memory of client training, layer-level distillation and evaluation for a decoder FM, "
-               "computed from the model classes on the meta device (no weights are loaded)")
+MEMORY_HELP = ("per-rank memory of client training, layer-level distillation, alignment, evaluation and the "
+               "fidelity monitor for a decoder FM, computed from the model classes on the meta device (no weights "
+               "are loaded); with --measured, beside a finished run's measured peaks")
 MEMORY_PLAN = Handler("memory_plan", "run_memory_plan", (
     ("cfg", "cfg"), ("model_config", "model_config"), ("world_size", "world_size"), ("json_out", "json"),
-    ("ranks_per_client", "ranks_per_client"), ("client_sharding", "client_sharding"), ("device_gb", "device_gb")))
+    ("ranks_per_client", "ranks_per_client"), ("client_sharding", "client_sharding"), ("device_gb", "device_gb"),
+    ("measured", "measured")))
 
 REPORT_HELP = ("Markdown table (mean ± std over seeds) and PNG plots (accuracy per round, accuracy against "
                "client-side cost) of finished runs")
@@ -128,6 +130,9 @@ def _add_memory_plan(sub: Any) -> None:
     p.add_argument("--device-gb", type=float, default=80.0, metavar="GB",
                    help="device memory (10^9 bytes) the totals are checked against")
     p.add_argument("--json", metavar="FILE", help="also write the plan here")
+    p.add_argument("--measured", metavar="RUN_DIR",
+                   help="a finished run of this config (its summary.json's peak_memory_mb): each phase's "
+                        "measured peak beside the planned total, and their ratio")
     p.set_defaults(handler=MEMORY_PLAN)
 
 

@@ -346,6 +346,33 @@ def test_memory_plan_70b_client_groups():
     assert plan["distillation"]["weight term (distill.alpha = 0: not computed)"] == 0
 
 
+def test_measured_peaks_are_set_against_the_plans_totals(tmp_path):
+    """A run's summary.json (peak_memory_mb per phase, MiB) against the plan: on the CPU the resident
+    set before the models were built is taken off, and the fidelity monitor's host-RAM gradients
+    count with the rest; on a GPU they do not, and nothing is taken off."""
+    from fedpft_dist.commands.memory_plan import measured_against_plan, memory_plan
+
+    cfg = load_config(REPO / "configs/large/llama-7b.yaml")
+    plan = memory_plan(cfg, _config_json("configs/large/llama-2-7b-config.json"), 8)
+    totals = plan["totals"]
+    mib = 2**20
+    peaks = {"local_training": 1000.0, "alignment": 2000.0, "evaluation": 3000.0, "fidelity": 4000.0,
+             "aggregation": 500.0, "models": None}
+    cpu = measured_against_plan(plan, cfg, {"peak_memory_mb": peaks, "peak_memory_kind": "rss",
+                                            "memory_baseline_mb": 100.0})
+    assert [r["phase"] for r in cpu] == ["client_training", "alignment", "evaluation", "fidelity"]
+    train = totals["client_training"]["fedpft train (client model + resident FM), without checkpointing"]
+    assert cpu[0]["measured_bytes"] == 900 * mib and cpu[0]["ratio"] == 900 * mib / train
+    assert cpu[3]["planned_bytes"] == sum(totals["fidelity"].values())
+    gpu = measured_against_plan(plan, cfg, {"peak_memory_mb": peaks, "peak_memory_kind": "cuda_max_allocated",
+                                            "memory_baseline_mb": 0.0})
+    assert gpu[0]["measured_bytes"] == 1000 * mib
+    assert gpu[3]["planned_bytes"] == sum(v for k, v in totals["fidelity"].items() if not k.startswith("host RAM"))
+    proc = run_cli("memory-plan", "--config", "configs/large/llama-7b.yaml", "--model-config",
+                   "configs/large/llama-2-7b-config.json", "--measured", str(tmp_path))
+    assert proc.returncode == 2 and "--measured" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_the_70b_config_fits_80_gb_in_every_phase_with_the_monitor_on():
     """configs/large/llama-70b.yaml as it is: the FM held sharded over the 64 ranks (a 1/64 share and
     what a forward gathers), the fidelity monitor on; every phase's device total fits 80 GB."""

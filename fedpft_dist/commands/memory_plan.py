@@ -362,9 +362,51 @@ def format_plan(plan: dict) -> str:
     return "\n".join(lines)
 
 
+# summary.json's measured phase -> the plan's phase and the total it is compared with (a function of
+# the config: client training with or without activation checkpointing)
+MEASURED_PHASES = (
+    ("local_training", "client_training", lambda cfg: "fedpft train (client model + resident FM), "
+     + ("with" if cfg.fed.gradient_checkpointing else "without") + " checkpointing"),
+    ("alignment", "alignment", lambda cfg: "steady + the engine's client model and FM"),
+    ("evaluation", "evaluation", lambda cfg: "FM, client model and activations"),
+    ("fidelity", "fidelity", None),   # the device total, and on the CPU the host-RAM one too
+)
+
+
+def measured_against_plan(plan: dict, cfg, summary: dict) -> list[dict]:
+    """Each phase a run measured (summary.json's ``peak_memory_mb``; on the CPU less
+    ``memory_baseline_mb``, the resident set before the models were built) beside the plan's total for
+    it, in bytes, and measured / planned. On the CPU the fidelity monitor's host-RAM gradients are the
+    same memory as the rest, so its plan is the device and host totals together."""
+    peaks = summary.get("peak_memory_mb") or {}
+    cpu = summary.get("peak_memory_kind") == "rss"
+    baseline = (summary.get("memory_baseline_mb") or 0.0) if cpu else 0.0
+    rows = []
+    for measured_key, phase, total in MEASURED_PHASES:
+        peak = peaks.get(measured_key)
+        if peak is None:
+            continue
+        totals = plan["totals"][phase]
+        if total is None:
+            planned = sum(v for k, v in totals.items() if cpu or not k.startswith("host RAM"))
+        else:
+            planned = totals[total(cfg)]
+        measured = (peak - baseline) * 2**20
+        rows.append({"phase": phase, "planned_bytes": planned, "measured_bytes": measured,
+                     "ratio": measured / planned if planned else None})
+    return rows
+
+
+def format_measured(rows: list[dict], kind: str) -> str:
+    lines = [f"\nmeasured ({kind}; on the CPU over the resident set before the models were built) against planned:"]
+    lines += [f"  {r['phase']:16s} planned {r['planned_bytes'] / GB:7.2f} GB  measured {r['measured_bytes'] / GB:7.2f} GB  "
+              f"measured / planned {r['ratio']:.2f}" for r in rows]
+    return "\n".join(lines)
+
+
 def run_memory_plan(cfg, model_config: Optional[str], world_size: int, json_out: Optional[str],
                     ranks_per_client: Optional[int] = None, client_sharding: Optional[str] = None,
-                    device_gb: float = 80.0) -> int:
+                    device_gb: float = 80.0, measured: Optional[str] = None) -> int:
     """Print the plan for ``cfg`` on the FM whose config.json is ``model_config`` (default:
     ``<model.path>/config.json``); also write it as JSON to ``json_out``."""
     from transformers import AutoConfig
@@ -390,8 +432,19 @@ def run_memory_plan(cfg, model_config: Optional[str], world_size: int, json_out:
         raise UserError(f"--model-config: {path} not found (give the FM's config.json)")
     raw = json.loads(path.read_text())
     model_config_obj = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    summary = None
+    if measured:
+        summary_path = Path(measured) / "summary.json"
+        if not summary_path.is_file():
+            raise UserError(f"--measured: {summary_path} not found (give a finished run's directory)")
+        summary = json.loads(summary_path.read_text())
+        if "peak_memory_mb" not in summary:
+            raise UserError(f"--measured: {summary_path} has no peak_memory_mb (a run of an older fedpft-dist)")
     plan = memory_plan(cfg, model_config_obj, world_size, g, sharding, device_gb)
     print(format_plan(plan))
+    if summary is not None:
+        plan["measured"] = measured_against_plan(plan, cfg, summary)
+        print(format_measured(plan["measured"], summary.get("peak_memory_kind", "?")))
     if json_out:
         Path(json_out).write_text(json.dumps(plan, indent=2) + "\n")
     return 0
