@@ -318,7 +318,8 @@ def plan_against_peak(bench: dict, plan: dict) -> dict:
     ``fedpft train`` with the FM resident (client training, alignment, evaluation), in bytes."""
     totals = plan.get("totals", {})
     phases = {"client_training": "fedpft train (client model + resident FM), without checkpointing",
-              "alignment": "steady + the engine's client model and FM", "evaluation": "FM + activations"}
+              "alignment": "steady + the engine's client model and FM",
+              "evaluation": "FM, client model and activations"}
     planned = {k: totals.get(k, {}).get(v) for k, v in phases.items()}
     planned = {k: v for k, v in planned.items() if v is not None}
     peak_mb = max(bench.get("peak_memory_mb_per_rank") or [0.0])
