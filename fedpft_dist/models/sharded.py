@@ -130,10 +130,10 @@ def checkpoint_name(param_name: str, keys: dict[str, Path], prefix: str) -> Opti
 def load_shards(model: nn.Module, model_dir: Path, prefix: str, initial: Optional[dict] = None) -> dict:
     """Each of ``model``'s parameters (this rank's shard when sharded) read from ``model_dir``'s
     safetensors files, a slice at a time; what the files do not hold takes its whole value in
-    ``initial`` (by parameter name), else zero. A file is opened for
-    each tensor and closed after it: its pages mapped while a slice is read leave memory with it, so
-    the load holds the rank's shards plus one tensor's slice. Returns the names loaded and left at
-    zero, and the bytes read."""
+    ``initial`` (by parameter name), else zero. A file is opened for each tensor and closed after it:
+    its pages mapped while a slice is read leave memory with it, so the load holds the rank's shards
+    plus one tensor's slice. Returns the names loaded, initialised from ``initial`` and left at zero,
+    and the bytes read."""
     from safetensors import safe_open
 
     keys = checkpoint_keys(model_dir)
