@@ -79,6 +79,7 @@ def test_fedot_runs_through_the_engine_and_one_rank_equals_two(tmp_path):
     # the plug-in gap: the adapter on the emulator, beside the FM; gradient fidelity is not measured
     # for whole layers
     assert all(0 <= r["emulator_accuracy"] <= 1 and 0 <= r["accuracy"] <= 1 and "grad_cosine" not in r for r in rows)
+    assert summary["final_emulator_accuracy"] == rows[-1]["emulator_accuracy"]
     assert max_abs_diff(one, read_adapter(tmp_path / "two")) <= 1e-5
 
 

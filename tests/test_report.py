@@ -95,6 +95,29 @@ def test_report_of_causal_lm_runs_shows_perplexity(tmp_path):
     assert float(table[0]["initial_perplexity_mean"]) == 31.0 and table[1]["initial_perplexity_mean"] == "nan"
 
 
+def test_report_shows_the_plug_in_gap_of_fedot_runs(tmp_path):
+    """FedOT's evaluation rows carry the adapter's metrics on the emulator: the report shows the final
+    one beside the FM's, from summary.json or (runs that did not keep it there) the last evaluation row."""
+    _fake_lm_run(tmp_path / "runs" / "a0", "fedpft", 0, [20.0, 12.0], [0.3, 0.4])
+    _fake_lm_run(tmp_path / "runs" / "b0", "fedot", 0, [18.0, 15.0], [0.3, 0.35])
+    _fake_lm_run(tmp_path / "runs" / "b1", "fedot", 1, [18.0, 17.0], [0.3, 0.35])
+    for name, emulator in (("b0", [30.0, 21.0]), ("b1", [30.0, 25.0])):
+        path = tmp_path / "runs" / name
+        rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+        for row, ppl in zip(rows, emulator):
+            row["emulator_perplexity"] = ppl
+        (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = json.loads((tmp_path / "runs" / "b1" / "summary.json").read_text())
+    summary["final_emulator_perplexity"] = 25.0
+    (tmp_path / "runs" / "b1" / "summary.json").write_text(json.dumps(summary))
+    proc = run_cli("report", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in (tmp_path / "out" / "report.md").read_text().splitlines() if line.startswith("| ")]
+    assert rows[0] == LM_HEADER.replace("initial perplexity | ", "").replace("(%) |", "(%) | final perplexity on the emulator |")
+    assert rows[1] == "| fedpft / iid | 1 | 2 | 12.00 | 12.00 | 40.0 | – | 1.500M | 60.0M | 25.00 | 20 |"
+    assert rows[2] == "| fedot / iid | 2 | 2 | 16.00 ± 1.41 | 16.00 ± 1.41 | 35.0 ± 0.0 | 23.00 ± 2.83 | 1.500M | 60.0M | 25.00 | 20 |"
+
+
 def test_report_of_both_tasks_has_a_table_per_task(tmp_path):
     _fake_run(tmp_path / "runs" / "cls0", "fedpft", 0, [0.5, 0.6])
     _fake_run(tmp_path / "runs" / "cls1", "fedpft", 1, [0.5, 0.8])

@@ -44,6 +44,12 @@ def load_run(run_dir: Path) -> dict:
         raise UserError(f"{run_dir} is not a finished run (no summary.json)")
     summary = json.loads(summary_path.read_text())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    # Runs from before summary.json kept the plug-in gap's final values: the last evaluation row's.
+    evaluated = [row for row in metrics if any(k.startswith("emulator_") for k in row)]
+    if evaluated:
+        for k, v in evaluated[-1].items():
+            if k.startswith("emulator_"):
+                summary.setdefault(f"final_{k}", v)
     config = {}
     if (run_dir / "config.yaml").is_file():
         import yaml
@@ -98,14 +104,18 @@ FINAL_GRAD_COSINE = Metric("final_grad_cosine", "LoRA gradient cosine with the F
 # The same over the layers every method trains (comparable across methods), and the update transfer.
 FIDELITY_COLUMNS = (Metric("final_grad_cosine_common", "cosine, common layers", 1.0, 3, optional=True),
                     Metric("final_transfer", "update transfer to the FM", 1.0, 3, optional=True))
+# The plug-in gap (FedOT): the final global adapter on the client model (the emulator) itself.
+EMULATOR_ACCURACY = Metric("final_emulator_accuracy", "final accuracy on the emulator (%)", optional=True)
+EMULATOR_PERPLEXITY = Metric("final_emulator_perplexity", "final perplexity on the emulator", 1.0, 2, optional=True)
 
 VIEWS = {
     CLASSIFICATION: TaskView(
         title="Sequence classification",
         columns=(Metric("final_accuracy", "final accuracy (%)"), Metric("best_accuracy", "best accuracy (%)"),
-                 Metric("final_macro_f1", "final macro-F1 (%)"), FINAL_GRAD_COSINE, *FIDELITY_COLUMNS),
+                 Metric("final_macro_f1", "final macro-F1 (%)"), EMULATOR_ACCURACY, FINAL_GRAD_COSINE,
+                 *FIDELITY_COLUMNS),
         csv_metrics=("final_accuracy", "best_accuracy", "final_macro_f1", "final_grad_cosine",
-                     "final_grad_cosine_common", "final_transfer"),
+                     "final_grad_cosine_common", "final_transfer", "final_emulator_accuracy"),
         per_round=Metric("accuracy", "test accuracy of the FM with the global adapter (%)"),
         final=Metric("final_accuracy", "final accuracy (%)"),
         initial="initial_accuracy",
@@ -119,11 +129,13 @@ VIEWS = {
         columns=(Metric("initial_perplexity", "initial perplexity", 1.0, 2, optional=True),
                  Metric("final_perplexity", "final perplexity", 1.0, 2),
                  Metric("best_perplexity", "best perplexity", 1.0, 2),
-                 Metric("final_next_token_accuracy", "final next-token accuracy (%)"), FINAL_GRAD_COSINE,
-                 *FIDELITY_COLUMNS),
+                 Metric("final_next_token_accuracy", "final next-token accuracy (%)"),
+                 Metric("initial_emulator_perplexity", "initial perplexity on the emulator", 1.0, 2, optional=True),
+                 EMULATOR_PERPLEXITY, FINAL_GRAD_COSINE, *FIDELITY_COLUMNS),
         csv_metrics=("final_perplexity", "best_perplexity", "final_next_token_accuracy", "final_test_loss",
                      "initial_perplexity", "initial_next_token_accuracy", "final_grad_cosine",
-                     "final_grad_cosine_common", "final_transfer"),
+                     "final_grad_cosine_common", "final_transfer", "initial_emulator_perplexity",
+                     "final_emulator_perplexity"),
         per_round=Metric("perplexity", "test perplexity of FM + adapter (lower is better)", 1.0, 2),
         final=Metric("final_perplexity", "final perplexity (lower is better)", 1.0, 2),
         initial="initial_perplexity",

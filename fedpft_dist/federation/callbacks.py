@@ -165,6 +165,8 @@ class Evaluation(RoundCallback):
             out.update({"final_perplexity": last.get("perplexity"), "best_perplexity": best,
                         "final_next_token_accuracy": last.get("next_token_accuracy"),
                         "final_test_loss": last.get("test_loss")})
+        # The plug-in gap at the end (FedOT): the same adapter's metrics on the emulator.
+        out.update({f"final_{k}": v for k, v in last.items() if k.startswith("emulator_")})
         return out
 
 
