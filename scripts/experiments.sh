@@ -18,7 +18,9 @@
 #   PARTS=decoder SEEDS="0 1" REPORT=0 bash scripts/experiments.sh
 # It resumes: a finished run (summary.json) is skipped, an interrupted one continues from its newest
 # round checkpoint, a finished proxy or emulator is reused. The decoder part also keeps each finished
-# run's summary.json, metrics.jsonl and config.yaml under docs/results/decoder/runs/ (ARCHIVE=...):
+# run's summary.json, metrics.jsonl and config.yaml (and a FedOT run's emulator distillation: distill.json,
+# emulator.json) under docs/results/decoder/runs/ (ARCHIVE=...), and each seed's proxy distillation
+# under docs/results/decoder/runs/proxy/:
 # those are all that `fedpft report` reads, the report is drawn from them, and a run kept there is not
 # run again, so the comparison resumes on a fresh clone once the kept files are committed. A seed fixes the data split, the partition,
 # the head's initialisation, the client sample, the proxy's calibration text and both distillations'
@@ -59,6 +61,9 @@ train() {  # train CONFIG OUT SEED PARTITION METHOD [OVERRIDE ...]  (the proxy a
   if [ -n "$kept" ]; then
     mkdir -p "$kept"
     cp "$dir/summary.json" "$dir/metrics.jsonl" "$dir/config.yaml" "$kept/"
+    for f in distill.json distill_log.jsonl emulator.json; do  # a FedOT run's emulator and its distillation
+      if [ -f "$dir/$f" ]; then cp "$dir/$f" "$kept/"; fi
+    done
   fi
 }
 
@@ -68,6 +73,10 @@ decoder() {  # decoder OUT "SEEDS"
     if [ ! -f "$ARCHIVE/smollm2-austen/fedot-iid-seed$seed/summary.json" ] \
        && [ ! -f "$out/shared/seed$seed/proxy_distilled/config.json" ]; then
       run distill --config "$tweets" run.dir="$out/shared/seed$seed" run.seed="$seed"
+    fi
+    if [ -f "$out/shared/seed$seed/distill.json" ]; then  # the proxy's distillation, before/after fidelity
+      mkdir -p "$ARCHIVE/proxy/seed$seed"
+      cp "$out/shared/seed$seed/distill.json" "$out/shared/seed$seed/distill_log.jsonl" "$ARCHIVE/proxy/seed$seed/"
     fi
     for method in fedot fedpft fedpetuning fedpft_no_layer_distill fedpft_no_neuron_distill; do
       KEEP=$ARCHIVE SHARED=$out/shared train "$tweets" "$out/smollm2-tweets" "$seed" iid "$method"
