@@ -230,7 +230,7 @@ print(json.dumps({"stopped": stopped, "done": done}))
 """
 
 
-def test_an_early_stop_returns_the_summary_of_a_finished_run(tmp_path):
+def test_an_early_stop_returns_the_summary_of_a_finished_run(tmp_path, cheap_run):
     args = ["dist.threads_per_rank=1", "fed.method=fedpetuning", "fed.rounds=2", "fed.checkpoint_every=1"]
     proc = subprocess.run([PYTHON, "-c", STOP_AND_RESUME, str(tmp_path / "run"), *args], cwd=REPO, env=child_env(),
                           capture_output=True, text=True, timeout=300)
@@ -243,6 +243,8 @@ def test_an_early_stop_returns_the_summary_of_a_finished_run(tmp_path):
     assert stopped["final_accuracy"] is not None   # round 1 was evaluated (eval_every=1)
     assert done["final_grad_cosine"] is None        # fedpetuning's clients hold the FM: nothing to monitor
     assert summary(tmp_path / "run") == done
+    # equal adapters by default: fedpetuning tunes the LoRA FedPFT tunes (same targets, same layers)
+    assert done["trainable_params"] == summary(cheap_run)["trainable_params"] > 0
 
 
 def test_a_proxy_built_at_proxy_out_is_the_one_distilled(tmp_path):
