@@ -67,6 +67,56 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if missing) for the block: one process at a time.
+    It serialises the processes of one host, and those of several hosts on file systems whose locks
+    span hosts (NFSv4, Lustre mounted with ``flock``, GPFS); where they do not, each host builds its own
+    copy and :func:`build_once` keeps the first complete one, which is still correct."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def build_once(target: str | os.PathLike, build, ready=None) -> Path:
+    """A cached directory that several processes (the ranks of a job, on one or several hosts) may ask
+    for at once: the first builds it (``build(tmp_dir)``) under a lock beside it while the others wait,
+    then all read it. ``ready(target)`` (default: ``target/config.json`` exists) says it is complete; a
+    directory appears whole or not at all, and a complete one is never replaced."""
+    target = Path(target)
+    ready = ready or (lambda t: (t / "config.json").is_file())
+    if ready(target):
+        return target
+    with file_lock(target.parent / f".{target.name}.lock"):
+        if ready(target):  # built by another process while this one waited
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            build(tmp)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not ready(target):  # a half-built directory in the way is replaced; a complete one kept
+                    shutil.rmtree(target, ignore_errors=True)
+                    os.rename(tmp, target)
+        except BaseException as exc:
+            fault = as_os_error(exc, target)
+            if fault is not None:
+                raise fault from exc
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def as_os_error(exc: BaseException, path: str | os.PathLike) -> Optional[OSError]:
     """``exc`` as an ``OSError`` naming ``path``, when it is a file-system fault that does not say where
     it happened: an ``OSError`` without a file name, or a library's wrapped one (safetensors reports

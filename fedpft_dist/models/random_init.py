@@ -18,20 +18,18 @@ same model on the same device type.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
 from ..errors import UserError
-from ..fsutil import atomic_directory
+from ..fsutil import build_once
 from ..resources import cache_dir
 from .families import layout_for
 
@@ -124,20 +122,6 @@ def _digest(spec_dir: Path, seed: int) -> str:
     return h.hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (created if missing) for the block: one process at a time.
-    It serialises processes on one host and on file systems whose locks span hosts (NFSv4, Lustre and
-    GPFS with locking on); elsewhere each host builds its own copy atomically, which is still correct."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def random_model_dir(path: str, key: str = "model.path") -> Path:
     """The cached Hugging Face directory of ``random:DIR[@SEED]``, built once."""
     spec_dir, seed = parse(path, key)
@@ -146,15 +130,11 @@ def random_model_dir(path: str, key: str = "model.path") -> Path:
         raise UserError(f"{key}: random:{spec_dir}: no tokenizer files (tokenizer.json, vocab.txt or tokenizer.model) "
                         f"beside config.json; scripts/gpu-kit.sh writes directories that have them")
     target = cache_dir() / f"random-{spec_dir.resolve().name}-s{seed}-{_digest(spec_dir, seed)}"
-    if (target / "config.json").is_file():
-        return target
-    with file_lock(target.parent / f".{target.name}.lock"):
-        if (target / "config.json").is_file():  # built by another process while this one waited
-            return target
+
+    def build(tmp: Path) -> None:
         log.info("building %s: %s with seeded random weights (seed %d), once", target.name, config["model_type"], seed)
-        model = random_model(config, seed=seed)
-        with atomic_directory(target) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            for f in tokenizer_files(spec_dir):
-                shutil.copyfile(f, tmp / f.name)
-    return target
+        random_model(config, seed=seed).save_pretrained(tmp, safe_serialization=True)
+        for f in tokenizer_files(spec_dir):
+            shutil.copyfile(f, tmp / f.name)
+
+    return build_once(target, build)

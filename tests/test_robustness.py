@@ -1,0 +1,62 @@
+"""Reliability, second pass: caches the ranks of a job share are built once, one owner per run
+directory, logs that survive a kill, ranks without clients, errors that point at the broken line.
+
+The unit tests run in-process; the end-to-end ones start real processes (marked slow)."""
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON, REPO, child_env
+
+# ----------------------------------------------------------------------------------------------------
+# Shared caches: built by one process while the others wait
+# ----------------------------------------------------------------------------------------------------
+
+LOAD_SMOLLM2 = """
+from fedpft_dist.models.loading import load_model, resolve_model_dir
+model = load_model(resolve_model_dir("smollm2"), "causal-lm")
+print(sum(p.numel() for p in model.parameters()))
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_on_an_empty_cache_convert_the_model_once(tmp_path):
+    """Both ranks of a job ask for the converted SmolLM2 at once on an empty cache: one converts, the
+    other waits, and both load the same model; no temporary directory is left."""
+    env = child_env(FEDPFT_CACHE=str(tmp_path / "cache"))
+    procs = [subprocess.Popen([PYTHON, "-c", LOAD_SMOLLM2], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    counts = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert counts == {"134515008"}
+    assert sum("de-quantizing" in err for _, err in outs) == 1   # one of them converted (transformers' bar)
+    left = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert left == [".smollm2-135m-instruct-fp32.lock", "smollm2-135m-instruct-fp32"]
+
+
+def test_build_once_builds_once_and_keeps_a_complete_directory(tmp_path):
+    from fedpft_dist.fsutil import build_once
+
+    calls = []
+
+    def build(tmp: Path) -> None:
+        calls.append(tmp)
+        (tmp / "config.json").write_text("{}")
+
+    target = tmp_path / "model"
+    assert build_once(target, build) == target and build_once(target, build) == target
+    assert len(calls) == 1 and (target / "config.json").is_file()
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "weights.bin").write_text("x")   # a directory left half-built by a killed process
+    build_once(half, build)
+    assert sorted(p.name for p in half.iterdir()) == ["config.json"]
+    with pytest.raises(RuntimeError):
+        build_once(tmp_path / "fails", lambda tmp: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert not (tmp_path / "fails").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")]
