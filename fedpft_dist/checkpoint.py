@@ -56,6 +56,21 @@ def save_checkpoint(root: str | os.PathLike, name: str, tensors: dict[str, dict[
     return final
 
 
+def remove_partial_writes(root: Optional[str | os.PathLike]) -> int:
+    """Remove the temporary directories that checkpoint writes killed midway left in ``root`` (their
+    names start with a dot; a complete checkpoint never does). Called by the one process that owns the
+    run directory as a job starts; returns how many were removed."""
+    if not root or not Path(root).is_dir():
+        return 0
+    partial = [p for p in Path(root).iterdir() if p.is_dir() and p.name.startswith(".")]
+    for p in partial:
+        shutil.rmtree(p, ignore_errors=True)
+    if partial:
+        log.warning("removed %d partial checkpoint write(s) in %s, left by a job stopped while writing",
+                    len(partial), root)
+    return len(partial)
+
+
 def checkpoint_dirs(root: Optional[str | os.PathLike], prefix: str) -> list[Path]:
     """Every ``root/<prefix>NNN`` directory, complete or not, newest first (names sort by their
     zero-padded number; the temporary directories of a write in progress start with a dot)."""

@@ -107,6 +107,18 @@ def _malloc_trim():
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+_ACTIVE: list["StopSignals"] = []
+
+
+def stop_received() -> Optional[str]:
+    """The first stop signal that an active :class:`StopSignals` of this process has recorded (its name),
+    None when there is none: long jobs inside a command (a distillation) check it between steps."""
+    for signals in _ACTIVE:
+        if signals.received is not None:
+            return signals.received
+    return None
+
+
 class StopSignals:
     """While active, SIGTERM and SIGUSR1 (what Slurm sends before a time limit or a preemption, see
     ``sbatch --signal``) do not kill the process: they are recorded in :attr:`received` (the first
@@ -125,9 +137,45 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+        _ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fault injection, for the tests of failure handling
+# ----------------------------------------------------------------------------------------------------
+
+FAULT_ACTIONS = ("sigterm", "die", "hang")
+
+
+def fault_point(site: str, index: int, rank: int) -> None:
+    """A place where the tests make a process fail on purpose: with ``FEDPFT_FAULT=SITE@INDEX:ACTION``
+    (and ``FEDPFT_FAULT_RANK=R``, default 0) the rank ``R`` process reaching ``site`` for the
+    ``index``-th time (as the caller counts: a step, a round) sends itself SIGTERM (``sigterm``), dies
+    at once without cleaning up (``die``, exit 137 as after SIGKILL) or stops making progress
+    (``hang``). Unset, it does nothing."""
+    spec = os.environ.get("FEDPFT_FAULT")
+    if not spec:
+        return
+    where, _, action = spec.partition(":")
+    name, _, at = where.partition("@")
+    if name != site or int(at or 0) != index or rank != int(os.environ.get("FEDPFT_FAULT_RANK", "0")):
+        return
+    if action == "sigterm":
+        os.kill(os.getpid(), signal.SIGTERM)
+    elif action == "die":
+        os._exit(137)
+    elif action == "hang":
+        import time
+
+        while True:
+            time.sleep(60)
+    else:
+        raise ValueError(f"FEDPFT_FAULT: unknown action {action!r} (one of {', '.join(FAULT_ACTIONS)})")

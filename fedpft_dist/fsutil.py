@@ -67,6 +67,41 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The rows of an append-only JSON-lines log (metrics.jsonl, distill_log.jsonl). A last line cut
+    short by a kill (not valid JSON) is dropped with a warning; a broken line before the last raises
+    :class:`UserError` naming the file and line."""
+    import logging
+
+    from .errors import UserError
+
+    path = Path(path)
+    lines = path.read_text(errors="replace").splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                logging.getLogger(__name__).warning("%s: line %d is cut short (the run was killed while writing "
+                                                    "it): left out", path, number)
+                break
+            raise UserError(f"{path}: line {number} is not JSON ({exc.msg}, column {exc.colno})") from None
+    return rows
+
+
+def truncate_jsonl(path: str | os.PathLike, keep) -> list[dict]:
+    """Rewrite the log at ``path`` (atomically) with the rows for which ``keep(row)`` is true, a cut-short
+    last line dropped: what a resumed job does before it appends, so that no row appears twice.
+    Returns the rows kept; a missing file is an empty log."""
+    path = Path(path)
+    rows = [row for row in read_jsonl(path) if keep(row)] if path.exists() else []
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+    return rows
+
+
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
     """An exclusive ``flock`` on ``path`` (created if missing) for the block: one process at a time.

@@ -4,7 +4,7 @@
 #   run_requeueable MODE COMMAND [ARG ...]
 # Never returns: exits with COMMAND's status, or with 0 once the job is requeued.
 #
-# A rank that gets SIGUSR1 or SIGTERM during `train` finishes its round, writes a round checkpoint
+# A rank that gets SIGUSR1 or SIGTERM during `train` finishes its round (`distill`: its step), writes a checkpoint
 # and exits with 75. This shell traps both signals while COMMAND runs in the background and sends
 # SIGUSR1 on, as MODE says:
 #   srun      COMMAND is srun, which passes a SIGUSR1 on to every process of its step (srun answers
@@ -52,7 +52,7 @@ run_requeueable() {
   fi
   line="fedpft: job $SLURM_JOB_ID stopped on $why (exit $rc)"
   if [ "${FEDPFT_REQUEUE:-1}" = 0 ]; then
-    echo "$line; not requeued (FEDPFT_REQUEUE=0): submit it again with fed.resume=true to continue"
+    echo "$line; not requeued (FEDPFT_REQUEUE=0): submit it again with fed.resume=true (distill: distill.resume=true) to continue"
     exit "$rc"
   fi
   state=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -o -m1 'JobState=[A-Z_]*' || true)

@@ -184,6 +184,22 @@ def test_report_shows_gradient_fidelity_where_runs_measured_it(tmp_path):
         assert float({r["method"]: r["final_grad_cosine_mean"] for r in csv.DictReader(fh)}["fedpft"]) == pytest.approx(0.8)
 
 
+def test_report_drops_a_cut_short_last_line_with_a_warning(tmp_path):
+    """A run killed while appending to metrics.jsonl leaves a partial last line: the report leaves it out
+    and says so; a broken line before the last is one error naming the file and line."""
+    _fake_run(tmp_path / "runs" / "a0", "fedpft", 0, [0.5, 0.6])
+    log = tmp_path / "runs" / "a0" / "metrics.jsonl"
+    log.write_text(log.read_text() + '{"round": 3, "accur')
+    proc = run_cli("report", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "metrics.jsonl: line 3 is cut short" in proc.stderr
+    assert "| fedpft / iid | 1 | 2 | 60.0 |" in (tmp_path / "out" / "report.md").read_text()
+    log.write_text('{"round": 1, "accuracy": 0.5}\n{"round": 2,\n{"round": 3, "accuracy": 0.6}\n')
+    proc = run_cli("report", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "metrics.jsonl: line 2 is not JSON" in proc.stderr
+
+
 def test_report_of_a_missing_run_is_a_user_error(tmp_path):
     proc = run_cli("report", str(tmp_path / "nope"), timeout=60)
     assert proc.returncode == 2 and "run directory not found" in proc.stderr

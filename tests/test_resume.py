@@ -96,11 +96,17 @@ def test_resume_falls_back_past_a_corrupt_newest_checkpoint_to_the_uninterrupted
     train(run, *CHEAP_RUN, "fed.stop_after=2")
     newest = run / "checkpoints" / "rounds" / "round-000002" / "adapter.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])   # truncated, as by a copy that did not finish
+    # a kill while writing round 3's row and round 3's checkpoint: a cut-short last line, a temporary directory
+    log = run / "metrics.jsonl"
+    log.write_text(log.read_text() + '{"round": 3, "lr": 0.0')
+    (run / "checkpoints" / "rounds" / ".round-000003.k1ll3d").mkdir()
     resumed = train(run, *CHEAP_RUN, "fed.resume=true")
     assert "skipping checkpoint" in resumed.stderr and "round-000002" in resumed.stderr, tail(resumed)
     assert "continuing at round 2" in resumed.stderr, tail(resumed)
+    assert "line 3 is cut short" in resumed.stderr and "partial checkpoint write" in resumed.stderr, tail(resumed)
     assert max_abs_diff(adapter(cheap_run), adapter(run)) <= 1e-7
     assert [r["round"] for r in metrics(run)] == [1, 2, 3]
+    assert not [p for p in (run / "checkpoints" / "rounds").iterdir() if p.name.startswith(".")]
 
 
 def _worker_pid(launcher_pid: int, rank: int) -> int:

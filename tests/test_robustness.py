@@ -60,3 +60,33 @@ def test_build_once_builds_once_and_keeps_a_complete_directory(tmp_path):
         build_once(tmp_path / "fails", lambda tmp: (_ for _ in ()).throw(RuntimeError("boom")))
     assert not (tmp_path / "fails").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stop signals everywhere: fedpft distill
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_distill_stops_on_sigterm_with_a_checkpoint_and_resumes_without_repeating_a_step(tmp_path, tiny_run):
+    """SIGTERM during `fedpft distill` (sent by the process to itself after step 2 of 4): the step ends, a
+    checkpoint is written, exit 75 with one line; the resumed job logs each step once."""
+    from conftest import run_cli
+
+    args = ("distill", "--config", "configs/tiny.yaml", f"run.dir={tmp_path}", f"distill.proxy={tiny_run / 'proxy'}",
+            "distill.zero_stage=0", "dist.threads_per_rank=1")
+    stopped = subprocess.run([PYTHON, "-m", "fedpft_dist", *args], cwd=REPO, capture_output=True, text=True,
+                             timeout=300, env=child_env(FEDPFT_FAULT="distill-step@2:sigterm"))
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    assert "stopped after step 2 of 4 on SIGTERM" in stopped.stderr and "distill.resume=true" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert (tmp_path / "checkpoints" / "distill" / "step-0000002" / "state.json").is_file()
+    assert not (tmp_path / "proxy_distilled").exists()
+    # a kill while writing step 3's row
+    log = tmp_path / "distill_log.jsonl"
+    log.write_text(log.read_text() + '{"step": 3, "lr"')
+    resumed = run_cli(*args, "distill.resume=true", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert json.loads((tmp_path / "distill.json").read_text())["steps"] == 4

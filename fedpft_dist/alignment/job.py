@@ -21,10 +21,12 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from ..checkpoint import checkpoint_dirs, move_aside, newest_checkpoint, save_checkpoint
+from ..checkpoint import checkpoint_dirs, move_aside, newest_checkpoint, remove_partial_writes, save_checkpoint
 from ..config import DistillConfig, ProxyConfig, RunConfig
-from ..errors import UserError
+from ..environment import fault_point, stop_received
+from ..errors import Preempted, UserError
 from ..fingerprint import describe_difference, first_difference
+from ..fsutil import truncate_jsonl
 from ..models.families import layers_prefix, layout_for, transformer_layers
 from ..models.proxy import hidden_error_sums
 from ..runtime import Runtime
@@ -77,6 +79,10 @@ class DistillRun:
     # The distilled layers whose outputs the hidden-state term compares (None: all of them). FedOT's
     # emulator: its last middle layer only (Offsite-Tuning's KD at the input of the top adapter layers).
     hidden_layers: Optional[list[int]] = None
+    # Stop signals (SIGTERM, SIGUSR1) end the job after the step they arrive in, with a checkpoint in
+    # checkpoint_dir (one small collective per step decides on every rank): the layer-level job, which
+    # may run for hours. Every rank of a job must set the same.
+    stoppable: bool = False
 
 
 @dataclass
@@ -223,6 +229,8 @@ def _resume(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun) -> tuple[
     aside with ``run.replace_stale``."""
     if not (run.checkpoint_dir and (run.resume or run.checkpoint_every)):
         return 0, []
+    if rt.is_main:
+        remove_partial_writes(run.checkpoint_dir)
     if not run.resume:
         stale = rt.comm.agree(bool(checkpoint_dirs(run.checkpoint_dir, CKPT_PREFIX)), op="max",
                               name=f"{run.tag}/stale-checkpoints")
@@ -339,9 +347,30 @@ class _StepLog:
         self.pending = []
 
 
+def _stop_agreed(rt: Runtime, run: DistillRun) -> bool:
+    """Whether a stop signal reached any rank (the same answer on every rank)."""
+    return rt.comm.agree(stop_received() is not None, op="max", name=f"{run.tag}/stop-signal")
+
+
+def _stop(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun, done: int, losses: list[float],
+          steps: "_StepLog") -> None:
+    """End the job after ``done`` steps on a stop signal: a checkpoint (unless one was just written),
+    then :class:`Preempted`, which the command turns into exit 75."""
+    steps.read()
+    if not run.checkpoint_dir:
+        raise Preempted(f"{run.tag}: stopped after step {done} of {job.total} on "
+                        f"{stop_received() or 'a stop signal'}, without a checkpoint (no checkpoint directory)")
+    if not (run.checkpoint_every and done % run.checkpoint_every == 0):
+        _checkpoint(rt, job, d, run, done, losses)
+    raise Preempted(f"{run.tag}: stopped after step {done} of {job.total} on {stop_received() or 'a stop signal (another rank)'}, "
+                    f"with a checkpoint in {run.checkpoint_dir}; continue with distill.resume=true")
+
+
 def _train(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun, chunks: torch.Tensor) -> tuple[list[float], list[float]]:
     """The steps (from a checkpoint when resuming), logged and checkpointed; (losses, step seconds)."""
     start, losses = _resume(rt, job, d, run)
+    if start and run.log_path and rt.is_main:   # the steps after the checkpoint are done again: their rows go
+        truncate_jsonl(run.log_path, lambda row: row.get("step", 0) <= start)
     log_fh = open(run.log_path, "a" if start else "w") if (run.log_path and rt.is_main) else None
     bar = None
     if rt.is_main and run.progress:
@@ -354,10 +383,13 @@ def _train(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun, chunks: to
             t0 = time.perf_counter()
             lr, parts = _distill_step(rt, job, d, run, step, chunks)
             steps.add(step, lr, parts, time.perf_counter() - t0)
+            fault_point(f"{run.tag}-step", step + 1, rt.rank)
             if run.checkpoint_every and run.checkpoint_dir and (step + 1) % run.checkpoint_every == 0 \
                     and step + 1 < job.total:
                 steps.read()
                 _checkpoint(rt, job, d, run, step + 1, losses)
+            if run.stoppable and step + 1 < job.total and _stop_agreed(rt, run):
+                _stop(rt, job, d, run, step + 1, losses, steps)
         steps.read()
     finally:
         if bar:

@@ -134,7 +134,7 @@ def layer_level_run(cfg: Config, layout: RunLayout, emulator: Optional[dict] = N
                       adapter_noise=d.adapter_noise if on_proxy else 0.0, adapter_noise_rank=d.adapter_noise_rank,
                       jvp_weight=d.jvp_weight if on_proxy else 0.0,
                       lm_weight=0.0 if on_proxy or not emulator_lm(emulator) else EMULATOR_LM_WEIGHT,
-                      hidden_layers=None if on_proxy else [max(emulator["compressed_layers"])])
+                      hidden_layers=None if on_proxy else [max(emulator["compressed_layers"])], stoppable=True)
 
 
 def emulator_lm(meta: dict) -> bool:

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from ..alignment.stages import distill_proxy
 from ..config import Config, write_resolved_config
+from ..environment import StopSignals
 from ..run_layout import RunLayout
 from ..runtime import init_from_config
 
 
 def run_distill(cfg: Config) -> int:
-    with init_from_config(cfg) as rt:
+    # SIGTERM / SIGUSR1 end the distillation after the current step, with a checkpoint (exit 75)
+    with StopSignals(), init_from_config(cfg) as rt:
         if rt.is_main:
             write_resolved_config(cfg)
         done = distill_proxy(cfg, rt, RunLayout.from_config(cfg))

@@ -36,6 +36,7 @@ from typing import Optional, Sequence
 from ..benchmarks import scaling
 from ..config import short_names
 from ..errors import UserError
+from ..fsutil import read_jsonl
 
 
 def load_run(run_dir: Path) -> dict:
@@ -43,7 +44,7 @@ def load_run(run_dir: Path) -> dict:
     if not summary_path.is_file():
         raise UserError(f"{run_dir} is not a finished run (no summary.json)")
     summary = json.loads(summary_path.read_text())
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
     # Runs from before summary.json kept the plug-in gap's final values: the last evaluation row's.
     evaluated = [row for row in metrics if any(k.startswith("emulator_") for k in row)]
     if evaluated:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from ..environment import peak_memory_bytes, reset_peak_memory, return_freed_memory
+from ..fsutil import truncate_jsonl
 
 from .trackers import Tracker, close_trackers
 
@@ -55,11 +56,9 @@ class MetricsLog:
         self.trackers: list[Tracker] = list(trackers) if active else []
         if not active:
             return
-        kept = []
-        if resume_after and path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["round"] <= resume_after]
-        path.write_text("".join(line + "\n" for line in kept))
-        self.rows = [json.loads(line) for line in kept]
+        self.rows = truncate_jsonl(path, lambda row: row.get("round", 0) <= resume_after) if resume_after else []
+        if not resume_after:
+            path.write_text("")
 
     def append(self, row: dict) -> None:
         if not self.active:

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from ..alignment.fidelity import probe_data, probe_indices
-from ..checkpoint import move_aside
+from ..checkpoint import move_aside, remove_partial_writes
 from ..config import Config, write_resolved_config
 from ..data.tasks import ClientData, Task, prepare_task
 from ..environment import peak_memory_bytes, reset_peak_memory, resident_bytes, return_freed_memory
@@ -101,6 +101,8 @@ def build_run(cfg: Config, rt: Runtime) -> RunParts:
     else:
         clear_earlier_run(cfg, rt, checkpointer)
     if rt.is_main:
+        for root in (layout.round_checkpoints, layout.round_adapters):
+            remove_partial_writes(root)
         write_resolved_config(cfg)
     # Time to the first round, by part: tokenising the task, the models (with the proxy and its
     # layer-level distillation when this run makes them), the server step (its public text).
