@@ -92,6 +92,9 @@ def test_fewer_than_two_labels(tmp_path):
     ("blank.jsonl", "\n\n", "is empty"),
     ("header.csv", "text,label\n", "has no rows"),
     ("nulls.jsonl", '{"text": null, "label": "a"}\n', r"dropped 1 of 1 rows \(1 without text\); rows 1: no row is left"),
+    # the parser's own message gives a byte position ("Trailing data at position 36"): the line instead
+    ("broken.jsonl", '{"text": "a", "label": "x"}\n{"text": "b" "label": "y"}\n{"text": "c", "label": "x"}\n',
+     r"line 2 is not JSON: Expecting ',' delimiter \(column 14\)"),
 ])
 def test_empty_files(tmp_path, name, content, message):
     path = tmp_path / name

@@ -94,7 +94,7 @@ def test_user_errors(tmp_path):
     assert "'content'" in message and "t.jsonl" in message and "body, id" in message
     assert "\n" not in message
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{broken\n', encoding="utf-8")
-    with pytest.raises(UserError, match="could not read .*bad.jsonl"):
+    with pytest.raises(UserError, match="could not read .*bad.jsonl.*: line 2 is not JSON"):
         load_public_text(str(tmp_path / "bad.jsonl"))
 
     (tmp_path / "blank.txt").write_text(" \n\n \n")
@@ -177,3 +177,14 @@ def test_token_chunks_of_builtin_corpus(minilm, austen):
     assert chunks.shape == (8, 128)
     assert torch.equal(chunks, token_chunks(minilm, austen[:200], max_length=128, max_chunks=8))
     assert int(chunks.max()) < minilm.vocab_size
+
+
+def test_a_too_short_public_text_names_its_source(tmp_path):
+    from fedpft_dist.config import load_config
+    from fedpft_dist.data.public import public_chunks
+
+    short = tmp_path / "short.txt"
+    short.write_text("A few words.\n\nAnd a few more.\n")
+    cfg = load_config("configs/tiny.yaml", [f"public_text.source={short}"])
+    with pytest.raises(UserError, match=f"public_text.source '{short}' is too short: its held-out"):
+        public_chunks(cfg, WordTokenizer(), "held_out", 4)

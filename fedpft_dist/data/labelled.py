@@ -24,7 +24,7 @@ import torch
 
 from fedpft_dist.data import hub
 from fedpft_dist.data.dropped import DEFAULT_MAX_FRACTION, DroppedRows
-from fedpft_dist.data.public import TABLE_BUILDERS, _root_cause
+from fedpft_dist.data.public import TABLE_BUILDERS, _root_cause, parse_fault
 from fedpft_dist.errors import UserError
 from fedpft_dist.fsutil import file_lock
 from fedpft_dist.resources import resource_path
@@ -259,7 +259,8 @@ def _read_table(path: Path, builder: str) -> "Any":
         # `datasets` reports a table without rows (a CSV with only a header) as a missing split.
         if isinstance(exc, ValueError) and "corresponds to no data" in str(exc):
             raise UserError(f"labelled data file '{path}' has no rows") from exc
-        raise UserError(f"could not read labelled data file '{path}' as {builder}: {_root_cause(exc)}") from exc
+        raise UserError(f"could not read labelled data file '{path}' as {builder}: "
+                        f"{parse_fault(path, builder, exc)}") from exc
 
 
 def _table_rows(table: Any, where: str, text_column: str, label_column: str, text_pair_column: str,

@@ -8,6 +8,7 @@ blocks. Nothing here downloads: the built-in corpus (Jane Austen's six novels, s
 from __future__ import annotations
 
 import gzip
+import json
 import random
 import re
 from importlib import resources
@@ -186,7 +187,8 @@ def _load_table(path: Path, builder: str, text_column: str) -> list[str]:
     try:
         table = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as exc:  # any parse failure of a user's file is the user's to fix
-        raise UserError(f"could not read public text file '{path}' as {builder}: {_root_cause(exc)}") from exc
+        raise UserError(f"could not read public text file '{path}' as {builder}: "
+                        f"{parse_fault(path, builder, exc)}") from exc
     return _table_docs(table, f"public text file '{path}'", text_column)
 
 
@@ -209,6 +211,24 @@ def _table_docs(table, where: str, text_column: str) -> list[str]:
     return docs
 
 
+def parse_fault(path: Path, builder: str, exc: BaseException) -> str:
+    """What is wrong with a file the table reader could not parse. For JSON lines, the first line that
+    is not JSON, by number (the reader's own message gives a byte position); otherwise the reader's."""
+    if builder == "json":
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            first = fh.read(1)
+            fh.seek(0)
+            if first != "[":   # one object per line, not one JSON array
+                for number, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        json.loads(line.rstrip("\r\n"))
+                    except json.JSONDecodeError as bad:
+                        return f"line {number} is not JSON: {bad.msg} (column {bad.colno})"
+    return _root_cause(exc)
+
+
 def _root_cause(exc: BaseException) -> str:
     """First line of the innermost chained error: `datasets` wraps the parser's message in a generic one."""
     while exc.__cause__ is not None or exc.__context__ is not None:
@@ -222,5 +242,13 @@ def public_chunks(cfg, tokenizer: PreTrainedTokenizerBase, split: str, max_chunk
     ``split`` is 'train' (calibration, distillation) or 'held_out' (evaluation). The split is a
     seeded function of the documents."""
     p = cfg.public_text
-    train, held = split_held_out(load_public_text(p.source, p.text_column), p.held_out_fraction, cfg.run.seed)
-    return token_chunks(tokenizer, train if split == "train" else held, p.max_length, max_chunks)
+    docs = load_public_text(p.source, p.text_column)
+    train, held = split_held_out(docs, p.held_out_fraction, cfg.run.seed)
+    chunks = token_chunks(tokenizer, train if split == "train" else held, p.max_length, max_chunks)
+    if len(chunks) == 0 and max_chunks != 0:
+        part = (f"its held-out {p.held_out_fraction:g} ({len(held)} of {len(docs)} documents)" if split == "held_out"
+                else f"its training part ({len(train)} of {len(docs)} documents)")
+        raise UserError(f"public_text.source '{p.source}' is too short: {part} holds no chunk of "
+                        f"{p.max_length} tokens (public_text.max_length); use more text, or a larger "
+                        f"public_text.held_out_fraction or smaller public_text.max_length")
+    return chunks
