@@ -201,3 +201,73 @@ def run_dir_problem(run_dir: str | os.PathLike) -> Optional[str]:
     except OSError as exc:
         return filesystem_error(exc) or f"{run_dir}: {exc}"
     return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# One owner per run directory
+# ----------------------------------------------------------------------------------------------------
+
+class RunDirLock:
+    """The lock a command that writes into a run directory holds for its life (rank 0 of the job):
+    an exclusive ``flock`` on ``<run.dir>/.fedpft.lock``, and the holder's record (host, pid, start
+    time, command) in ``<run.dir>/.fedpft.owner`` for whoever is refused.
+
+    The kernel releases the lock when its process ends, however it ends, so a lock whose holder is gone
+    is free: the next command takes it, and warns when the holder left its record behind (it was
+    killed). Across nodes this needs a file system whose locks span hosts (NFSv4, Lustre mounted with
+    ``flock``, GPFS): there a job on another node is refused too. Where locks are local to a host, a
+    second job on another node cannot be told from the owner of a record it finds: it takes over with
+    a warning naming that owner."""
+
+    LOCK, OWNER = ".fedpft.lock", ".fedpft.owner"
+
+    def __init__(self, run_dir: str | os.PathLike, command: str):
+        self.dir, self.command = Path(run_dir), command
+        self._fh = None
+
+    def acquire(self) -> Optional[str]:
+        """Take the lock; None on success, else one line naming the holder."""
+        import fcntl
+        import socket
+        import time
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fh = open(self.dir / self.LOCK, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            holder = self.holder()
+            who = (f"`fedpft {holder.get('command', '?')}` (host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, "
+                   f"started {holder.get('started', '?')})") if holder else "another fedpft command"
+            return (f"run.dir {self.dir} is in use by {who}: wait for it to end, or choose another run.dir")
+        self._fh = fh
+        earlier = self.holder()
+        if earlier:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "run.dir %s: taking over from `fedpft %s` (host %s, pid %s, started %s), which ended without "
+                "releasing it (killed?)", self.dir, earlier.get("command"), earlier.get("host"), earlier.get("pid"),
+                earlier.get("started"))
+        atomic_write_json(self.dir / self.OWNER, {
+            "command": self.command, "host": socket.gethostname(), "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime())})
+        return None
+
+    def holder(self) -> dict:
+        try:
+            return json.loads((self.dir / self.OWNER).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def release(self) -> None:
+        if self._fh is None:
+            return
+        import fcntl
+
+        with contextlib.suppress(OSError):
+            (self.dir / self.OWNER).unlink()
+        fcntl.flock(self._fh, fcntl.LOCK_UN)
+        self._fh.close()
+        self._fh = None

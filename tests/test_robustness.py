@@ -111,3 +111,53 @@ def test_a_rank_without_a_client_sends_zeros_in_every_phase(tmp_path, reuse_dist
     assert rows[0]["align_skipped"] is False and rows[0]["align_steps"] == 1
     assert rows[-1]["grad_cosine"] == pytest.approx(metrics(tmp_path / "one")[-1]["grad_cosine"], abs=1e-5)
     assert max_abs_diff(adapter(tmp_path / "one"), adapter(tmp_path / "two")) <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------
+# Every phase fails the same way
+# ----------------------------------------------------------------------------------------------------
+
+FAULT_TIMEOUT_S = 10
+
+
+def _pair(tmp_path: Path, fault: str, *overrides: str) -> tuple[subprocess.Popen, subprocess.Popen]:
+    """Two ranks of `fedpft train` started as a cluster's launcher starts them (each its own process, as
+    srun does: no torchrun agent to kill the survivor), rank 1 made to fail at ``fault``."""
+    from fedpft_dist.runtime import free_port
+
+    port, procs = str(free_port()), []
+    for rank in range(2):
+        env = child_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port, FEDPFT_FAULT=fault, FEDPFT_FAULT_RANK="1")
+        procs.append(subprocess.Popen(
+            [PYTHON, "-m", "fedpft_dist", "train", "--config", "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}",
+             "dist.threads_per_rank=1", f"dist.timeout_s={FAULT_TIMEOUT_S}", *overrides],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs[0], procs[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault, phase, collective", [
+    # DeepSpeed's own collectives (ZeRO-3 gathers and broadcasts): a raw gloo traceback and exit 1 before
+    ("align/round-1-step@1:die", "during alignment", "torch.distributed.broadcast (called by deepspeed)"),
+    ("align/round-1-step@1:hang", "during alignment", "torch.distributed.broadcast (called by deepspeed)"),
+    ("checkpointing@1:die", "during checkpointing", "collective 'round/stop-signal'"),
+], ids=["alignment-dies", "alignment-hangs", "checkpoint-dies"])
+def test_a_peer_lost_in_any_phase_ends_the_survivor_with_one_line_and_exit_3(tmp_path, reuse_distilled, fault,
+                                                                             phase, collective):
+    survivor, faulty = _pair(tmp_path, fault, reuse_distilled, "fed.rounds=2", "fed.align_every=1",
+                             "fed.align_steps=2", "fed.checkpoint_every=1", "data.max_test=32", "fed.fidelity_every=0")
+    start = time.monotonic()
+    try:
+        _, err = survivor.communicate(timeout=FAULT_TIMEOUT_S + 30 + 60)   # + start-up of the run
+        elapsed = time.monotonic() - start
+    finally:
+        for p in (survivor, faulty):
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert survivor.returncode == 3, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("fedpft: error:")]
+    assert len(lines) == 1 and phase in lines[0] and collective in lines[0], err[-3000:]
+    assert "Traceback" not in err
+    assert elapsed < FAULT_TIMEOUT_S + 30 + 60

@@ -28,7 +28,7 @@ from ..models.loading import config_overrides, load_model, load_tokenizer, resol
 from ..models.sharded import load_sharded
 from ..models.proxy import load_proxy, read_proxy_meta, save_proxy
 from ..run_layout import RunLayout, is_model_dir
-from ..runtime import Runtime
+from ..runtime import Runtime, phase
 from ..runtime.shard import full_value
 from . import zero
 from .distill import ffn_parameter_names, plan_neuron_split
@@ -165,10 +165,11 @@ def distill_proxy(cfg: Config, rt: Runtime, layout: RunLayout, emulator: bool = 
     lm = emulator and emulator_lm(meta)
     student, _ = load_proxy(source, task="causal-lm" if lm else "base", dtype=cfg.model.dtype)
     layers = meta["compressed_layers"]
-    result = run_distillation(rt, lambda: load_model(fm_dir, "base", cfg.model.dtype), student, layers,
-                              train, held, cfg.distill,
-                              layer_level_run(cfg, layout, meta if emulator else None, fingerprint),
-                              layer_map=meta.get("target_layers"))
+    with phase("the emulator's distillation" if emulator else "layer-level distillation"):
+        result = run_distillation(rt, lambda: load_model(fm_dir, "base", cfg.model.dtype), student, layers,
+                                  train, held, cfg.distill,
+                                  layer_level_run(cfg, layout, meta if emulator else None, fingerprint),
+                                  layer_map=meta.get("target_layers"))
     if lm:   # the causal LM's names -> the backbone's, which the saved model is loaded by below
         prefix = student.base_model_prefix + "."
         result.state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in result.state.items()}

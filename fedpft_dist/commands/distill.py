@@ -6,11 +6,12 @@ from ..config import Config, write_resolved_config
 from ..environment import StopSignals
 from ..run_layout import RunLayout
 from ..runtime import init_from_config
+from .ownership import owning_run_dir
 
 
 def run_distill(cfg: Config) -> int:
     # SIGTERM / SIGUSR1 end the distillation after the current step, with a checkpoint (exit 75)
-    with StopSignals(), init_from_config(cfg) as rt:
+    with StopSignals(), init_from_config(cfg) as rt, owning_run_dir(cfg, "distill", rt):
         if rt.is_main:
             write_resolved_config(cfg)
         done = distill_proxy(cfg, rt, RunLayout.from_config(cfg))

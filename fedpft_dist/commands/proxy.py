@@ -8,14 +8,16 @@ from ..config import Config, write_resolved_config
 from ..errors import UserError
 from ..run_layout import RunLayout
 from ..runtime import detect_launch
+from .ownership import owning_run_dir
 
 
 def run_proxy(cfg: Config) -> int:
     """Build the proxy of ``cfg`` in this one process and print its report."""
     if detect_launch(os.environ).distributed:
         raise UserError("fedpft proxy runs as one process: start it without torchrun/srun/mpirun")
-    write_resolved_config(cfg)
-    report = build_proxy_artifact(cfg, RunLayout.from_config(cfg))
+    with owning_run_dir(cfg, "proxy"):
+        write_resolved_config(cfg)
+        report = build_proxy_artifact(cfg, RunLayout.from_config(cfg))
     print(format_report(report), flush=True)
     return 0
 

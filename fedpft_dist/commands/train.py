@@ -5,10 +5,11 @@ from ..config import Config
 from ..errors import Preempted
 from ..federation.engine import Engine
 from ..runtime import init_from_config
+from .ownership import owning_run_dir
 
 
 def run_train(cfg: Config) -> int:
-    with init_from_config(cfg) as rt:
+    with init_from_config(cfg) as rt, owning_run_dir(cfg, "train", rt):
         summary = Engine(cfg, rt).run()
         if summary["stop_reason"] == "signal":
             raise Preempted(f"stopped after round {summary['rounds_done']} of {summary['rounds']} on a stop signal, "

@@ -29,9 +29,10 @@ import torch
 from safetensors.torch import save_file
 
 from ..config import Config
-from ..environment import StopSignals
+from ..environment import StopSignals, fault_point
 from ..fsutil import atomic_directory, atomic_write_json
 from ..runtime import Runtime, init_from_config
+from ..runtime import phase as job_phase
 from .aggregation import Reduced, make_aggregator
 from .callbacks import (Checkpointing, DivergenceCheck, Evaluation, Fidelity, LocalResult, Recording, RoundAdapters,
                         RoundCallback, RoundContext, RoundHooks, RoundPlan)
@@ -102,12 +103,14 @@ class Engine:
             # -- 2. train this rank's clients -----------------------------------------------------------
             with self.clock.timed(seconds, "local_training"):
                 local = self.train_clients(plan)
+            fault_point("aggregation", t + 1, self.rt.rank)
             # -- 3. aggregate: one all-reduce of sum(w_c * theta_c) and sum(w_c); the FM takes the result
             with self.clock.timed(seconds, "aggregation", release=False):
                 row = self.aggregate(plan, local, seconds)
             p.models.plug(p.state.global_adapter)
             # -- 4. the method's server step ------------------------------------------------------------
             if plan.server_step:
+                fault_point(p.server_step.phase, t + 1, self.rt.rank)
                 with self.clock.timed(seconds, p.server_step.phase, collect=True):
                     row.update(p.server_step(plan.index, local.recorder, p.state))
             p.state.round = t + 1
@@ -115,7 +118,9 @@ class Engine:
             ctx = RoundContext(plan, local, row, seconds, t_round)
             stop = None
             for callback in self.callbacks:
-                after = callback.after_aggregation(ctx)
+                fault_point(type(callback).__name__.lower(), t + 1, self.rt.rank)
+                with job_phase(type(callback).__name__.lower()):
+                    after = callback.after_aggregation(ctx)
                 row.update(after.metrics)
                 stop = stop or after.stop
             if stop:

@@ -11,6 +11,7 @@ from typing import Iterator, Sequence
 
 from ..environment import peak_memory_bytes, reset_peak_memory, return_freed_memory
 from ..fsutil import truncate_jsonl
+from ..runtime import phase as job_phase
 
 from .trackers import Tracker, close_trackers
 
@@ -34,7 +35,8 @@ class PhaseClock:
         t0 = time.perf_counter()
         if self.device is not None:
             reset_peak_memory(self.device)
-        yield
+        with job_phase(phase.replace("_", " ")):
+            yield
         if self.device is not None:
             peak = peak_memory_bytes(self.device)
             if peak is not None:

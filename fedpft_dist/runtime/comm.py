@@ -64,7 +64,8 @@ class _Watchdog:
             if current is not None and time.monotonic() - current[1] > self.limit:
                 sys.stderr.write(
                     f"fedpft: error: collective '{current[0]}' did not finish within "
-                    f"{self.timeout_s:g} s on rank {self.rank} (a peer rank died or hangs); exiting\n")
+                    f"{self.timeout_s:g} s during {current_phase()} on rank {self.rank} (a peer rank died or "
+                    f"hangs); exiting\n")
                 sys.stderr.flush()
                 os._exit(EXIT_COLLECTIVE_ERROR)
 
@@ -88,6 +89,60 @@ def make_subgroups(partition: Sequence[Sequence[int]]) -> None:
 def forget_subgroups() -> None:
     """Drop the subgroups of a process group that is being destroyed."""
     _SUBGROUPS.clear()
+
+
+# The phase of the job this process is in (nested: the innermost last), for the one line a lost peer
+# ends the job with.
+_PHASES: list[str] = []
+
+
+@contextlib.contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Mark the block as the job's phase ``name`` (local training, alignment, ...)."""
+    _PHASES.append(name)
+    try:
+        yield
+    except BaseException as exc:
+        if not hasattr(exc, "fedpft_phase"):   # the innermost phase, for the line the job ends with
+            exc.fedpft_phase = name
+        raise
+    finally:
+        _PHASES.pop()
+
+
+def current_phase() -> str:
+    return _PHASES[-1] if _PHASES else "start-up"
+
+
+def _library_collective(tb) -> Optional[tuple[str, str]]:
+    """(the torch.distributed collective, the package that called it) of a traceback that ends in
+    one, else None."""
+    import traceback
+
+    frames = traceback.extract_tb(tb)
+    inner = [i for i, f in enumerate(frames) if f.filename.endswith("distributed_c10d.py") and f.name != "wrapper"]
+    if not inner:
+        return None
+    first = min(i for i, f in enumerate(frames) if "/torch/distributed/" in f.filename and i <= inner[-1])
+    caller = frames[first - 1].filename if first > 0 else "?"
+    package = caller.split("site-packages/", 1)[1].split("/", 1)[0] if "site-packages/" in caller else "fedpft_dist"
+    return frames[inner[-1]].name, package
+
+
+def peer_failure(exc: BaseException) -> Optional[str]:
+    """One line for an error that a collective called by a library (DeepSpeed's ZeRO gathers and
+    broadcasts, FSDP's) raised because a peer rank died or did not answer within the process group's
+    timeout (``dist.timeout_s``): the phase, the collective and its caller, the backend's first line.
+    None for any other error, or outside a distributed job."""
+    if not dist.is_available() or not isinstance(exc, RuntimeError):
+        return None
+    found = _library_collective(exc.__traceback__)
+    if found is None and not isinstance(exc, getattr(dist, "DistBackendError", ())):
+        return None
+    what = f"torch.distributed.{found[0]} (called by {found[1]})" if found else "a collective"
+    where = getattr(exc, "fedpft_phase", current_phase())
+    rank = f" on rank {dist.get_rank()}" if dist.is_initialized() else ""
+    return f"{what} failed during {where}{rank} (a peer rank died or hangs): {_first_line(exc)}"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -149,8 +204,8 @@ class Communicator:
                 yield
             except (RuntimeError, dist.DistError) as exc:  # DistBackendError, gloo/NCCL timeouts
                 raise CollectiveError(
-                    f"collective '{name}' failed on {where}rank {self.rank}/{self.world_size} "
-                    f"(timeout {self.timeout_s:g} s): {_first_line(exc)}") from exc
+                    f"collective '{name}' failed during {getattr(exc, 'fedpft_phase', current_phase())} on {where}rank {self.rank}/"
+                    f"{self.world_size} (timeout {self.timeout_s:g} s): {_first_line(exc)}") from exc
 
     # -- sums --------------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from ..config import Config, DistConfig, RunConfig
 from ..errors import CollectiveError, UserError
-from .comm import Communicator, forget_subgroups, make_subgroups
+from .comm import Communicator, forget_subgroups, make_subgroups, peer_failure
 from .launch import LaunchInfo, detect_launch
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,13 @@ class Runtime:
     def __enter__(self) -> "Runtime":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, exc, tb) -> None:
+        # A collective a library called itself failed because a peer is gone: say so as our own
+        # collectives do (CollectiveError: one line, exit 3), and leave the broken group as it is
+        # (destroying it could wait on the dead peer).
+        message = peer_failure(exc) if exc is not None else None
+        if message is not None:
+            raise CollectiveError(message) from exc
         self.shutdown()
 
 
