@@ -161,3 +161,39 @@ def test_a_peer_lost_in_any_phase_ends_the_survivor_with_one_line_and_exit_3(tmp
     assert len(lines) == 1 and phase in lines[0] and collective in lines[0], err[-3000:]
     assert "Traceback" not in err
     assert elapsed < FAULT_TIMEOUT_S + 30 + 60
+
+
+# ----------------------------------------------------------------------------------------------------
+# One owner per run directory
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_second_command_on_a_run_dir_in_use_is_refused_and_a_dead_owner_is_taken_over(tmp_path, reuse_distilled):
+    from conftest import run_cli
+
+    run = tmp_path / "run"
+    args = ("train", "--config", "configs/tiny.yaml", f"run.dir={run}", "dist.threads_per_rank=1",
+            "fed.method=fedpft_no_layer_distill", "fed.align_every=0", "fed.rounds=1", "fed.fidelity_every=0",
+            "data.max_test=32")
+    first = subprocess.Popen([PYTHON, "-m", "fedpft_dist", *args], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=child_env(FEDPFT_FAULT="aggregation@1:hang"))
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / ".fedpft.owner").exists():   # it holds the run dir, then hangs in round 1
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
+            time.sleep(0.5)
+        owner = json.loads((run / ".fedpft.owner").read_text())
+        assert owner["pid"] == first.pid and owner["command"] == "train"
+        for command in (args, ("distill", *args[1:])):
+            second = run_cli(*command, timeout=120)
+            assert second.returncode == 2, second.stderr[-2000:]
+            assert f"run.dir {run} is in use by `fedpft train` (host {owner['host']}, pid {first.pid}, started " \
+                   in second.stderr and "Traceback" not in second.stderr
+    finally:
+        first.kill()   # as a node failure would: no clean-up, the record stays behind
+        first.communicate()
+    assert (run / ".fedpft.owner").exists()
+    third = run_cli(*args, timeout=300)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert f"taking over from `fedpft train` (host {owner['host']}, pid {first.pid}" in third.stderr
+    assert not (run / ".fedpft.owner").exists()   # released at the end
