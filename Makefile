@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 
-.PHONY: setup demo doctor test test-fast clean
+.PHONY: setup demo doctor test test-fast soak clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,11 @@ test: setup
 # The edit loop: unit tests and one tiny end-to-end run (tests/test_smoke.py), no `slow` or `cluster` tests.
 test-fast: setup
 	$(BIN)/python -m pytest $(XDIST) -m "not slow and not cluster" $(PYTEST_ARGS)
+
+# 100 rounds of the tiny config on 2 ranks, uninterrupted and stopped by a signal every 10 rounds:
+# the same adapter, no memory growth, no leaked descriptors or temporary files (about 15 minutes).
+soak: setup
+	$(BIN)/python scripts/soak.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

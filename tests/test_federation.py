@@ -81,18 +81,19 @@ def test_the_held_fm_as_teacher_gives_the_same_adapter_on_one_and_two_ranks(reus
 
 def test_a_rank_without_clients(tmp_path):
     # K = max(1, floor(8 * 0.125)) = 1: every round one of the 2 ranks trains nobody; round 1 aligns
-    # (its activation statistics are all on the other rank).
+    # (its activation statistics are all on the other rank); the fidelity monitor runs in both rounds.
     over = ("fed.method=fedpft_no_layer_distill", "fed.client_fraction=0.125", "fed.align_every=1",
-            "fed.align_steps=1", NO_PROBE)
+            "fed.align_steps=1", "fed.fidelity_examples=8", "fed.fidelity_transfer_steps=1")
     train(tmp_path / "rank1", *over)
     train(tmp_path / "rank2", *over, ranks=2)
     one, two = adapter(tmp_path / "rank1"), adapter(tmp_path / "rank2")
     assert_trained(one)
     assert max_abs_diff(one, two) <= 1e-5
     m1, m2 = metrics(tmp_path / "rank1"), metrics(tmp_path / "rank2")
-    assert [r["clients"] for r in m2] == [1, 1]
+    assert [r["clients"] for r in m2] == [1, 1] and m2[0]["tokens_per_rank"][1] == 0
     assert all(k in m2[0] for k in ALIGN_KEYS)
     assert_same_rounds(m1, m2, loss_rel=1e-5)
+    assert m2[-1]["grad_cosine"] == pytest.approx(m1[-1]["grad_cosine"], abs=1e-5)
     s = summary(tmp_path / "rank2")
     assert s["world_size"] == 2 and s["clients_per_round"] == 1 and s["excluded_clients"] == 0
 

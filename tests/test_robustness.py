@@ -93,27 +93,6 @@ def test_distill_stops_on_sigterm_with_a_checkpoint_and_resumes_without_repeatin
 
 
 # ----------------------------------------------------------------------------------------------------
-# Ranks without work
-# ----------------------------------------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_a_rank_without_a_client_sends_zeros_in_every_phase(tmp_path, reuse_distilled):
-    """One client on two ranks, through local training, aggregation, alignment, evaluation and the
-    fidelity monitor: rank 1 trains nothing and sends zeros, so the run gives the one-rank result."""
-    from helpers import adapter, max_abs_diff, metrics, train
-
-    args = ("fed.num_clients=1", "fed.rounds=2", "fed.align_every=1", "fed.align_steps=1", "data.max_test=32",
-            "fed.fidelity_examples=8", reuse_distilled)
-    train(tmp_path / "one", *args)
-    train(tmp_path / "two", *args, ranks=2)
-    rows = metrics(tmp_path / "two")
-    assert [r["clients"] for r in rows] == [1, 1] and rows[0]["tokens_per_rank"][1] == 0
-    assert rows[0]["align_skipped"] is False and rows[0]["align_steps"] == 1
-    assert rows[-1]["grad_cosine"] == pytest.approx(metrics(tmp_path / "one")[-1]["grad_cosine"], abs=1e-5)
-    assert max_abs_diff(adapter(tmp_path / "one"), adapter(tmp_path / "two")) <= 1e-5
-
-
-# ----------------------------------------------------------------------------------------------------
 # Every phase fails the same way
 # ----------------------------------------------------------------------------------------------------
 
