@@ -90,7 +90,7 @@ def test_a_rank_without_clients(tmp_path):
     assert_trained(one)
     assert max_abs_diff(one, two) <= 1e-5
     m1, m2 = metrics(tmp_path / "rank1"), metrics(tmp_path / "rank2")
-    assert [r["clients"] for r in m2] == [1, 1] and m2[0]["tokens_per_rank"][1] == 0
+    assert [r["clients"] for r in m2] == [1, 1] and all(0 in r["tokens_per_rank"] for r in m2)
     assert all(k in m2[0] for k in ALIGN_KEYS)
     assert_same_rounds(m1, m2, loss_rel=1e-5)
     assert m2[-1]["grad_cosine"] == pytest.approx(m1[-1]["grad_cosine"], abs=1e-5)
