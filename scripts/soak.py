@@ -4,8 +4,9 @@
 
 1. The uninterrupted run: configs/tiny.yaml (FedPFT, alignment every 5 rounds at ZeRO-3, evaluation and
    the fidelity monitor every 10) for ``--rounds`` rounds on ``--ranks`` ranks. While it runs, each
-   rank's peak resident set (VmHWM), resident set (VmRSS) and open file descriptors are read from
-   /proc after round ``--every`` and after the second-to-last round.
+   rank's resident set is read from /proc every 0.2 s; its peak so far (the largest read, or the
+   kernel's high-water mark when larger), resident set and open file descriptors are recorded after
+   round ``--every`` and after the second-to-last round.
 2. The interrupted run: the same, with a stop signal (SIGTERM to rank 0, sent by the rank itself at the
    end of every ``--every``-th round: FEDPFT_FAULT) and a resume (fed.resume=true) each time.
 3. Checks: the two final adapters are equal; each rank's peak resident set grows less than 5 % from
@@ -63,16 +64,27 @@ def sample(pid: int) -> dict:
 
 
 def uninterrupted(args, run_dir: Path) -> dict:
-    """The whole run in one job; the ranks sampled after round ``every`` and after round rounds - 1."""
+    """The whole run in one job. Every 0.2 s each rank's resident set is read; its peak so far is the
+    largest of those reads and of the kernel's high-water mark (VmHWM, which the run itself sets back
+    at the start of each phase to measure that phase's peak), so a peak between two reads counts too.
+    Recorded after round ``every`` and after round rounds - 1."""
     proc = subprocess.Popen(command(args.ranks, run_dir, args.rounds), cwd=REPO, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     samples: dict[str, list[dict]] = {}
     marks = {args.every: "early", args.rounds - 1: "late"}
+    peak: dict[int, float] = {}
     while proc.poll() is None:
         done = rows(run_dir)
+        now = {}
+        for p in workers(proc.pid):
+            try:
+                now[p] = sample(p)
+            except (OSError, KeyError):   # a worker that just ended
+                continue
+            peak[p] = max(peak.get(p, 0.0), now[p]["peak_rss_mb"], now[p]["rss_mb"])
         for mark, name in marks.items():
-            if done >= mark and name not in samples:
-                samples[name] = [sample(p) for p in workers(proc.pid)]
+            if done >= mark and name not in samples and now:
+                samples[name] = [{**now[p], "peak_rss_mb": peak[p]} for p in sorted(now)]
                 samples[name + "_round"] = done
         time.sleep(0.2)
     err = proc.stderr.read()
