@@ -266,7 +266,8 @@ class DistillConfig:
     checkpoint_every: int = _opt(0, help="checkpoint every N steps (0 = never)", ge=0, run=False)
     log_every: int = _opt(10, help="read the per-step loss terms back from the devices every N steps (and at "
                                    "checkpoints and the end): the steps in between wait for nothing; "
-                                   "distill_log.jsonl still gets one line per step", ge=1, run=False)
+                                   "distill_log.jsonl still gets one line per step. A stop signal is acted on "
+                                   "at these steps too", ge=1, run=False)
     resume: bool = _opt(False, help="continue from the newest complete checkpoint in <run.dir>/checkpoints/distill",
                         run=False)
 

@@ -4,7 +4,7 @@
 #   run_requeueable MODE COMMAND [ARG ...]
 # Never returns: exits with COMMAND's status, or with 0 once the job is requeued.
 #
-# A rank that gets SIGUSR1 or SIGTERM during `train` finishes its round (`distill`: its step), writes a checkpoint
+# A rank that gets SIGUSR1 or SIGTERM during `train` finishes its round (`distill`: within distill.log_every steps), writes a checkpoint
 # and exits with 75. This shell traps both signals while COMMAND runs in the background and sends
 # SIGUSR1 on, as MODE says:
 #   srun      COMMAND is srun, which passes a SIGUSR1 on to every process of its step (srun answers

@@ -73,7 +73,7 @@ def test_distill_stops_on_sigterm_with_a_checkpoint_and_resumes_without_repeatin
     from conftest import run_cli
 
     args = ("distill", "--config", "configs/tiny.yaml", f"run.dir={tmp_path}", f"distill.proxy={tiny_run / 'proxy'}",
-            "distill.zero_stage=0", "dist.threads_per_rank=1")
+            "distill.zero_stage=0", "dist.threads_per_rank=1", "distill.log_every=1")
     stopped = subprocess.run([PYTHON, "-m", "fedpft_dist", *args], cwd=REPO, capture_output=True, text=True,
                              timeout=300, env=child_env(FEDPFT_FAULT="distill-step@2:sigterm"))
     assert stopped.returncode == 75, stopped.stderr[-3000:]

@@ -79,9 +79,9 @@ class DistillRun:
     # The distilled layers whose outputs the hidden-state term compares (None: all of them). FedOT's
     # emulator: its last middle layer only (Offsite-Tuning's KD at the input of the top adapter layers).
     hidden_layers: Optional[list[int]] = None
-    # Stop signals (SIGTERM, SIGUSR1) end the job after the step they arrive in, with a checkpoint in
-    # checkpoint_dir (one small collective per step decides on every rank): the layer-level job, which
-    # may run for hours. Every rank of a job must set the same.
+    # Stop signals (SIGTERM, SIGUSR1) end the job at the next step that is a multiple of log_every, with a
+    # checkpoint in checkpoint_dir (one small collective there decides on every rank): the layer-level
+    # job, which may run for hours. Every rank of a job must set the same.
     stoppable: bool = False
 
 
@@ -388,7 +388,10 @@ def _train(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun, chunks: to
                     and step + 1 < job.total:
                 steps.read()
                 _checkpoint(rt, job, d, run, step + 1, losses)
-            if run.stoppable and step + 1 < job.total and _stop_agreed(rt, run):
+            # at the steps whose terms are read anyway: a check between every two steps would make a GPU
+            # wait for each step before queuing the next
+            if run.stoppable and (step + 1) % run.log_every == 0 and step + 1 < job.total \
+                    and _stop_agreed(rt, run):
                 _stop(rt, job, d, run, step + 1, losses, steps)
         steps.read()
     finally:
