@@ -43,17 +43,47 @@ def save_checkpoint(root: str | os.PathLike, name: str, tensors: dict[str, dict[
                     meta: dict) -> Path:
     """Write ``root/name/`` with one ``<file>.safetensors`` per entry of ``tensors`` and ``state.json``
     (``meta`` plus each file's size and hash)."""
-    from safetensors.torch import save_file
-
     final = Path(root) / name
     with atomic_directory(final) as tmp:
-        files = {}
-        for fname, group in tensors.items():
-            path = tmp / f"{fname}.safetensors"
-            save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(path))
-            files[path.name] = file_record(path)
-        (tmp / META).write_text(json.dumps({**meta, FILES: files}, indent=2) + "\n")
+        files = {f"{fname}.safetensors": save_tensor_file(tmp / f"{fname}.safetensors", group)
+                 for fname, group in tensors.items()}
+        write_meta(tmp, meta, files)
     return final
+
+
+def rank_file(group: str, rank: int) -> str:
+    """The file of ``rank``'s share in a checkpoint written per rank (ZeRO-3 partitions)."""
+    return f"{group}-rank{rank:05d}.safetensors"
+
+
+def save_tensor_file(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
+    """One safetensors file (on the CPU) and its record for ``state.json``: size and SHA-256."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    return file_record(path)
+
+
+def write_meta(path: Path, meta: dict, files: dict[str, dict]) -> None:
+    """``state.json`` of a checkpoint: ``meta`` plus each file's record."""
+    (path / META).write_text(json.dumps({**meta, FILES: files}, indent=2) + "\n")
+
+
+def verify_rank_file(path: Path, name: str) -> dict:
+    """``state.json`` of a checkpoint written per rank, after checking that it lists ``name`` (this
+    rank's file) and that the file matches its size and hash; the other ranks check theirs."""
+    meta = read_meta(path)
+    files = meta.get(FILES)
+    if not isinstance(files, dict) or name not in files:
+        raise CheckpointInvalid(f"{META} lists no {name}")
+    f, want = path / name, files[name]
+    if not f.is_file():
+        raise CheckpointInvalid(f"{name} is missing")
+    if f.stat().st_size != want.get("bytes"):
+        raise CheckpointInvalid(f"{name} has {f.stat().st_size} bytes, {want.get('bytes')} were written")
+    if file_record(f)["sha256"] != want.get("sha256"):
+        raise CheckpointInvalid(f"{name} does not match the hash recorded when it was written")
+    return meta
 
 
 def remove_partial_writes(root: Optional[str | os.PathLike]) -> int:

@@ -107,8 +107,20 @@ def test_gathered_results_are_not_empty_partitions(results):
 
 def test_resume_from_a_mid_run_checkpoint(results):
     r, out = results
-    assert (out / "ckpt" / "step-0000002" / "train_state.safetensors").exists()  # safetensors + JSON
-    assert json.loads((out / "ckpt" / "step-0000002" / "state.json").read_text())["step"] == 2
+    # ZeRO-3: each rank writes its own share of the state (safetensors), rank 0 the JSON listing both
+    ckpt = out / "ckpt" / "step-0000002"
+    meta = json.loads((ckpt / "state.json").read_text())
+    assert meta["step"] == 2 and meta["per_rank"] is True
+    names = ["train_state-rank00000.safetensors", "train_state-rank00001.safetensors"]
+    assert sorted(meta["files"]) == names and all((ckpt / n).is_file() for n in names)
+    from safetensors.torch import load_file
+
+    shares = [load_file(str(ckpt / n)) for n in names]
+    assert sorted(shares[0]) == sorted(shares[1])
+    # two halves of each trainable tensor (ZeRO-3 pads the last share to equal size)
+    whole = r["full_run"]["state_numel"]
+    for name, numel in whole.items():
+        assert 0 < shares[0][name].numel() < numel and shares[0][name].numel() + shares[1][name].numel() >= numel
     torch.testing.assert_close(torch.tensor(r["resumed"]["losses"]), torch.tensor(r["full_run"]["losses"]),
                                rtol=1e-6, atol=0)
 

@@ -327,7 +327,7 @@ def test_a_distillation_resumed_with_other_settings_names_the_setting(tmp_path):
                      "fingerprint": {"distill.lr": 6e-4, "run.seed": 0}})
     comm = SimpleNamespace(agree=lambda flag, **kw: flag, barrier=lambda **kw: None)
     rt = SimpleNamespace(comm=comm, world_size=1, is_main=True)
-    job = SimpleNamespace(total=4)
+    job = SimpleNamespace(total=4, named={})   # nothing partitioned: whole-state checkpoints
     run = DistillRun(checkpoint_dir=str(tmp_path), resume=True, fingerprint={"distill.lr": 1e-3, "run.seed": 0})
     with pytest.raises(UserError, match=r"distill.resume: .* was written with distill.lr=0.0006, this config has 0.001"):
         _resume(rt, job, DistillConfig(zero_stage=3), run)

@@ -11,7 +11,9 @@ import contextlib
 import json
 import logging
 import math
+import os
 import resource
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -21,7 +23,8 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from ..checkpoint import checkpoint_dirs, move_aside, newest_checkpoint, remove_partial_writes, save_checkpoint
+from ..checkpoint import (CheckpointInvalid, checkpoint_dirs, move_aside, newest_checkpoint, rank_file, read_meta,
+                          remove_partial_writes, save_checkpoint, save_tensor_file, verify_rank_file, write_meta)
 from ..config import DistillConfig, ProxyConfig, RunConfig
 from ..environment import fault_point, stop_received
 from ..errors import Preempted, UserError
@@ -38,6 +41,7 @@ from .distill import (AdapterPerturbation, DistillPair, NeuronSplit, apply_neuro
 log = logging.getLogger(__name__)
 
 CKPT_PREFIX = "step-"
+TRAIN_STATE = "train_state"
 
 # A teacher already in memory (unpartitioned: ZeRO stages 0-2), or a function that loads it (inside
 # the ZeRO-3 loading context at stage 3, so that it is partitioned as it loads).
@@ -243,7 +247,9 @@ def _resume(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun) -> tuple[
                             move_aside(Path(run.checkpoint_dir)))
             rt.comm.barrier(name=f"{run.tag}/stale-moved")
         return 0, []
-    found = newest_checkpoint(run.checkpoint_dir, CKPT_PREFIX, "distill.resume")
+    per_rank = zero.sharded_train_state(job.named)
+    found = _newest_per_rank(rt, run) if per_rank else newest_checkpoint(run.checkpoint_dir, CKPT_PREFIX,
+                                                                          "distill.resume")
     if found is None:
         return 0, []
     ckpt, tensors, meta = found
@@ -257,7 +263,14 @@ def _resume(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun) -> tuple[
                     "total_steps": "the step count (distill.steps, epoch_fraction, batch_size, max_chunks)"}[key]
             raise UserError(f"distill.resume: checkpoint {ckpt} was written with {name} {meta.get(key)}, this job "
                             f"has {mine}; resume with the same, or start afresh with distill.resume=false and run.rebuild=true")
-    zero.set_full_train_state(job.engine, job.named, tensors["train_state"], meta["step"])
+    if bool(meta.get("per_rank")) != per_rank:
+        raise UserError(f"distill.resume: checkpoint {ckpt} was written {'per rank' if meta.get('per_rank') else 'whole'}, "
+                        f"this job writes {'per rank' if per_rank else 'whole'}: resume with the settings it was written "
+                        f"with, or start afresh with distill.resume=false and run.rebuild=true")
+    if per_rank:
+        zero.set_local_train_state(job.engine, job.named, tensors["train_state"], meta["step"])
+    else:
+        zero.set_full_train_state(job.engine, job.named, tensors["train_state"], meta["step"])
     log.info("%s: resumed from %s (step %d of %d)", run.tag, ckpt, meta["step"], job.total)
     return meta["step"], list(meta["losses"])
 
@@ -403,13 +416,77 @@ def _train(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun, chunks: to
 
 
 def _checkpoint(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun, step: int, losses: list[float]) -> None:
+    meta = {"step": step, "total_steps": job.total, "world_size": rt.world_size, "zero_stage": d.zero_stage,
+            "losses": losses, "seed": run.seed, "fingerprint": run.fingerprint}
+    if zero.sharded_train_state(job.named):
+        _checkpoint_per_rank(rt, job, run, f"{CKPT_PREFIX}{step:07d}", meta)
+        return
     state = zero.get_full_train_state(job.engine, job.named)   # a collective: every rank calls it
     if rt.is_main:
-        save_checkpoint(run.checkpoint_dir, f"{CKPT_PREFIX}{step:07d}", {"train_state": state},
-                        {"step": step, "total_steps": job.total, "world_size": rt.world_size,
-                         "zero_stage": d.zero_stage, "losses": losses, "seed": run.seed,
-                         "fingerprint": run.fingerprint})
+        save_checkpoint(run.checkpoint_dir, f"{CKPT_PREFIX}{step:07d}", {"train_state": state}, meta)
     rt.comm.barrier(name=f"{run.tag}/checkpoint")
+
+
+def _checkpoint_per_rank(rt: Runtime, job: _Job, run: DistillRun, name: str, meta: dict) -> None:
+    """A ZeRO-3 job's checkpoint: each rank writes its own share of the fp32 weights and Adam moments
+    (no rank gathers the whole state) into one directory; rank 0 records every file's size and hash,
+    shared in one collective, in ``state.json`` and moves the directory into place."""
+    root = Path(run.checkpoint_dir)
+    tmp, final = root / f".{name}.partial", root / name
+    if rt.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    rt.comm.barrier(name=f"{run.tag}/checkpoint-start")
+    record = save_tensor_file(tmp / rank_file(TRAIN_STATE, rt.rank), zero.get_local_train_state(job.named))
+    records = torch.zeros(rt.world_size, 5, dtype=torch.int64)
+    digest = bytes.fromhex(record["sha256"])
+    records[rt.rank] = torch.tensor([record["bytes"], *(int.from_bytes(digest[i:i + 8], "big", signed=True)
+                                                          for i in range(0, 32, 8))])
+    records = rt.comm.all_reduce_sum({"records": records}, name=f"{run.tag}/checkpoint-files")["records"]
+    if rt.is_main:
+        files = {rank_file(TRAIN_STATE, r): {
+            "bytes": int(row[0]),
+            "sha256": b"".join(int(v).to_bytes(8, "big", signed=True) for v in row[1:]).hex()}
+            for r, row in enumerate(records.tolist())}
+        write_meta(tmp, {**meta, "per_rank": True}, files)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    rt.comm.barrier(name=f"{run.tag}/checkpoint")
+
+
+def _newest_per_rank(rt: Runtime, run: DistillRun) -> Optional[tuple[Path, dict[str, torch.Tensor], dict]]:
+    """The newest checkpoint whose every rank's file verifies (each rank checks its own, one collective
+    agrees), as (path, this rank's tensors, meta); None when there is none at all."""
+    from safetensors.torch import load_file
+
+    found = checkpoint_dirs(run.checkpoint_dir, CKPT_PREFIX)
+    steps = {}
+    for path in found:
+        try:
+            meta = read_meta(path)
+            if meta.get("world_size") == rt.world_size:   # another world size: refused by name below
+                meta = verify_rank_file(path, rank_file(TRAIN_STATE, rt.rank))
+            steps[int(meta["step"])] = path
+        except (CheckpointInvalid, KeyError, ValueError) as exc:
+            log.warning("distill.resume: skipping checkpoint %s on rank %d: %s", path, rt.rank, exc)
+    total = max([job_step for job_step in steps] + [0]) + 1
+    ok = torch.zeros(total, dtype=torch.int64)
+    ok[list(steps)] = 1
+    size = int(rt.comm.all_reduce_metrics({"n": float(total)}, op="max", name=f"{run.tag}/resume-size")["n"])
+    ok = torch.cat([ok, ok.new_zeros(size - total)])
+    everywhere = rt.comm.all_reduce_sum({"ok": ok}, name=f"{run.tag}/resume-agree")["ok"]
+    agreed = [s for s in range(size) if int(everywhere[s]) == rt.world_size]
+    if not agreed:
+        if found:
+            raise UserError(f"distill.resume: none of the {len(found)} checkpoints in {run.checkpoint_dir} verifies "
+                            f"on every rank; start afresh with distill.resume=false and run.rebuild=true")
+        return None
+    path = steps[agreed[-1]]
+    meta = read_meta(path)
+    if meta.get("world_size") != rt.world_size:
+        return path, {}, meta
+    return path, {"train_state": load_file(str(path / rank_file(TRAIN_STATE, rt.rank)))}, meta
 
 
 def _snapshot(student: nn.Module, layers: Sequence[int]) -> dict[str, torch.Tensor]:

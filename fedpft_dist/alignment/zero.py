@@ -215,6 +215,57 @@ def get_full_train_state(engine, named_params: dict[str, nn.Parameter]) -> dict[
     return out
 
 
+def sharded_train_state(named_params: dict[str, nn.Parameter]) -> bool:
+    """Whether the trainable parameters are ZeRO-3 partitions, whose state each rank saves as its own
+    share (:func:`get_local_train_state`)."""
+    return any(is_partitioned(p) for p in named_params.values())
+
+
+def get_local_train_state(named_params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """This rank's share of the fp32 values and Adam moments of ZeRO-3 partitioned parameters, keys as
+    :func:`get_full_train_state`'s, on the CPU. No collective: a checkpoint of it is one file per rank,
+    which only the same world size and stage can read back."""
+    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+    out: dict[str, torch.Tensor] = {}
+    for name, p in named_params.items():
+        out[name] = safe_get_local_fp32_param(p).detach().float().cpu().clone()
+        for key in ADAM_STATES:
+            value = safe_get_local_optimizer_state(p, key)
+            out[f"{name}::{key}"] = (value.detach().float().cpu().clone() if value is not None
+                                     else torch.zeros_like(out[name]))
+    return out
+
+
+def set_local_train_state(engine, named_params: dict[str, nn.Parameter], state: dict[str, torch.Tensor],
+                          step: int) -> None:
+    """Inverse of :func:`get_local_train_state` on the rank that saved it, plus the optimizer step count."""
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+    base = _base_optimizer(engine)
+    _create_adam_state(engine, base)
+    for name, p in named_params.items():
+        value = state[name]
+        safe_set_local_fp32_param(p, value.to(torch.float32))
+        with torch.no_grad():   # the rank's partition of the parameter itself, in its own dtype
+            p.ds_tensor.data.view(-1)[: value.numel()].copy_(value.view(-1).to(p.ds_tensor.dtype))
+        for key in ADAM_STATES:
+            safe_set_local_optimizer_state(p, state[f"{name}::{key}"].to(torch.float32), key)
+    for p, st in base.state.items():
+        st["step"] = _step_count(base, p, step)
+
+
+def _create_adam_state(engine, base: torch.optim.Optimizer) -> None:
+    """torch's AdamW creates its state at its first step, and ZeRO optimizers hand it flat fp32
+    partitions; create that state the way the first step would, so the moments have a home."""
+    for p in _optimizer_tensors(engine):
+        st = base.state[p]
+        if "exp_avg" not in st:
+            st["step"] = _step_count(base, p, 0)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
 def set_full_train_state(engine, named_params: dict[str, nn.Parameter], state: dict[str, torch.Tensor],
                          step: int) -> None:
     """Inverse of :func:`get_full_train_state` (a collective at stages >= 1), plus the optimizer step
@@ -223,14 +274,7 @@ def set_full_train_state(engine, named_params: dict[str, nn.Parameter], state: d
 
     zero = _zero_optimizer(engine)
     base = _base_optimizer(engine)
-    # torch's AdamW creates its state at its first step, and ZeRO optimizers hand it flat fp32
-    # partitions; create that state the way the first step would, so the moments have a home.
-    for p in _optimizer_tensors(engine):
-        st = base.state[p]
-        if "exp_avg" not in st:
-            st["step"] = _step_count(base, p, 0)
-            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    _create_adam_state(engine, base)
     for name, p in named_params.items():
         value = state[name]
         if zero:
