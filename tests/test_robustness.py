@@ -96,7 +96,7 @@ def test_distill_stops_on_sigterm_with_a_checkpoint_and_resumes_without_repeatin
 # Every phase fails the same way
 # ----------------------------------------------------------------------------------------------------
 
-FAULT_TIMEOUT_S = 10
+FAULT_TIMEOUT_S = 5
 
 
 def _pair(tmp_path: Path, fault: str, *overrides: str) -> tuple[subprocess.Popen, subprocess.Popen]:
@@ -116,13 +116,13 @@ def _pair(tmp_path: Path, fault: str, *overrides: str) -> tuple[subprocess.Popen
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault, phase, collective", [
-    # DeepSpeed's own collectives (ZeRO-3 gathers and broadcasts): a raw gloo traceback and exit 1 before
-    ("align/round-1-step@1:die", "during alignment", "torch.distributed.broadcast (called by deepspeed)"),
-    ("align/round-1-step@1:hang", "during alignment", "torch.distributed.broadcast (called by deepspeed)"),
-], ids=["alignment-dies", "alignment-hangs"])
-def test_a_peer_lost_in_any_phase_ends_the_survivor_with_one_line_and_exit_3(tmp_path, reuse_distilled, fault,
-                                                                             phase, collective):
+def test_a_peer_lost_in_a_zero3_alignment_ends_the_survivor_with_one_line_and_exit_3(tmp_path, reuse_distilled):
+    """A rank dies inside DeepSpeed's own collectives (ZeRO-3 gathers and broadcasts of an alignment
+    round): before, the survivor ended with a raw gloo traceback and exit 1. A hang there ends the same
+    way once the process group's timeout (dist.timeout_s) runs out; our own collectives' deaths and
+    hangs are tests/test_timeout.py's."""
+    fault, phase = "align/round-1-step@1:die", "during alignment"
+    collective = "torch.distributed.broadcast (called by deepspeed)"
     survivor, faulty = _pair(tmp_path, fault, reuse_distilled, "fed.rounds=2", "fed.align_every=1",
                              "fed.align_steps=2", "fed.checkpoint_every=1", "data.max_test=32", "fed.fidelity_every=0")
     start = time.monotonic()
