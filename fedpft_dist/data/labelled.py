@@ -24,7 +24,7 @@ import torch
 
 from fedpft_dist.data import hub
 from fedpft_dist.data.dropped import DEFAULT_MAX_FRACTION, DroppedRows
-from fedpft_dist.data.public import TABLE_BUILDERS, _root_cause, parse_fault
+from fedpft_dist.data.public import TABLE_BUILDERS, parse_fault
 from fedpft_dist.errors import UserError
 from fedpft_dist.fsutil import file_lock
 from fedpft_dist.resources import resource_path
