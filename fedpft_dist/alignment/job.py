@@ -85,7 +85,7 @@ class DistillRun:
     hidden_layers: Optional[list[int]] = None
     # Stop signals (SIGTERM, SIGUSR1) end the job at the next step that is a multiple of log_every, with a
     # checkpoint in checkpoint_dir (one small collective there decides on every rank): the layer-level
-    # job, which may run for hours. Every rank of a job must set the same.
+    # job, which may run for hours. Every rank of a job must set the same; it needs a checkpoint_dir.
     stoppable: bool = False
 
 
@@ -370,9 +370,6 @@ def _stop(rt: Runtime, job: _Job, d: DistillConfig, run: DistillRun, done: int, 
     """End the job after ``done`` steps on a stop signal: a checkpoint (unless one was just written),
     then :class:`Preempted`, which the command turns into exit 75."""
     steps.read()
-    if not run.checkpoint_dir:
-        raise Preempted(f"{run.tag}: stopped after step {done} of {job.total} on "
-                        f"{stop_received() or 'a stop signal'}, without a checkpoint (no checkpoint directory)")
     if not (run.checkpoint_every and done % run.checkpoint_every == 0):
         _checkpoint(rt, job, d, run, done, losses)
     raise Preempted(f"{run.tag}: stopped after step {done} of {job.total} on {stop_received() or 'a stop signal (another rank)'}, "
@@ -456,37 +453,29 @@ def _checkpoint_per_rank(rt: Runtime, job: _Job, run: DistillRun, name: str, met
 
 
 def _newest_per_rank(rt: Runtime, run: DistillRun) -> Optional[tuple[Path, dict[str, torch.Tensor], dict]]:
-    """The newest checkpoint whose every rank's file verifies (each rank checks its own, one collective
-    agrees), as (path, this rank's tensors, meta); None when there is none at all."""
+    """The newest checkpoint whose every rank's file verifies (each rank checks its own, newest first,
+    one small collective per checkpoint agrees), as (path, this rank's tensors, meta); None when there
+    is none at all. One with another world size is taken as it is, for the caller to refuse by name."""
     from safetensors.torch import load_file
 
-    found = checkpoint_dirs(run.checkpoint_dir, CKPT_PREFIX)
-    steps = {}
+    found = checkpoint_dirs(run.checkpoint_dir, CKPT_PREFIX)   # one shared directory: the same on every rank
     for path in found:
         try:
             meta = read_meta(path)
-            if meta.get("world_size") == rt.world_size:   # another world size: refused by name below
+            if meta.get("world_size") == rt.world_size:
                 meta = verify_rank_file(path, rank_file(TRAIN_STATE, rt.rank))
-            steps[int(meta["step"])] = path
-        except (CheckpointInvalid, KeyError, ValueError) as exc:
+            ok = True
+        except CheckpointInvalid as exc:
             log.warning("distill.resume: skipping checkpoint %s on rank %d: %s", path, rt.rank, exc)
-    total = max([job_step for job_step in steps] + [0]) + 1
-    ok = torch.zeros(total, dtype=torch.int64)
-    ok[list(steps)] = 1
-    size = int(rt.comm.all_reduce_metrics({"n": float(total)}, op="max", name=f"{run.tag}/resume-size")["n"])
-    ok = torch.cat([ok, ok.new_zeros(size - total)])
-    everywhere = rt.comm.all_reduce_sum({"ok": ok}, name=f"{run.tag}/resume-agree")["ok"]
-    agreed = [s for s in range(size) if int(everywhere[s]) == rt.world_size]
-    if not agreed:
-        if found:
-            raise UserError(f"distill.resume: none of the {len(found)} checkpoints in {run.checkpoint_dir} verifies "
-                            f"on every rank; start afresh with distill.resume=false and run.rebuild=true")
-        return None
-    path = steps[agreed[-1]]
-    meta = read_meta(path)
-    if meta.get("world_size") != rt.world_size:
-        return path, {}, meta
-    return path, {"train_state": load_file(str(path / rank_file(TRAIN_STATE, rt.rank)))}, meta
+            ok = False
+        if rt.comm.agree(ok, op="min", name=f"{run.tag}/resume-agree"):
+            if meta.get("world_size") != rt.world_size:
+                return path, {}, meta
+            return path, {"train_state": load_file(str(path / rank_file(TRAIN_STATE, rt.rank)))}, meta
+    if found:
+        raise UserError(f"distill.resume: none of the {len(found)} checkpoints in {run.checkpoint_dir} verifies "
+                        f"on every rank; start afresh with distill.resume=false and run.rebuild=true")
+    return None
 
 
 def _snapshot(student: nn.Module, layers: Sequence[int]) -> dict[str, torch.Tensor]:
