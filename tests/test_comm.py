@@ -64,3 +64,24 @@ def test_single_process_collectives_are_identities():
     assert comm.all_reduce_metrics({"m": 2.0}) == {"m": 2.0}
     assert comm.agree(True) is True
     assert torch.equal(comm.broadcast_state({"w": torch.arange(3)})["w"], torch.arange(3))
+
+
+def test_await_completion_polls_until_done_and_names_a_timeout():
+    # a collective that NCCL has queued but the device never completes: the wait ends at the timeout
+    from fedpft_dist.runtime.comm import await_completion
+
+    now = [0.0]
+    pauses = []
+
+    def sleep(s):
+        pauses.append(s)
+        now[0] += s
+
+    with pytest.raises(RuntimeError, match="not complete on the device after 0.5 s"):
+        await_completion(lambda: False, 0.5, sleep=sleep, clock=lambda: now[0])
+    assert 0.5 < now[0] < 0.52                    # it gave up within one pause of the timeout
+    assert pauses[0] == 5e-5 and max(pauses) == 0.01 and pauses == sorted(pauses)
+    polls = iter([False, False, True])
+    pauses.clear()
+    await_completion(lambda: next(polls), 10.0, sleep=sleep, clock=lambda: now[0])
+    assert pauses == [5e-5, 1e-4]                 # done on the third poll: two pauses

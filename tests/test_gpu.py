@@ -152,3 +152,23 @@ def test_compiled_triton_kernels_match_the_references(tmp_path):
     assert report["implementations"] == ["reference", "triton"]
     for r in report["results"]:
         assert r["max_rel_err"]["triton"] < (1e-2 if r["dtype"] == "bf16" else 1e-4), r
+
+
+def test_a_collective_the_device_never_completes_is_named_at_the_timeout():
+    # NCCL returns once a collective is queued; the communicator waits for the device to pass it, at
+    # most dist.timeout_s, so a hung peer ends in the collective's own error (exit 3's line), not in
+    # NCCL's abort. A stream busy for about 10 s stands in for a collective a peer never joins.
+    import time
+
+    from fedpft_dist.errors import CollectiveError
+    from fedpft_dist.runtime import Communicator
+
+    comm = Communicator(0, 2, torch.device("cuda", 0), timeout_s=1.0, label="test")
+    t0 = time.monotonic()
+    with pytest.raises(CollectiveError, match="collective 'stuck' failed .*not complete on the device after 1 s"):
+        with comm._collective("stuck"):
+            torch.cuda._sleep(int(2e10))
+    assert time.monotonic() - t0 < 5.0
+    torch.cuda.synchronize()
+    with comm._collective("quick"):      # a collective that completes passes
+        torch.ones(4, device="cuda").sum()

@@ -245,7 +245,7 @@ def _sum_gradients(params: list[nn.Parameter], group: Communicator) -> None:
     had no rows of this batch sends zeros)."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads]).to(group.device)
-    group.all_reduce_(flat, name="client/gradients")
+    group.all_reduce_(flat, name="client/gradients", wait=False)
     offset = 0
     for p in params:
         k = p.numel()

@@ -27,6 +27,23 @@ log = logging.getLogger(__name__)
 WATCHDOG_GRACE_S = 15.0
 
 
+def await_completion(done, timeout_s: float, sleep=time.sleep, clock=time.monotonic) -> None:
+    """Poll ``done()`` until it is true; raise RuntimeError once ``timeout_s`` has passed.
+
+    NCCL returns from a collective as soon as it is queued on the GPU, so a peer that hangs shows
+    only later, in whatever next waits for the device (usually outside any collective). Polling a
+    CUDA event recorded after the collective keeps the wait inside the collective's bounds, where
+    the timeout names it; sleeping between polls (from 50 us, doubling to 10 ms) leaves the GIL to
+    the watchdog and costs at most 10 ms on a long collective."""
+    deadline = clock() + timeout_s
+    pause = 5e-5
+    while not done():
+        if clock() > deadline:
+            raise RuntimeError(f"not complete on the device after {timeout_s:g} s (the backend had queued it)")
+        sleep(pause)
+        pause = min(2 * pause, 0.01)
+
+
 class _Watchdog:
     """Ends the process when one collective has been running for longer than timeout + grace.
 
@@ -197,11 +214,19 @@ class Communicator:
         return self.active and self.world_size > 1
 
     @contextlib.contextmanager
-    def _collective(self, name: str) -> Iterator[None]:
+    def _collective(self, name: str, wait: bool = True) -> Iterator[None]:
+        """Run one collective under the watchdog; on a GPU, unless ``wait`` is False, also wait (at
+        most ``dist.timeout_s``) until the device has completed it (:func:`await_completion`). A
+        collective inside a training step passes ``wait=False``: the step must not wait for the
+        device, and the round's next waited collective, queued behind it, bounds it instead."""
         where = f"{self.label} " if self.label else ""
         with self._watchdog.track(f"{where}{name}"):
             try:
                 yield
+                if wait and self.device.type == "cuda":
+                    event = torch.cuda.Event()
+                    event.record(torch.cuda.current_stream(self.device))
+                    await_completion(event.query, self.timeout_s)
             except (RuntimeError, dist.DistError) as exc:  # DistBackendError, gloo/NCCL timeouts
                 raise CollectiveError(
                     f"collective '{name}' failed during {getattr(exc, 'fedpft_phase', current_phase())} on {where}rank {self.rank}/"
@@ -242,11 +267,12 @@ class Communicator:
                 offset += n
         return out
 
-    def all_reduce_(self, buffer: torch.Tensor, name: str = "all_reduce") -> torch.Tensor:
+    def all_reduce_(self, buffer: torch.Tensor, name: str = "all_reduce", wait: bool = True) -> torch.Tensor:
         """In-place sum of one contiguous buffer on ``self.device``: the bare collective, without
-        the packing of :meth:`all_reduce_sum` (benchmarks compare the two)."""
+        the packing of :meth:`all_reduce_sum` (benchmarks compare the two). ``wait=False`` inside a
+        training step (see :meth:`_collective`)."""
         if self._parallel:
-            with self._collective(name):
+            with self._collective(name, wait=wait):
                 dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.group)
         return buffer
 

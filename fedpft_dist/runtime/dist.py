@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from ..config import Config, DistConfig, RunConfig
 from ..errors import CollectiveError, UserError
-from .comm import Communicator, forget_subgroups, make_subgroups, peer_failure
+from .comm import WATCHDOG_GRACE_S, Communicator, forget_subgroups, make_subgroups, peer_failure
 from .launch import LaunchInfo, detect_launch
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,8 @@ class Runtime:
         # A collective a library called itself failed because a peer is gone: say so as our own
         # collectives do (CollectiveError: one line, exit 3), and leave the broken group as it is
         # (destroying it could wait on the dead peer).
+        if isinstance(exc, CollectiveError):
+            return
         message = peer_failure(exc) if exc is not None else None
         if message is not None:
             raise CollectiveError(message) from exc
@@ -242,10 +244,14 @@ def init_runtime(backend: str = _DIST.backend, timeout_s: float = _DIST.timeout_
         kwargs = {}
         if chosen == "nccl":
             kwargs["device_id"] = device
+        # On NCCL our collectives wait for completion on the device themselves, bounded by
+        # timeout_s (Communicator); NCCL's own timeout, which aborts the process, comes later so that
+        # ours is the one that names the collective. The libraries' collectives have NCCL's.
+        group_timeout = timeout_s + (WATCHDOG_GRACE_S if chosen == "nccl" else 0.0)
         try:
             dist.init_process_group(backend=chosen, init_method="env://",
                                     rank=launch.rank, world_size=launch.world_size,
-                                    timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+                                    timeout=datetime.timedelta(seconds=group_timeout), **kwargs)
         except (RuntimeError, dist.DistError) as exc:
             raise CollectiveError(f"collective 'init_process_group' failed on rank {launch.rank}/"
                                   f"{launch.world_size} ({addr}:{port}, timeout {timeout_s:g} s): "
