@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from fedpft_dist.alignment import zero
 from fedpft_dist.alignment.distill import plan_neuron_split
 from fedpft_dist.alignment.job import DistillRun, run_distillation
 from fedpft_dist.config import DistillConfig
@@ -36,14 +37,21 @@ def main(proxy_dir: str, out_dir: str) -> None:
     results = {}
 
     def job(name: str, stage: int, steps: int = 4, **kw) -> dict:
-        student, _ = load_proxy(proxy_dir, task="base")
+        loaded, at_load = [], []
+
+        def student():   # loaded by the job, as fedpft distill does: partitioned as it loads at ZeRO-3
+            loaded.append(load_proxy(proxy_dir, task="base")[0])
+            at_load.append(zero.held_bytes(loaded[-1])[0])   # before DeepSpeed's engine exists
+            return loaded[-1]
+
         d = DistillConfig(zero_stage=stage, batch_size=4, micro_batch=2, warmup_ratio=0.0)
         run = DistillRun(lr=kw.pop("lr", 1e-3), steps=steps, seed=0, eval_batch=4, progress=False, tag=name, **kw)
-        r = run_distillation(rt, teacher, student, layers, train, held, d, run)
+        r = run_distillation(rt, teacher, student, layers, train, held, d, run, student_dtype=torch.float32)
         # what a plain read of the (possibly partitioned) student gives, next to the gathered result
-        raw = {n: p.numel() for n, p in student.named_parameters() if n in r.state}
+        raw = {n: p.numel() for n, p in loaded[0].named_parameters() if n in r.state}
         return {"losses": r.losses, "before": r.errors_before, "after": r.errors_after,
                 "held": r.teacher_bytes_held, "full": r.teacher_bytes_full, "trainable": r.trainable_params,
+                "student_held": r.student_bytes_held, "student_held_at_load": at_load[0], "student_full": r.student_bytes_full,
                 "state_numel": {k: v.numel() for k, v in r.state.items()}, "raw_numel": raw}
 
     # ZeRO stages 0, 2 and 3: the same trajectory

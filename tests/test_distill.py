@@ -86,13 +86,22 @@ def test_per_layer_error_falls(results):
     assert r["stage3"]["losses"][-1] < r["stage3"]["losses"][0]
 
 
-def test_stage3_partitions_the_teacher(results):
+def test_stage3_partitions_the_teacher_and_the_student_as_they_load(results):
     r, _ = results
     full = r["stage3"]["full"]
     assert r["stage0"]["held"] == [full, full]           # stage 0: every rank holds the whole FM
     for held in r["stage3"]["held"]:                     # stage 3: about half each on 2 ranks
         assert held < 0.6 * full
     assert sum(r["stage3"]["held"]) >= full
+    # the student too: loaded by the job inside ZeRO-3's loading context, so a rank holds its half
+    # from the load on, before DeepSpeed's engine exists (a whole student would be partitioned only there)
+    student = r["stage0"]["student_full"]
+    assert r["stage3"]["student_full"] == student and r["stage0"]["student_held"] == [student, student]
+    assert r["stage0"]["student_held_at_load"] == student
+    assert r["stage3"]["student_held_at_load"] < 0.6 * student
+    for held in r["stage3"]["student_held"]:
+        assert held < 0.6 * student
+    assert sum(r["stage3"]["student_held"]) >= student
 
 
 def test_gathered_results_are_not_empty_partitions(results):

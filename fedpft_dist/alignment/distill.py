@@ -297,9 +297,13 @@ def freeze_all_but(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Param
 
 
 def param_groups(named: dict[str, nn.Parameter], weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on matrices, none on biases and norm weights."""
-    decay = [p for p in named.values() if p.ndim >= 2]
-    no_decay = [p for p in named.values() if p.ndim < 2]
+    """AdamW groups: decay on matrices, none on biases and norm weights (by the whole parameter's
+    shape: a ZeRO-3 partition is a flat piece, ``ds_shape`` the shape it is a piece of)."""
+    def ndim(p: nn.Parameter) -> int:
+        return len(getattr(p, "ds_shape", p.shape))
+
+    decay = [p for p in named.values() if ndim(p) >= 2]
+    no_decay = [p for p in named.values() if ndim(p) < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})

@@ -46,6 +46,9 @@ TRAIN_STATE = "train_state"
 # A teacher already in memory (unpartitioned: ZeRO stages 0-2), or a function that loads it (inside
 # the ZeRO-3 loading context at stage 3, so that it is partitioned as it loads).
 Teacher = Union[nn.Module, Callable[[], nn.Module]]
+# A student in memory, or (layer-level distillation) a function that loads it: at ZeRO-3 inside the
+# loading context, so that it is partitioned as it loads and no rank holds it whole.
+Student = Union[nn.Module, Callable[[], nn.Module]]
 # The config's defaults, which DistillRun's are.
 _DISTILL, _RUN, _PROXY = DistillConfig(), RunConfig(), ProxyConfig()
 
@@ -104,6 +107,8 @@ class DistillResult:
     peak_memory_mb: list[float]
     teacher_bytes_held: list[int]
     teacher_bytes_full: int
+    student_bytes_held: list[int]
+    student_bytes_full: int
     trainable_params: int
     extra: dict = field(default_factory=dict)
 
@@ -183,25 +188,28 @@ class _Job:
     trainable: int                   # trainable parameters (counted before ZeRO-3 partitions them)
 
 
-def _set_up(rt: Runtime, teacher: Teacher, student: nn.Module, layers: Sequence[int],
+def _set_up(rt: Runtime, teacher: Teacher, student: Student, dtype: torch.dtype, layers: Sequence[int],
             n_chunks: int, d: DistillConfig, run: DistillRun, splits: Sequence[NeuronSplit],
             layer_map: Optional[Sequence[int]]) -> _Job:
-    """Teacher loaded (partitioned as it loads at ZeRO-3) unless it is already in memory, student's
-    trainable parameters chosen, DeepSpeed engine built. The precision is the student's as loaded
-    (``model.dtype``): bf16 weights train with DeepSpeed's bf16 mode (fp32 master weights) on GPUs;
-    fp32 is the default, as in the paper's code."""
-    bf16 = rt.device.type == "cuda" and next(student.parameters()).dtype == torch.bfloat16
+    """Teacher and student loaded (partitioned as they load at ZeRO-3) unless they are already in
+    memory, the student's trainable parameters chosen, DeepSpeed engine built. The precision is the
+    student's, ``dtype`` (``model.dtype``): bf16 weights train with DeepSpeed's bf16 mode (fp32 master
+    weights) on GPUs; fp32 is the default, as in the paper's code."""
+    bf16 = rt.device.type == "cuda" and dtype == torch.bfloat16
     gas = accumulation_steps(d, rt.world_size)
     ds_config = zero.make_ds_config(d.zero_stage, d.micro_batch, rt.world_size, bf16, d.grad_clip, grad_accum=gas)
     zero.init_distributed(rt.backend)
     if not isinstance(teacher, nn.Module):
         with zero.zero3_loading(ds_config):
             teacher = teacher()
+    if not isinstance(student, nn.Module):
+        with zero.zero3_loading(ds_config):
+            student = student()
     teacher.eval()
     student.eval()  # dropout off; gradients still flow
-    student.to(rt.device)
-    if not any(zero.is_partitioned(p) for p in teacher.parameters()):
-        teacher.to(rt.device)
+    for model in (teacher, student):
+        if not any(zero.is_partitioned(p) for p in model.parameters()):
+            model.to(rt.device)
 
     if splits:
         names = [n for sp in splits for n in apply_neuron_split(student, sp)]
@@ -222,7 +230,7 @@ def _set_up(rt: Runtime, teacher: Teacher, student: nn.Module, layers: Sequence[
         # hooks registered before the engine exists: the sites' shapes come from plain modules
         perturbation = AdapterPerturbation(teacher, student, layers, run.adapter_noise, run.adapter_noise_rank)
     optimizer = adamw(param_groups(named, d.weight_decay), lr=run.lr, betas=(0.9, 0.999), eps=1e-8)
-    trainable = sum(p.numel() for p in named.values())
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in named.values())   # whole, also when partitioned
     engine = zero.initialize(pair, list(named.values()), optimizer, None, ds_config)
     return _Job(engine, pair, perturbation, named, gas, total_steps(run, d.batch_size, n_chunks), trainable)
 
@@ -528,11 +536,15 @@ def _all_finite(rt: Runtime, losses: list[float], state: dict[str, torch.Tensor]
     return rt.comm.agree(ok, "min", name=f"{tag}/finite")
 
 
-def run_distillation(rt: Runtime, teacher: Teacher, student: nn.Module,
+def run_distillation(rt: Runtime, teacher: Teacher, student: Student,
                      layers: Sequence[int], train_chunks: torch.Tensor, held_chunks: torch.Tensor,
                      d: DistillConfig, run: DistillRun, splits: Sequence[NeuronSplit] = (),
-                     layer_map: Optional[Sequence[int]] = None) -> DistillResult:
-    """Distil ``student`` (a plain, unpartitioned proxy; modified in place) against ``teacher``: a
+                     layer_map: Optional[Sequence[int]] = None,
+                     student_dtype: Optional[torch.dtype] = None) -> DistillResult:
+    """Distil ``student`` against ``teacher``. The student is a plain, unpartitioned proxy (modified
+    in place) or, for layer-level distillation, a function that loads one (its dtype
+    ``student_dtype``): at ZeRO-3 it is then partitioned as it loads, as the teacher is, and no rank
+    holds it whole (the result is gathered from the fp32 master weights). The teacher is a
     model the ranks already hold (it comes back as it was: same weights, modes and ``requires_grad``
     flags) or a function that loads one (inside the ZeRO-3 loading context at stage 3, so it is
     partitioned as it loads), with the shared settings ``d`` (the config's ``distill`` section) and this job's
@@ -541,13 +553,22 @@ def run_distillation(rt: Runtime, teacher: Teacher, student: nn.Module,
     ``layer_map[j]`` is the teacher layer whose output student layer j imitates (an emulator's layer
     imitates the last FM layer of the block it replaces); by default the same index. A result that is
     not finite on some rank comes back with ``finite`` False on every rank: callers keep what they had."""
-    original = _snapshot(student, layers)
-    with _lent(teacher, next(student.parameters()).dtype):
+    if isinstance(student, nn.Module):
+        original, dtype = _snapshot(student, layers), next(student.parameters()).dtype
+    else:
+        # every distilled tensor trains, so the fp32 masters are the whole result (nothing to keep)
+        if splits or student_dtype is None:
+            raise ValueError("a student loaded by the job needs student_dtype, and only layer-level "
+                             "distillation takes one (a neuron split changes the student in memory)")
+        original, dtype = {}, student_dtype
+    with _lent(teacher, dtype):
         t0 = time.perf_counter()
-        job = _set_up(rt, teacher, student, layers, len(train_chunks), d, run, splits, layer_map)
+        job = _set_up(rt, teacher, student, dtype, layers, len(train_chunks), d, run, splits, layer_map)
+        student = job.pair.student
         try:
             set_up_seconds = time.perf_counter() - t0
             held_bytes, full_bytes = zero.held_bytes(job.pair.teacher)
+            student_held, student_full = zero.held_bytes(student)
             errors_before = _errors(rt, job.pair, held_chunks, run.eval_batch, f"{run.tag}/eval-before", layer_map)
             try:
                 losses, step_times = _train(rt, job, d, run, train_chunks)
@@ -565,6 +586,8 @@ def run_distillation(rt: Runtime, teacher: Teacher, student: nn.Module,
         peak_memory_mb=_per_rank(rt, _peak_memory_mb(rt.device), f"{run.tag}/memory"),
         teacher_bytes_held=[int(v) for v in _per_rank(rt, held_bytes, f"{run.tag}/teacher-bytes")],
         teacher_bytes_full=full_bytes, trainable_params=job.trainable,
+        student_bytes_held=[int(v) for v in _per_rank(rt, student_held, f"{run.tag}/student-bytes")],
+        student_bytes_full=student_full,
         extra={"set_up_seconds": set_up_seconds, "teacher_in_memory": isinstance(teacher, nn.Module)})
 
 

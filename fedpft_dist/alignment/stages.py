@@ -24,7 +24,7 @@ from ..data.tasks import prepare_task
 from ..models.adapters import get_adapter, merge_lora_into, with_lora
 from ..models.families import layers_prefix
 from ..models.build import make_emulator, make_proxy
-from ..models.loading import config_overrides, load_model, load_tokenizer, resolve_model_dir, resolve_task
+from ..models.loading import DTYPES, config_overrides, load_model, load_tokenizer, resolve_model_dir, resolve_task
 from ..models.sharded import load_sharded
 from ..models.proxy import load_proxy, read_proxy_meta, save_proxy
 from ..run_layout import RunLayout, is_model_dir
@@ -163,15 +163,21 @@ def distill_proxy(cfg: Config, rt: Runtime, layout: RunLayout, emulator: bool = 
     train = public_chunks(cfg, tokenizer, "train", cfg.distill.max_chunks)
     held = public_chunks(cfg, tokenizer, "held_out", cfg.distill.eval_chunks)
     lm = emulator and emulator_lm(meta)
-    student, _ = load_proxy(source, task="causal-lm" if lm else "base", dtype=cfg.model.dtype)
     layers = meta["compressed_layers"]
+    prefixes = []
+
+    def load_student() -> nn.Module:   # loaded by the job: at ZeRO-3 partitioned as it loads
+        student, _ = load_proxy(source, task="causal-lm" if lm else "base", dtype=cfg.model.dtype)
+        prefixes.append(student.base_model_prefix)
+        return student
+
     with phase("the emulator's distillation" if emulator else "layer-level distillation"):
-        result = run_distillation(rt, lambda: load_model(fm_dir, "base", cfg.model.dtype), student, layers,
+        result = run_distillation(rt, lambda: load_model(fm_dir, "base", cfg.model.dtype), load_student, layers,
                                   train, held, cfg.distill,
                                   layer_level_run(cfg, layout, meta if emulator else None, fingerprint),
-                                  layer_map=meta.get("target_layers"))
+                                  layer_map=meta.get("target_layers"), student_dtype=DTYPES[cfg.model.dtype])
     if lm:   # the causal LM's names -> the backbone's, which the saved model is loaded by below
-        prefix = student.base_model_prefix + "."
+        prefix = prefixes[0] + "."
         result.state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in result.state.items()}
     out = layout.emulator_distilled if emulator else layout.distilled
     report = {"proxy_in": str(source), "proxy_out": str(out), "fm_path": str(fm_dir),
@@ -253,6 +259,7 @@ def distill_report(result: DistillResult, layers: list[int], train: torch.Tensor
         "hidden_error_after": sum(result.errors_after) / len(result.errors_after),
         "step_seconds_median": result.step_seconds, "peak_memory_mb_per_rank": result.peak_memory_mb,
         "teacher_bytes_held_per_rank": result.teacher_bytes_held, "teacher_bytes_full": result.teacher_bytes_full,
+        "student_bytes_held_per_rank": result.student_bytes_held, "student_bytes_full": result.student_bytes_full,
     }
 
 
