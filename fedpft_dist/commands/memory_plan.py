@@ -187,17 +187,24 @@ def client_training_terms(cfg, model_config, c: dict, g: int, sharded: bool, b: 
     return client, client_totals, rows, tokens
 
 
+WHOLE_STUDENT = "whole student before deepspeed.initialize partitions it"
+
+
 def zero3_job_terms(c: dict, b: int, world_size: int, dtok: int, student_act: float, model_config,
-                    trainable: float, alpha: float, jvp_weight: float = 0.0) -> tuple[dict, dict]:
+                    trainable: float, alpha: float, jvp_weight: float = 0.0,
+                    whole_student: bool = False) -> tuple[dict, dict]:
     """A ZeRO-3 distillation job's terms (``trainable`` FFN parameters, loss weight ``alpha``, ``dtok``
     tokens per micro-batch, derivative term's weight ``jvp_weight``) and what of them is held at
-    once: the steady step, and the peak before the student is partitioned."""
+    once: the steady step, and with ``whole_student`` (alignment: the student is split in memory
+    before the engine partitions it) the peak before it is partitioned. Layer-level distillation
+    loads its student partitioned, as the teacher is: one module is gathered at a time, less than
+    the steady step's gathered parameters."""
     h, n, comp = model_config.hidden_size, c["layers"], len(c["compressed_layers"])
     k = c["kept"][0] if c["kept"] else model_config.intermediate_size
     terms = {
         "teacher (FM) shard": b * c["fm"] / world_size,
         "student (proxy) shard": b * c["proxy"] / world_size,
-        "whole student before deepspeed.initialize partitions it": b * c["proxy"],
+        **({WHOLE_STUDENT: b * c["proxy"]} if whole_student else {}),
         "trainable FFN: bf16 param + grad, fp32 master + Adam m, v (16 B/param), sharded":
             16 * trainable / world_size,
         "gathered parameters (stage3_max_live_parameters = 1e9 elements, upper bound)":
@@ -216,9 +223,11 @@ def zero3_job_terms(c: dict, b: int, world_size: int, dtok: int, student_act: fl
         # up: b(h + 4k) each), beside the two perturbed fp32 inputs
         terms["derivative term: teacher FFN inputs"] = dtok * comp * b * h
         terms["derivative term: student FFN graphs"] = dtok * comp * 2 * (b * (h + 4 * k) + 4 * h)
-    held = [v for key, v in terms.items() if key != "whole student before deepspeed.initialize partitions it"]
-    return terms, {"steady": sum(held),
-                   "initialisation peak (teacher shard + whole student)": terms["teacher (FM) shard"] + b * c["proxy"]}
+    held = [v for key, v in terms.items() if key != WHOLE_STUDENT]
+    totals = {"steady": sum(held)}
+    if whole_student:
+        totals["initialisation peak (teacher shard + whole student)"] = terms["teacher (FM) shard"] + b * c["proxy"]
+    return terms, totals
 
 
 def evaluation_terms(cfg, model_config, c: dict, b: int, fm_held: dict, client_model: float) -> tuple[dict, int]:
@@ -290,8 +299,10 @@ def memory_plan(cfg, model_config, world_size: int, ranks_per_client: Optional[i
     student_act = (comp * layer_activation_bytes(h, kv, k, False, False, False, ffn_trainable=True, b=b)
                    + (n - comp) * layer_activation_bytes(h, kv, inter, False, False, False, b=b))
 
-    def zero3_terms(trainable: float, alpha: float, jvp_weight: float = 0.0) -> tuple[dict, dict]:
-        return zero3_job_terms(c, b, world_size, dtok, student_act, model_config, trainable, alpha, jvp_weight)
+    def zero3_terms(trainable: float, alpha: float, jvp_weight: float = 0.0, whole_student: bool = False
+                    ) -> tuple[dict, dict]:
+        return zero3_job_terms(c, b, world_size, dtok, student_act, model_config, trainable, alpha, jvp_weight,
+                               whole_student)
 
     distill, distill_totals = zero3_terms(c["ffn_trainable"], d.alpha, d.jvp_weight)
     if d.alpha == 0:
@@ -299,7 +310,7 @@ def memory_plan(cfg, model_config, world_size: int, ranks_per_client: Optional[i
     distill["host RAM: distilled FFN tensors gathered to every rank (fp32)"] = 4 * c["ffn_trainable"]
 
     # -- alignment: the same ZeRO-3 job for the non-frozen neurons, next to what fedpft train holds ---
-    align, align_totals = zero3_terms(c["ffn_trainable"] * (1 - f.align_keep), f.align_alpha)
+    align, align_totals = zero3_terms(c["ffn_trainable"] * (1 - f.align_keep), f.align_alpha, whole_student=True)
     if f.align_alpha == 0:
         align["weight term (fed.align_alpha = 0: not computed)"] = 0
     engine = (b * c["proxy"] + 4 * lora) / share
