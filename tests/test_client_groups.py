@@ -125,12 +125,14 @@ def group_runs(request, reuse_distilled, tmp_path_factory) -> tuple[str, Path, d
     layout = request.param
     root = tmp_path_factory.mktemp(f"groups-{layout}")
     over = (*GROUPS[layout], reuse_distilled)
-    train(root / "1", *over)
+    # a round-1 checkpoint holds the aligned proxy's FFN, read from the client model (gathered when sharded)
+    train(root / "1", *over, "fed.checkpoint_every=1")
     ranks = 2 if layout == "1x2" else 4
     train(root / layout, *over, "dist.ranks_per_client=2", ranks=ranks, timeout=600)
     runs = {layout: root / layout}
     if layout == "1x2":
-        train(root / "fsdp", *over, "dist.ranks_per_client=2", "fed.client_sharding=fsdp", ranks=2)
+        train(root / "fsdp", *over, "dist.ranks_per_client=2", "fed.client_sharding=fsdp", "fed.checkpoint_every=1",
+              ranks=2)
         runs["fsdp"] = root / "fsdp"
     return layout, root / "1", runs
 
@@ -162,3 +164,12 @@ def test_client_groups_give_the_single_rank_adapter(group_runs):
         whole, half = summary(runs[layout])["client_bytes_per_rank"], summary(runs["fsdp"])["client_bytes_per_rank"]
         assert summary(single)["client_bytes_per_rank"] == whole
         assert abs(half - whole / 2) <= 0.01 * whole, (half, whole)
+        # the checkpoint after the alignment round: the whole FFN tensors, gathered from the shards
+        from fedpft_dist.checkpoint import load_checkpoint
+
+        ffn_one = load_checkpoint(single / "checkpoints" / "rounds" / "round-000001")[0]["proxy_ffn"]
+        ffn_sharded = load_checkpoint(runs["fsdp"] / "checkpoints" / "rounds" / "round-000001")[0]["proxy_ffn"]
+        assert sorted(ffn_one) == sorted(ffn_sharded) and ffn_one
+        for k, v in ffn_one.items():
+            assert ffn_sharded[k].shape == v.shape and ffn_sharded[k].dtype == torch.float32, k
+        assert max_abs_diff(ffn_one, ffn_sharded) <= 5e-5

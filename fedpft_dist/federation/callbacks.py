@@ -297,8 +297,10 @@ class Checkpointing(RoundCallback):
         planned = f.stop_after > 0 and done - p.start_round >= f.stop_after
         stopping = (signalled or planned) and done < f.rounds
         if p.checkpointer.due(done, f.rounds, stopping):
+            # an aligned proxy's FFN tensors, from the client model (gathered when it is sharded)
+            ffn = p.models.proxy_ffn(keep=rt.is_main) if p.state.alignment_rounds else None
             if rt.is_main:
-                p.checkpointer.save(p.state, rt.world_size)
+                p.checkpointer.save(p.state, rt.world_size, ffn)
             rt.comm.barrier(name="checkpoint/round")
         if not stopping:
             return AfterRound()

@@ -7,9 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
 import torch.nn as nn
 
+from ..alignment.distill import ffn_parameter_names
 from ..models.adapters import set_adapter
+from ..runtime.shard import full_value
 
 
 @dataclass
@@ -44,6 +47,19 @@ class Models:
     def client_backbone(self) -> nn.Module:
         """The client model without its peft wrapper and task head (what alignment rewrites)."""
         return self.client.get_base_model().base_model
+
+    def proxy_ffn(self, keep: bool) -> dict[str, torch.Tensor]:
+        """The compressed layers' FFN tensors of the client model, whole, in fp32 on the CPU (what a
+        round checkpoint keeps of an aligned proxy). Gathered tensor by tensor from the client group
+        when the model is sharded (a collective: every rank calls it); ranks that do not ``keep`` drop
+        each tensor once gathered, so no rank holds them all but the one that writes them."""
+        own = dict(self.client_backbone.named_parameters())
+        out = {}
+        for name in ffn_parameter_names(self.client_backbone, self.compressed_layers):
+            value = full_value(own[name]).detach()
+            if keep:
+                out[name] = value.to("cpu", torch.float32, copy=True)
+        return out
 
     @property
     def fm_backbone(self) -> nn.Module:

@@ -153,6 +153,7 @@ def round_state(rt: Runtime, models: Models, server: ServerOptimizer,
         return RoundState({k: v.cpu() for k, v in start.items()}), up_bytes
     if resumed.proxy_ffn is not None:
         load_full_state(models.client_backbone, resumed.proxy_ffn)
+        resumed.proxy_ffn = None   # the client model holds them now
     if resumed.server_opt:
         server.load_state(resumed.server_opt)
     return resumed, up_bytes

@@ -41,7 +41,8 @@ class NeuronAlignment:
     """FedPFT's server step: every ``fed.align_every`` rounds (not after the last, when nothing would
     train on the result), the activation statistics of the round's clients summed over ranks and a
     neuron-level distillation of the proxy on all ranks, whose new FFN weights go into this rank's
-    client model (the clients of the next round train on them) and into the round state."""
+    client model (the clients of the next round train on them; a round checkpoint reads them from
+    there, so no second copy is kept)."""
     phase = "alignment"
 
     def __init__(self, cfg: Config, rt: Runtime, models: Models, public: tuple[torch.Tensor, torch.Tensor]):
@@ -77,7 +78,6 @@ class NeuronAlignment:
             return {"align_skipped": True, "align_steps": result.steps}
         load_full_state(models.client_backbone, result.state)
         metrics = alignment_metrics(result)
-        state.proxy_ffn = result.state
         state.alignment_rounds += 1
         state.ffn_bytes_per_alignment = metrics["align_ffn_bytes"]
         return {"align_skipped": False, **metrics}

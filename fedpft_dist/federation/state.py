@@ -35,8 +35,8 @@ class RoundState:
     ffn_bytes_per_alignment: int = 0
     excluded_clients: int = 0
     excluded_streak: int = 0                      # consecutive rounds up to now in which every update was excluded
-    # The compressed layers' FFN tensors of the clients' proxy after the latest alignment (None
-    # until one ran: the proxy's own weights).
+    # A resumed checkpoint's FFN tensors of the clients' aligned proxy, until they are loaded into
+    # the client model (which holds them from then on; None: nothing to load).
     proxy_ffn: Optional[dict[str, torch.Tensor]] = None
     # The server optimizer's moments (fedpft_dist.federation.server_opt; empty for FedAvg).
     server_opt: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -44,10 +44,12 @@ class RoundState:
     COUNTERS = ("round", "best", "initial_eval", "alignment_rounds", "align_skipped", "ffn_bytes_per_alignment",
                 "excluded_clients", "excluded_streak")
 
-    def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+    def tensors(self, proxy_ffn: Optional[dict[str, torch.Tensor]] = None) -> dict[str, dict[str, torch.Tensor]]:
+        """What a checkpoint holds: the global adapter, ``proxy_ffn`` (the client model's aligned FFN
+        tensors, read from it when the checkpoint is written), the server optimizer's moments."""
         out = {"adapter": self.global_adapter}
-        if self.proxy_ffn is not None:
-            out["proxy_ffn"] = self.proxy_ffn
+        if proxy_ffn:
+            out["proxy_ffn"] = proxy_ffn
         if self.server_opt:
             out["server_opt"] = self.server_opt
         return out
@@ -71,8 +73,8 @@ class Checkpointer:
         the last (the finished run's results are its own record)."""
         return stopping or bool(self.every and done % self.every == 0 and done < rounds)
 
-    def save(self, state: RoundState, world_size: int) -> Path:
-        return save_checkpoint(self.root, f"{ROUND_PREFIX}{state.round:06d}", state.tensors(),
+    def save(self, state: RoundState, world_size: int, proxy_ffn: Optional[dict[str, torch.Tensor]] = None) -> Path:
+        return save_checkpoint(self.root, f"{ROUND_PREFIX}{state.round:06d}", state.tensors(proxy_ffn),
                                {**self.identity, "world_size": world_size, **state.counters(),
                                 "fingerprint": self.fingerprint})
 
