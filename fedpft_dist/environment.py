@@ -89,9 +89,25 @@ def return_freed_memory(collect: bool = False) -> None:
         trim(0)
 
 
+# glibc's mallopt parameter for the mmap threshold, and the threshold exact_memory fixes (glibc's own
+# starting value: it rises up to 32 MiB as large blocks are freed, which keeps later frees resident)
+M_MMAP_THRESHOLD = -3
+FIXED_MMAP_THRESHOLD = 128 * 1024
+
+
+def fix_mmap_threshold(size: int = FIXED_MMAP_THRESHOLD) -> bool:
+    """Have glibc serve every allocation of ``size`` bytes or more by its own mapping, returned to the
+    system when freed: the resident set then follows live memory (tensors) rather than what the heap
+    kept. False where the C library is not glibc (nothing changes)."""
+    lib = _libc()
+    if lib is None or not hasattr(lib, "mallopt"):
+        return False
+    return bool(lib.mallopt(M_MMAP_THRESHOLD, size))
+
+
 @functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    """glibc's ``malloc_trim``, looked up once (``find_library`` runs ``ldconfig``); None elsewhere."""
+def _libc():
+    """The C library, looked up once (``find_library`` runs ``ldconfig``); None where it is not found."""
     import ctypes
     import ctypes.util
 
@@ -99,9 +115,14 @@ def _malloc_trim():
     if not name:
         return None
     try:
-        return ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
+        return ctypes.CDLL(name)
+    except OSError:
         return None
+
+
+def _malloc_trim():
+    """glibc's ``malloc_trim``; None elsewhere."""
+    return getattr(_libc(), "malloc_trim", None)
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)

@@ -27,7 +27,11 @@ from typing import Optional
 import torch
 
 GB = 1e9
-HOST_GRADIENTS = "per-example adapter gradients of both sides, fp32, every probe row (host RAM)"
+HOST_GRADIENTS = "per-example adapter gradients of both sides, fp32, this rank's probe rows (host RAM)"
+HOST_GATHER = ("the gather of every rank's rows, one block at a time, sent and summed (host RAM, after the "
+               "backward passes)")
+ONE_PROCESS = ("one CPU process: the backward beside this rank's rows, or the gather beside the models "
+               "(what a CPU run measures)")
 SHARDINGS = ("none", "fsdp")
 
 
@@ -207,8 +211,10 @@ def zero3_job_terms(c: dict, b: int, world_size: int, dtok: int, student_act: fl
         **({WHOLE_STUDENT: b * c["proxy"]} if whole_student else {}),
         "trainable FFN: bf16 param + grad, fp32 master + Adam m, v (16 B/param), sharded":
             16 * trainable / world_size,
-        "gathered parameters (stage3_max_live_parameters = 1e9 elements, upper bound)":
-            b * min(10**9, c["fm"]),
+        # both models run through the engine, and what a forward gathers stays gathered while it is
+        # reused (DeepSpeed's default stage3_max_reuse_distance), up to the live limit
+        "gathered parameters of teacher and student (stage3_max_live_parameters = 1e9 elements, upper bound)":
+            b * min(10**9, c["fm"] + c["proxy"]),
         "student activations (per micro-batch)": dtok * student_act,
         "hidden states of both models + fp32 loss terms": dtok * ((n + 1) * 2 * h * 2 + comp * 4 * h),
     }
@@ -245,12 +251,17 @@ def evaluation_terms(cfg, model_config, c: dict, b: int, fm_held: dict, client_m
             "logits + fp32 copy + log-softmax": etok * head_bytes(vocab, b, training=False)}, etok
 
 
-def fidelity_terms(cfg, model_config, c: dict, b: int, fm_held: dict, client_model: float) -> dict:
-    """The gradient-fidelity monitor's terms: each side's per-example adapter gradients (fp32, host
-    memory, every probe row on every rank), and one batch of ``fed.fidelity_batch_size`` probe rows
+def fidelity_terms(cfg, model_config, c: dict, b: int, fm_held: dict, client_model: float,
+                   world_size: int) -> dict:
+    """The gradient-fidelity monitor's terms: one batch of ``fed.fidelity_batch_size`` probe rows
     backward through the client model, then through the FM (LoRA on every layer's attention and the
-    retained layers' FFNs), beside what training holds. The probe is a subset of the test set: at
-    most ``data.max_test`` examples when that is set."""
+    retained layers' FFNs), beside what training holds; each side's per-example adapter gradients of
+    the probe rows this rank computes (fp32, host memory: batches are dealt to the ranks in turn);
+    after the backward passes, the gather that brings every rank's rows to every rank one block at
+    a time (at most GATHER_VALUES values of both sides, sent, and summed into a flat buffer). The
+    probe is a subset of the test set: at most ``data.max_test`` examples when that is set."""
+    from ..alignment.fidelity import GATHER_VALUES, dealt_rows
+
     f = cfg.fed
     h, inter, vocab = model_config.hidden_size, model_config.intermediate_size, model_config.vocab_size
     kv = model_config.num_key_value_heads * (h // model_config.num_attention_heads)
@@ -261,10 +272,13 @@ def fidelity_terms(cfg, model_config, c: dict, b: int, fm_held: dict, client_mod
     fm_act = ftok * (c["layers"] * layer_activation_bytes(h, kv, inter, True, False, False, b=b)
                      + len(c["lora_ffn_layers"]) * (4 * h + 4 * inter) + head_bytes(vocab, b))
     client_act = ftok * (client_layers_bytes(c, h, kv, k, inter, False, b) + head_bytes(vocab, b))
+    lora = c["lora_attention"] + c["lora_ffn"]
+    mine = len(dealt_rows(examples, probe_rows, 0, world_size))   # rank 0 computes the most rows
     return {"client model (as in training)": client_model, **fm_held, **fm_gathered(cfg, c, b),
             f"backward of {probe_rows} probe rows: the larger of the client's and the FM's activations":
                 max(fm_act, client_act),
-            HOST_GRADIENTS: 2 * examples * 4 * (c["lora_attention"] + c["lora_ffn"])}
+            HOST_GRADIENTS: 2 * mine * 4 * lora,
+            HOST_GATHER: 2 * 4 * min(2 * examples * lora, GATHER_VALUES)}
 
 
 def memory_plan(cfg, model_config, world_size: int, ranks_per_client: Optional[int] = None,
@@ -328,15 +342,19 @@ def memory_plan(cfg, model_config, world_size: int, ranks_per_client: Optional[i
 
     client_model = sum(v for key, v in client.items() if key.startswith(("proxy weights", "LoRA", "all-gathered")))
     evaluate, etok = evaluation_terms(cfg, model_config, c, b, fm_held, client_model)
-    fidelity = fidelity_terms(cfg, model_config, c, b, fm_held, client_model)
+    fidelity = fidelity_terms(cfg, model_config, c, b, fm_held, client_model, world_size)
+    fidelity_device = sum(v for key, v in fidelity.items() if key not in (HOST_GRADIENTS, HOST_GATHER))
+    fidelity_models = client_model + fm_bytes + sum(fm_gathered(cfg, c, b).values())
     off = "" if f.fidelity_every != 0 else " (fed.fidelity_every = 0: the monitor is off)"
     totals = {"client_training": client_totals, "distillation": distill_totals, "alignment": align_totals,
               "evaluation": {"FM, client model and activations": sum(evaluate.values())},
-              "fidelity": {"device: client model, FM and one probe batch's backward" + off:
-                               sum(v for key, v in fidelity.items() if key != HOST_GRADIENTS),
-                           "host RAM (the CPU process, not the device): the per-example gradients": fidelity[HOST_GRADIENTS]}}
+              "fidelity": {"device: client model, FM and one probe batch's backward" + off: fidelity_device,
+                           "host RAM (the CPU process, not the device): the per-example gradients and their gather":
+                               fidelity[HOST_GRADIENTS] + fidelity[HOST_GATHER],
+                           ONE_PROCESS: max(fidelity_device + fidelity[HOST_GRADIENTS],
+                                            fidelity_models + fidelity[HOST_GRADIENTS] + fidelity[HOST_GATHER])}}
     # the device's memory; a host-RAM total is reported beside, not checked against it
-    fits = {phase: {key: v <= device_gb * GB for key, v in t.items() if not key.startswith("host RAM")}
+    fits = {phase: {key: v <= device_gb * GB for key, v in t.items() if not key.startswith(("host RAM", "one CPU"))}
             for phase, t in totals.items()}
     return {"counts": c, "world_size": world_size, "ranks_per_client": g, "client_sharding": sharding,
             "client_groups": world_size // g, "dtype_bytes": b, "batch_size": f.batch_size,
@@ -375,12 +393,14 @@ def format_plan(plan: dict) -> str:
 
 # summary.json's measured phase -> the plan's phase and the total it is compared with (a function of
 # the config: client training with or without activation checkpointing)
+ALL_WITH_FM = "the largest of the totals with the FM"
 MEASURED_PHASES = (
     ("local_training", "client_training", lambda cfg: "fedpft train (client model + resident FM), "
      + ("with" if cfg.fed.gradient_checkpointing else "without") + " checkpointing"),
-    ("alignment", "alignment", lambda cfg: "steady + the engine's client model and FM"),
+    # the largest of its moments (steady, before the student is partitioned, the FFN gather)
+    ("alignment", "alignment", lambda cfg: ALL_WITH_FM),
     ("evaluation", "evaluation", lambda cfg: "FM, client model and activations"),
-    ("fidelity", "fidelity", None),   # the device total, and on the CPU the host-RAM one too
+    ("fidelity", "fidelity", None),   # the device total; on the CPU the one process's
 )
 
 
@@ -399,7 +419,10 @@ def measured_against_plan(plan: dict, cfg, summary: dict) -> list[dict]:
             continue
         totals = plan["totals"][phase]
         if total is None:
-            planned = sum(v for k, v in totals.items() if cpu or not k.startswith("host RAM"))
+            planned = totals[ONE_PROCESS] if cpu else \
+                sum(v for k, v in totals.items() if not k.startswith(("host RAM", "one CPU")))
+        elif total(cfg) is ALL_WITH_FM:
+            planned = max(v for k, v in totals.items() if k.endswith("and FM"))
         else:
             planned = totals[total(cfg)]
         measured = (peak - baseline) * 2**20
@@ -408,10 +431,14 @@ def measured_against_plan(plan: dict, cfg, summary: dict) -> list[dict]:
     return rows
 
 
-def format_measured(rows: list[dict], kind: str) -> str:
+def format_measured(rows: list[dict], summary: dict) -> str:
+    kind = summary.get("peak_memory_kind", "?")
     lines = [f"\nmeasured ({kind}; on the CPU over the resident set before the models were built) against planned:"]
     lines += [f"  {r['phase']:16s} planned {r['planned_bytes'] / GB:7.2f} GB  measured {r['measured_bytes'] / GB:7.2f} GB  "
               f"measured / planned {r['ratio']:.2f}" for r in rows]
+    if kind == "rss" and not summary.get("memory_exact"):
+        lines.append("  (the resident set also holds what glibc's heap kept of freed blocks; rerun with "
+                     "run.exact_memory=true for peaks that follow the live tensors)")
     return "\n".join(lines)
 
 
@@ -442,6 +469,13 @@ def run_memory_plan(cfg, model_config: Optional[str], world_size: int, json_out:
     if not path.is_file():
         raise UserError(f"--model-config: {path} not found (give the FM's config.json)")
     raw = json.loads(path.read_text())
+    from ..models.families import LAYOUTS, layout_for
+
+    kind = raw.get("model_type")
+    if kind not in LAYOUTS or layout_for(kind).family != "decoder":
+        decoders = sorted(k for k in LAYOUTS if layout_for(k).family == "decoder")
+        raise UserError(f"memory-plan: {path} is a {kind!r} model; the plan covers decoder FMs "
+                        f"({', '.join(decoders)})")
     model_config_obj = AutoConfig.for_model(raw.pop("model_type"), **raw)
     summary = None
     if measured:
@@ -455,7 +489,7 @@ def run_memory_plan(cfg, model_config: Optional[str], world_size: int, json_out:
     print(format_plan(plan))
     if summary is not None:
         plan["measured"] = measured_against_plan(plan, cfg, summary)
-        print(format_measured(plan["measured"], summary.get("peak_memory_kind", "?")))
+        print(format_measured(plan["measured"], summary))
     if json_out:
         Path(json_out).write_text(json.dumps(plan, indent=2) + "\n")
     return 0

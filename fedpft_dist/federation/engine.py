@@ -253,7 +253,9 @@ class Engine:
         mib = {k: (round(v / 2**20, 1) if v >= 0 else None) for k, v in got.items()}
         return {"peak_memory_mb": {k: v for k, v in mib.items() if k != "baseline"},
                 "memory_baseline_mb": mib["baseline"],
-                "peak_memory_kind": "cuda_max_allocated" if self.rt.device.type == "cuda" else "rss"}
+                "peak_memory_kind": "cuda_max_allocated" if self.rt.device.type == "cuda" else "rss",
+                # on the CPU: whether freed blocks went back to the system at once (run.exact_memory)
+                "memory_exact": bool(p.memory.get("exact"))}
 
     def summary(self, phase: dict, wall_seconds: float, stopped: bool) -> dict:
         f, p = self.cfg.fed, self.parts

@@ -21,7 +21,8 @@ from ..alignment.fidelity import probe_data, probe_indices
 from ..checkpoint import move_aside, remove_partial_writes
 from ..config import Config, write_resolved_config
 from ..data.tasks import ClientData, Task, prepare_task
-from ..environment import peak_memory_bytes, reset_peak_memory, resident_bytes, return_freed_memory
+from ..environment import (fix_mmap_threshold, peak_memory_bytes, reset_peak_memory, resident_bytes,
+                           return_freed_memory)
 from ..errors import UserError
 from ..fingerprint import run_fingerprint
 from ..fsutil import filesystem_error, run_dir_problem
@@ -112,8 +113,9 @@ def build_run(cfg: Config, rt: Runtime) -> RunParts:
     tokenizer = load_tokenizer(fm_dir)
     task = prepare_task(cfg, tokenizer, kind)
     startup["task"] = time.perf_counter() - t0
+    exact = cfg.run.exact_memory and rt.device.type == "cpu" and fix_mmap_threshold()
     return_freed_memory(collect=True)
-    memory = {"baseline": resident_bytes() if rt.device.type == "cpu" else 0}
+    memory = {"baseline": resident_bytes() if rt.device.type == "cpu" else 0, "exact": exact}
     reset_peak_memory(rt.device)
     models = build_models(cfg, rt, method, layout, task.num_classes, fm_dir, kind, groups)
     memory["models"] = peak_memory_bytes(rt.device)
