@@ -363,14 +363,30 @@ def test_measured_peaks_are_set_against_the_plans_totals(tmp_path):
     assert [r["phase"] for r in cpu] == ["client_training", "alignment", "evaluation", "fidelity"]
     train = totals["client_training"]["fedpft train (client model + resident FM), without checkpointing"]
     assert cpu[0]["measured_bytes"] == 900 * mib and cpu[0]["ratio"] == 900 * mib / train
-    assert cpu[3]["planned_bytes"] == sum(totals["fidelity"].values())
+    # the monitor on the CPU: the backward beside this rank's probe rows, or the gather beside the models
+    from fedpft_dist.commands.memory_plan import ONE_PROCESS
+
+    assert cpu[3]["planned_bytes"] == totals["fidelity"][ONE_PROCESS] == max(
+        totals["fidelity"]["device: client model, FM and one probe batch's backward"]
+        + plan["fidelity"]["per-example adapter gradients of both sides, fp32, this rank's probe rows (host RAM)"],
+        plan["fidelity"]["client model (as in training)"] + sum(plan["evaluation"][k] for k in plan["evaluation"]
+                                                                 if k.startswith("FM"))
+        + sum(v for k, v in plan["fidelity"].items() if "host RAM" in k))
+    # alignment: the largest of its totals with the FM
+    assert cpu[1]["planned_bytes"] == max(v for k, v in totals["alignment"].items() if k.endswith("and FM"))
     gpu = measured_against_plan(plan, cfg, {"peak_memory_mb": peaks, "peak_memory_kind": "cuda_max_allocated",
                                             "memory_baseline_mb": 0.0})
     assert gpu[0]["measured_bytes"] == 1000 * mib
-    assert gpu[3]["planned_bytes"] == sum(v for k, v in totals["fidelity"].items() if not k.startswith("host RAM"))
+    assert gpu[3]["planned_bytes"] == totals["fidelity"]["device: client model, FM and one probe batch's backward"]
     proc = run_cli("memory-plan", "--config", "configs/large/llama-7b.yaml", "--model-config",
                    "configs/large/llama-2-7b-config.json", "--measured", str(tmp_path))
     assert proc.returncode == 2 and "--measured" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    # an encoder FM: the plan covers decoders, and says so in one line
+    from fedpft_dist.commands.memory_plan import run_memory_plan
+    from fedpft_dist.errors import UserError
+
+    with pytest.raises(UserError, match="'bert' model; the plan covers decoder FMs"):
+        run_memory_plan(load_config(REPO / "configs/tiny.yaml"), None, 2, None)
 
 
 def test_the_70b_config_fits_80_gb_in_every_phase_with_the_monitor_on():

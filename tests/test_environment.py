@@ -31,3 +31,10 @@ def test_collect_frees_tensors_held_only_by_a_reference_cycle():
         assert alive() is None
     finally:
         gc.enable()
+
+
+def test_a_fixed_mmap_threshold_is_set_on_glibc():
+    # run.exact_memory's switch: glibc's mallopt accepts the threshold (it returns 1 on success)
+    from fedpft_dist.environment import FIXED_MMAP_THRESHOLD, fix_mmap_threshold
+
+    assert fix_mmap_threshold(FIXED_MMAP_THRESHOLD) is True
