@@ -281,6 +281,17 @@ def fidelity_terms(cfg, model_config, c: dict, b: int, fm_held: dict, client_mod
             HOST_GATHER: 2 * 4 * min(2 * examples * lora, GATHER_VALUES)}
 
 
+def fidelity_totals(terms: dict, models: float, off: str) -> dict:
+    """The monitor's totals: the device's (the backward beside the models), the host's (this rank's
+    probe rows and one gather block), and one CPU process's, where both are the same memory: the
+    backward beside the rows, or after it the gather beside the ``models`` (client model and FM)."""
+    device = sum(v for key, v in terms.items() if key not in (HOST_GRADIENTS, HOST_GATHER))
+    rows, gather = terms[HOST_GRADIENTS], terms[HOST_GATHER]
+    return {"device: client model, FM and one probe batch's backward" + off: device,
+            "host RAM (the CPU process, not the device): the per-example gradients and their gather": rows + gather,
+            ONE_PROCESS: max(device + rows, models + rows + gather)}
+
+
 def memory_plan(cfg, model_config, world_size: int, ranks_per_client: Optional[int] = None,
                 client_sharding: Optional[str] = None, device_gb: float = 80.0) -> dict:
     """Per-rank bytes of client training, distillation (layer level), alignment and evaluation for
@@ -343,16 +354,11 @@ def memory_plan(cfg, model_config, world_size: int, ranks_per_client: Optional[i
     client_model = sum(v for key, v in client.items() if key.startswith(("proxy weights", "LoRA", "all-gathered")))
     evaluate, etok = evaluation_terms(cfg, model_config, c, b, fm_held, client_model)
     fidelity = fidelity_terms(cfg, model_config, c, b, fm_held, client_model, world_size)
-    fidelity_device = sum(v for key, v in fidelity.items() if key not in (HOST_GRADIENTS, HOST_GATHER))
-    fidelity_models = client_model + fm_bytes + sum(fm_gathered(cfg, c, b).values())
     off = "" if f.fidelity_every != 0 else " (fed.fidelity_every = 0: the monitor is off)"
     totals = {"client_training": client_totals, "distillation": distill_totals, "alignment": align_totals,
               "evaluation": {"FM, client model and activations": sum(evaluate.values())},
-              "fidelity": {"device: client model, FM and one probe batch's backward" + off: fidelity_device,
-                           "host RAM (the CPU process, not the device): the per-example gradients and their gather":
-                               fidelity[HOST_GRADIENTS] + fidelity[HOST_GATHER],
-                           ONE_PROCESS: max(fidelity_device + fidelity[HOST_GRADIENTS],
-                                            fidelity_models + fidelity[HOST_GRADIENTS] + fidelity[HOST_GATHER])}}
+              "fidelity": fidelity_totals(fidelity, client_model + fm_bytes + sum(fm_gathered(cfg, c, b).values()),
+                                          off)}
     # the device's memory; a host-RAM total is reported beside, not checked against it
     fits = {phase: {key: v <= device_gb * GB for key, v in t.items() if not key.startswith(("host RAM", "one CPU"))}
             for phase, t in totals.items()}
