@@ -405,12 +405,17 @@ def test_the_70b_config_fits_80_gb_in_every_phase_with_the_monitor_on():
     assert plan["evaluation"]["FM: all-gathered full weights of 2 layers"] == 2 * 2 * c["largest_layer"]
     for phase, fits in plan["fits"].items():
         assert fits and all(fits.values()), (phase, fits)
-    # host RAM is reported, not checked against the device: every probe row's gradients, both sides
+    # host RAM is reported, not checked against the device: both sides' gradients of the probe rows
+    # this rank computes (batches of fed.fidelity_batch_size dealt to the 64 ranks in turn), and one
+    # block of the gather that brings every rank's rows to every rank
+    from fedpft_dist.alignment.fidelity import GATHER_VALUES
+
     host = [k for k in plan["totals"]["fidelity"] if k.startswith("host RAM")]
     assert len(host) == 1 and host[0] not in plan["fits"]["fidelity"]
     lora = c["lora_attention"] + c["lora_ffn"]
     examples = min(cfg.fed.fidelity_examples, cfg.data.max_test)
-    assert plan["totals"]["fidelity"][host[0]] == 2 * examples * 4 * lora
+    assert (examples, cfg.fed.fidelity_batch_size) == (128, 1)
+    assert plan["totals"]["fidelity"][host[0]] == 2 * 2 * 4 * lora + 2 * 4 * min(2 * examples * lora, GATHER_VALUES)
 
 
 def test_memory_plan_command_client_groups(tmp_path):

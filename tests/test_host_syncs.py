@@ -179,7 +179,7 @@ def test_a_distillation_step_reads_nothing_back():
         run = job_mod.DistillRun(lr=1e-3, alpha=0.01, steps=4, seed=0, progress=False, jvp_weight=1.0,
                                  adapter_noise=0.1)
         chunks = torch.randint(0, 64, (8, 10), generator=torch.Generator().manual_seed(0))
-        job = job_mod._set_up(rt, fm, _proxy(fm), [1, 2], len(chunks), d, run, [], None)
+        job = job_mod._set_up(rt, fm, _proxy(fm), torch.float32, [1, 2], len(chunks), d, run, [], None)
         with host_reads() as calls:
             steps = [job_mod._distill_step(rt, job, d, run, step, chunks) for step in range(2)]
         assert calls == [], calls
