@@ -185,7 +185,7 @@ class _Job:
     named: dict[str, nn.Parameter]   # the trainable parameters, by name
     gas: int                         # gradient-accumulation steps per optimizer step
     total: int                       # optimizer steps
-    trainable: int                   # trainable parameters (counted before ZeRO-3 partitions them)
+    trainable: int                   # trainable parameters, whole (also where ZeRO-3 partitions them)
 
 
 def _set_up(rt: Runtime, teacher: Teacher, student: Student, dtype: torch.dtype, layers: Sequence[int],
