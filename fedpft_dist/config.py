@@ -222,6 +222,9 @@ class ProxyConfig:
                               help="causal LMs: greedy continuation of this prompt by FM and proxy, in the report",
                               run=False)
     sample_tokens: int = _opt(24, help="tokens generated for the sample", ge=0, run=False)
+    max_shard_gb: float = _opt(2.0, help="largest safetensors file of the saved proxy (GB); the file being filled "
+                                         "is held in memory, so this also bounds the construction's host memory",
+                               gt=0, run=False)
 
     def check(self, prefix: str) -> None:
         for i, r in enumerate(self.keep_ratios):

@@ -341,3 +341,88 @@ def test_smollm2_proxy_count_reload_and_generation(tmp_path):
     out = proxy.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                          pad_token_id=tok.pad_token_id)
     assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == report["sample_proxy"]
+
+
+# --- construction one layer at a time ------------------------------------------------------------
+
+def _random_decoder_dir(out, layers: int, hidden: int, ffn: int, tie: bool = True):
+    """A random LLaMA of SmolLM2's vocabulary and tokenizer, saved as a local HF directory."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                            num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
+                            max_position_embeddings=128, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
+                            pad_token_id=2)
+    tf.LlamaForCausalLM(config).save_pretrained(out)
+    load_tokenizer(resolve_model_dir("smollm2")).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("saliency,compensate", [("mean_abs", True), ("weight", False)])
+def test_the_proxy_built_layer_by_layer_is_the_one_the_whole_fm_gives(saliency, compensate, tmp_path):
+    """make_proxy reads the FM one layer at a time; the same construction on the whole FM in memory
+    (scores, neuron choice, narrowing, refit, errors, losses) gives the same proxy, bit for bit, and
+    the same report; a proxy of several files (proxy.max_shard_gb) loads as one."""
+    from fedpft_dist.config import load_config
+    from fedpft_dist.models.build import make_proxy
+    from fedpft_dist.models.proxy import MomentRecorder
+
+    fm_dir = _random_decoder_dir(tmp_path / "fm", layers=5, hidden=32, ffn=96, tie=False)
+    cfg = load_config("configs/smollm2-tiny.yaml", [
+        f"model.path={fm_dir}", f"proxy.saliency={saliency}", f"proxy.compensate={str(compensate).lower()}",
+        "proxy.keep_ratio=0.5", "proxy.batch_size=3", "proxy.sample_tokens=0", "proxy.max_shard_gb=0.002"])
+    gen = torch.Generator().manual_seed(1)
+    text = {"train": torch.randint(0, 49152, (7, 12), generator=gen), "held_out": torch.randint(0, 49152, (5, 12),
+                                                                                                 generator=gen)}
+    report = make_proxy(cfg, tmp_path / "proxy", lambda tok, split, n: text[split])
+    files = sorted(p.name for p in (tmp_path / "proxy").glob("*.safetensors"))
+    assert len(files) > 1 and (tmp_path / "proxy" / "model.safetensors.index.json").is_file()
+
+    fm = load_model(fm_dir, "causal-lm").eval()
+    plan = plan_proxy(fm, cfg.proxy.retained_layers, cfg.proxy.keep_ratio)
+    if saliency == "weight":
+        scores, moments = weight_saliency_scores(fm, plan.compressed), None
+    else:
+        with MomentRecorder(fm, plan.compressed) as rec:
+            scores = activation_saliency_scores(fm, plan.compressed, text["train"], 3, saliency, cfg.proxy.eps)
+        moments = rec.moments
+    choose = torch.Generator().manual_seed(cfg.run.seed)
+    kept = {l: select_neurons(scores[l], plan.keep[l], choose) for l in plan.compressed}
+    assert report["kept_indices"] == {str(l): k for l, k in kept.items()}
+    expected = build_proxy(fm, kept)
+    if compensate:
+        compensate_proxy(expected, fm, kept, moments, cfg.proxy.compensate_ridge)
+    proxy, meta = load_proxy(tmp_path / "proxy")
+    assert meta["kept_indices"] == report["kept_indices"] and meta["fingerprint"]
+    theirs = proxy.state_dict()
+    for name, value in expected.state_dict().items():
+        assert torch.equal(theirs[name], value), name
+    assert report["hidden_error_per_layer"] == pytest.approx(hidden_state_errors(fm, expected, text["held_out"], 3),
+                                                             rel=1e-6, abs=1e-12)
+    assert [report["held_out_loss_fm"], report["held_out_loss_proxy"]] == pytest.approx(
+        next_token_losses([fm, expected], text["held_out"], 3), rel=1e-6)
+    assert report["fm_bytes_read"] == sum(p.numel() * 4 for p in fm.parameters())
+
+
+def test_building_a_proxy_holds_one_layer_of_the_fm_not_the_fm(tmp_path):
+    """`fedpft proxy` on a 48-layer decoder whose layers dominate: the construction's peak host
+    memory stays within the root (embeddings), one layer of the FM and of the proxy, the proxy file
+    being filled, one batch's logits with the loss's copies and 24 MB (Python, and library code
+    paged in at first use), under half of the FM; the
+    generated sample reads the layers as it goes."""
+    fm_dir = _random_decoder_dir(tmp_path / "fm", layers=48, hidden=128, ffn=2048)
+    proc = run_cli("proxy", "--config", "configs/smollm2-tiny.yaml", f"run.dir={tmp_path / 'run'}",
+                   f"model.path={fm_dir}", "run.exact_memory=true", "proxy.max_shard_gb=0.004",
+                   "proxy.sample_tokens=2", "proxy.batch_size=1", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "proxy.json").read_text())
+    root = 49152 * 128 * 4
+    layer = 4 * (2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 2048)
+    fm_bytes = root + 48 * layer
+    assert report["fm_bytes_read"] == fm_bytes + 48 * 2 * 128 * 4 + 128 * 4   # and the norms
+    peak = report["host_peak_bytes"]
+    logits = 3 * 32 * 49152 * 4   # a chunk of 32 tokens: the logits, the loss's fp32 copy and log-softmax
+    assert peak <= root + 2 * layer + 4_000_000 + logits + (24 << 20), peak >> 20
+    assert peak < fm_bytes / 2, (peak >> 20, fm_bytes >> 20)
+    assert report["sample_fm"] and "host memory: peak" in proc.stdout

@@ -36,5 +36,9 @@ def format_report(r: dict) -> str:
     if "sample_proxy" in r:
         lines.append(f"  FM    > {r['sample_prompt']}{r['sample_fm']!r}")
         lines.append(f"  proxy > {r['sample_prompt']}{r['sample_proxy']!r}")
+    if r.get("host_peak_bytes") is not None:
+        # the FM is read one layer at a time (the emulator's report has no such figure)
+        lines.append(f"  host memory: peak {r['host_peak_bytes'] / 1e6:,.0f} MB over the start; the FM's files are "
+                     f"{r['fm_bytes_read'] / 1e6:,.0f} MB, read one layer at a time")
     lines.append(f"  ({r['seconds']:.1f} s)")
     return "\n".join(lines)
