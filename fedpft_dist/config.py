@@ -87,7 +87,9 @@ class RunConfig:
                                           "to the system at once (a fixed mmap threshold instead of glibc's "
                                           "rising one), so that the resident set summary.json reports per phase "
                                           "(peak_memory_mb) follows the live tensors, as fedpft memory-plan "
-                                          "counts them; slower (local training about 15 %). No effect on a GPU",
+                                          "counts them, and measure it over the resident set that is not the "
+                                          "models' tensors once they are built (memory_baseline_mb); slower "
+                                          "(local training about 15 %). No effect on a GPU",
                               run=False)
 
     def check(self, prefix: str) -> None:

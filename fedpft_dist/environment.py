@@ -71,6 +71,27 @@ def peak_memory_bytes(device) -> Optional[int]:
     return _status_bytes("VmHWM")
 
 
+def resident_tensor_bytes(modules) -> int:
+    """The bytes of the CPU tensors (parameters and buffers; a sharded one's local shard) that
+    ``modules`` hold, each storage once, after reading one byte of each of its pages, so that
+    weights mapped from their files lazily are resident when the resident set is read next."""
+    import torch
+
+    seen: dict[int, int] = {}
+    for module in modules:
+        for t in (*module.parameters(), *module.buffers()):
+            local = t.to_local() if hasattr(t, "to_local") else t
+            if local.device.type != "cpu" or local.is_meta:
+                continue
+            storage = local.untyped_storage()
+            if storage.data_ptr() in seen or storage.nbytes() == 0:
+                continue
+            seen[storage.data_ptr()] = storage.nbytes()
+            pages = torch.empty(0, dtype=torch.uint8).set_(storage)
+            int(pages[::4096].sum())
+    return sum(seen.values())
+
+
 def return_freed_memory(collect: bool = False) -> None:
     """Hand memory that Python and torch have freed back to the operating system.
 

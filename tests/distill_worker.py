@@ -79,15 +79,23 @@ def main(proxy_dir: str, out_dir: str) -> None:
     before = {k: v.detach().clone() for k, v in student.state_dict().items()}
     d = DistillConfig(zero_stage=3, batch_size=4, micro_batch=2, warmup_ratio=0.0)
     run = DistillRun(lr=1e-2, steps=3, seed=0, eval_batch=4, progress=False, tag="neuron")
-    r = run_distillation(rt, teacher, student, layers, train, held, d, run, splits)
+    neuron_at_load = []
+
+    def neuron_student():   # as an alignment round loads it: partitioned as it loads, split Linear by Linear
+        m = load_proxy(proxy_dir, task="base")[0]
+        neuron_at_load.append(zero.held_bytes(m))
+        return m
+
+    r = run_distillation(rt, teacher, neuron_student, layers, train, held, d, run, splits, student_dtype=torch.float32)
     # lr = 0, neuron level at ZeRO-3 and layer level at ZeRO-0: what comes back is what went in, bit for bit
     unchanged = {}
     for name, stage, job_splits in (("lr0-neuron", 3, splits), ("lr0-layer", 0, [])):
         st, _ = load_proxy(proxy_dir, task="base")
         ref = {k: v.detach().clone() for k, v in st.state_dict().items()}
         run0 = DistillRun(lr=0.0, steps=2, seed=0, eval_batch=4, progress=False, tag=name)
-        r0 = run_distillation(rt, teacher, st, layers, train, held, DistillConfig(zero_stage=stage, batch_size=4,
-                              micro_batch=2, warmup_ratio=0.0), run0, job_splits)
+        loader = (lambda: load_proxy(proxy_dir, task="base")[0]) if job_splits else st   # noqa: E731
+        r0 = run_distillation(rt, teacher, loader, layers, train, held, DistillConfig(zero_stage=stage, batch_size=4,
+                              micro_batch=2, warmup_ratio=0.0), run0, job_splits, student_dtype=torch.float32)
         unchanged[name] = {"same": all(torch.equal(v, ref[k]) for k, v in r0.state.items()),
                            "tensors": len(r0.state), "finite": r0.finite}
     results["lent_teacher"] = lent_teacher(rt, proxy_dir, fm_dir, layers, train, held, splits)
@@ -106,7 +114,9 @@ def main(proxy_dir: str, out_dir: str) -> None:
                   str(out / "neuron_before.safetensors"))
         results["neuron"] = {"frozen": {str(sp.layer): sp.frozen.tolist() for sp in splits},
                              "trainable": {str(sp.layer): sp.trainable.tolist() for sp in splits},
-                             "losses": r.losses, "trainable_params": r.trainable_params}
+                             "losses": r.losses, "trainable_params": r.trainable_params,
+                             "held_at_load": list(neuron_at_load[0]), "student_held": r.student_bytes_held,
+                             "student_full": r.student_bytes_full}
         results["lr0"] = unchanged
         (out / "results.json").write_text(json.dumps(results))
     rt.comm.barrier()

@@ -40,6 +40,8 @@ resumed run repeats the uninterrupted one exactly.
 """
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import math
 from dataclasses import dataclass
@@ -385,9 +387,12 @@ def plan_neuron_split(activity: torch.Tensor, keep: float, generator: torch.Gene
     return NeuronSplit(layer, frozen, trainable)
 
 
-def apply_neuron_split(model: nn.Module, split: NeuronSplit) -> list[str]:
+def apply_neuron_split(model: nn.Module, split: NeuronSplit, gather=None, partition=None) -> list[str]:
     """Replace the FFN Linears of ``split.layer`` with :class:`SplitLinear`; returns the names of
-    the parameters that train (trainable neurons, b_out, the norm after the FFN)."""
+    the parameters that train (trainable neurons, b_out, the norm after the FFN). For a partitioned
+    model (ZeRO-3), ``gather`` (a context factory) gives each Linear's whole weights while its split
+    is made and ``partition`` partitions the split's new parameters at once, so a rank holds one
+    whole Linear at a time."""
     layout = layout_for(model.config.model_type)
     layer = transformer_layers(model)[split.layer]
     for dim, paths in ((0, layout.rows), (1, layout.cols)):
@@ -397,7 +402,11 @@ def apply_neuron_split(model: nn.Module, split: NeuronSplit) -> list[str]:
             for part in parts[:-1]:
                 parent = getattr(parent, part)
             old = getattr(parent, parts[-1])
-            setattr(parent, parts[-1], SplitLinear(old, split.frozen, split.trainable, dim))
+            with gather(list(old.parameters())) if gather is not None else contextlib.nullcontext():
+                new = SplitLinear(old, split.frozen, split.trainable, dim)
+            if partition is not None:
+                partition(list(new.parameters()), next(old.parameters()))
+            setattr(parent, parts[-1], new)
     names = []
     prefix = {id(m): n for n, m in model.named_modules()}
     for n, p in layer.named_parameters():

@@ -212,7 +212,7 @@ def _set_up(rt: Runtime, teacher: Teacher, student: Student, dtype: torch.dtype,
             model.to(rt.device)
 
     if splits:
-        names = [n for sp in splits for n in apply_neuron_split(student, sp)]
+        names = [n for sp in splits for n in apply_neuron_split(student, sp, zero.gathered, zero.partition_like)]
     elif run.whole_layers:
         names = [n for n, _ in student.named_parameters() if _in_layers(n, student, layers)]
     else:
@@ -486,32 +486,38 @@ def _newest_per_rank(rt: Runtime, run: DistillRun) -> Optional[tuple[Path, dict[
     return None
 
 
-def _snapshot(student: nn.Module, layers: Sequence[int]) -> dict[str, torch.Tensor]:
-    """fp32 copies of every parameter of ``layers`` (plain names), before anything is split or moved."""
-    return {n: p.detach().float().cpu().clone() for n, p in student.named_parameters() if _in_layers(n, student, layers)}
-
-
 def _distilled_state(job: _Job, student: nn.Module, layers: Sequence[int], splits: Sequence[NeuronSplit],
-                     original: dict[str, torch.Tensor], whole_layers: bool) -> dict[str, torch.Tensor]:
+                     whole_layers: bool) -> dict[str, torch.Tensor]:
     """The distilled layers' tensors in plain form: what trained from the fp32 master weights (a
-    bf16 copy would round every weight at every alignment), frozen neurons and everything else that
-    did not train from the fp32 input, so they come back bit for bit."""
+    bf16 copy would round every weight at every alignment) and the frozen neurons from the split's
+    frozen pieces, which nothing changed (gathered one at a time where ZeRO-3 partitioned them), so
+    they come back bit for bit. Everything else of the layers trained."""
     masters = zero.full_fp32_params(job.engine, job.named)   # a collective at ZeRO >= 1
-    out = dict(original)
-    pieces = _split_pieces(student, splits)                # "<linear>.weight_train" -> (plain name, dim, ids)
-    for name, value in masters.items():
-        if name in pieces:
-            plain, dim, ids = pieces[name]
-            out[plain] = out[plain].index_copy(dim, ids, value)
-        else:
-            out[name] = value
+    pieces = _split_pieces(student, splits)   # "<linear>.weight_train" -> (plain name, dim, trainable, frozen ids)
+    params = dict(student.named_parameters())
+    out = {name: value for name, value in masters.items() if name not in pieces}
+    for name, (plain, dim, trainable, frozen_ids) in pieces.items():
+        if name not in masters:   # a Linear without a bias
+            continue
+        frozen = params[name[: -len("_train")] + "_frozen"]
+        with zero.gathered([frozen]):
+            kept = frozen.detach().float().cpu()
+            trained = masters[name].float().cpu()
+            shape = list(trained.shape)
+            shape[dim] = len(trainable) + len(frozen_ids)
+            whole = torch.empty(shape, dtype=torch.float32)
+            whole.index_copy_(dim, frozen_ids, kept)
+            whole.index_copy_(dim, trainable, trained)
+        out[plain] = whole
     keep = set(out) if whole_layers else set(ffn_parameter_names_plain(student, layers, splits))
     return {k: v for k, v in out.items() if k in keep}
 
 
-def _split_pieces(student: nn.Module, splits: Sequence[NeuronSplit]) -> dict[str, tuple[str, int, torch.Tensor]]:
+def _split_pieces(student: nn.Module, splits: Sequence[NeuronSplit]
+                  ) -> dict[str, tuple[str, int, torch.Tensor, torch.Tensor]]:
     """For each trainable piece of a :class:`SplitLinear` (``<linear>.weight_train``,
-    ``<linear>.bias_train``): the plain tensor it belongs to, the neuron dimension and the neuron ids."""
+    ``<linear>.bias_train``): the plain tensor it belongs to, the neuron dimension and the neuron
+    ids of the trainable and of the frozen piece."""
     if not splits:
         return {}
     layout = layout_for(student.config.model_type)
@@ -525,9 +531,9 @@ def _split_pieces(student: nn.Module, splits: Sequence[NeuronSplit]) -> dict[str
                 for part in path.split("."):
                     module = getattr(module, part)
                 base = prefix[id(module)]
-                out[f"{base}.weight_train"] = (f"{base}.weight", dim, split.trainable)
+                out[f"{base}.weight_train"] = (f"{base}.weight", dim, split.trainable, split.frozen)
                 if dim == 0:
-                    out[f"{base}.bias_train"] = (f"{base}.bias", 0, split.trainable)
+                    out[f"{base}.bias_train"] = (f"{base}.bias", 0, split.trainable, split.frozen)
     return out
 
 
@@ -542,9 +548,10 @@ def run_distillation(rt: Runtime, teacher: Teacher, student: Student,
                      layer_map: Optional[Sequence[int]] = None,
                      student_dtype: Optional[torch.dtype] = None) -> DistillResult:
     """Distil ``student`` against ``teacher``. The student is a plain, unpartitioned proxy (modified
-    in place) or, for layer-level distillation, a function that loads one (its dtype
-    ``student_dtype``): at ZeRO-3 it is then partitioned as it loads, as the teacher is, and no rank
-    holds it whole (the result is gathered from the fp32 master weights). The teacher is a
+    in place) or a function that loads one (its dtype ``student_dtype``): at ZeRO-3 it is then
+    partitioned as it loads, as the teacher is, and no rank holds it whole (a neuron split is made
+    one Linear at a time, its pieces partitioned at once; the result is gathered from the fp32
+    master weights). The teacher is a
     model the ranks already hold (it comes back as it was: same weights, modes and ``requires_grad``
     flags) or a function that loads one (inside the ZeRO-3 loading context at stage 3, so it is
     partitioned as it loads), with the shared settings ``d`` (the config's ``distill`` section) and this job's
@@ -554,13 +561,11 @@ def run_distillation(rt: Runtime, teacher: Teacher, student: Student,
     imitates the last FM layer of the block it replaces); by default the same index. A result that is
     not finite on some rank comes back with ``finite`` False on every rank: callers keep what they had."""
     if isinstance(student, nn.Module):
-        original, dtype = _snapshot(student, layers), next(student.parameters()).dtype
+        dtype = next(student.parameters()).dtype
+    elif student_dtype is None:
+        raise ValueError("a student loaded by the job needs student_dtype")
     else:
-        # every distilled tensor trains, so the fp32 masters are the whole result (nothing to keep)
-        if splits or student_dtype is None:
-            raise ValueError("a student loaded by the job needs student_dtype, and only layer-level "
-                             "distillation takes one (a neuron split changes the student in memory)")
-        original, dtype = {}, student_dtype
+        dtype = student_dtype
     with _lent(teacher, dtype):
         t0 = time.perf_counter()
         job = _set_up(rt, teacher, student, dtype, layers, len(train_chunks), d, run, splits, layer_map)
@@ -576,7 +581,7 @@ def run_distillation(rt: Runtime, teacher: Teacher, student: Student,
                 if job.perturbation is not None:   # a teacher the caller holds goes back without hooks
                     job.perturbation.remove()
             errors_after = _errors(rt, job.pair, held_chunks, run.eval_batch, f"{run.tag}/eval-after", layer_map)
-            state = _distilled_state(job, student, layers, splits, original, run.whole_layers)
+            state = _distilled_state(job, student, layers, splits, run.whole_layers)
         finally:
             zero.release(job.engine)
     return DistillResult(

@@ -296,14 +296,16 @@ class AlignmentStudent:
     partitioned and keep the old partitioning. At stages 1-2 the optimizer turns trainable
     parameters (a post-norm FFN's LayerNorm among them) into views of its flat buffer and hooks
     their gradients. So the module a job hands to DeepSpeed lives for that job only, and this one,
-    never wrapped, is read from the proxy's files for each job: a copy kept between alignment rounds
-    would hold a whole proxy in every rank's host memory for the run (55 GB at 70B)."""
+    never wrapped, is read from the proxy's files for each job (inside ZeRO-3's loading context, so
+    each rank reads its partition only): a copy kept between alignment rounds would hold a whole
+    proxy in every rank's host memory for the run (55 GB at 70B)."""
 
     def __init__(self, proxy_dir: Path, dtype: str):
         self.proxy_dir, self.dtype = proxy_dir, dtype
 
     def fresh(self) -> nn.Module:
-        """A plain proxy with the weights as saved in ``proxy_dir``."""
+        """The proxy with the weights as saved in ``proxy_dir`` (partitioned as it loads when called
+        inside ZeRO-3's loading context)."""
         model, _ = load_proxy(self.proxy_dir, task="base", dtype=self.dtype)
         return model
 
@@ -335,13 +337,25 @@ def align_neurons(cfg: Config, rt: Runtime, student: AlignmentStudent, backbone:
                         strip=[prefix])
         return teacher
 
-    model = student.fresh()
-    names = set(ffn_parameter_names(model, layers))
-    # whole tensors (gathered, in the same order on every rank, where the client model is sharded)
-    model.load_state_dict({k: full_value(v) for k, v in backbone.state_dict().items() if k in names}, strict=False)
-    merge_lora_into(model, global_adapter, scaling, strip=[prefix])
-    return run_distillation(rt, fm if fm is not None else load_teacher, model, layers, public[0], public[1],
-                            cfg.distill, alignment_run(cfg, round_idx), splits)
+    def load_student() -> nn.Module:
+        # called inside ZeRO-3's loading context: partitioned as it loads, then each FFN tensor and
+        # LoRA product written through a gather of that one parameter (rank 0's values are the ones
+        # partitioned back; every rank has the same)
+        model = student.fresh()
+        ffn = dict(model.named_parameters())
+        names = set(ffn_parameter_names(model, layers))
+        for name, value in backbone.state_dict().items():
+            if name in names:
+                # whole (gathered, in the same order on every rank, where the client model is sharded)
+                value = full_value(value)
+                with zero.gathered([ffn[name]], modifier_rank=0), torch.no_grad():
+                    ffn[name].copy_(value.to(ffn[name].device, ffn[name].dtype))
+        merge_lora_into(model, global_adapter, scaling, gather=lambda ps: zero.gathered(ps, modifier_rank=0),
+                        strip=[prefix])
+        return model
+
+    return run_distillation(rt, fm if fm is not None else load_teacher, load_student, layers, public[0], public[1],
+                            cfg.distill, alignment_run(cfg, round_idx), splits, student_dtype=DTYPES[cfg.model.dtype])
 
 
 def alignment_metrics(result: DistillResult) -> dict:

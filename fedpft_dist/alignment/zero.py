@@ -142,6 +142,15 @@ def gathered(params: Iterable[torch.Tensor], modifier_rank: Optional[int] = None
         yield
 
 
+def partition_like(params: list[torch.Tensor], reference: torch.Tensor) -> None:
+    """Partition plain ``params`` over the ranks as ZeRO-3 partitioned ``reference`` (what
+    ``deepspeed.initialize`` does to a module's plain parameters, done now: a rank then keeps its
+    partition only). Parameters already partitioned, and a plain ``reference``, are left as they are."""
+    plain = [p for p in params if not is_partitioned(p)]
+    if plain and is_partitioned(reference):
+        reference.convert_to_zero_parameters(param_list=plain)
+
+
 def held_bytes(module: nn.Module) -> tuple[int, int]:
     """(bytes of parameters this rank holds, bytes of the whole parameters), from the partitions."""
     held = full = 0

@@ -191,24 +191,18 @@ def client_training_terms(cfg, model_config, c: dict, g: int, sharded: bool, b: 
     return client, client_totals, rows, tokens
 
 
-WHOLE_STUDENT = "whole student before deepspeed.initialize partitions it"
-
-
 def zero3_job_terms(c: dict, b: int, world_size: int, dtok: int, student_act: float, model_config,
-                    trainable: float, alpha: float, jvp_weight: float = 0.0,
-                    whole_student: bool = False) -> tuple[dict, dict]:
+                    trainable: float, alpha: float, jvp_weight: float = 0.0) -> tuple[dict, dict]:
     """A ZeRO-3 distillation job's terms (``trainable`` FFN parameters, loss weight ``alpha``, ``dtok``
-    tokens per micro-batch, derivative term's weight ``jvp_weight``) and what of them is held at
-    once: the steady step, and with ``whole_student`` (alignment: the student is split in memory
-    before the engine partitions it) the peak before it is partitioned. Layer-level distillation
-    loads its student partitioned, as the teacher is: one module is gathered at a time, less than
+    tokens per micro-batch, derivative term's weight ``jvp_weight``) and the steady step's total.
+    Both jobs load their student partitioned, as the teacher is: one module is gathered at a time,
+    and an alignment's neuron split is made one Linear at a time, each partitioned at once; less than
     the steady step's gathered parameters."""
     h, n, comp = model_config.hidden_size, c["layers"], len(c["compressed_layers"])
     k = c["kept"][0] if c["kept"] else model_config.intermediate_size
     terms = {
         "teacher (FM) shard": b * c["fm"] / world_size,
         "student (proxy) shard": b * c["proxy"] / world_size,
-        **({WHOLE_STUDENT: b * c["proxy"]} if whole_student else {}),
         "trainable FFN: bf16 param + grad, fp32 master + Adam m, v (16 B/param), sharded":
             16 * trainable / world_size,
         # both models run through the engine, and what a forward gathers stays gathered while it is
@@ -229,11 +223,7 @@ def zero3_job_terms(c: dict, b: int, world_size: int, dtok: int, student_act: fl
         # up: b(h + 4k) each), beside the two perturbed fp32 inputs
         terms["derivative term: teacher FFN inputs"] = dtok * comp * b * h
         terms["derivative term: student FFN graphs"] = dtok * comp * 2 * (b * (h + 4 * k) + 4 * h)
-    held = [v for key, v in terms.items() if key != WHOLE_STUDENT]
-    totals = {"steady": sum(held)}
-    if whole_student:
-        totals["initialisation peak (teacher shard + whole student)"] = terms["teacher (FM) shard"] + b * c["proxy"]
-    return terms, totals
+    return terms, {"steady": sum(terms.values())}
 
 
 def evaluation_terms(cfg, model_config, c: dict, b: int, fm_held: dict, client_model: float) -> tuple[dict, int]:
@@ -324,10 +314,8 @@ def memory_plan(cfg, model_config, world_size: int, ranks_per_client: Optional[i
     student_act = (comp * layer_activation_bytes(h, kv, k, False, False, False, ffn_trainable=True, b=b)
                    + (n - comp) * layer_activation_bytes(h, kv, inter, False, False, False, b=b))
 
-    def zero3_terms(trainable: float, alpha: float, jvp_weight: float = 0.0, whole_student: bool = False
-                    ) -> tuple[dict, dict]:
-        return zero3_job_terms(c, b, world_size, dtok, student_act, model_config, trainable, alpha, jvp_weight,
-                               whole_student)
+    def zero3_terms(trainable: float, alpha: float, jvp_weight: float = 0.0) -> tuple[dict, dict]:
+        return zero3_job_terms(c, b, world_size, dtok, student_act, model_config, trainable, alpha, jvp_weight)
 
     distill, distill_totals = zero3_terms(c["ffn_trainable"], d.alpha, d.jvp_weight)
     if d.alpha == 0:
@@ -335,18 +323,17 @@ def memory_plan(cfg, model_config, world_size: int, ranks_per_client: Optional[i
     distill["host RAM: distilled FFN tensors gathered to every rank (fp32)"] = 4 * c["ffn_trainable"]
 
     # -- alignment: the same ZeRO-3 job for the non-frozen neurons, next to what fedpft train holds ---
-    align, align_totals = zero3_terms(c["ffn_trainable"] * (1 - f.align_keep), f.align_alpha, whole_student=True)
+    align, align_totals = zero3_terms(c["ffn_trainable"] * (1 - f.align_keep), f.align_alpha)
     if f.align_alpha == 0:
         align["weight term (fed.align_alpha = 0: not computed)"] = 0
     engine = (b * c["proxy"] + 4 * lora) / share
     align["client model kept by the engine: proxy weights + LoRA fp32 weights" + of_g] = engine
     align.update(fm_held)
     if sharded:
-        # the student takes the clients' FFN weights: every compressed layer's FFN tensors are gathered
-        # whole from the sharded client model, all of them before they are loaded into the student
-        align["compressed layers' FFN gathered whole from the sharded client model (once, at the start)"] = \
-            b * c["ffn_trainable"]
-        align_totals["FFN gathered from the client model"] = b * c["ffn_trainable"]
+        # the student takes the clients' FFN weights one tensor at a time, each gathered whole from the
+        # sharded client model and written through a gather of the student's partitioned tensor
+        align["one FFN tensor gathered from the sharded client model, twice (at the start)"] = 2 * b * h * k
+    align["host RAM: distilled FFN tensors gathered to every rank (fp32)"] = 4 * c["ffn_trainable"]
     align_totals = {**{f"{key} + the engine's client model": v + engine for key, v in align_totals.items()},
                     **{f"{key} + the engine's client model and FM": v + engine + fm_bytes
                        for key, v in align_totals.items()}}
@@ -412,7 +399,8 @@ MEASURED_PHASES = (
 
 def measured_against_plan(plan: dict, cfg, summary: dict) -> list[dict]:
     """Each phase a run measured (summary.json's ``peak_memory_mb``; on the CPU less
-    ``memory_baseline_mb``, the resident set before the models were built) beside the plan's total for
+    ``memory_baseline_mb``: the resident set before the models were built, or with run.exact_memory
+    the resident set less the models' tensors once they are built) beside the plan's total for
     it, in bytes, and measured / planned. On the CPU the fidelity monitor's host-RAM gradients are the
     same memory as the rest, so its plan is the device and host totals together."""
     peaks = summary.get("peak_memory_mb") or {}
@@ -439,7 +427,9 @@ def measured_against_plan(plan: dict, cfg, summary: dict) -> list[dict]:
 
 def format_measured(rows: list[dict], summary: dict) -> str:
     kind = summary.get("peak_memory_kind", "?")
-    lines = [f"\nmeasured ({kind}; on the CPU over the resident set before the models were built) against planned:"]
+    over = ("the resident set less the models' tensors, once built" if summary.get("memory_exact")
+            else "the resident set before the models were built")
+    lines = [f"\nmeasured ({kind}; on the CPU over {over}) against planned:"]
     lines += [f"  {r['phase']:16s} planned {r['planned_bytes'] / GB:7.2f} GB  measured {r['measured_bytes'] / GB:7.2f} GB  "
               f"measured / planned {r['ratio']:.2f}" for r in rows]
     if kind == "rss" and not summary.get("memory_exact"):

@@ -242,17 +242,21 @@ class Engine:
 
     def memory_summary(self) -> dict:
         """Measured memory, the most over the ranks, in MiB: each phase's peak (the models' build,
-        then the round phases that ran), and on the CPU the resident set before the models were built
-        (what the interpreter, the libraries and the data take, which the peaks include). The same
+        then the round phases that ran), and on the CPU the baseline the peaks include: the resident
+        set before the models were built (the interpreter, the libraries and the data), or with
+        run.exact_memory the resident set less the models' tensors once they are built. The same
         collective on every rank: phases that did not run are -1 everywhere."""
         p = self.parts
         phases = {"models": p.memory.get("models"), **{k: self.clock.peak.get(k) for k in PHASES},
-                  "baseline": p.memory.get("baseline")}
+                  "baseline": p.memory.get("baseline"), "before_models": p.memory.get("baseline_before_models")}
         got = self.rt.comm.all_reduce_metrics({k: float(-1 if v is None else v) for k, v in phases.items()}, op="max",
                                               name="summary/peak-memory")
         mib = {k: (round(v / 2**20, 1) if v >= 0 else None) for k, v in got.items()}
-        return {"peak_memory_mb": {k: v for k, v in mib.items() if k != "baseline"},
+        return {"peak_memory_mb": {k: v for k, v in mib.items() if k not in ("baseline", "before_models")},
                 "memory_baseline_mb": mib["baseline"],
+                # run.exact_memory on the CPU: the baseline is the resident set less the models' tensors
+                # once they are built; this is the resident set before they were
+                "memory_before_models_mb": mib["before_models"],
                 "peak_memory_kind": "cuda_max_allocated" if self.rt.device.type == "cuda" else "rss",
                 # on the CPU: whether freed blocks went back to the system at once (run.exact_memory)
                 "memory_exact": bool(p.memory.get("exact"))}

@@ -22,7 +22,7 @@ from ..checkpoint import move_aside, remove_partial_writes
 from ..config import Config, write_resolved_config
 from ..data.tasks import ClientData, Task, prepare_task
 from ..environment import (fix_mmap_threshold, peak_memory_bytes, reset_peak_memory, resident_bytes,
-                           return_freed_memory)
+                           resident_tensor_bytes, return_freed_memory)
 from ..errors import UserError
 from ..fingerprint import run_fingerprint
 from ..fsutil import filesystem_error, run_dir_problem
@@ -120,6 +120,14 @@ def build_run(cfg: Config, rt: Runtime) -> RunParts:
     models = build_models(cfg, rt, method, layout, task.num_classes, fm_dir, kind, groups)
     memory["models"] = peak_memory_bytes(rt.device)
     return_freed_memory(collect=True)   # what building the client model (a distillation, say) left behind
+    if exact:
+        # What the peaks are measured over: the resident set that is not the models' tensors (the
+        # interpreter, libraries, data, the models' Python objects and what building them left in
+        # the heap), read once the models are built and their weights paged in. A GPU's allocator
+        # counts tensors only; this is the CPU's nearest figure.
+        memory["baseline_before_models"] = memory["baseline"]
+        tensors = resident_tensor_bytes([models.client, models.evaluate])   # pages them in first
+        memory["baseline"] = resident_bytes() - tensors
     startup["models"] = time.perf_counter() - t0 - startup["task"]
     t1 = time.perf_counter()
     server_step = method.server_step(cfg, rt, models, tokenizer) if method.server_step else None

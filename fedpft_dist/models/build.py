@@ -166,6 +166,12 @@ def proxy_on_meta(fm, plan, dtype: str):
     return proxy
 
 
+def persistent_buffers(model) -> dict[str, torch.Tensor]:
+    """The buffers ``model``'s state dict holds (``save_pretrained`` writes them with the weights)."""
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return {n: t.detach() for n, t in model.state_dict(keep_vars=True).items() if n not in params}
+
+
 def _warn_few_tokens(calib: torch.Tensor, widest: int) -> None:
     if calib.numel() < 8 * widest:
         log.warning("proxy.compensate: %d calibration tokens for up to %d kept neurons per layer: the fit may "
@@ -210,7 +216,7 @@ def _stream_proxy(cfg: Config, task: str, fm: LayerStream, proxy: LayerStream, p
     last_calib = max(plan.compressed, default=-1)
     with atomic_directory(out) as tmp:
         writer = ShardedWriter(tmp, int(p.max_shard_gb * 1e9))
-        for name, tensor in proxy.root_state().items():
+        for name, tensor in {**proxy.root_state(), **persistent_buffers(proxy.model)}.items():
             writer.add(name, tensor)
         for l in tqdm(range(n), desc="proxy", unit="layer", dynamic_ncols=True, disable=n < 4):
             with fm.layer(l) as layer:
