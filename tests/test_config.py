@@ -126,7 +126,7 @@ FINGERPRINT_KEYS = {
 NOT_IN_RUN = {"model.path", "model.fm_sharding", "data.cache_dir", "fed.checkpoint_every", "fed.resume", "fed.stop_after",
               "fed.eval_every", "fed.eval_initial", "fed.eval_batch_size", "fed.fidelity_every",
               "fed.fidelity_transfer_steps", "fed.save_round_adapters", "fed.fidelity_examples", "fed.fidelity_batch_size",
-              "fed.max_excluded_rounds", "fed.client_sharding", "fed.grad_accum", "proxy.out",
+              "fed.max_excluded_rounds", "fed.client_sharding", "fed.grad_accum", "proxy.out", "proxy.max_shard_gb",
               "proxy.batch_size", "proxy.eval_chunks", "proxy.sample_prompt", "proxy.sample_tokens", "distill.proxy",
               "distill.out", "distill.emulator_out", "distill.zero_stage", "distill.micro_batch", "distill.eval_chunks",
               "distill.checkpoint_every", "distill.log_every", "distill.resume"}

@@ -390,23 +390,26 @@ def plan_neuron_split(activity: torch.Tensor, keep: float, generator: torch.Gene
 def apply_neuron_split(model: nn.Module, split: NeuronSplit, gather=None, partition=None) -> list[str]:
     """Replace the FFN Linears of ``split.layer`` with :class:`SplitLinear`; returns the names of
     the parameters that train (trainable neurons, b_out, the norm after the FFN). For a partitioned
-    model (ZeRO-3), ``gather`` (a context factory) gives each Linear's whole weights while its split
-    is made and ``partition`` partitions the split's new parameters at once, so a rank holds one
-    whole Linear at a time."""
+    model (ZeRO-3), ``gather`` (a context factory) gives the layer's FFN weights whole while its
+    splits are made and ``partition`` partitions the splits' new parameters at once, so a rank holds
+    one layer's FFN whole at a time."""
     layout = layout_for(model.config.model_type)
     layer = transformer_layers(model)[split.layer]
+    sites = []
     for dim, paths in ((0, layout.rows), (1, layout.cols)):
         for path in paths:
             parent = layer
             parts = path.split(".")
             for part in parts[:-1]:
                 parent = getattr(parent, part)
-            old = getattr(parent, parts[-1])
-            with gather(list(old.parameters())) if gather is not None else contextlib.nullcontext():
-                new = SplitLinear(old, split.frozen, split.trainable, dim)
-            if partition is not None:
-                partition(list(new.parameters()), next(old.parameters()))
-            setattr(parent, parts[-1], new)
+            sites.append((parent, parts[-1], getattr(parent, parts[-1]), dim))
+    olds = [p for _, _, old, _ in sites for p in old.parameters()]
+    with gather(olds) if gather is not None else contextlib.nullcontext():
+        news = [SplitLinear(old, split.frozen, split.trainable, dim) for _, _, old, dim in sites]
+    if partition is not None:
+        partition([p for new in news for p in new.parameters()], olds[0])
+    for (parent, attr, _, _), new in zip(sites, news):
+        setattr(parent, attr, new)
     names = []
     prefix = {id(m): n for n, m in model.named_modules()}
     for n, p in layer.named_parameters():

@@ -493,31 +493,34 @@ def _distilled_state(job: _Job, student: nn.Module, layers: Sequence[int], split
     frozen pieces, which nothing changed (gathered one at a time where ZeRO-3 partitioned them), so
     they come back bit for bit. Everything else of the layers trained."""
     masters = zero.full_fp32_params(job.engine, job.named)   # a collective at ZeRO >= 1
-    pieces = _split_pieces(student, splits)   # "<linear>.weight_train" -> (plain name, dim, trainable, frozen ids)
+    pieces = _split_pieces(student, splits)   # "<linear>.weight_train" -> (plain, dim, trainable, frozen ids, layer)
     params = dict(student.named_parameters())
     out = {name: value for name, value in masters.items() if name not in pieces}
-    for name, (plain, dim, trainable, frozen_ids) in pieces.items():
-        if name not in masters:   # a Linear without a bias
-            continue
-        frozen = params[name[: -len("_train")] + "_frozen"]
-        with zero.gathered([frozen]):
-            kept = frozen.detach().float().cpu()
-            trained = masters[name].float().cpu()
-            shape = list(trained.shape)
-            shape[dim] = len(trainable) + len(frozen_ids)
-            whole = torch.empty(shape, dtype=torch.float32)
-            whole.index_copy_(dim, frozen_ids, kept)
-            whole.index_copy_(dim, trainable, trained)
-        out[plain] = whole
+    by_layer: dict[int, list[str]] = {}
+    for name, piece in pieces.items():
+        if name in masters:   # (a Linear without a bias has no bias piece)
+            by_layer.setdefault(piece[4], []).append(name)
+    for names in by_layer.values():   # one gather of a layer's frozen pieces
+        frozen = {name: params[name[: -len("_train")] + "_frozen"] for name in names}
+        with zero.gathered(list(frozen.values())):
+            for name in names:
+                plain, dim, trainable, frozen_ids, _ = pieces[name]
+                trained = masters[name].float().cpu()
+                shape = list(trained.shape)
+                shape[dim] = len(trainable) + len(frozen_ids)
+                whole = torch.empty(shape, dtype=torch.float32)
+                whole.index_copy_(dim, frozen_ids, frozen[name].detach().float().cpu())
+                whole.index_copy_(dim, trainable, trained)
+                out[plain] = whole
     keep = set(out) if whole_layers else set(ffn_parameter_names_plain(student, layers, splits))
     return {k: v for k, v in out.items() if k in keep}
 
 
 def _split_pieces(student: nn.Module, splits: Sequence[NeuronSplit]
-                  ) -> dict[str, tuple[str, int, torch.Tensor, torch.Tensor]]:
+                  ) -> dict[str, tuple[str, int, torch.Tensor, torch.Tensor, int]]:
     """For each trainable piece of a :class:`SplitLinear` (``<linear>.weight_train``,
-    ``<linear>.bias_train``): the plain tensor it belongs to, the neuron dimension and the neuron
-    ids of the trainable and of the frozen piece."""
+    ``<linear>.bias_train``): the plain tensor it belongs to, the neuron dimension, the neuron ids
+    of the trainable and of the frozen piece, and the layer."""
     if not splits:
         return {}
     layout = layout_for(student.config.model_type)
@@ -531,9 +534,9 @@ def _split_pieces(student: nn.Module, splits: Sequence[NeuronSplit]
                 for part in path.split("."):
                     module = getattr(module, part)
                 base = prefix[id(module)]
-                out[f"{base}.weight_train"] = (f"{base}.weight", dim, split.trainable, split.frozen)
+                out[f"{base}.weight_train"] = (f"{base}.weight", dim, split.trainable, split.frozen, split.layer)
                 if dim == 0:
-                    out[f"{base}.bias_train"] = (f"{base}.bias", 0, split.trainable, split.frozen)
+                    out[f"{base}.bias_train"] = (f"{base}.bias", 0, split.trainable, split.frozen, split.layer)
     return out
 
 

@@ -7,6 +7,7 @@ it made; printing is the caller's business.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from ..fingerprint import (describe_difference, distilled_fingerprint, emulator_
                            proxy_fingerprint)
 from ..fsutil import atomic_write_json
 from ..data.tasks import prepare_task
-from ..models.adapters import get_adapter, merge_lora_into, with_lora
+from ..models.adapters import get_adapter, lora_pairs, merge_lora_into, with_lora
 from ..models.families import layers_prefix
 from ..models.build import make_emulator, make_proxy
 from ..models.loading import DTYPES, config_overrides, load_model, load_tokenizer, resolve_model_dir, resolve_task
@@ -338,24 +339,47 @@ def align_neurons(cfg: Config, rt: Runtime, student: AlignmentStudent, backbone:
         return teacher
 
     def load_student() -> nn.Module:
-        # called inside ZeRO-3's loading context: partitioned as it loads, then each FFN tensor and
-        # LoRA product written through a gather of that one parameter (rank 0's values are the ones
-        # partitioned back; every rank has the same)
+        # called inside ZeRO-3's loading context: partitioned as it loads
         model = student.fresh()
-        ffn = dict(model.named_parameters())
-        names = set(ffn_parameter_names(model, layers))
-        for name, value in backbone.state_dict().items():
-            if name in names:
-                # whole (gathered, in the same order on every rank, where the client model is sharded)
-                value = full_value(value)
-                with zero.gathered([ffn[name]], modifier_rank=0), torch.no_grad():
-                    ffn[name].copy_(value.to(ffn[name].device, ffn[name].dtype))
-        merge_lora_into(model, global_adapter, scaling, gather=lambda ps: zero.gathered(ps, modifier_rank=0),
-                        strip=[prefix])
+        fill_student(model, backbone, set(ffn_parameter_names(model, layers)), global_adapter, scaling, prefix)
         return model
 
     return run_distillation(rt, fm if fm is not None else load_teacher, load_student, layers, public[0], public[1],
                             cfg.distill, alignment_run(cfg, round_idx), splits, student_dtype=DTYPES[cfg.model.dtype])
+
+
+@torch.no_grad()
+def fill_student(model: nn.Module, backbone: nn.Module, names: set[str], adapter: dict, scaling: float,
+                 prefix: str) -> None:
+    """The clients' FFN weights (``names``, read from ``backbone``) and the adapter's LoRA products
+    written into ``model`` layer by layer: one gather of a layer's tensors at a time where ZeRO-3
+    partitioned them (rank 0's values are partitioned back; every rank has the same), the FFN
+    tensors first, then ``scaling * B @ A`` added to each adapted Linear."""
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    pattern = re.compile(rf"^{re.escape(layers_prefix(model))}\.(\d+)\.")
+
+    def layer_of(name: str) -> int:
+        m = pattern.match(name)
+        return int(m.group(1)) if m else -1
+
+    groups: dict[int, tuple[list, list]] = {}
+    # in the same order on every rank: a sharded client model's full values are collectives
+    for name, value in backbone.state_dict().items():
+        if name in names:
+            groups.setdefault(layer_of(name), ([], []))[0].append((name, value))
+    for path, a, b in lora_pairs(adapter):
+        path = path[len(prefix) + 1:] if path.startswith(prefix + ".") else path
+        if path in modules:
+            groups.setdefault(layer_of(path + "."), ([], []))[1].append((modules[path], a, b))
+    for key in sorted(groups):
+        ffn, merges = groups[key]
+        targets = [params[n] for n, _ in ffn] + [lin.weight for lin, _, _ in merges]
+        with zero.gathered(targets, modifier_rank=0):
+            for name, value in ffn:
+                params[name].copy_(full_value(value).to(params[name].device, params[name].dtype))
+            for lin, a, b in merges:
+                lin.weight.add_((b.float() @ a.float()).to(lin.weight.device, lin.weight.dtype) * scaling)
 
 
 def alignment_metrics(result: DistillResult) -> dict:
