@@ -143,11 +143,6 @@ class LayerStream:
                 for mod, name, _ in slots:
                     mod._parameters[name] = originals[k]
 
-    def layer_tensors(self, index: int) -> dict[str, torch.Tensor]:
-        """Layer ``index``'s parameters read from the files (name within the layer -> tensor)."""
-        with self.layer(index) as layer:
-            return {name: p.detach() for name, p in layer.named_parameters()}
-
     # -- layer-major passes ----------------------------------------------------------------------
 
     @torch.no_grad()
