@@ -41,7 +41,6 @@ resumed run repeats the uninterrupted one exactly.
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import math
 from dataclasses import dataclass

@@ -490,7 +490,7 @@ def _distilled_state(job: _Job, student: nn.Module, layers: Sequence[int], split
                      whole_layers: bool) -> dict[str, torch.Tensor]:
     """The distilled layers' tensors in plain form: what trained from the fp32 master weights (a
     bf16 copy would round every weight at every alignment) and the frozen neurons from the split's
-    frozen pieces, which nothing changed (gathered one at a time where ZeRO-3 partitioned them), so
+    frozen pieces, which nothing changed (gathered a layer at a time where ZeRO-3 partitioned them), so
     they come back bit for bit. Everything else of the layers trained."""
     masters = zero.full_fp32_params(job.engine, job.named)   # a collective at ZeRO >= 1
     pieces = _split_pieces(student, splits)   # "<linear>.weight_train" -> (plain, dim, trainable, frozen ids, layer)
@@ -553,7 +553,7 @@ def run_distillation(rt: Runtime, teacher: Teacher, student: Student,
     """Distil ``student`` against ``teacher``. The student is a plain, unpartitioned proxy (modified
     in place) or a function that loads one (its dtype ``student_dtype``): at ZeRO-3 it is then
     partitioned as it loads, as the teacher is, and no rank holds it whole (a neuron split is made
-    one Linear at a time, its pieces partitioned at once; the result is gathered from the fp32
+    one layer at a time, its pieces partitioned at once; the result is gathered from the fp32
     master weights). The teacher is a
     model the ranks already hold (it comes back as it was: same weights, modes and ``requires_grad``
     flags) or a function that loads one (inside the ZeRO-3 loading context at stage 3, so it is

@@ -22,7 +22,7 @@ from ..fingerprint import (describe_difference, distilled_fingerprint, emulator_
                            proxy_fingerprint)
 from ..fsutil import atomic_write_json
 from ..data.tasks import prepare_task
-from ..models.adapters import get_adapter, lora_pairs, merge_lora_into, with_lora
+from ..models.adapters import add_lora_product, get_adapter, lora_pairs, merge_lora_into, with_lora
 from ..models.families import layers_prefix
 from ..models.build import make_emulator, make_proxy
 from ..models.loading import DTYPES, config_overrides, load_model, load_tokenizer, resolve_model_dir, resolve_task
@@ -379,7 +379,7 @@ def fill_student(model: nn.Module, backbone: nn.Module, names: set[str], adapter
             for name, value in ffn:
                 params[name].copy_(full_value(value).to(params[name].device, params[name].dtype))
             for lin, a, b in merges:
-                lin.weight.add_((b.float() @ a.float()).to(lin.weight.device, lin.weight.dtype) * scaling)
+                add_lora_product(lin.weight, a, b, scaling)
 
 
 def alignment_metrics(result: DistillResult) -> dict:

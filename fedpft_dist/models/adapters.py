@@ -176,6 +176,11 @@ def lora_pairs(state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor, 
     return out
 
 
+def add_lora_product(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+    """``weight += scaling * B @ A`` (the product in fp32, added in ``weight``'s dtype), in place."""
+    weight.add_((b.float() @ a.float()).to(weight.device, weight.dtype) * scaling)
+
+
 def merge_lora_into(model: nn.Module, state: dict[str, torch.Tensor], scaling: float,
                     gather=None, strip: Sequence[str] = ()) -> int:
     """Add ``scaling * B @ A`` of every LoRA pair to the matching Linear of ``model`` (a plain model,
@@ -192,7 +197,7 @@ def merge_lora_into(model: nn.Module, state: dict[str, torch.Tensor], scaling: f
             continue
         ctx = gather([lin.weight]) if gather is not None else contextlib.nullcontext()
         with ctx, torch.no_grad():
-            lin.weight.add_((b.float() @ a.float()).to(lin.weight.device, lin.weight.dtype) * scaling)
+            add_lora_product(lin.weight, a, b, scaling)
         merged += 1
     return merged
 
