@@ -8,7 +8,7 @@
 #   scripts/gpu-check.sh OUTDIR            FEDPFT_PYTHON picks the interpreter (default: python3)
 #                                          FEDPFT_GPU_KIT the kit (default: .gpu-kit)
 #
-# Phases, each under its own time limit (480 s in all):
+# Phases, each under its own time limit (660 s in all):
 #   probe        30 s  versions; fused AdamW, SDPA, NCCL, DeepSpeed's accelerator, FSDP2, peft LoRA in
 #                      bf16, the Triton driver, each tried on the device
 #   kernels      60 s  compiled Triton against the PyTorch references at LLaMA-2-7B and 70B widths:
@@ -25,6 +25,9 @@
 #                      1x4096 tokens, with and without activation checkpointing: tokens/s, MFU, peak
 #                      memory against memory-plan
 #   doctor       30 s  fedpft doctor, one rank per local GPU (at one GPU it says that no collective ran)
+#   tests       180 s  tests/test_gpu.py on the kit's random SmolLM2-shaped decoder: the quick tests, then
+#                      the tiny pipeline at ZeRO-3 with checkpoint and resume, bf16, a server optimizer
+#                      with a stop signal, ZeRO-0; the ones for two GPUs skip on one
 # Without a CUDA device it writes {"cuda": false} to OUTDIR/gpu-check.json and exits 0 at once.
 # FEDPFT_GPU_CHECK_DEVICE=cpu runs every phase on the CPU at small sizes: a rehearsal of the script
 # itself (its numbers say nothing about a GPU).
@@ -145,5 +148,14 @@ phase client-step 60 "$PY" scripts/gpu_check.py client-step "$work/client-step.j
 phase doctor 30 "${fedpft[@]}" doctor "run.dir=$work/doctor" "doctor.local_ranks=$gpus" \
   "doctor.allreduce_mb=$([ "$device" = cuda ] && echo 256 || echo 4)" doctor.iters=10
 copy "$work/doctor/doctor.json" "$work/doctor.json"
+
+# tests/test_gpu.py on the kit's random decoder (its docstring says which runs), the quick tests
+# first, then the ones that each start several runs: a test the limit cuts off is reported as not run.
+tests=(test_neuron_split_on_cuda_statistics_and_weights test_a_collective_the_device_never_completes_is_named_at_the_timeout
+       test_compiled_triton_kernels_match_the_references "test_tiny_pipeline_on_cuda[3]"
+       test_bf16_distillation_keeps_frozen_neurons_exact test_server_optimizer_fedprox_and_a_stop_signal_on_cuda
+       "test_tiny_pipeline_on_cuda[0]" test_two_ranks_equal_one_on_cuda test_a_client_group_on_cuda_equals_one_rank)
+phase tests 180 env FEDPFT_GPU_KIT="$kit" FEDPFT_TEST_PYTHONPATH="$work/py${site:+:$site}" "$PY" -m pytest -v \
+  -p no:cacheprovider --junitxml="$work/tests.xml" "${tests[@]/#/tests/test_gpu.py::}"
 
 "$PY" scripts/gpu_check.py summary "$work" "$outdir"

@@ -343,12 +343,37 @@ def _bench_line(b: dict) -> str:
     return "; ".join(parts)
 
 
+def junit(path: Path) -> dict | None:
+    """Counts and the failing tests' names and messages of pytest's JUnit XML report."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
+        return None
+    out = {"passed": [], "failed": [], "skipped": []}
+    for case in root.iter("testcase"):
+        bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+        skip = case.find("skipped")
+        key = "failed" if bad is not None else "skipped" if skip is not None else "passed"
+        entry = {"name": case.get("name"), "seconds": float(case.get("time") or 0.0)}
+        if bad is not None or skip is not None:
+            entry["message"] = ((bad if bad is not None else skip).get("message") or "")[:1000]
+        out[key].append(entry)
+    return out
+
+
+def _tests_line(t: dict) -> str:
+    line = f"{len(t['passed'])} passed, {len(t['failed'])} failed, {len(t['skipped'])} skipped"
+    return line + ("; failed: " + ", ".join(e["name"] for e in t["failed"]) if t["failed"] else "")
+
+
 def summary(work: Path, outdir: Path) -> dict:
     phases = []
     for rec in sorted(work.glob("*.phase.json"), key=lambda p: (_load(p) or {}).get("order", 0)):
         r = _load(rec) or {}
         name = r.get("name", rec.name.split(".")[0])
-        r["result"] = _load(work / f"{name}.json")
+        r["result"] = _load(work / f"{name}.json") or (junit(work / "tests.xml") if name == "tests" else None)
         plan = _load(work / f"{name}.plan.json")
         if r["result"] and plan:
             r["result"]["memory"] = plan_against_peak(r["result"], plan)
@@ -382,6 +407,8 @@ def summary(work: Path, outdir: Path) -> dict:
                              f"mem/plan {_fmt(c.get('measured_over_planned'), '.2f')}" for c in best) or "no case ran"
         elif p["name"] == "resume" and res:
             note = "resumed == uninterrupted" if res.get("equal") else f"DIFFERENT: {res}"
+        elif p["name"] == "tests" and res:
+            note = _tests_line(res)
         elif p["name"] == "doctor" and res:
             a = res.get("allreduce", {})
             note = f"{a.get('world_size')} rank(s), collective ran: {a.get('collective_ran', True)}, " \
