@@ -630,12 +630,11 @@ def test_smollm2_fedpft_runs_end_to_end(smollm2_run):
 def test_the_memory_plan_agrees_with_the_measured_peaks(smollm2_run, tmp_path):
     """Each round phase's peak resident set, on the CPU with run.exact_memory, over the resident set
     that is not the models' tensors (read once they are built, their weights paged in), against what
-    fedpft memory-plan computes for the config: within 15 %, alignment apart. This run builds its
-    proxy and distils it, which leaves about 0.15 GB of resident memory that holds no tensor; over
-    the resident set before the models were built the ratios were up to 1.18. Alignment's plan counts
-    ZeRO-3's gathered parameters at DeepSpeed's live limit (teacher and student whole here, 0.85 GB)
-    where the job gathered at most 0.11-0.17 GB (measured at every module's hooks), so it measures
-    about 0.8 of its plan; the check is that the plan stays above it, by at most 25 %."""
+    fedpft memory-plan computes for the config: within 15 %. This run builds its proxy and distils
+    it, which leaves about 0.15 GB of resident memory that holds no tensor; over the resident set
+    before the models were built the ratios were up to 1.18. An alignment's peak on the CPU is a
+    loading moment (a checkpoint file's pages mapped beside the partitions), which its plan counts
+    in its one-process totals; its steady step gathers one module at a time."""
     s = summary(smollm2_run)
     assert s["peak_memory_kind"] == "rss" and s["memory_exact"] is True
     out = tmp_path / "plan.json"
@@ -645,8 +644,7 @@ def test_the_memory_plan_agrees_with_the_measured_peaks(smollm2_run, tmp_path):
     rows = json.loads(out.read_text())["measured"]
     assert [r["phase"] for r in rows] == ["client_training", "alignment", "evaluation", "fidelity"]
     for r in rows:
-        low = 0.75 if r["phase"] == "alignment" else 0.85
-        assert low <= r["ratio"] <= 1.15, rows
+        assert 0.85 <= r["ratio"] <= 1.15, rows
 
 
 @pytest.mark.slow

@@ -15,28 +15,46 @@ from conftest import PYTHON, REPO, child_env
 # Shared caches: built by one process while the others wait
 # ----------------------------------------------------------------------------------------------------
 
-LOAD_SMOLLM2 = """
+LOAD_RANDOM = """
+import sys
+from fedpft_dist.models import random_init
 from fedpft_dist.models.loading import load_model, resolve_model_dir
-model = load_model(resolve_model_dir("smollm2"), "causal-lm")
-print(sum(p.numel() for p in model.parameters()))
+
+build = random_init.random_model
+def counted(*args, **kwargs):
+    print("building the random model", file=sys.stderr)
+    return build(*args, **kwargs)
+random_init.random_model = counted
+model = load_model(resolve_model_dir("random:" + sys.argv[1]), "base")
+print(sum(p.numel() for p in model.parameters()), float(sum(p.double().sum() for p in model.parameters())))
 """
 
 
 @pytest.mark.slow
-def test_two_ranks_on_an_empty_cache_convert_the_model_once(tmp_path):
-    """Both ranks of a job ask for the converted SmolLM2 at once on an empty cache: one converts, the
-    other waits, and both load the same model; no temporary directory is left."""
+def test_two_ranks_on_an_empty_cache_build_the_model_once(tmp_path):
+    """Both ranks of a job ask for the same cached model (here a random one built from a config; a
+    GGUF's conversion takes the same lock) at once on an empty cache: one builds, the other waits,
+    and both load the same model; no temporary directory is left."""
+    from fedpft_dist.models.loading import resolve_model_dir
+
+    source = resolve_model_dir("minilm")
+    spec = tmp_path / "spec"
+    spec.mkdir()
+    config = {**json.loads((source / "config.json").read_text()), "num_hidden_layers": 6, "hidden_size": 768,
+              "intermediate_size": 3072, "num_attention_heads": 12}
+    (spec / "config.json").write_text(json.dumps(config))
+    for name in ("vocab.txt", "tokenizer_config.json"):
+        (spec / name).write_bytes((source / name).read_bytes())
     env = child_env(FEDPFT_CACHE=str(tmp_path / "cache"))
-    procs = [subprocess.Popen([PYTHON, "-c", LOAD_SMOLLM2], cwd=REPO, env=env, stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([PYTHON, "-c", LOAD_RANDOM, str(spec)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    counts = {out.strip().splitlines()[-1] for out, _ in outs}
-    assert counts == {"134515008"}
-    assert sum("de-quantizing" in err for _, err in outs) == 1   # one of them converted (transformers' bar)
+    assert len({out.strip().splitlines()[-1] for out, _ in outs}) == 1   # the same parameters in both
+    assert sum("building the random model" in err for _, err in outs) == 1
     left = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    assert left == [".smollm2-135m-instruct-fp32.lock", "smollm2-135m-instruct-fp32"]
+    assert len(left) == 2 and left[0] == f".{left[1]}.lock" and left[1].startswith("random-spec-s0-"), left
 
 
 def test_build_once_builds_once_and_keeps_a_complete_directory(tmp_path):

@@ -60,9 +60,11 @@ def make_ds_config(stage: int, micro_batch: int, world_size: int, bf16: bool, gr
     if stage == 3:
         # memory_efficient_linear off: otherwise zero.Init replaces torch.nn.functional.linear for the
         # rest of the process, and the federated clients trained after a distillation would compute
-        # with DeepSpeed's linear (different rounding than a process that never distilled).
+        # with DeepSpeed's linear (different rounding than a process that never distilled). No
+        # prefetch and no reuse: a module's parameters are gathered for its forward or backward and
+        # released after it, so what a rank holds gathered is one module (fedpft memory-plan's term).
         cfg["zero_optimization"].update({"stage3_param_persistence_threshold": 0, "memory_efficient_linear": False,
-                                         "stage3_prefetch_bucket_size": 0,
+                                         "stage3_prefetch_bucket_size": 0, "stage3_max_reuse_distance": 0,
                                          "stage3_max_live_parameters": 10**9})
     return cfg
 

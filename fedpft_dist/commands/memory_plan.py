@@ -73,6 +73,40 @@ def decoder_counts(config, keep_ratio: float, retained_layers, lora_r: int, lora
             "largest_layer_lora": layer_lora[biggest], "root": count_params(proxy) - sum(layer_params)}
 
 
+# Hugging Face's shard size for the checkpoints it writes: a plan made from a config.json alone
+# assumes the FM's files are at most this large
+ASSUMED_FILE_BYTES = 5e9
+
+
+def checkpoint_file(model_dir: Optional[Path]) -> Optional[dict]:
+    """The largest safetensors file of the checkpoint in ``model_dir``: its bytes and its parameters
+    (read from the file's header); None where the directory holds none."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors")) if model_dir and Path(model_dir).is_dir() else []
+    if not files:
+        return None
+    largest = max(files, key=lambda p: p.stat().st_size)
+    with safe_open(str(largest), framework="pt") as fh:
+        params = sum(math.prod(fh.get_slice(key).get_shape()) for key in fh.keys())
+    return {"file": largest.name, "bytes": largest.stat().st_size, "params": params}
+
+
+def load_transient(file: Optional[dict], params: int, disk_bytes: int, b: int) -> tuple[float, str]:
+    """Host bytes that loading a checkpoint partitioned (ZeRO-3's loading context) holds beside the
+    partitions: transformers reads one file at a time, its pages mapped while the file's tensors are
+    partitioned, plus a copy of them in the model's dtype where the file stores another; ``file`` as
+    :func:`checkpoint_file` gives it, else files of at most ASSUMED_FILE_BYTES of a ``params``-sized
+    model stored at ``disk_bytes`` per parameter."""
+    if file is None:
+        n = min(params, ASSUMED_FILE_BYTES / disk_bytes)
+        size, what = n * disk_bytes, f"a checkpoint file of at most {ASSUMED_FILE_BYTES / GB:g} GB (assumed)"
+    else:
+        n, size, what = file["params"], file["bytes"], f"its largest checkpoint file, {file['bytes'] / GB:.2f} GB"
+    cast = n * b if round(size / max(n, 1)) != b else 0
+    return size + cast, what + (", cast" if cast else "")
+
+
 def _get(module, path: str):
     for part in path.split("."):
         module = getattr(module, part)
@@ -205,10 +239,10 @@ def zero3_job_terms(c: dict, b: int, world_size: int, dtok: int, student_act: fl
         "student (proxy) shard": b * c["proxy"] / world_size,
         "trainable FFN: bf16 param + grad, fp32 master + Adam m, v (16 B/param), sharded":
             16 * trainable / world_size,
-        # both models run through the engine, and what a forward gathers stays gathered while it is
-        # reused (DeepSpeed's default stage3_max_reuse_distance), up to the live limit
-        "gathered parameters of teacher and student (stage3_max_live_parameters = 1e9 elements, upper bound)":
-            b * min(10**9, c["fm"] + c["proxy"]),
+        # a module's parameters are gathered for its forward (or backward) and released after it
+        # (stage3_max_reuse_distance 0, no prefetch): the largest module, the embeddings
+        "gathered parameters: one module at a time, the largest (embeddings or an FFN matrix)":
+            b * max(c["embedding"], h * model_config.intermediate_size),
         "student activations (per micro-batch)": dtok * student_act,
         "hidden states of both models + fp32 loss terms": dtok * ((n + 1) * 2 * h * 2 + comp * 4 * h),
     }
@@ -283,11 +317,14 @@ def fidelity_totals(terms: dict, models: float, off: str) -> dict:
 
 
 def memory_plan(cfg, model_config, world_size: int, ranks_per_client: Optional[int] = None,
-                client_sharding: Optional[str] = None, device_gb: float = 80.0) -> dict:
+                client_sharding: Optional[str] = None, device_gb: float = 80.0,
+                fm_file: Optional[dict] = None) -> dict:
     """Per-rank bytes of client training, distillation (layer level), alignment and evaluation for
     ``cfg`` (a :class:`~fedpft_dist.config.Config`) on the FM of ``model_config`` over ``world_size``
     ranks, with clients trained by groups of ``ranks_per_client`` ranks sharded by ``client_sharding``
-    (defaults: the config's), and each phase's totals checked against ``device_gb``."""
+    (defaults: the config's), and each phase's totals checked against ``device_gb``. ``fm_file``: the
+    FM's largest checkpoint file (:func:`checkpoint_file`), which a ZeRO-3 job reads whole to load
+    the teacher; without it, files of at most ASSUMED_FILE_BYTES."""
     f, d = cfg.fed, cfg.distill
     g, sharding = client_setting(cfg, ranks_per_client, client_sharding)
     c = decoder_counts(model_config, cfg.proxy.keep_ratio, cfg.proxy.retained_layers, f.lora_r,
@@ -321,6 +358,17 @@ def memory_plan(cfg, model_config, world_size: int, ranks_per_client: Optional[i
     if d.alpha == 0:
         distill["weight term (distill.alpha = 0: not computed)"] = 0
     distill["host RAM: distilled FFN tensors gathered to every rank (fp32)"] = 4 * c["ffn_trainable"]
+    # loading: the teacher, then the student, each read a file at a time and partitioned (host RAM)
+    disk = {"float32": 4, "bfloat16": 2, "float16": 2}.get(str(getattr(model_config, "torch_dtype", None) or
+                                                            getattr(model_config, "dtype", "")).replace("torch.", ""), b)
+    fm_load, fm_what = load_transient(fm_file, c["fm"], disk, b)
+    # (host RAM, the shards held meanwhile)
+    loads = {f"loading the teacher: {fm_what}, mapped": (fm_load, b * c["fm"] / world_size),
+             "loading the student: a proxy file (at most proxy.max_shard_gb), mapped":
+                 (min(b * c["proxy"], cfg.proxy.max_shard_gb * GB), b * (c["fm"] + c["proxy"]) / world_size)}
+    distill.update({f"host RAM: {key}": host for key, (host, _) in loads.items()})
+    distill_totals.update({f"one CPU process: {key}, beside the shards": host + shards
+                           for key, (host, shards) in loads.items()})
 
     # -- alignment: the same ZeRO-3 job for the non-frozen neurons, next to what fedpft train holds ---
     align, align_totals = zero3_terms(c["ffn_trainable"] * (1 - f.align_keep), f.align_alpha)
@@ -337,6 +385,9 @@ def memory_plan(cfg, model_config, world_size: int, ranks_per_client: Optional[i
     align_totals = {**{f"{key} + the engine's client model": v + engine for key, v in align_totals.items()},
                     **{f"{key} + the engine's client model and FM": v + engine + fm_bytes
                        for key, v in align_totals.items()}}
+    align.update({f"host RAM: {key}": host for key, (host, _) in loads.items()})
+    align_totals.update({f"one CPU process: {key}, beside the shards, the engine's client model and FM":
+                         host + shards + engine + fm_bytes for key, (host, shards) in loads.items()})
 
     client_model = sum(v for key, v in client.items() if key.startswith(("proxy weights", "LoRA", "all-gathered")))
     evaluate, etok = evaluation_terms(cfg, model_config, c, b, fm_held, client_model)
@@ -391,6 +442,7 @@ MEASURED_PHASES = (
     ("local_training", "client_training", lambda cfg: "fedpft train (client model + resident FM), "
      + ("with" if cfg.fed.gradient_checkpointing else "without") + " checkpointing"),
     # the largest of its moments (steady, before the student is partitioned, the FFN gather)
+    # on the CPU also its loading moments (one process: host and device are one memory)
     ("alignment", "alignment", lambda cfg: ALL_WITH_FM),
     ("evaluation", "evaluation", lambda cfg: "FM, client model and activations"),
     ("fidelity", "fidelity", None),   # the device total; on the CPU the one process's
@@ -416,7 +468,7 @@ def measured_against_plan(plan: dict, cfg, summary: dict) -> list[dict]:
             planned = totals[ONE_PROCESS] if cpu else \
                 sum(v for k, v in totals.items() if not k.startswith(("host RAM", "one CPU")))
         elif total(cfg) is ALL_WITH_FM:
-            planned = max(v for k, v in totals.items() if k.endswith("and FM"))
+            planned = max(v for k, v in totals.items() if k.endswith("and FM") and (cpu or not k.startswith("one CPU")))
         else:
             planned = totals[total(cfg)]
         measured = (peak - baseline) * 2**20
@@ -481,7 +533,7 @@ def run_memory_plan(cfg, model_config: Optional[str], world_size: int, json_out:
         summary = json.loads(summary_path.read_text())
         if "peak_memory_mb" not in summary:
             raise UserError(f"--measured: {summary_path} has no peak_memory_mb (a run of an older fedpft-dist)")
-    plan = memory_plan(cfg, model_config_obj, world_size, g, sharding, device_gb)
+    plan = memory_plan(cfg, model_config_obj, world_size, g, sharding, device_gb, fm_file=checkpoint_file(path.parent))
     print(format_plan(plan))
     if summary is not None:
         plan["measured"] = measured_against_plan(plan, cfg, summary)
