@@ -72,7 +72,7 @@ COMMANDS: dict[str, tuple[Handler, str]] = {
 }
 
 MEMORY_HELP = ("per-rank memory of client training, layer-level distillation, alignment, evaluation and the "
-               "fidelity monitor for a decoder FM, computed from the model classes on the meta device (no weights "
+               "fidelity monitor for a decoder or encoder FM, computed from the model classes on the meta device (no weights "
                "are loaded); with --measured, beside a finished run's measured peaks")
 MEMORY_PLAN = Handler("memory_plan", "run_memory_plan", (
     ("cfg", "cfg"), ("model_config", "model_config"), ("world_size", "world_size"), ("json_out", "json"),

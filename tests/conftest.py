@@ -256,7 +256,8 @@ TINY_RUN_ARGS = ("train", "--config", "configs/tiny.yaml", "dist.threads_per_ran
 def tiny_run(tmp_path_factory) -> Path:
     """configs/tiny.yaml trained once per test run on 1 rank (read it, never write into it)."""
     def build(out: Path) -> None:
-        proc = run_cli(*TINY_RUN_ARGS, f"run.dir={out}", timeout=600)
+        # its memory measured as fedpft memory-plan counts it (tests/test_smoke.py); no result changes
+        proc = run_cli(*TINY_RUN_ARGS, "run.exact_memory=true", f"run.dir={out}", timeout=600)
         assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
     return shared_dir(tmp_path_factory, "tiny-run", build)

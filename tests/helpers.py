@@ -97,3 +97,18 @@ def assert_same_rounds(a: list[dict], b: list[dict], loss_rel: float = 1e-6) -> 
                     "predicted_per_class"):
             assert ra.get(key) == rb.get(key), (ra["round"], key, ra.get(key), rb.get(key))
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=loss_rel), ra["round"]
+
+
+def assert_plan_agrees(run_dir: Path, world_size: int, out: Path, band: tuple[float, float] = (0.85, 1.15)) -> list[dict]:
+    """A run measured with run.exact_memory against `fedpft memory-plan --measured`: each round
+    phase's measured / planned within ``band``; the rows."""
+    s = summary(run_dir)
+    assert s["peak_memory_kind"] == "rss" and s["memory_exact"] is True
+    proc = run_cli("memory-plan", "--config", str(run_dir / "config.yaml"), "--world-size", str(world_size),
+                   "--measured", str(run_dir), "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["measured"]
+    assert [r["phase"] for r in rows] == ["client_training", "alignment", "evaluation", "fidelity"]
+    for r in rows:
+        assert band[0] <= r["ratio"] <= band[1], rows
+    return rows

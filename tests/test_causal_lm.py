@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli, run_ranks
-from helpers import adapter, metrics, summary, tail
+from helpers import adapter, assert_plan_agrees, metrics, summary, tail
 from fedpft_dist.config import load_config
 from fedpft_dist.errors import ConfigError
 from fedpft_dist.federation.client import next_token_eval, perplexity_and_accuracy
@@ -381,12 +381,14 @@ def test_measured_peaks_are_set_against_the_plans_totals(tmp_path):
     proc = run_cli("memory-plan", "--config", "configs/large/llama-7b.yaml", "--model-config",
                    "configs/large/llama-2-7b-config.json", "--measured", str(tmp_path))
     assert proc.returncode == 2 and "--measured" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    # an encoder FM: the plan covers decoders, and says so in one line
+    # a vision FM: the plan covers decoders and encoders, and says so in one line
     from fedpft_dist.commands.memory_plan import run_memory_plan
     from fedpft_dist.errors import UserError
 
-    with pytest.raises(UserError, match="'bert' model; the plan covers decoder FMs"):
-        run_memory_plan(load_config(REPO / "configs/tiny.yaml"), None, 2, None)
+    vit = tmp_path / "vit.json"
+    vit.write_text(json.dumps({"model_type": "vit", "hidden_size": 64, "num_hidden_layers": 2}))
+    with pytest.raises(UserError, match="'vit' model; the plan covers decoder and encoder FMs"):
+        run_memory_plan(load_config(REPO / "configs/tiny.yaml"), str(vit), 2, None)
 
 
 def test_the_70b_config_fits_80_gb_in_every_phase_with_the_monitor_on():
@@ -635,16 +637,7 @@ def test_the_memory_plan_agrees_with_the_measured_peaks(smollm2_run, tmp_path):
     before the models were built the ratios were up to 1.18. An alignment's peak on the CPU is a
     loading moment (a checkpoint file's pages mapped beside the partitions), which its plan counts
     in its one-process totals; its steady step gathers one module at a time."""
-    s = summary(smollm2_run)
-    assert s["peak_memory_kind"] == "rss" and s["memory_exact"] is True
-    out = tmp_path / "plan.json"
-    proc = run_cli("memory-plan", "--config", str(smollm2_run / "config.yaml"), "--world-size", "2",
-                   "--measured", str(smollm2_run), "--json", str(out))
-    assert proc.returncode == 0, proc.stderr
-    rows = json.loads(out.read_text())["measured"]
-    assert [r["phase"] for r in rows] == ["client_training", "alignment", "evaluation", "fidelity"]
-    for r in rows:
-        assert 0.85 <= r["ratio"] <= 1.15, rows
+    assert_plan_agrees(smollm2_run, 2, tmp_path / "plan.json")
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
-"""``fedpft memory-plan``: what each rank holds in a FedPFT run on a decoder FM (LLaMA, Qwen2, Mistral),
-computed, not measured.
+"""``fedpft memory-plan``: what each rank holds in a FedPFT run on a decoder FM (LLaMA, Qwen2, Mistral)
+or an encoder FM with a classification head (BERT, RoBERTa, DistilBERT), computed, not measured.
 
 Parameter counts come from the code itself: the FM's and the proxy's Hugging Face classes are built
 on the meta device (no memory, no weights) from a ``config.json``, the proxy with the widths that
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -35,8 +36,46 @@ ONE_PROCESS = ("one CPU process: the backward beside this rank's rows, or the ga
 SHARDINGS = ("none", "fsdp")
 
 
+@dataclass(frozen=True)
+class EncoderShape:
+    """What a BERT-style encoder layer's activations depend on beyond its widths: the heads and the
+    sequence length (attention probabilities are kept per token and key when attention dropout is
+    on), and the dropout probabilities of training (0 where the model runs in eval mode)."""
+    heads: int
+    seq: int
+    hidden_dropout: float
+    attention_dropout: float
+
+
+def encoder_shape(cfg, model_config) -> Optional[EncoderShape]:
+    """The encoder's shape in client training (``model.dropout`` overrides the config's
+    probabilities when >= 0); None for a decoder."""
+    from ..models.families import layout_for
+
+    if layout_for(model_config.model_type).family != "encoder":
+        return None
+    override = cfg.model.dropout if cfg.model.dropout >= 0 else None
+    hidden = getattr(model_config, "hidden_dropout_prob", getattr(model_config, "dropout", 0.0))
+    attention = getattr(model_config, "attention_probs_dropout_prob", getattr(model_config, "attention_dropout", 0.0))
+    return EncoderShape(model_config.num_attention_heads, cfg.data.max_length,
+                        hidden if override is None else override, attention if override is None else override)
+
+
+def no_dropout(enc: Optional[EncoderShape]) -> Optional[EncoderShape]:
+    """The shape of a model run in eval mode (distillation, the fidelity monitor, evaluation)."""
+    return None if enc is None else replace(enc, hidden_dropout=0.0, attention_dropout=0.0)
+
+
+def kv_width(model_config) -> int:
+    """The width of a layer's keys (and values): fewer heads than queries with grouped-query attention."""
+    heads = model_config.num_attention_heads
+    return (getattr(model_config, "num_key_value_heads", None) or heads) * (model_config.hidden_size // heads)
+
+
 def decoder_counts(config, keep_ratio: float, retained_layers, lora_r: int, lora_ffn: bool) -> dict:
-    """Parameter counts of the FM, its proxy and the adapter (built on the meta device)."""
+    """Parameter counts of the FM, its proxy and the adapter (built on the meta device): a decoder's
+    language model, or an encoder's sequence classifier (``config.num_labels`` classes; the head is
+    a few thousand parameters)."""
     import transformers
 
     from ..models.adapters import full_width_layers
@@ -45,7 +84,9 @@ def decoder_counts(config, keep_ratio: float, retained_layers, lora_r: int, lora
     from ..models.proxy_arch import proxy_class_for, proxy_config_from
 
     with torch.device("meta"):
-        fm = transformers.AutoModelForCausalLM.from_config(config)
+        encoder = layout_for(config.model_type).family == "encoder"
+        auto = transformers.AutoModelForSequenceClassification if encoder else transformers.AutoModelForCausalLM
+        fm = auto.from_config(config)
         plan = plan_proxy(fm, retained_layers, keep_ratio)
         sizes = [plan.keep.get(l, w) for l, w in enumerate(plan.widths)]
         proxy = proxy_class_for(fm)(proxy_config_from(fm.config, sizes))
@@ -70,9 +111,12 @@ def decoder_counts(config, keep_ratio: float, retained_layers, lora_r: int, lora
             "embedding": fm.get_input_embeddings().weight.numel(),
             "lora_attention": lora(range(n), layout.attention), "lora_ffn": lora(ffn_layers, (*layout.rows, *layout.cols)),
             "lora_ffn_layers": ffn_layers, "largest_layer": layer_params[biggest],
-            "largest_layer_lora": layer_lora[biggest], "root": count_params(proxy) - sum(layer_params)}
+            "largest_layer_lora": layer_lora[biggest], "root": count_params(proxy) - sum(layer_params),
+            "ffn_rows": len(layout.rows), "gated": layout.gated}
 
 
+# DeepSpeed's default reduce_bucket_size (elements), which the distillation jobs keep
+REDUCE_BUCKET = 5 * 10**8
 # Hugging Face's shard size for the checkpoints it writes: a plan made from a config.json alone
 # assumes the FM's files are at most this large
 ASSUMED_FILE_BYTES = 5e9
@@ -114,7 +158,7 @@ def _get(module, path: str):
 
 
 def layer_activation_bytes(h: int, kv: int, i: int, lora_attention: bool, lora_ffn: bool, dropout: bool,
-                           ffn_trainable: bool = False, b: int = 2) -> int:
+                           ffn_trainable: bool = False, b: int = 2, enc: Optional[EncoderShape] = None) -> int:
     """Bytes autograd keeps per token for one LLaMA-style layer whose activations take ``b`` bytes per
     element (what each op saves): two RMSNorms keep their fp32 input (2 x 4h); SDPA keeps q, k, v and
     its output (b(2h + 2kv)); SwiGLU keeps gate, SiLU(gate) and up (3bi). A LoRA module keeps the
@@ -122,7 +166,10 @@ def layer_activation_bytes(h: int, kv: int, i: int, lora_attention: bool, lora_f
     cast to an fp32 copy; the frozen base layer itself keeps nothing): with dropout each module keeps
     its own dropped-out input (4 B) and mask (1 B) per element, without it q, k and v share one copy
     of the norm output and o keeps the attention output. Trainable FFN weights (distillation) need
-    the inputs of W_gate/W_up (the norm output, bh) and of W_down (bi)."""
+    the inputs of W_gate/W_up (the norm output, bh) and of W_down (bi). ``enc``: a BERT-style layer
+    instead (:func:`encoder_layer_bytes`)."""
+    if enc is not None:
+        return encoder_layer_bytes(h, i, enc, lora_attention, lora_ffn, dropout, ffn_trainable, b)
     total = 8 * h + b * (2 * h + 2 * kv) + 3 * b * i
     if lora_attention:
         total += 4 * 5 * h if dropout else 2 * 4 * h
@@ -133,11 +180,35 @@ def layer_activation_bytes(h: int, kv: int, i: int, lora_attention: bool, lora_f
     return total
 
 
-def head_bytes(vocab: int, b: int, training: bool = True) -> int:
+def encoder_layer_bytes(h: int, i: int, enc: EncoderShape, lora_attention: bool, lora_ffn: bool, dropout: bool,
+                        ffn_trainable: bool, b: int) -> int:
+    """Bytes autograd keeps per token for one BERT-style (post-LayerNorm, GELU) layer: SDPA keeps q,
+    k and v (3bh) and, with attention dropout (PyTorch's reference path), the probabilities, their
+    dropout mask and the dropped probabilities per head and key ((2b + 1) heads x seq), else its
+    output (bh); two LayerNorms keep their input with its mean and inverse deviation (2(bh + 8));
+    GELU keeps its input (bi); hidden dropout keeps two masks (2h). LoRA and trainable FFN weights
+    as in :func:`layer_activation_bytes`, with one Linear into the FFN (W_in: input bh, W_out: bi)."""
+    total = 3 * b * h + 2 * (b * h + 8) + b * i
+    total += (2 * b + 1) * enc.heads * enc.seq if enc.attention_dropout > 0 else b * h
+    total += 2 * h if enc.hidden_dropout > 0 else 0
+    if lora_attention:
+        total += 4 * 5 * h if dropout else 2 * 4 * h
+    if lora_ffn:
+        total += 5 * (h + i) if dropout else 4 * h + 4 * i
+    if ffn_trainable:
+        total += b * (h + i)
+    return total
+
+
+def head_bytes(vocab: int, b: int, training: bool = True, enc: Optional[EncoderShape] = None, h: int = 0) -> int:
     """Bytes per token of the output layer's logits (``models.lm``'s next-token loss): the logits (b
     per element), the contiguous fp32 copy of the shifted logits that the loss reshapes (a copy even
     when they are fp32 already) and the log-softmax the loss keeps (4 + 4); training adds the
-    gradients of the log-softmax input and of the logits (4 + 4)."""
+    gradients of the log-softmax input and of the logits (4 + 4). An encoder's classifier reads one
+    token per row (a few bytes per row): what its training keeps per token is the embeddings'
+    LayerNorm input and statistics and their dropout mask (b h + 8 + h)."""
+    if enc is not None:
+        return (b * h + 8 + (h if enc.hidden_dropout > 0 else 0)) if training else 0
     return b * vocab + 8 * vocab + (8 * vocab if training else 0)
 
 
@@ -149,13 +220,14 @@ def client_setting(cfg, ranks_per_client: Optional[int] = None, client_sharding:
     return int(g), str(mode)
 
 
-def client_layers_bytes(c: dict, h: int, kv: int, k: int, inter: int, dropout: bool, b: int) -> int:
+def client_layers_bytes(c: dict, h: int, kv: int, k: int, inter: int, dropout: bool, b: int,
+                        enc: Optional[EncoderShape] = None) -> int:
     """Activation bytes per token of all the client model's layers in training (LoRA on every
     layer's attention, on the FFNs of ``c["lora_ffn_layers"]``; compressed layers ``k`` wide)."""
     n, comp, ffn = c["layers"], len(c["compressed_layers"]), len(c["lora_ffn_layers"])
-    return (comp * layer_activation_bytes(h, kv, k, True, False, dropout, b=b)
-            + ffn * layer_activation_bytes(h, kv, inter, True, True, dropout, b=b)
-            + (n - comp - ffn) * layer_activation_bytes(h, kv, inter, True, False, dropout, b=b))
+    return (comp * layer_activation_bytes(h, kv, k, True, False, dropout, b=b, enc=enc)
+            + ffn * layer_activation_bytes(h, kv, inter, True, True, dropout, b=b, enc=enc)
+            + (n - comp - ffn) * layer_activation_bytes(h, kv, inter, True, False, dropout, b=b, enc=enc))
 
 
 def resident_fm(cfg, c: dict, b: int, world_size: int) -> dict:
@@ -182,7 +254,7 @@ def client_training_terms(cfg, model_config, c: dict, g: int, sharded: bool, b: 
     totals, and the rows and tokens one rank computes per step."""
     f = cfg.fed
     h, inter, vocab = model_config.hidden_size, model_config.intermediate_size, model_config.vocab_size
-    kv = model_config.num_key_value_heads * (h // model_config.num_attention_heads)
+    kv = kv_width(model_config)
     k = c["kept"][0] if c["kept"] else inter
     n, comp = c["layers"], len(c["compressed_layers"])
     drop = f.lora_dropout > 0
@@ -193,9 +265,10 @@ def client_training_terms(cfg, model_config, c: dict, g: int, sharded: bool, b: 
     accum = getattr(f, "grad_accum", 1)
     rows = math.ceil(math.ceil(f.batch_size / g) / accum)
     tokens = rows * cfg.data.max_length
-    per_layer = client_layers_bytes(c, h, kv, k, inter, drop, b)
-    biggest = layer_activation_bytes(h, kv, inter, True, bool(c["lora_ffn_layers"]), drop, b=b)
-    head = head_bytes(vocab, b)
+    enc = encoder_shape(cfg, model_config)
+    per_layer = client_layers_bytes(c, h, kv, k, inter, drop, b, enc)
+    biggest = layer_activation_bytes(h, kv, inter, True, bool(c["lora_ffn_layers"]), drop, b=b, enc=enc)
+    head = head_bytes(vocab, b, enc=enc, h=h)
     of_g = f", 1/{g} shard (FSDP2)" if sharded else ""
     of_rows = f" ({rows} of {f.batch_size} rows at a time)" if g > 1 or accum > 1 else ""
     weights = {"proxy weights" + of_g: b * c["proxy"] / share,
@@ -243,20 +316,25 @@ def zero3_job_terms(c: dict, b: int, world_size: int, dtok: int, student_act: fl
         # (stage3_max_reuse_distance 0, no prefetch): the largest module, the embeddings
         "gathered parameters: one module at a time, the largest (embeddings or an FFN matrix)":
             b * max(c["embedding"], h * model_config.intermediate_size),
+        # the backward's gradients wait in ZeRO-3's reduction bucket (DeepSpeed's reduce_bucket_size,
+        # 5e8 elements) before they are reduce-scattered: the gradients and the bucket's copy
+        "gradients of the trainable FFN awaiting reduction, and the bucket's copy (at most 5e8 elements)":
+            2 * b * min(trainable, REDUCE_BUCKET),
         "student activations (per micro-batch)": dtok * student_act,
         "hidden states of both models + fp32 loss terms": dtok * ((n + 1) * 2 * h * 2 + comp * 4 * h),
     }
     if alpha > 0:
         # every rank computes every compressed layer's W_out W_in (d x d) for gate and up, the
         # teacher's without a graph, the student's keeping W_in^T (d x k) and the fp32 difference (d x d)
-        terms["weight term: teacher products"] = comp * 2 * h * h * b
-        terms["weight term: student graph"] = comp * 2 * (b * h * k + 4 * h * h)
+        terms["weight term: teacher products"] = comp * c["ffn_rows"] * h * h * b
+        terms["weight term: student graph"] = comp * c["ffn_rows"] * (b * h * k + 4 * h * h)
     if jvp_weight > 0:
         # the teacher's FFN input of every compressed layer is kept; per layer the student's FFN runs
         # at x + hv and x - hv with a graph (the inputs of W_gate/W_up and W_down, gate, SiLU(gate),
         # up: b(h + 4k) each), beside the two perturbed fp32 inputs
         terms["derivative term: teacher FFN inputs"] = dtok * comp * b * h
-        terms["derivative term: student FFN graphs"] = dtok * comp * 2 * (b * (h + 4 * k) + 4 * h)
+        terms["derivative term: student FFN graphs"] = \
+            dtok * comp * 2 * (b * (h + (4 if c["gated"] else 2) * k) + 4 * h)
     return terms, {"steady": sum(terms.values())}
 
 
@@ -264,15 +342,19 @@ def evaluation_terms(cfg, model_config, c: dict, b: int, fm_held: dict, client_m
     """Plug-in evaluation's terms (the FM whole on every rank, or its shard and what a forward
     gathers, beside the resident client model) and its tokens per batch."""
     h, inter, vocab = model_config.hidden_size, model_config.intermediate_size, model_config.vocab_size
-    kv = model_config.num_key_value_heads * (h // model_config.num_attention_heads)
+    kv = kv_width(model_config)
     etok = cfg.fed.eval_batch_size * cfg.data.max_length
     # without a graph only one layer's tensors live at a time: q, k, v, attention output, gate, up,
     # SiLU(gate) and their product
+    # (an encoder's: q, k, v, attention output, the FFN's input to GELU and its output)
     gathered = fm_gathered(cfg, c, b)
-    return {**({"FM weights": b * c["fm"]} if not gathered else fm_held), **gathered,
-            "client model (resident in fedpft train)": client_model,
-            "one layer's activations (no graph)": etok * b * (2 * h + 2 * kv + 4 * inter),
-            "logits + fp32 copy + log-softmax": etok * head_bytes(vocab, b, training=False)}, etok
+    enc = encoder_shape(cfg, model_config)
+    layer = b * (4 * h + 2 * inter) if enc is not None else b * (2 * h + 2 * kv + 4 * inter)
+    out = {**({"FM weights": b * c["fm"]} if not gathered else fm_held), **gathered,
+           "client model (resident in fedpft train)": client_model, "one layer's activations (no graph)": etok * layer}
+    if enc is None:
+        out["logits + fp32 copy + log-softmax"] = etok * head_bytes(vocab, b, training=False)
+    return out, etok
 
 
 def fidelity_terms(cfg, model_config, c: dict, b: int, fm_held: dict, client_model: float,
@@ -288,14 +370,16 @@ def fidelity_terms(cfg, model_config, c: dict, b: int, fm_held: dict, client_mod
 
     f = cfg.fed
     h, inter, vocab = model_config.hidden_size, model_config.intermediate_size, model_config.vocab_size
-    kv = model_config.num_key_value_heads * (h // model_config.num_attention_heads)
+    kv = kv_width(model_config)
     k = c["kept"][0] if c["kept"] else inter
     examples = min(f.fidelity_examples, cfg.data.max_test) if cfg.data.max_test > 0 else f.fidelity_examples
     probe_rows = min(examples, getattr(f, "fidelity_batch_size", 0) or f.batch_size)
     ftok = probe_rows * cfg.data.max_length
-    fm_act = ftok * (c["layers"] * layer_activation_bytes(h, kv, inter, True, False, False, b=b)
-                     + len(c["lora_ffn_layers"]) * (4 * h + 4 * inter) + head_bytes(vocab, b))
-    client_act = ftok * (client_layers_bytes(c, h, kv, k, inter, False, b) + head_bytes(vocab, b))
+    enc = no_dropout(encoder_shape(cfg, model_config))   # both models in eval mode
+    head = head_bytes(vocab, b, enc=enc, h=h)
+    fm_act = ftok * (c["layers"] * layer_activation_bytes(h, kv, inter, True, False, False, b=b, enc=enc)
+                     + len(c["lora_ffn_layers"]) * (4 * h + 4 * inter) + head)
+    client_act = ftok * (client_layers_bytes(c, h, kv, k, inter, False, b, enc) + head)
     lora = c["lora_attention"] + c["lora_ffn"]
     mine = len(dealt_rows(examples, probe_rows, 0, world_size))   # rank 0 computes the most rows
     return {"client model (as in training)": client_model, **fm_held, **fm_gathered(cfg, c, b),
@@ -316,6 +400,36 @@ def fidelity_totals(terms: dict, models: float, off: str) -> dict:
             ONE_PROCESS: max(device + rows, models + rows + gather)}
 
 
+def loading_terms(cfg, model_config, c: dict, b: int, world_size: int, fm_file: Optional[dict]) -> dict:
+    """A ZeRO-3 job's loading moments: the teacher, then the student, each read a file at a time and
+    partitioned as it loads; per moment (host bytes, the shards held meanwhile)."""
+    dtype = str(getattr(model_config, "torch_dtype", None) or getattr(model_config, "dtype", "")).replace("torch.", "")
+    disk = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, b)
+    fm_load, fm_what = load_transient(fm_file, c["fm"], disk, b)
+    return {f"loading the teacher: {fm_what}, mapped": (fm_load, b * c["fm"] / world_size),
+            "loading the student: a proxy file (at most proxy.max_shard_gb), mapped":
+                (min(b * c["proxy"], cfg.proxy.max_shard_gb * GB), b * (c["fm"] + c["proxy"]) / world_size)}
+
+
+def student_activation_bytes(cfg, model_config, c: dict, b: int) -> int:
+    """Per token, what a distillation's student keeps for its backward (in eval mode): the compressed
+    layers with trainable FFN weights, the others frozen."""
+    h, inter = model_config.hidden_size, model_config.intermediate_size
+    kv, k = kv_width(model_config), (c["kept"][0] if c["kept"] else model_config.intermediate_size)
+    quiet = no_dropout(encoder_shape(cfg, model_config))
+    comp = len(c["compressed_layers"])
+    return (comp * layer_activation_bytes(h, kv, k, False, False, False, ffn_trainable=True, b=b, enc=quiet)
+            + (c["layers"] - comp) * layer_activation_bytes(h, kv, inter, False, False, False, b=b, enc=quiet))
+
+
+def add_loading(terms: dict, totals: dict, loads: dict, held: float, what: str) -> None:
+    """The loading moments of :func:`loading_terms` into a job's terms (host RAM) and its totals (one
+    CPU process: the host bytes beside the shards and ``held``, what the run holds besides, ``what``)."""
+    terms.update({f"host RAM: {key}": host for key, (host, _) in loads.items()})
+    totals.update({f"one CPU process: {key}, beside the shards{what}": host + shards + held
+                   for key, (host, shards) in loads.items()})
+
+
 def memory_plan(cfg, model_config, world_size: int, ranks_per_client: Optional[int] = None,
                 client_sharding: Optional[str] = None, device_gb: float = 80.0,
                 fm_file: Optional[dict] = None) -> dict:
@@ -330,10 +444,8 @@ def memory_plan(cfg, model_config, world_size: int, ranks_per_client: Optional[i
     c = decoder_counts(model_config, cfg.proxy.keep_ratio, cfg.proxy.retained_layers, f.lora_r,
                        f.lora_targets == "attention+ffn")
     b = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.model.dtype]
-    h, inter, vocab = model_config.hidden_size, model_config.intermediate_size, model_config.vocab_size
-    kv = model_config.num_key_value_heads * (h // model_config.num_attention_heads)
-    k = c["kept"][0] if c["kept"] else inter
-    n, comp = c["layers"], len(c["compressed_layers"])
+    h = model_config.hidden_size
+    k = c["kept"][0] if c["kept"] else model_config.intermediate_size
     lora = c["lora_attention"] + c["lora_ffn"]
     sharded = sharding == "fsdp"
     if sharded and g < 2:
@@ -348,8 +460,7 @@ def memory_plan(cfg, model_config, world_size: int, ranks_per_client: Optional[i
 
     # -- layer-level distillation: ZeRO-3 over all ranks ---------------------------------------------
     dtok = d.micro_batch * cfg.public_text.max_length
-    student_act = (comp * layer_activation_bytes(h, kv, k, False, False, False, ffn_trainable=True, b=b)
-                   + (n - comp) * layer_activation_bytes(h, kv, inter, False, False, False, b=b))
+    student_act = student_activation_bytes(cfg, model_config, c, b)
 
     def zero3_terms(trainable: float, alpha: float, jvp_weight: float = 0.0) -> tuple[dict, dict]:
         return zero3_job_terms(c, b, world_size, dtok, student_act, model_config, trainable, alpha, jvp_weight)
@@ -358,17 +469,8 @@ def memory_plan(cfg, model_config, world_size: int, ranks_per_client: Optional[i
     if d.alpha == 0:
         distill["weight term (distill.alpha = 0: not computed)"] = 0
     distill["host RAM: distilled FFN tensors gathered to every rank (fp32)"] = 4 * c["ffn_trainable"]
-    # loading: the teacher, then the student, each read a file at a time and partitioned (host RAM)
-    disk = {"float32": 4, "bfloat16": 2, "float16": 2}.get(str(getattr(model_config, "torch_dtype", None) or
-                                                            getattr(model_config, "dtype", "")).replace("torch.", ""), b)
-    fm_load, fm_what = load_transient(fm_file, c["fm"], disk, b)
-    # (host RAM, the shards held meanwhile)
-    loads = {f"loading the teacher: {fm_what}, mapped": (fm_load, b * c["fm"] / world_size),
-             "loading the student: a proxy file (at most proxy.max_shard_gb), mapped":
-                 (min(b * c["proxy"], cfg.proxy.max_shard_gb * GB), b * (c["fm"] + c["proxy"]) / world_size)}
-    distill.update({f"host RAM: {key}": host for key, (host, _) in loads.items()})
-    distill_totals.update({f"one CPU process: {key}, beside the shards": host + shards
-                           for key, (host, shards) in loads.items()})
+    loads = loading_terms(cfg, model_config, c, b, world_size, fm_file)
+    add_loading(distill, distill_totals, loads, 0.0, "")
 
     # -- alignment: the same ZeRO-3 job for the non-frozen neurons, next to what fedpft train holds ---
     align, align_totals = zero3_terms(c["ffn_trainable"] * (1 - f.align_keep), f.align_alpha)
@@ -385,9 +487,7 @@ def memory_plan(cfg, model_config, world_size: int, ranks_per_client: Optional[i
     align_totals = {**{f"{key} + the engine's client model": v + engine for key, v in align_totals.items()},
                     **{f"{key} + the engine's client model and FM": v + engine + fm_bytes
                        for key, v in align_totals.items()}}
-    align.update({f"host RAM: {key}": host for key, (host, _) in loads.items()})
-    align_totals.update({f"one CPU process: {key}, beside the shards, the engine's client model and FM":
-                         host + shards + engine + fm_bytes for key, (host, shards) in loads.items()})
+    add_loading(align, align_totals, loads, engine + fm_bytes, ", the engine's client model and FM")
 
     client_model = sum(v for key, v in client.items() if key.startswith(("proxy weights", "LoRA", "all-gathered")))
     evaluate, etok = evaluation_terms(cfg, model_config, c, b, fm_held, client_model)
@@ -520,10 +620,10 @@ def run_memory_plan(cfg, model_config: Optional[str], world_size: int, json_out:
     from ..models.families import LAYOUTS, layout_for
 
     kind = raw.get("model_type")
-    if kind not in LAYOUTS or layout_for(kind).family != "decoder":
-        decoders = sorted(k for k in LAYOUTS if layout_for(k).family == "decoder")
-        raise UserError(f"memory-plan: {path} is a {kind!r} model; the plan covers decoder FMs "
-                        f"({', '.join(decoders)})")
+    if kind not in LAYOUTS or layout_for(kind).family not in ("decoder", "encoder"):
+        covered = sorted(k for k in LAYOUTS if layout_for(k).family in ("decoder", "encoder"))
+        raise UserError(f"memory-plan: {path} is a {kind!r} model; the plan covers decoder and encoder FMs "
+                        f"({', '.join(covered)})")
     model_config_obj = AutoConfig.for_model(raw.pop("model_type"), **raw)
     summary = None
     if measured:
