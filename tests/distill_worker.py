@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -94,10 +95,16 @@ def main(proxy_dir: str, out_dir: str) -> None:
         ref = {k: v.detach().clone() for k, v in st.state_dict().items()}
         run0 = DistillRun(lr=0.0, steps=2, seed=0, eval_batch=4, progress=False, tag=name)
         loader = (lambda: load_proxy(proxy_dir, task="base")[0]) if job_splits else st   # noqa: E731
+        # at ZeRO-3 the tensors are handed over a layer at a time, as an alignment round takes them
+        parts: list[dict] = []
         r0 = run_distillation(rt, teacher, loader, layers, train, held, DistillConfig(zero_stage=stage, batch_size=4,
-                              micro_batch=2, warmup_ratio=0.0), run0, job_splits, student_dtype=torch.float32)
-        unchanged[name] = {"same": all(torch.equal(v, ref[k]) for k, v in r0.state.items()),
-                           "tensors": len(r0.state), "finite": r0.finite}
+                              micro_batch=2, warmup_ratio=0.0), run0, job_splits, student_dtype=torch.float32,
+                              sink=parts.append if stage == 3 else None)
+        state = {k: v for part in parts for k, v in part.items()} if stage == 3 else r0.state
+        unchanged[name] = {"same": all(torch.equal(v, ref[k]) for k, v in state.items()),
+                           "tensors": len(state), "finite": r0.finite, "state_left": len(r0.state),
+                           "bytes": r0.state_bytes == sum(v.numel() * 4 for v in state.values()),
+                           "parts": [sorted({int(re.search(r"\.(\d+)\.", k).group(1)) for k in part}) for part in parts]}
     results["lent_teacher"] = lent_teacher(rt, proxy_dir, fm_dir, layers, train, held, splits)
     # every job's engine, optimizer and models are gone once nothing of ours refers to them
     import gc

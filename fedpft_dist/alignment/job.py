@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -97,8 +98,10 @@ class DistillResult:
     # The distilled tensors of the distilled layers in their plain form, full and fp32 on every rank:
     # the FFN's (the whole layers' with ``whole_layers``); trained ones from the optimizer's fp32
     # master weights, the others as they came in.
+    # Empty where the job handed them to a sink instead (``run_distillation``'s ``sink``).
     state: dict[str, torch.Tensor]
     finite: bool                                # every rank found the loss and the result finite
+    state_bytes: int                            # the distilled tensors' bytes in fp32
     steps: int
     losses: list[float]
     errors_before: list[float]
@@ -486,24 +489,29 @@ def _newest_per_rank(rt: Runtime, run: DistillRun) -> Optional[tuple[Path, dict[
     return None
 
 
-def _distilled_state(job: _Job, student: nn.Module, layers: Sequence[int], splits: Sequence[NeuronSplit],
-                     whole_layers: bool) -> dict[str, torch.Tensor]:
-    """The distilled layers' tensors in plain form: what trained from the fp32 master weights (a
-    bf16 copy would round every weight at every alignment) and the frozen neurons from the split's
-    frozen pieces, which nothing changed (gathered a layer at a time where ZeRO-3 partitioned them), so
-    they come back bit for bit. Everything else of the layers trained."""
-    masters = zero.full_fp32_params(job.engine, job.named)   # a collective at ZeRO >= 1
+def _distilled_layers(job: _Job, student: nn.Module, layers: Sequence[int], splits: Sequence[NeuronSplit],
+                      whole_layers: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """The distilled layers' tensors in plain form, one layer at a time (a collective: every rank
+    takes them in the same order): what trained from the fp32 master weights (a bf16 copy would
+    round every weight at every alignment) and the frozen neurons from the split's frozen pieces,
+    which nothing changed (gathered where ZeRO-3 partitioned them), so they come back bit for bit.
+    Everything else of the layers trained."""
     pieces = _split_pieces(student, splits)   # "<linear>.weight_train" -> (plain, dim, trainable, frozen ids, layer)
     params = dict(student.named_parameters())
-    out = {name: value for name, value in masters.items() if name not in pieces}
-    by_layer: dict[int, list[str]] = {}
-    for name, piece in pieces.items():
-        if name in masters:   # (a Linear without a bias has no bias piece)
-            by_layer.setdefault(piece[4], []).append(name)
-    for names in by_layer.values():   # one gather of a layer's frozen pieces
-        frozen = {name: params[name[: -len("_train")] + "_frozen"] for name in names}
-        with zero.gathered(list(frozen.values())):
-            for name in names:
+    keep = None if whole_layers else set(ffn_parameter_names_plain(student, layers, splits))
+    pattern = re.compile(rf"^{re.escape(layers_prefix(student))}\.(\d+)\.")
+    groups: dict[int, list[str]] = {}
+    for name in job.named:
+        m = pattern.match(name)
+        groups.setdefault(int(m.group(1)) if m else -1, []).append(name)
+    for layer in sorted(groups):
+        names = groups[layer]
+        masters = zero.full_fp32_params(job.engine, {n: job.named[n] for n in names})   # a collective at ZeRO >= 1
+        out = {name: value for name, value in masters.items() if name not in pieces}
+        split = [name for name in names if name in pieces]   # (a Linear without a bias has no bias piece)
+        frozen = {name: params[name[: -len("_train")] + "_frozen"] for name in split}
+        with zero.gathered(list(frozen.values())):   # one gather of a layer's frozen pieces
+            for name in split:
                 plain, dim, trainable, frozen_ids, _ = pieces[name]
                 trained = masters[name].float().cpu()
                 shape = list(trained.shape)
@@ -512,8 +520,35 @@ def _distilled_state(job: _Job, student: nn.Module, layers: Sequence[int], split
                 whole.index_copy_(dim, frozen_ids, frozen[name].detach().float().cpu())
                 whole.index_copy_(dim, trainable, trained)
                 out[plain] = whole
-    keep = set(out) if whole_layers else set(ffn_parameter_names_plain(student, layers, splits))
-    return {k: v for k, v in out.items() if k in keep}
+        yield {k: v for k, v in out.items() if keep is None or k in keep}
+
+
+def _hand_over(rt: Runtime, job: _Job, student: nn.Module, layers: Sequence[int], splits: Sequence[NeuronSplit],
+               run: DistillRun, losses: list[float], sink: Optional[Callable[[dict[str, torch.Tensor]], None]]
+               ) -> tuple[bool, dict[str, torch.Tensor], int]:
+    """(finite on every rank, the distilled tensors, their bytes in fp32). Without ``sink`` the
+    tensors come back whole on every rank. With one at ZeRO-3, every rank first checks its own
+    partitions of the fp32 masters, and only when all ranks found them finite are the tensors
+    gathered a layer at a time and each layer handed to ``sink``: no rank holds them all (55 GB in
+    fp32 at 70B). At stages 0-2, where every rank holds the whole student anyway, they are gathered
+    whole, checked, then handed over in one piece. Nothing reaches ``sink`` unless all is finite."""
+    if sink is None or not zero.partitioned(job.engine):
+        state = {k: v for part in _distilled_layers(job, student, layers, splits, run.whole_layers) for k, v in part.items()}
+        finite = _all_finite(rt, losses, state, run.tag)
+        nbytes = sum(v.numel() * 4 for v in state.values())
+        if sink is None:
+            return finite, state, nbytes
+        if finite:
+            sink(state)
+        return finite, {}, nbytes
+    ok = all(math.isfinite(x) for x in losses) and zero.local_fp32_finite(job.named)
+    finite = rt.comm.agree(ok, "min", name=f"{run.tag}/finite")
+    nbytes = 0
+    if finite:
+        for part in _distilled_layers(job, student, layers, splits, run.whole_layers):
+            nbytes += sum(v.numel() * 4 for v in part.values())
+            sink(part)
+    return finite, {}, nbytes
 
 
 def _split_pieces(student: nn.Module, splits: Sequence[NeuronSplit]
@@ -549,7 +584,8 @@ def run_distillation(rt: Runtime, teacher: Teacher, student: Student,
                      layers: Sequence[int], train_chunks: torch.Tensor, held_chunks: torch.Tensor,
                      d: DistillConfig, run: DistillRun, splits: Sequence[NeuronSplit] = (),
                      layer_map: Optional[Sequence[int]] = None,
-                     student_dtype: Optional[torch.dtype] = None) -> DistillResult:
+                     student_dtype: Optional[torch.dtype] = None,
+                     sink: Optional[Callable[[dict[str, torch.Tensor]], None]] = None) -> DistillResult:
     """Distil ``student`` against ``teacher``. The student is a plain, unpartitioned proxy (modified
     in place) or a function that loads one (its dtype ``student_dtype``): at ZeRO-3 it is then
     partitioned as it loads, as the teacher is, and no rank holds it whole (a neuron split is made
@@ -562,7 +598,9 @@ def run_distillation(rt: Runtime, teacher: Teacher, student: Student,
     level otherwise (only the trainable neurons of each split layer, b_out and the norm).
     ``layer_map[j]`` is the teacher layer whose output student layer j imitates (an emulator's layer
     imitates the last FM layer of the block it replaces); by default the same index. A result that is
-    not finite on some rank comes back with ``finite`` False on every rank: callers keep what they had."""
+    not finite on some rank comes back with ``finite`` False on every rank: callers keep what they had.
+    ``sink``: takes the distilled tensors, a layer at a time at ZeRO-3 (:func:`_hand_over`), instead
+    of the result's ``state``."""
     if isinstance(student, nn.Module):
         dtype = next(student.parameters()).dtype
     elif student_dtype is None:
@@ -584,11 +622,11 @@ def run_distillation(rt: Runtime, teacher: Teacher, student: Student,
                 if job.perturbation is not None:   # a teacher the caller holds goes back without hooks
                     job.perturbation.remove()
             errors_after = _errors(rt, job.pair, held_chunks, run.eval_batch, f"{run.tag}/eval-after", layer_map)
-            state = _distilled_state(job, student, layers, splits, run.whole_layers)
+            finite, state, state_bytes = _hand_over(rt, job, student, layers, splits, run, losses, sink)
         finally:
             zero.release(job.engine)
     return DistillResult(
-        state=state, finite=_all_finite(rt, losses, state, run.tag), steps=job.total, losses=losses,
+        state=state, finite=finite, state_bytes=state_bytes, steps=job.total, losses=losses,
         errors_before=errors_before, errors_after=errors_after,
         step_seconds=statistics.median(step_times[1:] or step_times) if step_times else 0.0,
         peak_memory_mb=_per_rank(rt, _peak_memory_mb(rt.device), f"{run.tag}/memory"),

@@ -11,7 +11,8 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
+
 import torch
 import torch.nn as nn
 
@@ -313,7 +314,8 @@ class AlignmentStudent:
 
 def align_neurons(cfg: Config, rt: Runtime, student: AlignmentStudent, backbone: nn.Module, prefix: str,
                   layers: list[int], global_adapter: dict, stats: dict, public: tuple[torch.Tensor, torch.Tensor],
-                  round_idx: int, fm: Optional[nn.Module] = None) -> DistillResult:
+                  round_idx: int, fm: Optional[nn.Module] = None,
+                  sink: Optional[Callable[[dict[str, torch.Tensor]], None]] = None) -> DistillResult:
     """Neuron-level distillation on all ranks: rank the neurons of each compressed layer by activity
     on client data (``stats``, summed over ranks), freeze the most active ``fed.align_keep`` share,
     distil the rest against the FM with the global adapter in both. ``backbone`` (the clients' proxy
@@ -322,7 +324,9 @@ def align_neurons(cfg: Config, rt: Runtime, student: AlignmentStudent, backbone:
 
     ``fm``: the FM backbone the ranks already hold, with the global adapter plugged in (its LoRA
     layers active), used as the teacher as it is (ZeRO stages 0-2). Without it (ZeRO-3, or a caller
-    that holds no FM) the FM is loaded, partitioned at stage 3, and the adapter merged into it."""
+    that holds no FM) the FM is loaded, partitioned at stage 3, and the adapter merged into it.
+    ``sink``: takes the new FFN tensors, a layer at a time at ZeRO-3, once every rank found them
+    finite (the result's ``state`` is then empty)."""
     f = cfg.fed
     scaling = f.lora_alpha / f.lora_r
     gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + round_idx)
@@ -345,7 +349,8 @@ def align_neurons(cfg: Config, rt: Runtime, student: AlignmentStudent, backbone:
         return model
 
     return run_distillation(rt, fm if fm is not None else load_teacher, load_student, layers, public[0], public[1],
-                            cfg.distill, alignment_run(cfg, round_idx), splits, student_dtype=DTYPES[cfg.model.dtype])
+                            cfg.distill, alignment_run(cfg, round_idx), splits, student_dtype=DTYPES[cfg.model.dtype],
+                            sink=sink)
 
 
 @torch.no_grad()
@@ -387,7 +392,7 @@ def alignment_metrics(result: DistillResult) -> dict:
     return {"align_steps": result.steps, "align_loss_first": result.losses[0], "align_loss_last": result.losses[-1],
             "align_error_before": sum(result.errors_before) / len(result.errors_before),
             "align_error_after": sum(result.errors_after) / len(result.errors_after),
-            "align_ffn_bytes": sum(v.numel() * 4 for v in result.state.values()),
+            "align_ffn_bytes": result.state_bytes,
             "align_step_seconds": result.step_seconds, "align_set_up_seconds": result.extra["set_up_seconds"],
             "align_teacher_in_memory": result.extra["teacher_in_memory"]}
 

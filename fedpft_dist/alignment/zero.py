@@ -203,6 +203,19 @@ def full_fp32_params(engine, named_params: dict[str, nn.Parameter]) -> dict[str,
     return out
 
 
+def partitioned(engine) -> bool:
+    """Whether the engine partitions its parameters (ZeRO-3): then no rank holds them whole."""
+    return engine.zero_optimization_stage() == 3
+
+
+def local_fp32_finite(named_params: dict[str, nn.Parameter]) -> bool:
+    """Whether this rank's partitions of the fp32 master weights of ZeRO-3 parameters are all finite
+    (no collective: each rank reads its own)."""
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    return all(bool(torch.isfinite(safe_get_local_fp32_param(p)).all()) for p in named_params.values())
+
+
 def get_full_train_state(engine, named_params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     """Full fp32 values and Adam moments of the trainable parameters, keys ``<name>``,
     ``<name>::exp_avg``, ``<name>::exp_avg_sq``. A collective at ZeRO stages >= 1 (every rank calls

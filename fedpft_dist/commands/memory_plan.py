@@ -422,6 +422,16 @@ def student_activation_bytes(cfg, model_config, c: dict, b: int) -> int:
             + (c["layers"] - comp) * layer_activation_bytes(h, kv, inter, False, False, False, b=b, enc=quiet))
 
 
+def distilled_ffn_host(c: dict, by_layer: bool) -> dict:
+    """What a rank receives of a job's distilled FFN tensors (host RAM, fp32): all of them (the
+    layer-level distillation, or an alignment at ZeRO stages 0-2), or an alignment at ZeRO-3's, handed
+    to the client model a layer at a time once every rank found them finite."""
+    if by_layer:
+        return {"host RAM: one layer's distilled FFN tensors at a time (fp32), into the client model":
+                4 * c["ffn_trainable"] / max(1, len(c["compressed_layers"]))}
+    return {"host RAM: distilled FFN tensors gathered to every rank (fp32)": 4 * c["ffn_trainable"]}
+
+
 def add_loading(terms: dict, totals: dict, loads: dict, held: float, what: str) -> None:
     """The loading moments of :func:`loading_terms` into a job's terms (host RAM) and its totals (one
     CPU process: the host bytes beside the shards and ``held``, what the run holds besides, ``what``)."""
@@ -468,7 +478,7 @@ def memory_plan(cfg, model_config, world_size: int, ranks_per_client: Optional[i
     distill, distill_totals = zero3_terms(c["ffn_trainable"], d.alpha, d.jvp_weight)
     if d.alpha == 0:
         distill["weight term (distill.alpha = 0: not computed)"] = 0
-    distill["host RAM: distilled FFN tensors gathered to every rank (fp32)"] = 4 * c["ffn_trainable"]
+    distill.update(distilled_ffn_host(c, by_layer=False))
     loads = loading_terms(cfg, model_config, c, b, world_size, fm_file)
     add_loading(distill, distill_totals, loads, 0.0, "")
 
@@ -483,7 +493,7 @@ def memory_plan(cfg, model_config, world_size: int, ranks_per_client: Optional[i
         # the student takes the clients' FFN weights one tensor at a time, each gathered whole from the
         # sharded client model and written through a gather of the student's partitioned tensor
         align["one FFN tensor gathered from the sharded client model, twice (at the start)"] = 2 * b * h * k
-    align["host RAM: distilled FFN tensors gathered to every rank (fp32)"] = 4 * c["ffn_trainable"]
+    align.update(distilled_ffn_host(c, by_layer=d.zero_stage == 3))
     align_totals = {**{f"{key} + the engine's client model": v + engine for key, v in align_totals.items()},
                     **{f"{key} + the engine's client model and FM": v + engine + fm_bytes
                        for key, v in align_totals.items()}}

@@ -68,15 +68,17 @@ class NeuronAlignment:
         # ZeRO stages 0-2: the FM every rank holds for evaluation is the teacher, the global adapter in
         # it since this round's aggregation. ZeRO-3 loads a partitioned teacher instead.
         fm = models.fm_backbone if self.cfg.distill.zero_stage < 3 else None
+        # the new FFN tensors go into the clients' proxy as they come (a layer at a time at ZeRO-3),
+        # only once every rank found all of them finite
         result = align_neurons(self.cfg, self.rt, self.student, models.client_backbone, models.client_prefix,
-                               layers, state.global_adapter, stats, self.public, round_index, fm)
+                               layers, state.global_adapter, stats, self.public, round_index, fm,
+                               sink=lambda part: load_full_state(models.client_backbone, part))
         if not result.finite:
             # Every rank agreed: loaded, these weights would make every later client update non-finite.
             log.warning("round %d: neuron-level alignment gave non-finite values; the proxy keeps its FFN "
                         "weights (lower fed.align_lr)", round_index + 1)
             state.align_skipped += 1
             return {"align_skipped": True, "align_steps": result.steps}
-        load_full_state(models.client_backbone, result.state)
         metrics = alignment_metrics(result)
         state.alignment_rounds += 1
         state.ffn_bytes_per_alignment = metrics["align_ffn_bytes"]
