@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: one command on a machine with a CUDA device, under ten minutes, everything it
+# The GPU check: one command on a machine with a CUDA device, 660 s of phase limits, everything it
 # writes under OUTDIR (gpu-check.json with every phase's result and log tail, summary.md, the full
 # log gpu-check.log), a summary table printed last. Nothing is downloaded: the models are built from
 # config.json with seeded random weights (random:DIR model paths), and what the machine's image lacks
