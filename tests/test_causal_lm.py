@@ -232,6 +232,44 @@ def test_activation_statistics_count_a_batch_once_under_gradient_checkpointing()
         assert torch.equal(stats[0][l].sum_abs, stats[1][l].sum_abs)
 
 
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_memory_plan_counts_an_encoder_as_the_code_builds_it(family):
+    """An encoder FM with a classification head: the FM's and the proxy's counts are those of the
+    classes the run builds, LoRA on the attention only; attention dropout in training keeps the
+    attention probabilities (a longer sequence costs more per token), evaluation keeps no graph."""
+    import transformers as tf
+
+    from fedpft_dist.commands.memory_plan import decoder_counts, memory_plan
+    from fedpft_dist.models.adapters import with_lora
+    from fedpft_dist.models.proxy import build_proxy, count_params, plan_proxy
+
+    small = {"bert": tf.BertConfig, "roberta": tf.RobertaConfig, "distilbert": tf.DistilBertConfig}[family]
+    shape = ({"dim": 64, "hidden_dim": 256, "n_layers": 4, "n_heads": 4} if family == "distilbert" else
+             {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4})
+    config = small(vocab_size=1000, num_labels=3, **shape)
+    torch.manual_seed(0)
+    fm = tf.AutoModelForSequenceClassification.from_config(config)
+    counts = decoder_counts(config, 0.25, [0, -1], 4, lora_ffn=False)
+    plan = plan_proxy(fm, [0, -1], 0.25)
+    proxy = build_proxy(fm, {l: list(range(k)) for l, k in plan.keep.items()})
+    assert counts["fm"] == count_params(fm) and counts["proxy"] == count_params(proxy)
+    assert counts["compressed_layers"] == [1, 2] and counts["kept"] == [64] and counts["ffn_rows"] == 1
+    peft = with_lora(proxy, 4, 8.0, 0.1, task="sequence-classification")
+    lora = sum(p.numel() for n, p in peft.named_parameters() if "lora_" in n)
+    assert lora == counts["lora_attention"] and counts["lora_ffn"] == 0
+
+    def activations(*overrides):
+        cfg = load_config(REPO / "configs/tiny.yaml", ["proxy.retained_layers=[0,-1]", "fed.lora_r=4", *overrides])
+        return memory_plan(cfg, config, world_size=1)["client_training"]["activations without checkpointing"]
+
+    assert activations("data.max_length=64") > 2 * activations("data.max_length=32") > 0
+    assert activations("model.dropout=0") < activations()
+    cfg = load_config(REPO / "configs/tiny.yaml", ["fed.lora_r=4"])
+    plan_out = memory_plan(cfg, config, world_size=2)
+    assert "logits + fp32 copy + log-softmax" not in plan_out["evaluation"]
+    assert all(all(v for v in phase.values()) for phase in plan_out["fits"].values())
+
+
 def test_memory_plan_counts_what_the_code_builds():
     from fedpft_dist.models.adapters import full_width_layers, with_lora
     from fedpft_dist.commands.memory_plan import decoder_counts, memory_plan

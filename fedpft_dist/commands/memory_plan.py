@@ -66,6 +66,11 @@ def no_dropout(enc: Optional[EncoderShape]) -> Optional[EncoderShape]:
     return None if enc is None else replace(enc, hidden_dropout=0.0, attention_dropout=0.0)
 
 
+def ffn_size(model_config) -> int:
+    """The FFN width of a layer (DistilBERT's config calls it ``hidden_dim``)."""
+    return getattr(model_config, "intermediate_size", None) or model_config.hidden_dim
+
+
 def kv_width(model_config) -> int:
     """The width of a layer's keys (and values): fewer heads than queries with grouped-query attention."""
     heads = model_config.num_attention_heads
@@ -253,7 +258,7 @@ def client_training_terms(cfg, model_config, c: dict, g: int, sharded: bool, b: 
     each), from the counts ``c`` of :func:`decoder_counts` and ``b`` bytes per weight: the terms, the
     totals, and the rows and tokens one rank computes per step."""
     f = cfg.fed
-    h, inter, vocab = model_config.hidden_size, model_config.intermediate_size, model_config.vocab_size
+    h, inter, vocab = model_config.hidden_size, ffn_size(model_config), model_config.vocab_size
     kv = kv_width(model_config)
     k = c["kept"][0] if c["kept"] else inter
     n, comp = c["layers"], len(c["compressed_layers"])
@@ -306,7 +311,7 @@ def zero3_job_terms(c: dict, b: int, world_size: int, dtok: int, student_act: fl
     and an alignment's neuron split is made one Linear at a time, each partitioned at once; less than
     the steady step's gathered parameters."""
     h, n, comp = model_config.hidden_size, c["layers"], len(c["compressed_layers"])
-    k = c["kept"][0] if c["kept"] else model_config.intermediate_size
+    k = c["kept"][0] if c["kept"] else ffn_size(model_config)
     terms = {
         "teacher (FM) shard": b * c["fm"] / world_size,
         "student (proxy) shard": b * c["proxy"] / world_size,
@@ -315,7 +320,7 @@ def zero3_job_terms(c: dict, b: int, world_size: int, dtok: int, student_act: fl
         # a module's parameters are gathered for its forward (or backward) and released after it
         # (stage3_max_reuse_distance 0, no prefetch): the largest module, the embeddings
         "gathered parameters: one module at a time, the largest (embeddings or an FFN matrix)":
-            b * max(c["embedding"], h * model_config.intermediate_size),
+            b * max(c["embedding"], h * ffn_size(model_config)),
         # the backward's gradients wait in ZeRO-3's reduction bucket (DeepSpeed's reduce_bucket_size,
         # 5e8 elements) before they are reduce-scattered: the gradients and the bucket's copy
         "gradients of the trainable FFN awaiting reduction, and the bucket's copy (at most 5e8 elements)":
@@ -341,7 +346,7 @@ def zero3_job_terms(c: dict, b: int, world_size: int, dtok: int, student_act: fl
 def evaluation_terms(cfg, model_config, c: dict, b: int, fm_held: dict, client_model: float) -> tuple[dict, int]:
     """Plug-in evaluation's terms (the FM whole on every rank, or its shard and what a forward
     gathers, beside the resident client model) and its tokens per batch."""
-    h, inter, vocab = model_config.hidden_size, model_config.intermediate_size, model_config.vocab_size
+    h, inter, vocab = model_config.hidden_size, ffn_size(model_config), model_config.vocab_size
     kv = kv_width(model_config)
     etok = cfg.fed.eval_batch_size * cfg.data.max_length
     # without a graph only one layer's tensors live at a time: q, k, v, attention output, gate, up,
@@ -369,7 +374,7 @@ def fidelity_terms(cfg, model_config, c: dict, b: int, fm_held: dict, client_mod
     from ..alignment.fidelity import GATHER_VALUES, dealt_rows
 
     f = cfg.fed
-    h, inter, vocab = model_config.hidden_size, model_config.intermediate_size, model_config.vocab_size
+    h, inter, vocab = model_config.hidden_size, ffn_size(model_config), model_config.vocab_size
     kv = kv_width(model_config)
     k = c["kept"][0] if c["kept"] else inter
     examples = min(f.fidelity_examples, cfg.data.max_test) if cfg.data.max_test > 0 else f.fidelity_examples
@@ -414,8 +419,8 @@ def loading_terms(cfg, model_config, c: dict, b: int, world_size: int, fm_file: 
 def student_activation_bytes(cfg, model_config, c: dict, b: int) -> int:
     """Per token, what a distillation's student keeps for its backward (in eval mode): the compressed
     layers with trainable FFN weights, the others frozen."""
-    h, inter = model_config.hidden_size, model_config.intermediate_size
-    kv, k = kv_width(model_config), (c["kept"][0] if c["kept"] else model_config.intermediate_size)
+    h, inter = model_config.hidden_size, ffn_size(model_config)
+    kv, k = kv_width(model_config), (c["kept"][0] if c["kept"] else ffn_size(model_config))
     quiet = no_dropout(encoder_shape(cfg, model_config))
     comp = len(c["compressed_layers"])
     return (comp * layer_activation_bytes(h, kv, k, False, False, False, ffn_trainable=True, b=b, enc=quiet)
@@ -455,7 +460,7 @@ def memory_plan(cfg, model_config, world_size: int, ranks_per_client: Optional[i
                        f.lora_targets == "attention+ffn")
     b = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.model.dtype]
     h = model_config.hidden_size
-    k = c["kept"][0] if c["kept"] else model_config.intermediate_size
+    k = c["kept"][0] if c["kept"] else ffn_size(model_config)
     lora = c["lora_attention"] + c["lora_ffn"]
     sharded = sharding == "fsdp"
     if sharded and g < 2:
