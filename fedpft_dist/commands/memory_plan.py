@@ -120,6 +120,8 @@ def decoder_counts(config, keep_ratio: float, retained_layers, lora_r: int, lora
             "ffn_rows": len(layout.rows), "gated": layout.gated}
 
 
+# bytes per element of the dtypes a model is run in (model.dtype) or stored in
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # DeepSpeed's default reduce_bucket_size (elements), which the distillation jobs keep
 REDUCE_BUCKET = 5 * 10**8
 # Hugging Face's shard size for the checkpoints it writes: a plan made from a config.json alone
@@ -132,7 +134,7 @@ def checkpoint_file(model_dir: Optional[Path]) -> Optional[dict]:
     (read from the file's header); None where the directory holds none."""
     from safetensors import safe_open
 
-    files = sorted(Path(model_dir).glob("*.safetensors")) if model_dir and Path(model_dir).is_dir() else []
+    files = list(Path(model_dir).glob("*.safetensors")) if model_dir and Path(model_dir).is_dir() else []
     if not files:
         return None
     largest = max(files, key=lambda p: p.stat().st_size)
@@ -409,7 +411,7 @@ def loading_terms(cfg, model_config, c: dict, b: int, world_size: int, fm_file: 
     """A ZeRO-3 job's loading moments: the teacher, then the student, each read a file at a time and
     partitioned as it loads; per moment (host bytes, the shards held meanwhile)."""
     dtype = str(getattr(model_config, "torch_dtype", None) or getattr(model_config, "dtype", "")).replace("torch.", "")
-    disk = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, b)
+    disk = DTYPE_BYTES.get(dtype, b)
     fm_load, fm_what = load_transient(fm_file, c["fm"], disk, b)
     return {f"loading the teacher: {fm_what}, mapped": (fm_load, b * c["fm"] / world_size),
             "loading the student: a proxy file (at most proxy.max_shard_gb), mapped":
@@ -458,7 +460,7 @@ def memory_plan(cfg, model_config, world_size: int, ranks_per_client: Optional[i
     g, sharding = client_setting(cfg, ranks_per_client, client_sharding)
     c = decoder_counts(model_config, cfg.proxy.keep_ratio, cfg.proxy.retained_layers, f.lora_r,
                        f.lora_targets == "attention+ffn")
-    b = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.model.dtype]
+    b = DTYPE_BYTES[cfg.model.dtype]
     h = model_config.hidden_size
     k = c["kept"][0] if c["kept"] else ffn_size(model_config)
     lora = c["lora_attention"] + c["lora_ffn"]
